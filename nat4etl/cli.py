@@ -1,0 +1,369 @@
+"""The command line: parse options, call one function, render, map errors to exit codes.
+
+No logic lives here. Heavy imports happen inside commands so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from nat4etl import __version__
+from nat4etl.errors import EXIT_CODES, Nat4EtlError
+
+EXIT_CODE_HELP = "\n".join(f"  {code}  {what}" for what, code in EXIT_CODES.items())
+
+
+def _progress(json_mode: bool, quiet: bool):
+    from nat4etl.progress import make_progress
+
+    return make_progress(json_mode=json_mode, quiet=quiet)
+
+
+def _fail(err: Exception, code: int, json_mode: bool) -> None:
+    if json_mode:
+        import json
+
+        click.echo(json.dumps({"level": "error", "error": type(err).__name__, "msg": str(err)}))
+    else:
+        click.echo(f"error: {err}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Map every nat4etl error to its exit code with a one-line message; no tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        json_mode = bool(kwargs.get("json_mode"))
+        try:
+            return fn(*args, **kwargs)
+        except Nat4EtlError as err:
+            _fail(err, err.exit_code, json_mode)
+        except KeyboardInterrupt:
+            _fail(RuntimeError("interrupted; the previous store is intact"), 130, json_mode)
+        except OSError as err:
+            _fail(err, EXIT_CODES["unexpected"], json_mode)
+
+    return wrapper
+
+
+def common_options(fn):
+    """Options every store command shares."""
+    fn = click.option("--quiet", is_flag=True, help="Only errors.")(fn)
+    fn = click.option(
+        "--json", "json_mode", is_flag=True, help="One JSON object per log line (for cron/CI)."
+    )(fn)
+    fn = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="TOML file overriding configs/default.toml.",
+    )(fn)
+    return fn
+
+
+def out_options(fn):
+    fn = click.option(
+        "--wait",
+        "wait_s",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="Seconds to wait for another build holding the lock.",
+    )(fn)
+    fn = click.option(
+        "--out",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Store directory.",
+    )(fn)
+    return fn
+
+
+area_option = click.option(
+    "--area",
+    type=click.Choice(["A1", "PEG", "all"], case_sensitive=False),
+    default=None,
+    help="Area(s) to process [default: all].",
+)
+
+
+def _settings(config_file, **flags):
+    from nat4etl.config import load_settings
+
+    return load_settings(config_file).with_overrides(**flags)
+
+
+def _areas(area, config_file):
+    from nat4etl.config import load_settings, parse_areas
+
+    return parse_areas(area, load_settings(config_file))
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=f"Exit codes:\n\n{EXIT_CODE_HELP}",
+)
+@click.version_option(__version__, prog_name="nat4etl")
+def cli() -> None:
+    """nat4etl: the NAT4 auditory-cortex dataset (Zenodo 8044773) as a Parquet store.
+
+    Run `nat4etl build --area A1 --out ./nat4` for everything, or the stages one by one:
+    fetch, unpack, parse-epochs, rebin-sites, align-wav, normalize.
+    """
+
+
+def _run_stage_command(
+    stage: str, out: Path, wait_s: float, config_file, json_mode, quiet, **flags
+) -> None:
+    from nat4etl.stages import run_stage, stage_module
+    from nat4etl.store import open_for_write
+
+    stage_module(stage)  # fail fast, before taking the lock, if the stage is missing
+    settings = _settings(config_file, **flags)
+    progress = _progress(json_mode, quiet)
+    with open_for_write(out, wait_s=wait_s) as store:
+        summary = run_stage(store, stage, settings, progress)
+    progress.log(f"{stage}: done {summary}")
+
+
+@cli.command("fetch")
+@out_options
+@area_option
+@click.option("--wav/--no-wav", default=None, help="Also fetch wav.zip [default: from config].")
+@click.option("--record", "record_id", type=int, default=None, help="Zenodo record id.")
+@click.option("--zenodo-url", default=None, help="Zenodo base URL.")
+@click.option(
+    "--source",
+    "source_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Take the files from a local mirror.",
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Download cache [default: $NAT4ETL_CACHE or platform cache].",
+)
+@click.option("--jobs", type=int, default=None, help="Parallel downloads.")
+@common_options
+@handle_errors
+def fetch_cmd(
+    out,
+    wait_s,
+    area,
+    wav,
+    record_id,
+    zenodo_url,
+    source_dir,
+    cache_dir,
+    jobs,
+    config_file,
+    json_mode,
+    quiet,
+):
+    """Download the Zenodo files into OUT/raw, verifying size and md5 of each."""
+    _run_stage_command(
+        "fetch",
+        out,
+        wait_s,
+        config_file,
+        json_mode,
+        quiet,
+        areas=_areas(area, config_file),
+        wav=wav,
+        record_id=record_id,
+        zenodo_url=zenodo_url,
+        source_dir=source_dir,
+        cache_dir=cache_dir,
+        jobs=jobs,
+    )
+
+
+@cli.command("unpack")
+@out_options
+@area_option
+@click.option(
+    "--source",
+    "source_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Read the Zenodo files from DIR, not OUT/raw.",
+)
+@common_options
+@handle_errors
+def unpack_cmd(out, wait_s, area, source_dir, config_file, json_mode, quiet):
+    """Decode the NEMS0 archives into raw tables (signals, spike times, epochs)."""
+    _run_stage_command(
+        "unpack",
+        out,
+        wait_s,
+        config_file,
+        json_mode,
+        quiet,
+        areas=_areas(area, config_file),
+        source_dir=source_dir,
+    )
+
+
+@cli.command("parse-epochs")
+@out_options
+@common_options
+@handle_errors
+def parse_epochs_cmd(out, wait_s, config_file, json_mode, quiet):
+    """Interpret epochs as stims, cells and trials; report every mismatch."""
+    _run_stage_command("parse-epochs", out, wait_s, config_file, json_mode, quiet)
+
+
+@cli.command("rebin-sites")
+@out_options
+@click.option("--dt-ms", type=float, default=None, help="Bin width in ms [default: 10].")
+@common_options
+@handle_errors
+def rebin_sites_cmd(out, wait_s, dt_ms, config_file, json_mode, quiet):
+    """Spike counts per (stim, cell, trial) and spectrograms at the chosen bin width."""
+    _run_stage_command("rebin-sites", out, wait_s, config_file, json_mode, quiet, dt_ms=dt_ms)
+
+
+@cli.command("align-wav")
+@out_options
+@click.option(
+    "--audio-fs",
+    "audio_fs_hz",
+    type=int,
+    default=None,
+    help="Waveform sample rate in Hz [default: 44100].",
+)
+@common_options
+@handle_errors
+def align_wav_cmd(out, wait_s, audio_fs_hz, config_file, json_mode, quiet):
+    """Source waveforms placed in each trial window, matched to stims."""
+    _run_stage_command(
+        "align-wav", out, wait_s, config_file, json_mode, quiet, audio_fs_hz=audio_fs_hz
+    )
+
+
+@cli.command("normalize")
+@out_options
+@click.option(
+    "--norm",
+    type=click.Choice(["deepstrf", "nems"]),
+    default=None,
+    help="Default preset for the reader; constants for both are always written.",
+)
+@common_options
+@handle_errors
+def normalize_cmd(out, wait_s, norm, config_file, json_mode, quiet):
+    """Normalization constants for both presets (raw values are always kept)."""
+    _run_stage_command("normalize", out, wait_s, config_file, json_mode, quiet, norm=norm)
+
+
+@cli.command("build")
+@out_options
+@area_option
+@click.option(
+    "--source",
+    "source_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Use a local mirror instead of Zenodo.",
+)
+@click.option("--zenodo-url", default=None, help="Zenodo base URL.")
+@click.option("--record", "record_id", type=int, default=None, help="Zenodo record id.")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Download cache.",
+)
+@click.option("--wav/--no-wav", default=None, help="Include waveforms [default: from config].")
+@click.option("--dt-ms", type=float, default=None, help="Bin width in ms [default: 10].")
+@click.option("--audio-fs", "audio_fs_hz", type=int, default=None, help="Waveform rate, Hz.")
+@click.option(
+    "--norm",
+    type=click.Choice(["deepstrf", "nems"]),
+    default=None,
+    help="Default normalization preset for the reader.",
+)
+@common_options
+@handle_errors
+def build_cmd(
+    out,
+    wait_s,
+    area,
+    source_dir,
+    zenodo_url,
+    record_id,
+    cache_dir,
+    wav,
+    dt_ms,
+    audio_fs_hz,
+    norm,
+    config_file,
+    json_mode,
+    quiet,
+):
+    """Run every stage in order and publish the store atomically."""
+    from nat4etl.stages.build import build
+
+    settings = _settings(
+        config_file,
+        areas=_areas(area, config_file),
+        source_dir=source_dir,
+        zenodo_url=zenodo_url,
+        record_id=record_id,
+        cache_dir=cache_dir,
+        wav=wav,
+        dt_ms=dt_ms,
+        audio_fs_hz=audio_fs_hz,
+        norm=norm,
+    )
+    progress = _progress(json_mode, quiet)
+    summary = build(out, settings, progress, wait_s=wait_s)
+    progress.log(f"build: done {summary}")
+
+
+@cli.command("sample")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write the synthetic Zenodo mirror into.",
+)
+@click.option(
+    "--scale",
+    default="mini",
+    show_default=True,
+    help="mini, full, or a unit multiplier of full (e.g. 2).",
+)
+@click.option("--quirks", is_flag=True, help="Add the real dataset's known faults.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@common_options
+@handle_errors
+def sample_cmd(out, scale, quirks, seed, config_file, json_mode, quiet):
+    """Write a synthetic NAT4 mirror in the exact real file format (offline tests, demos)."""
+    from nat4etl.sample import write_sample
+
+    if scale not in ("mini", "full"):
+        try:
+            scale = float(scale)
+        except ValueError:
+            raise click.BadParameter("use mini, full or a number", param_hint="--scale") from None
+    progress = _progress(json_mode, quiet)
+    write_sample(out, scale=scale, quirks=quirks, seed=seed, progress=progress.log)
+    progress.log(f"sample: wrote {out}")
+
+
+def main() -> None:
+    cli(prog_name="nat4etl")
+
+
+if __name__ == "__main__":
+    main()

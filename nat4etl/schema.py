@@ -1,0 +1,347 @@
+"""Every table's Arrow schema, key, sort order and units: the contract between stages.
+
+Tables are partitioned by area (``<table>/area=A1/part-0.parquet``). The ``area`` column
+is *not* stored inside the files: it comes from the hive partition path, so
+``pl.scan_parquet(..., hive_partitioning=True)`` and :meth:`Store.read_table` both see it.
+Schemas below therefore list the in-file columns; ``area`` is added on read.
+
+Vectors (counts per bin, spectrogram frames, audio samples) are fixed-size lists of
+float32 so a whole column converts to one contiguous numpy array without copying. Their
+length depends on parameters (``dt_ms``, ``audio_fs_hz``), so a spec names them in
+``vectors`` and :func:`validate` accepts any length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from nat4etl.errors import SchemaError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    fields: tuple[pa.Field, ...]
+    key: tuple[str, ...]
+    doc: str
+    units: dict[str, str] = field(default_factory=dict)
+    #: fixed-size float32 vector columns (length set by the data)
+    vectors: tuple[str, ...] = ()
+    #: extra columns beyond ``fields`` are allowed (carried-through CSV columns)
+    open_columns: bool = False
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema(list(self.fields))
+
+    @property
+    def column_names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable)
+
+
+_VEC = pa.list_(pa.float32())  # stands for fixed_size_list<float32>[n], see `vectors`
+
+TABLES: dict[str, TableSpec] = {}
+
+
+def _table(spec: TableSpec) -> TableSpec:
+    TABLES[spec.name] = spec
+    return spec
+
+
+# --------------------------------------------------------------------------- raw (unpack)
+RECORDINGS = _table(
+    TableSpec(
+        "recordings",
+        (
+            _f("recording", pa.string()),
+            _f("kind", pa.string()),  # population | site
+            _f("site", pa.string(), True),
+            _f("file", pa.string()),  # Zenodo file name
+            _f("member", pa.string(), True),  # member of the zip holding the site tgz
+            _f("meta_json", pa.string(), True),
+            _f("skipped_members", pa.list_(pa.string())),
+        ),
+        key=("recording",),
+        doc="One row per NEMS0 recording found in the archives, with its meta.json verbatim.",
+    )
+)
+
+SIGNALS = _table(
+    TableSpec(
+        "signals",
+        (
+            _f("recording", pa.string()),
+            _f("signal", pa.string()),
+            _f("signal_type", pa.string()),  # rasterized | point_process | tiled
+            _f("fs_hz", pa.float64()),
+            _f("n_chans", pa.int32()),
+            _f("n_samples", pa.int64(), True),
+            _f("chans", pa.list_(pa.string()), True),
+            _f("segments_json", pa.string(), True),
+            _f("meta_json", pa.string(), True),
+        ),
+        key=("recording", "signal"),
+        doc="Signal sidecar JSON of every signal (fs, chans, segments), in file units.",
+        units={"fs_hz": "Hz", "n_samples": "samples"},
+    )
+)
+
+POP_SIGNALS = _table(
+    TableSpec(
+        "pop_signals",
+        (
+            _f("signal", pa.string()),
+            _f("channel", pa.int32()),
+            _f("chan", pa.string(), True),
+            _f("values", pa.list_(pa.float32())),
+        ),
+        key=("signal", "channel"),
+        doc="Population recording's rasterized signals (resp, stim, mask_est), one row per "
+        "channel, every sample as float32.",
+        units={"values": "signal units at the signal's fs_hz"},
+    )
+)
+
+SITE_SPIKES = _table(
+    TableSpec(
+        "site_spikes",
+        (
+            _f("site", pa.string()),
+            _f("recording", pa.string()),
+            _f("signal", pa.string()),
+            _f("unit_id", pa.string()),
+            _f("spike_times_s", pa.list_(pa.float64())),
+        ),
+        key=("site", "unit_id"),
+        doc="Per-site PointProcess spike times, unit ids as written in the site file.",
+        units={"spike_times_s": "s"},
+    )
+)
+
+EPOCHS = _table(
+    TableSpec(
+        "epochs",
+        (
+            _f("recording", pa.string()),
+            _f("signal", pa.string()),
+            _f("row", pa.int32()),
+            _f("name", pa.string(), True),
+            _f("start_s", pa.float64(), True),
+            _f("end_s", pa.float64(), True),
+            _f("extra_json", pa.string(), True),
+        ),
+        key=("recording", "signal", "row"),
+        doc="Every epoch of every signal of every recording, in file row order; columns "
+        "other than name/start/end kept as a JSON object.",
+        units={"start_s": "s", "end_s": "s"},
+    )
+)
+
+# ----------------------------------------------------------------- interpreted (parse-epochs)
+STIMS = _table(
+    TableSpec(
+        "stims",
+        (
+            _f("stim", pa.int32()),
+            _f("name", pa.string()),
+            _f("subset", pa.string()),  # est | val | other
+            _f("wav_name", pa.string(), True),
+            _f("duration_s", pa.float64()),
+            _f("prestim_s", pa.float64()),
+            _f("poststim_s", pa.float64()),
+            _f("n_frames", pa.int32()),
+            _f("pop_start_s", pa.float64()),
+        ),
+        key=("stim",),
+        doc="Sounds: est then val, each in order of first appearance in the population file.",
+        units={"duration_s": "s", "prestim_s": "s", "poststim_s": "s", "pop_start_s": "s"},
+    )
+)
+
+CELLS = _table(
+    TableSpec(
+        "cells",
+        (
+            _f("cell", pa.int32()),
+            _f("cell_id", pa.string()),
+            _f("site", pa.string(), True),
+            _f("animal", pa.string(), True),
+            _f("electrode", pa.int32(), True),
+            _f("unit", pa.int32(), True),
+            _f("auditory", pa.bool_(), True),
+            _f("site_unit_id", pa.string(), True),
+            _f("match", pa.string()),  # exact | canonical | none
+            _f("n_val_trials", pa.int32()),
+        ),
+        key=("cell",),
+        doc="Units in population channel order, joined with <area>_pred_correlation.csv "
+        "(its other columns follow) and with the per-site unit ids.",
+        open_columns=True,
+    )
+)
+
+TRIALS = _table(
+    TableSpec(
+        "trials",
+        (
+            _f("site", pa.string()),
+            _f("stim", pa.int32()),
+            _f("trial", pa.int32()),
+            _f("order", pa.int32()),
+            _f("start_s", pa.float64()),
+            _f("end_s", pa.float64()),
+        ),
+        key=("site", "stim", "trial"),
+        doc="Every presentation of every sound in every site file; trial = repetition index "
+        "within the site (0-based, presentation order), order = index in the session.",
+        units={"start_s": "s", "end_s": "s"},
+    )
+)
+
+REPORT = _table(
+    TableSpec(
+        "report",
+        (
+            _f("kind", pa.string()),
+            _f("subject", pa.string()),
+            _f("detail", pa.string()),
+        ),
+        key=("kind", "subject"),
+        doc="Mismatches found while interpreting the data: unmatched units and sites, odd "
+        "repetition counts, case-only wav matches, unclassified STIM_ epochs.",
+    )
+)
+
+# ------------------------------------------------------------ analysis tables (issue 4)
+RESPONSES = _table(
+    TableSpec(
+        "responses",
+        (
+            _f("stim", pa.int32()),
+            _f("cell", pa.int32()),
+            _f("trial", pa.int32()),
+            _f("source", pa.string()),  # population | site
+            _f("counts", _VEC),
+        ),
+        key=("stim", "cell", "trial"),
+        doc="Spike counts per bin for each (stim, cell, trial); est from the population file "
+        "(trial 0) at 10 ms, val single trials from the site files.",
+        units={"counts": "spikes per bin (dt_ms in metadata)"},
+        vectors=("counts",),
+    )
+)
+
+VAL_MEANS = _table(
+    TableSpec(
+        "val_means",
+        (
+            _f("stim", pa.int32()),
+            _f("cell", pa.int32()),
+            _f("mean_counts", _VEC),
+        ),
+        key=("stim", "cell"),
+        doc="The population file's val responses (already averaged over repetitions).",
+        units={"mean_counts": "spikes per bin"},
+        vectors=("mean_counts",),
+    )
+)
+
+QC_VAL = _table(
+    TableSpec(
+        "qc_val",
+        (
+            _f("site", pa.string()),
+            _f("stim", pa.int32()),
+            _f("n_cells", pa.int32()),
+            _f("n_trials", pa.int32()),
+            _f("max_abs_diff", pa.float64(), True),
+            _f("mean_abs_diff", pa.float64(), True),
+        ),
+        key=("site", "stim"),
+        doc="Per (site, val stim): mean of the site's single trials vs the population average.",
+        units={"max_abs_diff": "spikes per bin", "mean_abs_diff": "spikes per bin"},
+    )
+)
+
+SPECTROGRAMS = _table(
+    TableSpec(
+        "spectrograms",
+        (
+            _f("stim", pa.int32()),
+            _f("values", _VEC),
+        ),
+        key=("stim",),
+        doc="Raw population-file spectrogram of each sound, flattened (F, T) row-major.",
+        units={"values": "ozgf spectrogram units"},
+        vectors=("values",),
+    )
+)
+
+WAVEFORMS = _table(
+    TableSpec(
+        "waveforms",
+        (
+            _f("stim", pa.int32()),
+            _f("samples", _VEC),
+        ),
+        key=("stim",),
+        doc="Mono source waveform placed in the trial window (n_frames * hop samples).",
+        units={"samples": "full scale [-1, 1]"},
+        vectors=("samples",),
+    )
+)
+
+NORM_CONSTANTS = _table(
+    TableSpec(
+        "norm_constants",
+        (
+            _f("method", pa.string()),
+            _f("signal", pa.string()),  # spectrogram | responses
+            _f("channel", pa.int32()),  # band or cell; -1 = one global constant
+            _f("offset", pa.float64()),  # log offset d in ln(1 + x/d); 0 = no log
+            _f("min", pa.float64()),
+            _f("max", pa.float64()),
+        ),
+        key=("method", "signal", "channel"),
+        doc="Min-max normalization constants; normalized values are computed on read.",
+    )
+)
+
+
+def spec(name: str) -> TableSpec:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise SchemaError(f"unknown table {name!r}; known: {', '.join(TABLES)}") from None
+
+
+def validate(name: str, table: pa.Table) -> None:
+    """Raise SchemaError unless ``table`` has the spec's columns and types (area excluded)."""
+    s = spec(name)
+    names = table.schema.names
+    missing = [c for c in s.column_names if c not in names]
+    if missing:
+        raise SchemaError(f"table {name!r} lacks columns {missing}")
+    if not s.open_columns:
+        extra = [c for c in names if c not in s.column_names]
+        if extra:
+            raise SchemaError(f"table {name!r} has unexpected columns {extra}")
+    for f in s.fields:
+        got = table.schema.field(f.name).type
+        if f.name in s.vectors:
+            ok = pa.types.is_fixed_size_list(got) and got.value_type == pa.float32()
+            want = "fixed_size_list<float32>"
+        else:
+            ok = got == f.type
+            want = str(f.type)
+        if not ok:
+            raise SchemaError(f"table {name!r} column {f.name!r} is {got}, expected {want}")

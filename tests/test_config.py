@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nat4etl.config import DEFAULT_CONFIG, load_settings, parse_areas
+from nat4etl.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_configs_default_is_the_packaged_default():
+    assert (REPO / "configs" / "default.toml").read_bytes() == DEFAULT_CONFIG.read_bytes()
+
+
+def test_defaults():
+    s = load_settings()
+    assert s.record_id == 8044773
+    assert s.zenodo_url == "https://zenodo.org"
+    assert s.areas == ("A1", "PEG")
+    assert s.dt_ms == 10 and s.audio_fs_hz == 44100 and s.norm == "deepstrf"
+
+
+def test_config_file_then_flags_win(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[build]\ndt_ms = 20\nnorm = "nems"\n[zenodo]\nurl = "http://127.0.0.1:9/"\n')
+    s = load_settings(cfg)
+    assert (s.dt_ms, s.norm, s.zenodo_url) == (20, "nems", "http://127.0.0.1:9")
+    assert s.record_id == 8044773  # untouched keys keep their defaults
+    s2 = s.with_overrides(dt_ms=5.0, norm=None)
+    assert (s2.dt_ms, s2.norm) == (5.0, "nems")
+
+
+def test_bad_config_is_a_config_error(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[build\n")
+    with pytest.raises(ConfigError, match="c.toml"):
+        load_settings(cfg)
+    cfg.write_text('[build]\nnorm = "zscore"\n')
+    with pytest.raises(ConfigError, match="zscore"):
+        load_settings(cfg)
+
+
+def test_parse_areas():
+    s = load_settings()
+    assert parse_areas("all", s) == ("A1", "PEG")
+    assert parse_areas("PEG", s) == ("PEG",)
+    assert parse_areas(None, s) is None

@@ -1,0 +1,116 @@
+"""Store layout, atomic table writes and atomic publish."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from nat4etl.errors import DuplicateKeyError, MissingTableError, SchemaError, StoreLocked
+from nat4etl.store import Store, open_for_write, store_lock
+
+
+def _trials(n=3, dup=False):
+    stims = list(range(n)) if not dup else [0] * n
+    return pa.table(
+        {
+            "site": pa.array(["ARM029a"] * n),
+            "stim": pa.array(stims[::-1], pa.int32()),
+            "trial": pa.array([0] * n, pa.int32()),
+            "order": pa.array(range(n), pa.int32()),
+            "start_s": pa.array([1.0 * i for i in range(n)]),
+            "end_s": pa.array([1.0 * i + 1.5 for i in range(n)]),
+        }
+    )
+
+
+def test_write_sorts_by_key_and_partitions_by_area(tmp_path):
+    store = Store(tmp_path)
+    info = store.write_table("trials", _trials(), area="A1")
+    assert info.rows == 3
+    assert store.table_file("trials", "A1").is_file()
+    t = store.read_table("trials")
+    assert t.column_names[0] == "area"
+    assert t["stim"].to_pylist() == [0, 1, 2]
+    df = pl.scan_parquet(str(tmp_path / "trials" / "**" / "*.parquet"), hive_partitioning=True)
+    assert df.filter(pl.col("area") == "A1").collect()["stim"].to_list() == [0, 1, 2]
+
+
+def test_duplicate_key_and_bad_schema_write_nothing(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(DuplicateKeyError, match="trials"):
+        store.write_table("trials", _trials(dup=True), area="A1")
+    with pytest.raises(SchemaError, match="stim"):
+        store.write_table("trials", _trials().drop_columns(["stim"]), area="A1")
+    assert not store.has("trials")
+    with pytest.raises(MissingTableError, match="trials"):
+        store.read_table("trials", area="A1")
+
+
+def test_identical_input_gives_identical_bytes(tmp_path):
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    assert (
+        a.write_table("trials", _trials(), area="A1").sha256
+        == b.write_table("trials", _trials(), area="A1").sha256
+    )
+
+
+def test_open_for_write_publishes_and_failure_keeps_previous(tmp_path):
+    out = tmp_path / "nat4"
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(2), area="A1")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [t["rows"] for t in manifest["tables"]] == [2]
+
+    with pytest.raises(RuntimeError):
+        with open_for_write(out) as store:
+            store.write_table("trials", _trials(3), area="A1")
+            raise RuntimeError("stage failed")
+    assert Store(out).read_table("trials").num_rows == 2
+    assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
+
+    with open_for_write(out) as store:
+        assert store.read_table("trials").num_rows == 2  # staging starts as the old store
+        store.write_table("trials", _trials(4), area="A1")
+    assert Store(out).read_table("trials").num_rows == 4
+
+
+def _hold_lock(out, ready, release):
+    with store_lock(out):
+        ready.set()
+        release.wait(10)
+
+
+def test_lock_held_by_another_process(tmp_path):
+    out = tmp_path / "nat4"
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_lock, args=(out, ready, release))
+    p.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(StoreLocked, match=f"pid {p.pid}"):
+            with open_for_write(out, wait_s=0.3):
+                pass
+    finally:
+        release.set()
+        p.join()
+    with open_for_write(out, wait_s=1):  # released on exit, taken over
+        pass
+
+
+def test_killed_holder_releases_the_lock(tmp_path):
+    out = tmp_path / "nat4"
+    pid = os.fork()
+    if pid == 0:  # child: take the lock, leave a staging dir, die without cleanup
+        with store_lock(out):
+            (tmp_path / ".nat4.staging-dead").mkdir()
+            os._exit(0)
+    os.waitpid(pid, 0)
+    with open_for_write(out):
+        pass
+    assert not (tmp_path / ".nat4.staging-dead").exists()
