@@ -61,6 +61,16 @@ class Store:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self.published_at = self.root
+        self._dir_fd: int | None = None
+
+    def close(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ paths
     @property
@@ -328,18 +338,48 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+def previous_prefix(out: Path) -> str:
+    return f".{out.name}.previous-"
+
+
 def publish(staging: Path, out: Path) -> None:
-    """Make ``staging`` the store at ``out``; the previous store is removed afterwards."""
+    """Make ``staging`` the store at ``out``.
+
+    The replaced generation is kept as ``.OUT.previous-*`` until the next publish, so a
+    reader that opened it (see :func:`open_snapshot`) can finish reading a consistent store.
+    """
+    for p in out.parent.iterdir():
+        if p.name.startswith(previous_prefix(out)):
+            shutil.rmtree(p, ignore_errors=True)
     if not out.exists():
         os.rename(staging, out)
         return
-    if not exchange_dirs(staging, out):
+    previous = out.parent / f"{previous_prefix(out)}{time.time_ns()}"
+    if exchange_dirs(staging, out):
+        os.rename(staging, previous)
+    else:
         # Fallback: two renames; a reader may briefly find no store, never a mixed one.
-        old = staging.with_name(staging.name + "-old")
-        os.rename(out, old)
+        os.rename(out, previous)
         os.rename(staging, out)
-        staging = old
-    shutil.rmtree(staging, ignore_errors=True)
+
+
+def open_snapshot(path: str | os.PathLike) -> Store:
+    """A read-only Store pinned to the generation published at ``path`` right now.
+
+    It holds a directory file descriptor, so a concurrent publish (which renames the old
+    generation away and keeps it until the following publish) does not change what this
+    Store reads. Linux only (``/proc/self/fd``); elsewhere it reads ``path`` directly.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingTableError(f"no nat4etl store at {path}; build one with `nat4etl build`")
+    if not Path("/proc/self/fd").is_dir():
+        return Store(path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    store = Store(f"/proc/self/fd/{fd}")
+    store.published_at = path
+    store._dir_fd = fd  # closed with the Store
+    return store
 
 
 @contextlib.contextmanager

@@ -114,3 +114,17 @@ def test_killed_holder_releases_the_lock(tmp_path):
     with open_for_write(out):
         pass
     assert not (tmp_path / ".nat4.staging-dead").exists()
+
+
+def test_snapshot_reads_the_generation_it_opened(tmp_path):
+    from nat4etl.store import open_snapshot
+
+    out = tmp_path / "nat4"
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(2), area="A1")
+    snap = open_snapshot(out)
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(5), area="A1")
+    assert snap.read_table("trials").num_rows == 2  # still the old generation
+    assert open_snapshot(out).read_table("trials").num_rows == 5
+    snap.close()
