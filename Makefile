@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 OUT     ?= ./nat4
 SAMPLE  ?= ./sample
 
-.PHONY: install test lint run bench clean
+.PHONY: install test lint run bench clean readme
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ run: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+readme: install
+	$(BIN)/python -m nat4etl.schema README.md
 
 clean:
 	rm -rf $(VENV) $(SAMPLE) $(OUT) .pytest_cache .ruff_cache build *.egg-info

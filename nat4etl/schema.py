@@ -345,3 +345,43 @@ def validate(name: str, table: pa.Table) -> None:
             want = str(f.type)
         if not ok:
             raise SchemaError(f"table {name!r} column {f.name!r} is {got}, expected {want}")
+
+
+def markdown() -> str:
+    """The README's table reference, generated so the docs cannot drift from the code."""
+    lines = []
+    for s in TABLES.values():
+        key = ", ".join(("area", *s.key))
+        lines += [f"#### `{s.name}` (key: {key})", "", s.doc, ""]
+        lines += ["| column | type | units |", "|---|---|---|"]
+        lines.append("| `area` | string (partition) | |")
+        for f in s.fields:
+            typ = "fixed_size_list<float32>" if f.name in s.vectors else str(f.type)
+            if f.nullable:
+                typ += ", nullable"
+            lines.append(f"| `{f.name}` | {typ} | {s.units.get(f.name, '')} |")
+        if s.open_columns:
+            lines.append("| *(more)* | carried through from the source CSV | |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(path: str) -> None:
+    """Replace the generated block between the schema markers of ``path``."""
+    import re
+
+    with open(path) as f:
+        text = f.read()
+    pattern = r"(<!-- schema:begin[^\n]*-->\n).*?(<!-- schema:end -->)"
+    text = re.sub(pattern, lambda m: m.group(1) + markdown() + m.group(2), text, flags=re.S)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 2:
+        update_readme(sys.argv[1])
+    else:
+        print(markdown(), end="")

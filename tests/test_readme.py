@@ -1,0 +1,26 @@
+"""The README's table reference is generated from schema.py; keep them in sync."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nat4etl import schema
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_schema_block_matches_code():
+    text = README.read_text()
+    m = re.search(r"<!-- schema:begin[^\n]*-->\n(.*?)<!-- schema:end -->", text, re.S)
+    assert m, "README lacks the schema block"
+    assert m.group(1) == schema.markdown(), (
+        "README table reference is stale: run `python -m nat4etl.schema` and paste it "
+        "between the schema markers (or `make readme`)"
+    )
+
+
+def test_readme_shows_the_two_commands():
+    text = README.read_text()
+    assert "make test" in text and "make run" in text
+    assert "nat4etl build --area A1 --out ./nat4" in text
