@@ -18,9 +18,10 @@ EXIT_CODE_HELP = "\n".join(f"  {code}  {what}" for what, code in EXIT_CODES.item
 
 
 def _progress(json_mode: bool, quiet: bool):
+    """rich bars on a terminal, plain lines otherwise; use as a context manager."""
     from nat4etl.progress import make_progress
 
-    return make_progress(json_mode=json_mode, quiet=quiet)
+    return make_progress("json" if json_mode else "quiet" if quiet else "auto")
 
 
 def _fail(err: Exception, code: int, json_mode: bool) -> None:
@@ -125,10 +126,10 @@ def _run_stage_command(
 
     stage_module(stage)  # fail fast, before taking the lock, if the stage is missing
     settings = _settings(config_file, **flags)
-    progress = _progress(json_mode, quiet)
-    with open_for_write(out, wait_s=wait_s) as store:
-        summary = run_stage(store, stage, settings, progress)
-    progress.log(f"{stage}: done {summary}")
+    with _progress(json_mode, quiet) as progress:
+        with open_for_write(out, wait_s=wait_s) as store:
+            summary = run_stage(store, stage, settings, progress)
+        progress.log(f"{stage}: done", **summary)
 
 
 @cli.command("fetch")
@@ -325,9 +326,8 @@ def build_cmd(
         audio_fs_hz=audio_fs_hz,
         norm=norm,
     )
-    progress = _progress(json_mode, quiet)
-    summary = build(out, settings, progress, wait_s=wait_s)
-    progress.log(f"build: done {summary}")
+    with _progress(json_mode, quiet) as progress:
+        build(out, settings, progress, wait_s=wait_s)
 
 
 @cli.command("sample")
@@ -356,9 +356,9 @@ def sample_cmd(out, scale, quirks, seed, config_file, json_mode, quiet):
             scale = float(scale)
         except ValueError:
             raise click.BadParameter("use mini, full or a number", param_hint="--scale") from None
-    progress = _progress(json_mode, quiet)
-    write_sample(out, scale=scale, quirks=quirks, seed=seed, progress=progress.log)
-    progress.log(f"sample: wrote {out}")
+    with _progress(json_mode, quiet) as progress:
+        write_sample(out, scale=scale, quirks=quirks, seed=seed, progress=progress.log)
+        progress.log(f"sample: wrote {out}")
 
 
 def main() -> None:
