@@ -1,0 +1,408 @@
+"""`make bench`: full-scale speed and memory of nat4etl against the physical floor.
+
+Every figure is the median of ``--runs`` runs and every ratio is taken against a baseline
+measured in the same run of this script, on the same machine. Results are printed as one
+table and written to ``bench/results/<UTC time>.json`` so runs can be compared over time.
+
+Targets (2-core machine): cold build <= 1.0x the single-threaded zlib floor, peak RSS <= 1 GB,
+no-op rebuild <= 0.5 s, each reader call <= 1.5x ``np.load`` of the same array, time per
+unit-sound pair at 4x units within 1.1x of 1x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+RESULTS = HERE / "results"
+NAT4ETL = [sys.executable, "-m", "nat4etl.cli"]
+STAGES = ("fetch", "unpack", "parse-epochs", "rebin-sites", "align-wav", "normalize")
+
+
+@dataclass
+class Run:
+    wall_s: float
+    cpu_s: float
+    max_rss_mb: float
+
+
+@dataclass
+class Figure:
+    name: str
+    wall_s: float
+    cpu_s: float | None = None
+    max_rss_mb: float | None = None
+    ratio: float | None = None
+    ratio_to: str = ""
+    target: str = ""
+    met: bool | None = None
+    runs: list[float] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def run_measured(args: list[str], env: dict | None = None) -> Run:
+    """Run a command, return wall time and the child's own CPU time and peak RSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall_s = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(args)}\n{err[-2000:]}")
+    return Run(wall_s, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+
+
+def median_run(runs: list[Run]) -> Run:
+    return Run(
+        statistics.median(r.wall_s for r in runs),
+        statistics.median(r.cpu_s for r in runs),
+        max(r.max_rss_mb for r in runs),
+    )
+
+
+def sample_mirror(scale: str) -> Path:
+    """The synthetic mirror for ``scale``, generated once and cached under bench/.cache."""
+    out = CACHE / f"sample-{scale}"
+    if (out / "record.json").is_file():
+        return out
+    tmp = CACHE / f".sample-{scale}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    print(f"generating the {scale} sample (once) ...", flush=True)
+    run_measured([*NAT4ETL, "sample", "--out", str(tmp), "--scale", scale, "--quiet"])
+    tmp.rename(out)
+    return out
+
+
+def build_args(mirror: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        *NAT4ETL,
+        "build",
+        "--area",
+        "all",
+        "--source",
+        str(mirror),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+# ------------------------------------------------------------------------------- floor
+
+
+def _inflate_gzip(data: bytes, decompressobj) -> int:
+    """Inflate a (possibly multi-member) gzip stream, return decompressed bytes."""
+    n = 0
+    while data:
+        d = decompressobj(31)
+        n += len(d.decompress(data, 0)) + len(d.flush())
+        data = d.unused_data
+    return n
+
+
+def _inflate_all(mirror: Path, decompressobj) -> int:
+    """Every compressed byte of the inputs, every layer: tgz, zip members, tgz inside zips."""
+    total = 0
+    for path in sorted(mirror.iterdir()):
+        if path.suffix == ".tgz":
+            total += _inflate_gzip(path.read_bytes(), decompressobj)
+        elif path.suffix == ".zip":
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    raw = _raw_member(path, info)
+                    if info.compress_type == zipfile.ZIP_DEFLATED:
+                        d = decompressobj(-15)
+                        member = d.decompress(raw) + d.flush()
+                    else:
+                        member = raw
+                    total += len(member)
+                    if info.filename.endswith(".tgz"):
+                        total += _inflate_gzip(member, decompressobj)
+    return total
+
+
+def _raw_member(path: Path, info: zipfile.ZipInfo) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+        name_len = int.from_bytes(header[26:28], "little")
+        extra_len = int.from_bytes(header[28:30], "little")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        return f.read(info.compress_size)
+
+
+def measure_floor(mirror: Path, runs: int) -> dict[str, Figure]:
+    figures = {}
+    engines = {"zlib": zlib.decompressobj}
+    try:
+        from isal import isal_zlib
+
+        engines["isal"] = isal_zlib.decompressobj
+    except ImportError:
+        pass
+    for name, fn in engines.items():
+        times, n = [], 0
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            n = _inflate_all(mirror, fn)
+            times.append(time.perf_counter() - t0)
+        figures[name] = Figure(
+            f"floor: inflate all inputs, 1 thread, {name} ({n / 1e9:.2f} GB out)",
+            statistics.median(times),
+            runs=times,
+        )
+    return figures
+
+
+# -------------------------------------------------------------------------------- build
+
+
+def measure_cold_build(mirror: Path, runs: int, work: Path) -> Figure:
+    results = []
+    for i in range(runs):
+        out = work / f"cold-{i}"
+        results.append(run_measured(build_args(mirror, out)))
+        shutil.rmtree(out, ignore_errors=True)
+    m = median_run(results)
+    return Figure(
+        "cold build --source (A1+PEG, all stages)",
+        m.wall_s,
+        m.cpu_s,
+        m.max_rss_mb,
+        runs=[r.wall_s for r in results],
+    )
+
+
+def measure_stages(mirror: Path, runs: int, work: Path) -> list[Figure]:
+    per_stage: dict[str, list[Run]] = {s: [] for s in STAGES}
+    for i in range(runs):
+        out = work / f"stages-{i}"
+        for stage in STAGES:
+            args = [*NAT4ETL, stage, "--out", str(out), "--quiet"]
+            if stage in ("fetch", "unpack"):
+                args += ["--source", str(mirror)]
+            if stage == "fetch":
+                args += ["--area", "all"]
+            per_stage[stage].append(run_measured(args))
+        shutil.rmtree(out, ignore_errors=True)
+    figures = []
+    for stage, results in per_stage.items():
+        m = median_run(results)
+        figures.append(
+            Figure(
+                f"  stage {stage}",
+                m.wall_s,
+                m.cpu_s,
+                m.max_rss_mb,
+                runs=[r.wall_s for r in results],
+            )
+        )
+    return figures
+
+
+def measure_noop(mirror: Path, runs: int, out: Path) -> Figure:
+    if not (out / "manifest.json").is_file():
+        run_measured(build_args(mirror, out))
+    results = [run_measured(build_args(mirror, out)) for _ in range(runs)]
+    m = median_run(results)
+    return Figure(
+        "no-op rebuild (everything up to date)",
+        m.wall_s,
+        m.cpu_s,
+        m.max_rss_mb,
+        target="<= 0.5 s",
+        met=m.wall_s <= 0.5,
+        runs=[r.wall_s for r in results],
+    )
+
+
+# ------------------------------------------------------------------------------- reader
+
+
+def measure_reader(out: Path, runs: int, work: Path) -> list[Figure]:
+    import numpy as np
+
+    import nat4etl
+
+    store = nat4etl.open(out)
+    calls = {
+        'responses("A1", subset="est")': lambda: store.responses("A1", subset="est"),
+        'responses("A1", subset="val")': lambda: store.responses("A1", subset="val"),
+        'spectrograms("A1")': lambda: store.spectrograms("A1"),
+    }
+    figures = []
+    for label, call in calls.items():
+        arr = call()
+        npy = work / "reader.npy"
+        np.save(npy, arr)
+        del arr
+        reader_t, load_t = [], []
+        for _ in range(runs):
+            gc.collect()
+            t0 = time.perf_counter()
+            a = call()
+            reader_t.append(time.perf_counter() - t0)
+            del a
+            gc.collect()
+            t0 = time.perf_counter()
+            b = np.load(npy)
+            load_t.append(time.perf_counter() - t0)
+            del b
+        r, base = statistics.median(reader_t), statistics.median(load_t)
+        ratio = r / base
+        figures.append(
+            Figure(
+                f"reader {label}",
+                r,
+                ratio=ratio,
+                ratio_to="np.load",
+                target="<= 1.5x",
+                met=ratio <= 1.5,
+                runs=reader_t,
+            )
+        )
+        figures.append(
+            Figure(
+                f"  np.load of the same array ({npy.stat().st_size / 1e6:.0f} MB)",
+                base,
+                runs=load_t,
+            )
+        )
+        npy.unlink()
+    return figures
+
+
+# ------------------------------------------------------------------------------ scaling
+
+
+def unit_sound_pairs(out: Path) -> int:
+    import polars as pl
+
+    cells = pl.scan_parquet(str(out / "cells/**/*.parquet"), hive_partitioning=True)
+    stims = pl.scan_parquet(str(out / "stims/**/*.parquet"), hive_partitioning=True)
+    n_cells = cells.group_by("area").len().collect()
+    n_stims = stims.group_by("area").len().collect()
+    joined = n_cells.join(n_stims, on="area", suffix="_stims")
+    return int((joined["len"] * joined["len_stims"]).sum())
+
+
+def measure_scaling(runs: int, work: Path, scales: tuple[str, ...]) -> list[Figure]:
+    figures, per_pair = [], {}
+    for scale in scales:
+        mirror = sample_mirror("full" if scale == "1" else scale)
+        results = []
+        for i in range(runs):
+            out = work / f"scale-{scale}-{i}"
+            results.append(run_measured(build_args(mirror, out)))
+            if i == runs - 1:
+                pairs = unit_sound_pairs(out)
+            shutil.rmtree(out, ignore_errors=True)
+        m = median_run(results)
+        per_pair[scale] = m.wall_s / pairs * 1e6
+        figures.append(
+            Figure(
+                f"cold build at {scale}x units ({pairs} unit-sound pairs): "
+                f"{per_pair[scale]:.2f} us/pair",
+                m.wall_s,
+                m.cpu_s,
+                m.max_rss_mb,
+                runs=[r.wall_s for r in results],
+            )
+        )
+    if "1" in per_pair and scales[-1] != "1":
+        ratio = per_pair[scales[-1]] / per_pair["1"]
+        last = figures[-1]
+        last.ratio, last.ratio_to = ratio, "time per pair at 1x"
+        last.target, last.met = "<= 1.1x", ratio <= 1.1
+    return figures
+
+
+# -------------------------------------------------------------------------------- report
+
+
+def print_table(figures: list[Figure]) -> None:
+    print()
+    print(f"{'figure':<66} {'wall s':>8} {'cpu s':>8} {'RSS MB':>8} {'ratio':>14} target")
+    print("-" * 120)
+    for f in figures:
+        cpu = f"{f.cpu_s:8.2f}" if f.cpu_s is not None else " " * 8
+        rss = f"{f.max_rss_mb:8.0f}" if f.max_rss_mb is not None else " " * 8
+        ratio = f"{f.ratio:.2f}x {f.ratio_to}"[:14] if f.ratio is not None else ""
+        met = "" if f.met is None else ("  MET" if f.met else "  NOT MET")
+        print(f"{f.name:<66} {f.wall_s:8.2f} {cpu} {rss} {ratio:>14} {f.target}{met}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
+    p.add_argument("--scaling-runs", type=int, default=1, help="runs per scaling point")
+    p.add_argument("--scales", default="1,2,4", help="unit multipliers for the scaling test")
+    p.add_argument("--skip", default="", help="comma list of: stages,scaling,reader")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+
+    mirror = sample_mirror("full")
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="work-") as tmp:
+        work = Path(tmp)
+        floor = measure_floor(mirror, args.runs)
+        figures += floor.values()
+        zlib_floor = floor["zlib"].wall_s
+
+        cold = measure_cold_build(mirror, args.runs, work)
+        cold.ratio, cold.ratio_to = cold.wall_s / zlib_floor, "zlib floor"
+        cold.target = "<= 1.0x floor, RSS <= 1024 MB"
+        cold.met = cold.ratio <= 1.0 and cold.max_rss_mb <= 1024
+        figures.append(cold)
+        if "stages" not in skip:
+            figures += measure_stages(mirror, args.runs, work)
+
+        built = work / "built"
+        figures.append(measure_noop(mirror, args.runs, built))
+        if "reader" not in skip:
+            figures += measure_reader(built, args.runs, work)
+        if "scaling" not in skip:
+            scales = tuple(s.strip() for s in args.scales.split(","))
+            figures += measure_scaling(args.scaling_runs, work, scales)
+
+    print_table(figures)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    result = {
+        "time": stamp,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "runs": args.runs,
+        "figures": [asdict(f) for f in figures],
+    }
+    path = RESULTS / f"{stamp}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nresults written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
