@@ -146,6 +146,33 @@ EPOCHS = _table(
     )
 )
 
+PRED_CORRELATION = _table(
+    TableSpec(
+        "pred_correlation",
+        (_f("cellid", pa.string()),),
+        key=("cellid",),
+        doc="<area>_pred_correlation.csv as read: cellid and every other column, in file "
+        "types, so parse-epochs reads tables only.",
+        open_columns=True,
+    )
+)
+
+SOURCE_MEMBERS = _table(
+    TableSpec(
+        "source_members",
+        (
+            _f("file", pa.string()),  # Zenodo file name
+            _f("member", pa.string()),
+            _f("kind", pa.string()),  # recording | wav | skipped
+            _f("size_bytes", pa.int64()),
+        ),
+        key=("file", "member"),
+        doc="Members of the Zenodo zip files (per-site tgz, wav.zip listing, skipped stray "
+        "members such as __MACOSX/), as listed by unpack.",
+        units={"size_bytes": "bytes"},
+    )
+)
+
 # ----------------------------------------------------------------- interpreted (parse-epochs)
 STIMS = _table(
     TableSpec(

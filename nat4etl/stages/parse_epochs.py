@@ -1,0 +1,563 @@
+"""`parse-epochs`: raw epochs and unit ids -> ``stims``, ``cells``, ``trials`` and ``report``.
+
+Everything here is interpretation of tables ``unpack`` wrote verbatim; nothing reads files.
+Choices, each stated once:
+
+- A recording's epochs are the union of its signals' epoch tables, exact duplicates
+  dropped, in time order (start, then file order): NEMS0's ``Recording.epochs``.
+- ``stims``: est (``^STIM_cat``) then val (``^STIM_00cat``) then other, each in order of
+  first appearance in the population recording; ids count from 0 in that order.
+- ``cells``: population ``resp`` channel order; units match the per-site ids exactly, else
+  on the parsed (site, electrode, unit) numbers (``canonical``), else ``none``.
+- ``trials``: every ``STIM_`` presentation in every site file, est ones included.
+- Anything that does not line up becomes a ``report`` row, never a silent drop.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from nat4etl import nat4, schema
+from nat4etl.errors import InputMismatch, MissingTableError
+
+READS = ("recordings", "signals", "epochs", "site_spikes", "pred_correlation", "source_members")
+WRITES = ("stims", "cells", "trials", "report")
+PARAMS = ("areas",)
+
+#: cells columns that a carried-through pred_correlation column must not overwrite
+_PRED_PREFIX = "pred_"
+_POPULATION = "population"
+_SITE = "site"
+
+
+# ============================================================================ inputs
+@dataclass(frozen=True)
+class Epoch:
+    name: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class AreaInputs:
+    """What parse-epochs needs of one area, already out of Arrow."""
+
+    pop_epochs: list[Epoch]
+    stim_fs_hz: float
+    resp_chans: list[str]
+    #: site -> epochs of that site's recording, in time order
+    site_epochs: dict[str, list[Epoch]]
+    #: (site, unit id as written) of every per-site unit
+    site_units: list[tuple[str, str]]
+    pred_correlation: pa.Table | None = None
+    #: base names in wav.zip; None when wav.zip was not in the source
+    wav_names: list[str] | None = None
+    #: ``file:member`` strings unpack skipped
+    skipped_members: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """Report rows keyed by (kind, subject) so a repeat cannot make a duplicate key."""
+
+    rows: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def add(self, kind: str, subject: str, detail: str) -> None:
+        self.rows.setdefault((kind, subject), detail)
+
+    def kinds(self) -> Counter:
+        return Counter(kind for kind, _ in self.rows)
+
+    def table(self) -> pa.Table:
+        items = sorted(self.rows.items())
+        return pa.table(
+            {
+                "kind": pa.array([k for (k, _), _ in items], pa.string()),
+                "subject": pa.array([s for (_, s), _ in items], pa.string()),
+                "detail": pa.array([d for _, d in items], pa.string()),
+            }
+        )
+
+
+def recording_epochs(rows: Iterable[dict]) -> list[Epoch]:
+    """One recording's epochs: union over signals, exact duplicates dropped, time order.
+
+    ``rows`` are epochs-table rows (signal, row, name, start_s, end_s); rows without a
+    name or times cannot be interpreted and are left out (they stay in ``epochs``).
+    """
+    ordered = sorted(rows, key=lambda r: (r["start_s"] is None, r["start_s"] or 0.0))
+    seen: set[tuple] = set()
+    out = []
+    for r in ordered:
+        if r["name"] is None or r["start_s"] is None or r["end_s"] is None:
+            continue
+        key = (r["name"], r["start_s"], r["end_s"])
+        if key not in seen:
+            seen.add(key)
+            out.append(Epoch(*key))
+    return out
+
+
+# ============================================================================ stims
+@dataclass(frozen=True)
+class Stim:
+    stim: int
+    name: str
+    subset: str
+    wav_name: str
+    duration_s: float
+    prestim_s: float
+    poststim_s: float
+    n_frames: int
+    pop_start_s: float
+
+
+def build_stims(pop_epochs: list[Epoch], *, stim_fs_hz: float, report: Report) -> list[Stim]:
+    """Stims in est, val, other order; silences are the ones inside the first occurrence."""
+    first: dict[str, Epoch] = {}
+    for e in pop_epochs:
+        if nat4.is_stim(e.name) and e.name not in first:
+            first[e.name] = e
+    silences = {n: _sorted_spans(pop_epochs, n) for n in (nat4.PRESTIM, nat4.POSTSTIM)}
+    stims = []
+    for subset in ("est", "val", "other"):
+        for name, e in first.items():
+            if nat4.stim_subset(name) != subset:
+                continue
+            if subset == "other":
+                report.add(
+                    "stim_unclassified", name, "STIM_ epoch neither ^STIM_cat nor ^STIM_00cat"
+                )
+            duration_s = e.end_s - e.start_s
+            stims.append(
+                Stim(
+                    stim=len(stims),
+                    name=name,
+                    subset=subset,
+                    wav_name=nat4.wav_name(name),
+                    duration_s=duration_s,
+                    prestim_s=_inner_length_s(silences[nat4.PRESTIM], e),
+                    poststim_s=_inner_length_s(silences[nat4.POSTSTIM], e),
+                    n_frames=int(round(duration_s * stim_fs_hz)),
+                    pop_start_s=e.start_s,
+                )
+            )
+    return stims
+
+
+def _sorted_spans(epochs: list[Epoch], name: str) -> list[tuple[float, float]]:
+    return sorted((e.start_s, e.end_s) for e in epochs if e.name == name)
+
+
+def _inner_length_s(spans: list[tuple[float, float]], outer: Epoch) -> float:
+    """Length of the first span lying inside ``outer``; 0.0 when there is none."""
+    i = bisect.bisect_left(spans, (outer.start_s, float("-inf")))
+    for start_s, end_s in spans[i:]:
+        if start_s > outer.end_s:
+            break
+        if end_s <= outer.end_s:
+            return end_s - start_s
+    return 0.0
+
+
+def stims_table(stims: list[Stim]) -> pa.Table:
+    return pa.Table.from_pylist([s.__dict__ for s in stims], schema=schema.STIMS.schema)
+
+
+# ============================================================================ trials
+@dataclass(frozen=True)
+class Trial:
+    site: str
+    stim: int
+    trial: int
+    order: int
+    start_s: float
+    end_s: float
+
+
+def build_trials(
+    site_epochs: dict[str, list[Epoch]], stims: list[Stim], *, report: Report
+) -> list[Trial]:
+    """Every STIM_ presentation per site: ``order`` counts all of them, ``trial`` per stim."""
+    ids = {s.name: s.stim for s in stims}
+    trials = []
+    for site in sorted(site_epochs):
+        seen: Counter = Counter()
+        presentations = [e for e in site_epochs[site] if nat4.is_stim(e.name)]
+        for order, e in enumerate(presentations):
+            if e.name not in ids:
+                report.add(
+                    "site_stim_not_in_population",
+                    f"{site}/{e.name}",
+                    "STIM_ epoch in the site file but not in the population recording",
+                )
+                continue
+            trials.append(Trial(site, ids[e.name], seen[e.name], order, e.start_s, e.end_s))
+            seen[e.name] += 1
+    return trials
+
+
+def report_repetitions(trials: list[Trial], stims: list[Stim], *, report: Report) -> None:
+    """Flag (site, sound) repetition counts that differ from the subset's modal count."""
+    counts = Counter((t.site, t.stim) for t in trials)
+    by_id = {s.stim: s for s in stims}
+    for subset in ("est", "val"):
+        pairs = {k: n for k, n in counts.items() if by_id[k[1]].subset == subset}
+        if not pairs:
+            continue
+        modal = Counter(pairs.values()).most_common(1)[0][0]
+        for (site, stim), n in sorted(pairs.items()):
+            if n != modal:
+                report.add(
+                    "repetition_count",
+                    f"{site}/{by_id[stim].name}",
+                    f"{n} repetitions, {subset} sounds have {modal} at most sites",
+                )
+
+
+def trials_table(trials: list[Trial]) -> pa.Table:
+    return pa.Table.from_pylist([t.__dict__ for t in trials], schema=schema.TRIALS.schema)
+
+
+def val_trials_per_site(trials: list[Trial], stims: list[Stim]) -> Counter:
+    val = {s.stim for s in stims if s.subset == "val"}
+    return Counter(t.site for t in trials if t.stim in val)
+
+
+# ============================================================================ cells
+@dataclass
+class UnitMatch:
+    site_unit_id: str | None
+    site: str | None
+    match: str  # exact | canonical | none
+
+
+def match_units(cell_ids: list[str], site_units: list[tuple[str, str]]) -> list[UnitMatch]:
+    """Exact id first, then the parsed (site, electrode, unit) key (TNC ``012`` == ``12``)."""
+    exact = {}
+    canonical = {}
+    for site, unit_id in site_units:
+        exact.setdefault(unit_id, site)
+        key = nat4.canonical_unit_key(unit_id)
+        if key is not None:
+            canonical.setdefault(key, (site, unit_id))
+    out = []
+    for cell_id in cell_ids:
+        if cell_id in exact:
+            out.append(UnitMatch(cell_id, exact[cell_id], "exact"))
+            continue
+        key = nat4.canonical_unit_key(cell_id)
+        if key is not None and key in canonical:
+            site, unit_id = canonical[key]
+            out.append(UnitMatch(unit_id, site, "canonical"))
+        else:
+            out.append(UnitMatch(None, None, "none"))
+    return out
+
+
+def report_unit_matches(
+    cell_ids: list[str],
+    matches: list[UnitMatch],
+    site_units: list[tuple[str, str]],
+    sites: Iterable[str],
+    *,
+    report: Report,
+) -> None:
+    """Population units without site data, site units without a population unit, and
+    site files none of whose units are in the population."""
+    for cell_id, m in zip(cell_ids, matches, strict=True):
+        if m.match == "none":
+            report.add("unit_without_site_data", cell_id, "no per-site unit with this id")
+    used = {(m.site, m.site_unit_id) for m in matches if m.match != "none"}
+    matched_sites = {m.site for m in matches if m.match != "none"}
+    for site, unit_id in site_units:
+        if (site, unit_id) not in used:
+            report.add("site_unit_not_in_population", unit_id, f"unit of site {site}")
+    n_units = Counter(site for site, _ in site_units)
+    for site in sorted(set(sites)):
+        if site not in matched_sites:
+            report.add(
+                "site_without_population_units",
+                site,
+                f"{n_units[site]} units in the site file, none in the population recording",
+            )
+
+
+def build_cells(
+    cell_ids: list[str],
+    site_units: list[tuple[str, str]],
+    pred_correlation: pa.Table | None,
+    val_trials: Counter,
+    *,
+    sites: Iterable[str],
+    report: Report,
+) -> pa.Table:
+    """The cells table; pred_correlation columns other than cellid/sig_auditory follow."""
+    matches = match_units(cell_ids, site_units)
+    report_unit_matches(cell_ids, matches, site_units, sites, report=report)
+    parsed = [nat4.parse_unit_id(c) for c in cell_ids]
+    for cell_id, p in zip(cell_ids, parsed, strict=True):
+        if p is None:
+            report.add("unit_id_unparsed", cell_id, "not <site>-<electrode>-<unit>")
+    pred_rows = _pred_rows_for(cell_ids, pred_correlation, report=report)
+    columns = {
+        "cell": pa.array(range(len(cell_ids)), pa.int32()),
+        "cell_id": pa.array(cell_ids, pa.string()),
+        "site": pa.array(
+            [p.site if p else nat4.site_of_unit(c) for c, p in zip(cell_ids, parsed, strict=True)],
+            pa.string(),
+        ),
+        "animal": pa.array([p.animal if p else None for p in parsed], pa.string()),
+        "electrode": pa.array([p.electrode if p else None for p in parsed], pa.int32()),
+        "unit": pa.array([p.unit if p else None for p in parsed], pa.int32()),
+        "auditory": pa.array([_auditory(pred_correlation, i) for i in pred_rows], pa.bool_()),
+        "site_unit_id": pa.array([m.site_unit_id for m in matches], pa.string()),
+        "match": pa.array([m.match for m in matches], pa.string()),
+        "n_val_trials": pa.array(
+            [val_trials.get(m.site, 0) if m.site else 0 for m in matches], pa.int32()
+        ),
+    }
+    table = pa.table(columns)
+    return _append_pred_columns(table, pred_correlation, pred_rows)
+
+
+def _pred_rows_for(
+    cell_ids: list[str], pred: pa.Table | None, *, report: Report
+) -> list[int | None]:
+    """Row of pred_correlation for each cell: exact cellid, else the canonical key."""
+    if pred is None:
+        return [None] * len(cell_ids)
+    ids = pred.column("cellid").to_pylist()
+    exact = {c: i for i, c in reversed(list(enumerate(ids)))}
+    canonical = {}
+    for i, c in enumerate(ids):
+        key = nat4.canonical_unit_key(c) if c is not None else None
+        if key is not None:
+            canonical.setdefault(key, i)
+    rows = []
+    for cell_id in cell_ids:
+        i = exact.get(cell_id)
+        if i is None:
+            key = nat4.canonical_unit_key(cell_id)
+            i = canonical.get(key) if key is not None else None
+        if i is None:
+            report.add("unit_without_pred_correlation", cell_id, "no row in pred_correlation")
+        rows.append(i)
+    used = set(rows)
+    for i, c in enumerate(ids):
+        if i not in used:
+            report.add(
+                "pred_correlation_unit_not_in_population", str(c), "row has no population unit"
+            )
+    return rows
+
+
+_TRUE = {"true", "1", "yes", "t"}
+_FALSE = {"false", "0", "no", "f"}
+
+
+def _auditory(pred: pa.Table | None, row: int | None) -> bool | None:
+    """``sig_auditory`` as a bool, whatever type the CSV reader gave it."""
+    if pred is None or row is None or "sig_auditory" not in pred.column_names:
+        return None
+    value = pred.column("sig_auditory")[row].as_py()
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return bool(value)
+    text = str(value).strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
+
+
+def _append_pred_columns(
+    cells: pa.Table, pred: pa.Table | None, rows: list[int | None]
+) -> pa.Table:
+    """Carry every other pred_correlation column through, renamed if it would clash."""
+    if pred is None:
+        return cells
+    taken = set(cells.column_names) | {"area"}
+    indices = pa.array(rows, pa.int64())
+    for name in pred.column_names:
+        if name in ("cellid", "sig_auditory", "area"):
+            continue
+        out_name = name if name not in taken else f"{_PRED_PREFIX}{name}"
+        taken.add(out_name)
+        cells = cells.append_column(out_name, pred.column(name).take(indices))
+    return cells
+
+
+# ============================================================================ wavs
+def report_wavs(stims: list[Stim], wav_names: list[str] | None, *, report: Report) -> None:
+    """Wav names matched only case-insensitively (align-wav accepts them) or not at all."""
+    if wav_names is None:
+        return
+    exact = set(wav_names)
+    folded: dict[str, str] = {}
+    for n in wav_names:
+        folded.setdefault(n.lower(), n)
+    for s in stims:
+        if s.wav_name in exact:
+            continue
+        other = folded.get(s.wav_name.lower())
+        if other is not None:
+            report.add("wav_case_only_match", s.name, f"wav.zip has {other!r}")
+        else:
+            report.add("wav_missing", s.name, f"no {s.wav_name!r} in wav.zip")
+
+
+# ============================================================================ one area
+@dataclass
+class Parsed:
+    stims: pa.Table
+    cells: pa.Table
+    trials: pa.Table
+    report: pa.Table
+    counts: dict
+
+
+def parse_area(inputs: AreaInputs) -> Parsed:
+    """The four tables of one area from its raw inputs."""
+    report = Report()
+    for skipped in inputs.skipped_members:
+        report.add("skipped_member", skipped, "not part of a NEMS0 recording; not read")
+    stims = build_stims(inputs.pop_epochs, stim_fs_hz=inputs.stim_fs_hz, report=report)
+    trials = build_trials(inputs.site_epochs, stims, report=report)
+    report_repetitions(trials, stims, report=report)
+    report_wavs(stims, inputs.wav_names, report=report)
+    cells = build_cells(
+        inputs.resp_chans,
+        inputs.site_units,
+        inputs.pred_correlation,
+        val_trials_per_site(trials, stims),
+        sites=inputs.site_epochs,
+        report=report,
+    )
+    subsets = Counter(s.subset for s in stims)
+    matches = Counter(cells.column("match").to_pylist())
+    counts = {
+        "stims": len(stims),
+        **{f"stims_{k}": subsets[k] for k in ("est", "val", "other")},
+        "cells": cells.num_rows,
+        **{f"cells_{k}": matches[k] for k in ("exact", "canonical", "none")},
+        "sites": len(inputs.site_epochs),
+        "trials": len(trials),
+        "report": dict(sorted(report.kinds().items())),
+    }
+    return Parsed(stims_table(stims), cells, trials_table(trials), report.table(), counts)
+
+
+# ============================================================================ tables -> inputs
+def area_inputs(
+    recordings: pa.Table,
+    signals: pa.Table,
+    epochs: pa.Table,
+    site_spikes: pa.Table,
+    *,
+    pred_correlation: pa.Table | None = None,
+    source_members: pa.Table | None = None,
+    area: str = "",
+) -> AreaInputs:
+    """Gather one area's raw tables into :class:`AreaInputs` (no interpretation yet)."""
+    recs = recordings.to_pylist()
+    pop = [r for r in recs if r["kind"] == _POPULATION]
+    if len(pop) != 1:
+        msg = f"area {area}: expected one population recording, found {len(pop)}; rerun unpack"
+        raise InputMismatch(msg)
+    pop_name = pop[0]["recording"]
+    sig = {(r["recording"], r["signal"]): r for r in signals.to_pylist()}
+    resp, stim = sig.get((pop_name, "resp")), sig.get((pop_name, "stim"))
+    if resp is None or stim is None or not resp["chans"]:
+        msg = f"area {area}: population recording {pop_name!r} lacks resp chans or stim"
+        raise InputMismatch(msg)
+    by_recording: dict[str, list[dict]] = {}
+    for r in epochs.select(["recording", "signal", "row", "name", "start_s", "end_s"]).to_pylist():
+        by_recording.setdefault(r["recording"], []).append(r)
+    site_epochs = {
+        r["site"]: recording_epochs(by_recording.get(r["recording"], []))
+        for r in recs
+        if r["kind"] == _SITE
+    }
+    skipped = [f"{r['file']}:{m}" for r in recs for m in (r["skipped_members"] or [])]
+    wav_names = None
+    if source_members is not None:
+        for m in source_members.to_pylist():
+            if m["kind"] == "skipped":
+                skipped.append(f"{m['file']}:{m['member']}")
+        if any(m == nat4.WAV_ZIP for m in source_members.column("file").to_pylist()):
+            wav_names = [
+                m["member"].rsplit("/", 1)[-1]
+                for m in source_members.to_pylist()
+                if m["kind"] == "wav"
+            ]
+    return AreaInputs(
+        pop_epochs=recording_epochs(by_recording.get(pop_name, [])),
+        stim_fs_hz=float(stim["fs_hz"]),
+        resp_chans=list(resp["chans"]),
+        site_epochs=site_epochs,
+        site_units=[
+            (r["site"], r["unit_id"]) for r in site_spikes.select(["site", "unit_id"]).to_pylist()
+        ],
+        pred_correlation=pred_correlation,
+        wav_names=wav_names,
+        skipped_members=skipped,
+    )
+
+
+# ============================================================================ stage
+def run(store, settings, progress) -> dict:
+    summary = {}
+    for area in _areas_to_parse(store, settings):
+        inputs = area_inputs(
+            store.read_table("recordings", area=area),
+            store.read_table("signals", area=area),
+            store.read_table("epochs", area=area),
+            store.read_table(
+                "site_spikes", area=area, columns=["site", "recording", "signal", "unit_id"]
+            ),
+            pred_correlation=_optional(store, "pred_correlation", area),
+            source_members=_optional(store, "source_members", area),
+            area=area,
+        )
+        parsed = parse_area(inputs)
+        for name in WRITES:
+            store.write_table(name, getattr(parsed, name), area=area)
+        _log_report(progress, area, parsed)
+        summary[area] = {k: v for k, v in parsed.counts.items() if k != "report"}
+    return summary
+
+
+def _areas_to_parse(store, settings) -> list[str]:
+    areas = [a for a in settings.areas if store.has("epochs", a)]
+    if not areas:
+        raise MissingTableError(
+            f"no raw tables for {', '.join(settings.areas)} in {store.published_at}; "
+            f"run `nat4etl unpack --out {store.published_at}` first"
+        )
+    return areas
+
+
+def _optional(store, name: str, area: str) -> pa.Table | None:
+    if not store.has(name, area):
+        return None
+    table = store.read_table(name, area=area)
+    return table.drop_columns(["area"])
+
+
+def _log_report(progress, area: str, parsed: Parsed) -> None:
+    """The plain report: counts from the data, then one line per report row."""
+    c = parsed.counts
+    progress.log(
+        f"{area}: {c['stims']} stims ({c['stims_est']} est, {c['stims_val']} val, "
+        f"{c['stims_other']} other), {c['cells']} cells ({c['cells_exact']} exact, "
+        f"{c['cells_canonical']} canonical, {c['cells_none']} unmatched), "
+        f"{c['sites']} sites, {c['trials']} trials"
+    )
+    for kind, n in c["report"].items():
+        progress.log(f"{area}: report {kind}: {n}")
+    for row in parsed.report.to_pylist():
+        progress.log(f"{area}: {row['kind']} {row['subject']}: {row['detail']}")

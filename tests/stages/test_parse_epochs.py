@@ -1,0 +1,244 @@
+"""parse-epochs on small hand-made raw tables, then on the mini samples end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from nat4etl import schema
+from nat4etl.errors import InputMismatch
+from nat4etl.stages import parse_epochs as pe
+
+VAL_A = "STIM_00catA_rec1.wav"
+VAL_B = "STIM_00catB_rec1.wav"
+EST_X = "STIM_catX.wav"
+EST_Y = "STIM_catY.wav"
+ODD = "STIM_weird.wav"
+POP = "NAT4_pop"
+
+
+def _stim_block(name: str, start_s: float) -> list[tuple[str, float, float]]:
+    """A 1.5 s STIM_ span with its 0.25 s silences, as baphy writes them."""
+    return [
+        (name, start_s, start_s + 1.5),
+        ("REFERENCE", start_s, start_s + 1.5),
+        ("PreStimSilence", start_s, start_s + 0.25),
+        ("PostStimSilence", start_s + 1.25, start_s + 1.5),
+    ]
+
+
+def _epoch_rows(recording: str, signal: str, blocks: list[tuple[str, float, float]]):
+    return [
+        {
+            "recording": recording,
+            "signal": signal,
+            "row": i,
+            "name": n,
+            "start_s": a,
+            "end_s": b,
+            "extra_json": None,
+        }
+        for i, (n, a, b) in enumerate(blocks)
+    ]
+
+
+def _session(names: list[str]) -> list[tuple[str, float, float]]:
+    out = []
+    for i, n in enumerate(names):
+        out += _stim_block(n, 2.0 * i + 1.0)
+    return out
+
+
+SITE_ARM = [EST_X, VAL_A, VAL_B, VAL_A, VAL_B, EST_Y, VAL_A, VAL_B]  # 3 + 3 val
+SITE_TNC = [VAL_A, VAL_B, VAL_A, VAL_B, VAL_A]  # VAL_B only twice
+SITE_XYZ = [VAL_A, VAL_B, VAL_A, VAL_B, VAL_A, VAL_B]
+
+
+def _raw(*, wav: bool = True) -> dict:
+    pop_blocks = []
+    for i, n in enumerate([VAL_A, VAL_B, EST_X, EST_Y, ODD]):
+        pop_blocks += _stim_block(n, 1.5 * i)
+    # every pop signal has its own (identical) epoch file: the union must not double them
+    epochs = _epoch_rows(POP, "resp", pop_blocks) + _epoch_rows(POP, "stim", pop_blocks[::-1])
+    sites = {"ARM001a": SITE_ARM, "TNC015a": SITE_TNC, "XYZ001a": SITE_XYZ}
+    for site, names in sites.items():
+        epochs += _epoch_rows(f"{site}_rec", "resp", _session(names))
+    recordings = [
+        {"recording": POP, "kind": "population", "site": None, "file": "A1_NAT4.tgz",
+         "member": None, "meta_json": "{}", "skipped_members": []},
+    ] + [
+        {"recording": f"{s}_rec", "kind": "site", "site": s, "file": "A1_single_sites.zip",
+         "member": f"A1_single_sites/A1_{s}_ab.tgz", "meta_json": "{}",
+         "skipped_members": ["._x.h5"] if s == "XYZ001a" else []}
+        for s in sites
+    ]  # fmt: skip
+    chans = ["ARM001a-01-1", "TNC015a-012-1", "ARM001a-02-1"]
+    signals = [
+        {"recording": POP, "signal": "resp", "signal_type": "rasterized", "fs_hz": 100.0,
+         "n_chans": 3, "n_samples": 750, "chans": chans, "segments_json": None, "meta_json": None},
+        {"recording": POP, "signal": "stim", "signal_type": "rasterized", "fs_hz": 100.0,
+         "n_chans": 2, "n_samples": 750, "chans": None, "segments_json": None, "meta_json": None},
+    ]  # fmt: skip
+    units = [
+        ("ARM001a", "ARM001a-01-1"),
+        ("ARM001a", "ARM001a-05-1"),
+        ("TNC015a", "TNC015a-12-1"),
+        ("XYZ001a", "XYZ001a-01-1"),
+    ]
+    spikes = [
+        {"site": s, "recording": f"{s}_rec", "signal": "resp", "unit_id": u, "spike_times_s": []}
+        for s, u in units
+    ]
+    pred = pa.table(
+        {
+            "cellid": ["TNC015a-12-1", "ARM001a-01-1", "ZZZ001a-01-1"],
+            "sig_auditory": [True, False, True],
+            "r_test": [0.5, 0.25, 0.1],
+            "site": ["x", "y", "z"],  # clashes with cells.site: carried as pred_site
+        }
+    )
+    members = [{"file": "A1_single_sites.zip", "member": "__MACOSX/._a", "kind": "skipped",
+                "size_bytes": 1}]  # fmt: skip
+    if wav:
+        members += [
+            {"file": "wav.zip", "member": f"wav/{n}", "kind": "wav", "size_bytes": 1}
+            for n in ("00catA_rec1.wav", "00CATB_rec1.wav", "catX.wav", "weird.wav")
+        ]
+    return {
+        "recordings": pa.Table.from_pylist(recordings, schema=schema.RECORDINGS.schema),
+        "signals": pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema),
+        "epochs": pa.Table.from_pylist(epochs, schema=schema.EPOCHS.schema),
+        "site_spikes": pa.Table.from_pylist(spikes, schema=schema.SITE_SPIKES.schema),
+        "pred_correlation": pred,
+        "source_members": pa.Table.from_pylist(members, schema=schema.SOURCE_MEMBERS.schema),
+    }
+
+
+def _parse(raw: dict) -> pe.Parsed:
+    inputs = pe.area_inputs(
+        raw["recordings"],
+        raw["signals"],
+        raw["epochs"],
+        raw["site_spikes"],
+        pred_correlation=raw["pred_correlation"],
+        source_members=raw["source_members"],
+        area="A1",
+    )
+    return pe.parse_area(inputs)
+
+
+@pytest.fixture(scope="module")
+def parsed() -> pe.Parsed:
+    return _parse(_raw())
+
+
+def _report(parsed: pe.Parsed) -> dict[tuple[str, str], str]:
+    return {(r["kind"], r["subject"]): r["detail"] for r in parsed.report.to_pylist()}
+
+
+def test_stims_est_then_val_then_other_in_first_appearance_order(parsed):
+    rows = parsed.stims.to_pylist()
+    assert [r["name"] for r in rows] == [EST_X, EST_Y, VAL_A, VAL_B, ODD]
+    assert [r["stim"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["subset"] for r in rows] == ["est", "est", "val", "val", "other"]
+    assert rows[0]["wav_name"] == "catX.wav"
+    assert rows[0]["pop_start_s"] == 3.0
+    for r in rows:
+        assert r["duration_s"] == 1.5
+        assert r["prestim_s"] == 0.25
+        assert r["poststim_s"] == 0.25
+        assert r["n_frames"] == 150
+    schema.validate("stims", parsed.stims)
+
+
+def test_trials_count_repetitions_per_site_in_presentation_order(parsed):
+    rows = parsed.trials.to_pylist()
+    arm = [r for r in rows if r["site"] == "ARM001a"]
+    assert [r["order"] for r in arm] == list(range(len(SITE_ARM)))
+    ids = {n: i for i, n in enumerate([EST_X, EST_Y, VAL_A, VAL_B, ODD])}
+    assert [r["stim"] for r in arm] == [ids[n] for n in SITE_ARM]
+    assert [r["trial"] for r in arm if r["stim"] == ids[VAL_A]] == [0, 1, 2]
+    assert [r["start_s"] for r in arm][:2] == [1.0, 3.0]
+    assert len(rows) == len(SITE_ARM) + len(SITE_TNC) + len(SITE_XYZ)
+    schema.validate("trials", parsed.trials)
+
+
+def test_cells_in_channel_order_matched_exact_canonical_none(parsed):
+    rows = parsed.cells.to_pylist()
+    assert [r["cell_id"] for r in rows] == ["ARM001a-01-1", "TNC015a-012-1", "ARM001a-02-1"]
+    assert [r["match"] for r in rows] == ["exact", "canonical", "none"]
+    assert [r["site_unit_id"] for r in rows] == ["ARM001a-01-1", "TNC015a-12-1", None]
+    assert [r["n_val_trials"] for r in rows] == [6, 5, 0]
+    assert [r["auditory"] for r in rows] == [False, True, None]
+    assert [r["r_test"] for r in rows] == [0.25, 0.5, None]
+    assert [r["pred_site"] for r in rows] == ["y", "x", None]
+    assert (rows[1]["site"], rows[1]["animal"], rows[1]["electrode"], rows[1]["unit"]) == (
+        "TNC015a",
+        "TNC",
+        12,
+        1,
+    )
+    schema.validate("cells", parsed.cells)
+
+
+def test_report_names_every_mismatch(parsed):
+    report = _report(parsed)
+    assert set(report) == {
+        ("unit_without_site_data", "ARM001a-02-1"),
+        ("unit_without_pred_correlation", "ARM001a-02-1"),
+        ("pred_correlation_unit_not_in_population", "ZZZ001a-01-1"),
+        ("site_unit_not_in_population", "ARM001a-05-1"),
+        ("site_unit_not_in_population", "XYZ001a-01-1"),
+        ("site_without_population_units", "XYZ001a"),
+        ("repetition_count", f"TNC015a/{VAL_B}"),
+        ("stim_unclassified", ODD),
+        ("wav_case_only_match", VAL_B),
+        ("wav_missing", EST_Y),
+        ("skipped_member", "A1_single_sites.zip:__MACOSX/._a"),
+        ("skipped_member", "A1_single_sites.zip:._x.h5"),
+    }
+    assert report[("repetition_count", f"TNC015a/{VAL_B}")].startswith("2 repetitions")
+    schema.validate("report", parsed.report)
+
+
+def test_no_wav_listing_means_no_wav_report():
+    parsed = _parse(_raw(wav=False))
+    kinds = {r["kind"] for r in parsed.report.to_pylist()}
+    assert not kinds & {"wav_case_only_match", "wav_missing"}
+
+
+def test_counts_come_from_the_data(parsed):
+    c = parsed.counts
+    assert (c["stims_est"], c["stims_val"], c["stims_other"]) == (2, 2, 1)
+    assert (c["cells_exact"], c["cells_canonical"], c["cells_none"]) == (1, 1, 1)
+    assert c["trials"] == parsed.trials.num_rows
+
+
+def test_duplicate_epochs_count_once():
+    raw = _raw()
+    rows = raw["epochs"].to_pylist()
+    again = [{**r, "row": r["row"] + 10_000} for r in rows]
+    raw["epochs"] = pa.Table.from_pylist(rows + again, schema=schema.EPOCHS.schema)
+    assert _parse(raw).trials.num_rows == _parse(_raw()).trials.num_rows
+
+
+def test_missing_population_is_an_input_mismatch():
+    raw = _raw()
+    raw["recordings"] = raw["recordings"].filter(
+        pa.compute.equal(raw["recordings"]["kind"], "site")
+    )
+    with pytest.raises(InputMismatch, match="population"):
+        _parse(raw)
+
+
+def test_silence_outside_the_span_is_not_taken():
+    epochs = [pe.Epoch("STIM_catA", 0.0, 1.0), pe.Epoch("PreStimSilence", 1.0, 1.5)]
+    stims = pe.build_stims(epochs, stim_fs_hz=100.0, report=pe.Report())
+    assert stims[0].prestim_s == 0.0
+    assert stims[0].n_frames == 100
+
+
+def test_report_table_is_json_friendly(parsed):
+    json.dumps(parsed.report.to_pylist())
