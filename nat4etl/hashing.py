@@ -1,0 +1,62 @@
+"""File digests, streamed, so a multi-GB archive never has to fit in memory.
+
+Zenodo publishes md5 only, so md5 is what we check. It is used here to detect
+corruption and truncation, not as a security boundary (``usedforsecurity=False``
+keeps it working on FIPS builds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+CHUNK_BYTES = 1 << 20
+
+
+def md5_file(
+    path: str | Path,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+) -> str:
+    """Hex md5 of a file, read in ``chunk_bytes`` blocks; ``on_bytes(n)`` after each block."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
+    return digest.hexdigest()
+
+
+def md5_bytes(data: bytes) -> str:
+    """Hex md5 of bytes already in memory (small files, tests)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def normalize_md5(value: str) -> str:
+    """Lower-case hex without an ``md5:`` prefix, so every source compares equal."""
+    value = value.strip().lower()
+    return value.removeprefix("md5:")
+
+
+def mismatch(path: str | Path, *, size_bytes: int | None, md5: str | None) -> str | None:
+    """Why ``path`` is not the expected file, or None when it is.
+
+    The size is checked first because it is free; the md5 is read only when the size
+    matches. A missing file is a mismatch, not an error, so planners can call this freely.
+    The text is ``"<what> mismatch: expected X, got Y"``, ready for an error message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    actual_size = path.stat().st_size
+    if size_bytes is not None and actual_size != size_bytes:
+        return f"size mismatch: expected {size_bytes} bytes, got {actual_size}"
+    if md5 is None:
+        return None
+    actual_md5 = md5_file(path)
+    if actual_md5 != normalize_md5(md5):
+        return f"md5 mismatch: expected {normalize_md5(md5)}, got {actual_md5}"
+    return None

@@ -1,0 +1,316 @@
+"""Progress and log lines for every stage, in four renderings of one small protocol.
+
+A stage reports *tasks* (a name, an optional total, a unit) and *log lines*; it never
+knows how they are shown:
+
+- ``rich``: live progress bars (a terminal);
+- ``plain``: one line per task start/end and per log line (cron, CI, pipes);
+- ``json``: one JSON object per line, for machines;
+- ``quiet``: only warnings and errors, as plain lines.
+
+:func:`make_progress` picks ``rich`` when the stream is a TTY and ``plain`` otherwise.
+Every implementation is a context manager (the caller owns the lifetime, so several
+stages can share one display) and is safe to call from worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol, TextIO, runtime_checkable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichBars
+from rich.text import Text
+
+Mode = Literal["auto", "rich", "plain", "json", "quiet"]
+Level = Literal["debug", "info", "warning", "error"]
+
+
+@runtime_checkable
+class Progress(Protocol):
+    """What stages call. ``task`` names are unique among running tasks (a file name)."""
+
+    def start(self, task: str, *, total: int | None = None, unit: str = "B") -> None:
+        """A task begins; ``total`` in ``unit`` (``"B"``: bytes) when known."""
+
+    def advance(self, task: str, n: int) -> None:
+        """``n`` more units of ``task`` are done."""
+
+    def reset(self, task: str) -> None:
+        """``task`` went back to 0 (a download restarted from scratch)."""
+
+    def done(self, task: str) -> None:
+        """``task`` finished (successfully or not: the log line says which)."""
+
+    def log(self, msg: str, *, level: Level = "info", **fields: Any) -> None:
+        """One line for the user; ``fields`` are kept as keys in ``json`` mode."""
+
+
+class _Base:
+    """No-op context manager plumbing shared by the implementations."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class NullProgress(_Base):
+    """Shows nothing: the default when a caller passes no progress."""
+
+    def start(self, task: str, *, total: int | None = None, unit: str = "B") -> None:
+        pass
+
+    def advance(self, task: str, n: int) -> None:
+        pass
+
+    def reset(self, task: str) -> None:
+        pass
+
+    def done(self, task: str) -> None:
+        pass
+
+    def log(self, msg: str, *, level: Level = "info", **fields: Any) -> None:
+        pass
+
+
+class _Task:
+    __slots__ = ("total", "unit", "completed", "started_s")
+
+    def __init__(self, total: int | None, unit: str) -> None:
+        self.total = total
+        self.unit = unit
+        self.completed = 0
+        self.started_s = time.monotonic()
+
+
+class PlainProgress(_Base):
+    """Line-oriented output: ``start``/``done`` per task and every log line, with a time.
+
+    ``min_level`` drops lower log levels (quiet mode is ``min_level="warning"`` with
+    task lines off).
+    """
+
+    _LEVELS = ("debug", "info", "warning", "error")
+
+    def __init__(
+        self, stream: TextIO | None = None, *, min_level: Level = "info", tasks: bool = True
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.min_level = min_level
+        self.show_tasks = tasks
+        self._tasks: dict[str, _Task] = {}
+        self._lock = threading.Lock()
+
+    def start(self, task: str, *, total: int | None = None, unit: str = "B") -> None:
+        with self._lock:
+            self._tasks[task] = _Task(total, unit)
+        if self.show_tasks:
+            size = f" ({format_amount(total, unit)})" if total is not None else ""
+            self._write(f"start {task}{size}")
+
+    def advance(self, task: str, n: int) -> None:
+        with self._lock:
+            if task in self._tasks:
+                self._tasks[task].completed += n
+
+    def reset(self, task: str) -> None:
+        with self._lock:
+            if task in self._tasks:
+                self._tasks[task].completed = 0
+
+    def done(self, task: str) -> None:
+        with self._lock:
+            state = self._tasks.pop(task, None)
+        if self.show_tasks and state is not None:
+            elapsed_s = time.monotonic() - state.started_s
+            self._write(
+                f"done  {task} ({format_amount(state.completed, state.unit)} in {elapsed_s:.1f} s)"
+            )
+
+    def log(self, msg: str, *, level: Level = "info", **fields: Any) -> None:
+        if self._LEVELS.index(level) < self._LEVELS.index(self.min_level):
+            return
+        prefix = "" if level == "info" else f"{level}: "
+        self._write(prefix + msg)
+
+    def _write(self, line: str) -> None:
+        stamp = datetime.now().strftime("%H:%M:%S")
+        with self._lock:
+            self.stream.write(f"{stamp} {line}\n")
+            self.stream.flush()
+
+
+class JsonProgress(_Base):
+    """One JSON object per line: ``{"time", "event", ...}``; events are start, done, log.
+
+    ``advance`` is not emitted (it would flood the stream); ``done`` carries the amount.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self._tasks: dict[str, _Task] = {}
+        self._lock = threading.Lock()
+
+    def start(self, task: str, *, total: int | None = None, unit: str = "B") -> None:
+        with self._lock:
+            self._tasks[task] = _Task(total, unit)
+        self._emit({"event": "start", "task": task, "total": total, "unit": unit})
+
+    def advance(self, task: str, n: int) -> None:
+        with self._lock:
+            if task in self._tasks:
+                self._tasks[task].completed += n
+
+    def reset(self, task: str) -> None:
+        with self._lock:
+            if task in self._tasks:
+                self._tasks[task].completed = 0
+        self._emit({"event": "reset", "task": task})
+
+    def done(self, task: str) -> None:
+        with self._lock:
+            state = self._tasks.pop(task, None)
+        if state is not None:
+            elapsed_s = round(time.monotonic() - state.started_s, 3)
+            self._emit(
+                {
+                    "event": "done",
+                    "task": task,
+                    "completed": state.completed,
+                    "unit": state.unit,
+                    "elapsed_s": elapsed_s,
+                }
+            )
+
+    def log(self, msg: str, *, level: Level = "info", **fields: Any) -> None:
+        self._emit({"event": "log", "level": level, "msg": msg, **fields})
+
+    def _emit(self, obj: dict[str, Any]) -> None:
+        line = json.dumps(
+            {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **obj}, default=str
+        )
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+class RichProgress(_Base):
+    """Live bars on a terminal; log lines print above them. Bytes show as sizes and speed."""
+
+    def __init__(self, stream: TextIO | None = None, *, console: Console | None = None) -> None:
+        self.console = console or Console(file=stream if stream is not None else sys.stderr)
+        self._bars = RichBars(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            _AmountColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self._ids: dict[str, Any] = {}
+        self._totals: dict[str, int | None] = {}
+        self._lock = threading.Lock()
+        self._started = False
+
+    def __enter__(self):
+        self._bars.start()
+        self._started = True
+        return self
+
+    def close(self) -> None:
+        if self._started:
+            self._bars.stop()
+            self._started = False
+
+    def start(self, task: str, *, total: int | None = None, unit: str = "B") -> None:
+        with self._lock:
+            self._totals[task] = total
+            if task in self._ids:
+                self._bars.reset(self._ids[task], total=total, unit=unit)
+            else:
+                self._ids[task] = self._bars.add_task(task, total=total, unit=unit)
+
+    def advance(self, task: str, n: int) -> None:
+        task_id = self._ids.get(task)
+        if task_id is not None:
+            self._bars.advance(task_id, n)
+
+    def reset(self, task: str) -> None:
+        task_id = self._ids.get(task)
+        if task_id is not None:
+            self._bars.update(task_id, completed=0)
+
+    def done(self, task: str) -> None:
+        task_id = self._ids.get(task)
+        if task_id is not None:
+            total = self._totals.get(task)
+            if total is not None:
+                self._bars.update(task_id, completed=total)
+            self._bars.stop_task(task_id)
+
+    def log(self, msg: str, *, level: Level = "info", **fields: Any) -> None:
+        style = {"warning": "yellow", "error": "bold red", "debug": "dim"}.get(level, "")
+        text = escape(msg if level == "info" else f"{level}: {msg}")
+        self.console.print(f"[{style}]{text}[/]" if style else text)
+
+
+class _AmountColumn(ProgressColumn):
+    """``12.3/30.0 MB`` for byte tasks, ``3/7 files`` for counted ones."""
+
+    def render(self, task: Any) -> Text:
+        unit = task.fields.get("unit", "B")
+        done = format_amount(int(task.completed), unit)
+        if task.total is None:
+            return Text(done)
+        return Text(f"{done} / {format_amount(int(task.total), unit)}")
+
+
+def format_amount(n: int | None, unit: str = "B") -> str:
+    """Human amount: decimal sizes for bytes (``30.0 MB``), ``N unit`` otherwise."""
+    if n is None:
+        return "?"
+    if unit != "B":
+        return f"{n} {unit}"
+    size = float(n)
+    for suffix in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or suffix == "TB":
+            return f"{int(size)} B" if suffix == "B" else f"{size:.1f} {suffix}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def make_progress(mode: Mode = "auto", *, stream: TextIO | None = None) -> Progress:
+    """The progress renderer for ``mode``; ``auto`` is rich on a TTY, plain otherwise.
+
+    Output goes to ``stream`` (default ``sys.stderr``, keeping stdout for results).
+    Use the result as a context manager: ``with make_progress() as progress: ...``.
+    """
+    stream = stream if stream is not None else sys.stderr
+    if mode == "auto":
+        mode = "rich" if _isatty(stream) else "plain"
+    if mode == "rich":
+        return RichProgress(stream)
+    if mode == "plain":
+        return PlainProgress(stream)
+    if mode == "json":
+        return JsonProgress(stream)
+    if mode == "quiet":
+        return PlainProgress(stream, min_level="warning", tasks=False)
+    raise ValueError(f"progress mode {mode!r}; expected auto, rich, plain, json or quiet")
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

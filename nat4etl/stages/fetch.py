@@ -1,0 +1,726 @@
+"""Stage ``fetch``: the NAT4 Zenodo record -> verified local files under their Zenodo names.
+
+Decide, then act (as pooch does):
+
+1. :func:`read_listing` gets the file list: the record JSON over HTTP, or
+   ``source_dir/record.json``, or (no record there) the source files themselves.
+2. :func:`plan_fetch` decides per needed file: ``up-to-date``, ``copy-from-cache``,
+   ``copy-from-source`` or ``download``. It reads the disk (sizes, md5s) and writes nothing.
+3. The executor runs the steps on ``jobs`` threads. Every file lands as
+   ``<name>.part-<random>`` beside its target, is fsynced, verified (size, then md5) and
+   only then ``os.replace``-d: no reader ever sees partial or unverified bytes under a
+   final name, in ``dest_dir`` or in the cache.
+4. ``record.json`` (as fetched) and ``fetch.json`` (one entry per file) are written,
+   atomically, once every file is in place.
+
+The download cache is content-addressed, ``<cache>/zenodo/<md5>/<name>``: a changed remote
+file is a new entry, and the same bytes under another record version are reused. Every
+cached file is re-hashed when used (cheap next to a download), so a corrupted entry is
+detected, deleted and downloaded again. Files reach ``dest_dir`` by hardlink when the
+cache is on the same filesystem, else by copy, and are verified again there.
+
+Errors (see ``nat4etl.errors``): :class:`FetchError` (record or file not retrievable,
+names the URL), :class:`RemoteUnavailable` (retries exhausted), :class:`ChecksumMismatch`
+(names the file, expected and actual), :class:`InputMismatch` (a needed file is not in the
+record or the source directory), :class:`ConfigError` (bad arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import platformdirs
+
+from nat4etl import net
+from nat4etl.errors import ChecksumMismatch, ConfigError, InputMismatch
+from nat4etl.formats.zenodo import RemoteFile, parse_record_bytes, record_url
+from nat4etl.hashing import CHUNK_BYTES, md5_file, mismatch
+from nat4etl.progress import NullProgress, Progress
+
+AREA_FILES: dict[str, list[str]] = {
+    "A1": ["A1_NAT4_ozgf.fs100.ch18.tgz", "A1_single_sites.zip", "A1_pred_correlation.csv"],
+    "PEG": ["PEG_NAT4_ozgf.fs100.ch18.tgz", "PEG_single_sites.zip", "PEG_pred_correlation.csv"],
+}
+WAV_FILE = "wav.zip"
+RECORD_JSON = "record.json"
+FETCH_JSON = "fetch.json"
+DEFAULT_RECORD_ID = 8044773
+DEFAULT_ZENODO_URL = "https://zenodo.org"
+CACHE_ENV = "NAT4ETL_CACHE"
+VERIFY_ATTEMPTS = 3  # whole re-downloads after an md5 mismatch (network retries are separate)
+STALE_PART_AGE_S = 24 * 3600  # older temp files are leftovers of a killed run
+
+Action = Literal["up-to-date", "copy-from-cache", "copy-from-source", "download"]
+
+
+@dataclass(frozen=True)
+class FetchStep:
+    """What to do for one file, decided before anything is written."""
+
+    remote: RemoteFile
+    action: Action
+    target: Path
+    source: Path | None = None  # the cache entry or source file to copy from
+    cache_entry: Path | None = None  # where a download is kept; None: no cache
+    stale: tuple[Path, ...] = ()  # existing files that failed verification: delete first
+    reason: str = ""
+
+    def describe(self) -> str:
+        """One line for logs and ``--dry-run``."""
+        return f"{self.remote.name}: {self.action}" + (f" ({self.reason})" if self.reason else "")
+
+
+@dataclass(frozen=True)
+class FetchEntry:
+    """One line of ``fetch.json``: a file in ``dest_dir`` and how it was verified."""
+
+    name: str
+    size_bytes: int
+    md5: str
+    source_url: str
+    verified_at: str
+    via: str  # "download", "cache", "source" or "up-to-date"
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The files on offer and the record they came from."""
+
+    remote: list[RemoteFile]
+    record_bytes: bytes
+    origin: str  # the record URL or the source directory
+    published_checksums: bool  # False when md5s were computed from a source dir itself
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What :func:`fetch` did. ``entries`` are the needed files, in plan order."""
+
+    dest_dir: Path
+    record_id: int
+    steps: list[FetchStep]
+    entries: list[FetchEntry]
+    downloaded_bytes: int
+
+    def count(self, action: Action) -> int:
+        return sum(step.action == action for step in self.steps)
+
+
+# ---------------------------------------------------------------- decide
+
+
+def needed_files(areas: Iterable[str], *, wav: bool) -> list[str]:
+    """Zenodo file names for ``areas`` (``A1``, ``PEG`` or ``all``), plus ``wav.zip``."""
+    names: list[str] = []
+    for area in normalize_areas(areas):
+        names += AREA_FILES[area]
+    if wav:
+        names.append(WAV_FILE)
+    return names
+
+
+def normalize_areas(areas: Iterable[str]) -> list[str]:
+    """Upper-case, expand ``all``, drop repeats; unknown names are a :class:`ConfigError`."""
+    if isinstance(areas, str):
+        areas = [areas]
+    out: list[str] = []
+    for area in areas:
+        expanded = list(AREA_FILES) if area.lower() == "all" else [area.upper()]
+        for name in expanded:
+            if name not in AREA_FILES:
+                msg = f"`areas`: unknown area {area!r}; expected one of {', '.join(AREA_FILES)} or all"
+                raise ConfigError(msg)
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def default_cache_dir() -> Path:
+    """``$NAT4ETL_CACHE`` if set, else the platform's user cache dir for nat4etl."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("nat4etl"))
+
+
+def cache_entry_path(cache_dir: Path, remote: RemoteFile) -> Path:
+    """``<cache>/zenodo/<md5>/<name>``: content-addressed, so a changed file is a new entry."""
+    return Path(cache_dir) / "zenodo" / remote.md5 / remote.name
+
+
+def plan_fetch(
+    remote: list[RemoteFile],
+    *,
+    areas: list[str],
+    wav: bool,
+    dest_dir: Path,
+    cache_dir: Path | None,
+    source_dir: Path | None = None,
+) -> list[FetchStep]:
+    """Decide, per file the areas need, how it reaches ``dest_dir``. Writes nothing.
+
+    A file already in ``dest_dir`` with the right size and md5 is ``up-to-date``. Otherwise
+    it comes from ``source_dir`` when given, else from a cache entry that still verifies,
+    else from the network (into the cache when there is one). Files that fail verification
+    are listed in ``stale`` for the executor to delete.
+
+    Raises :class:`InputMismatch` when ``remote`` lacks a needed file.
+    """
+    by_name = {rf.name: rf for rf in remote}
+    names = needed_files(areas, wav=wav)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        msg = f"the file list has no {', '.join(missing)}; it has {', '.join(sorted(by_name)) or 'nothing'}"
+        raise InputMismatch(msg)
+    return [_plan_one(by_name[n], Path(dest_dir), cache_dir, source_dir) for n in names]
+
+
+def _plan_one(
+    rf: RemoteFile, dest_dir: Path, cache_dir: Path | None, source_dir: Path | None
+) -> FetchStep:
+    target = dest_dir / rf.name
+    why = mismatch(target, size_bytes=rf.size_bytes, md5=rf.md5)
+    if why is None:
+        return FetchStep(rf, "up-to-date", target, reason="size and md5 verified")
+    stale = (target,) if why != "missing" else ()
+    if source_dir is not None:
+        return FetchStep(
+            rf, "copy-from-source", target, source=Path(source_dir) / rf.name, stale=stale
+        )
+    if cache_dir is None:
+        return FetchStep(rf, "download", target, stale=stale, reason="no cache")
+    entry = cache_entry_path(cache_dir, rf)
+    cache_why = mismatch(entry, size_bytes=rf.size_bytes, md5=rf.md5)
+    if cache_why is None:
+        return FetchStep(
+            rf, "copy-from-cache", target, source=entry, cache_entry=entry, stale=stale
+        )
+    if cache_why == "missing":
+        return FetchStep(
+            rf, "download", target, cache_entry=entry, stale=stale, reason="not cached"
+        )
+    reason = f"cache entry corrupt: {cache_why}"
+    return FetchStep(
+        rf, "download", target, cache_entry=entry, stale=(*stale, entry), reason=reason
+    )
+
+
+# ---------------------------------------------------------------- read the listing
+
+
+def read_listing(
+    *,
+    areas: list[str],
+    wav: bool,
+    record_id: int = DEFAULT_RECORD_ID,
+    zenodo_url: str = DEFAULT_ZENODO_URL,
+    source_dir: Path | None = None,
+    client: httpx.Client | None = None,
+    policy: net.RetryPolicy | None = None,
+    timeout_s: float | None = None,
+    progress: Progress | None = None,
+) -> Listing:
+    """The files on offer: from ``source_dir`` when given, else the Zenodo record."""
+    progress = progress or NullProgress()
+    if source_dir is not None:
+        return _listing_from_source(
+            Path(source_dir), needed_files(areas, wav=wav), record_id, progress
+        )
+    if client is None:
+        raise ConfigError("`client` is required to read a remote record")
+    url = record_url(zenodo_url, record_id)
+    progress.log(f"reading record {url}")
+    on_retry = _warn(progress, "record")
+    data = net.get_bytes(client, url, policy=policy, timeout_s=timeout_s, on_retry=on_retry)
+    remote = parse_record_bytes(data, base_url=zenodo_url, record_id=record_id, source=url)
+    return Listing(remote, data, url, published_checksums=True)
+
+
+def _listing_from_source(
+    source_dir: Path, names: list[str], record_id: int, progress: Progress
+) -> Listing:
+    if not source_dir.is_dir():
+        raise ConfigError(f"`source_dir`: {source_dir} is not a directory")
+    record_path = source_dir / RECORD_JSON
+    if record_path.is_file():
+        data = record_path.read_bytes()
+        listed = parse_record_bytes(
+            data, base_url=DEFAULT_ZENODO_URL, record_id=record_id, source=str(record_path)
+        )
+        # the bytes come from the directory; the record only vouches for them
+        remote = [replace(rf, url=_file_uri(source_dir / rf.name)) for rf in listed]
+        progress.log(f"source {source_dir}: verifying files against its {RECORD_JSON}")
+        return Listing(remote, data, str(source_dir), published_checksums=True)
+    progress.log(
+        f"source {source_dir} has no {RECORD_JSON}: taking its files as they are "
+        "(md5 computed here, not checked against Zenodo)",
+        level="warning",
+    )
+    absent = [n for n in names if not (source_dir / n).is_file()]
+    if absent:
+        raise InputMismatch(
+            f"source {source_dir} lacks {', '.join(absent)}", path=source_dir / absent[0]
+        )
+    remote = [_describe_local(source_dir / n) for n in names]
+    record = _synthesized_record(remote, record_id, source_dir)
+    return Listing(remote, record, str(source_dir), published_checksums=False)
+
+
+def _describe_local(path: Path) -> RemoteFile:
+    return RemoteFile(path.name, path.stat().st_size, md5_file(path), _file_uri(path))
+
+
+def _synthesized_record(remote: list[RemoteFile], record_id: int, source_dir: Path) -> bytes:
+    """A legacy-shape record for a source without one, marked as not from Zenodo."""
+    record = {
+        "id": record_id,
+        "nat4etl_synthesized": f"no {RECORD_JSON} in {source_dir}; sizes and md5s computed from the files",
+        "files": [
+            {
+                "key": rf.name,
+                "size": rf.size_bytes,
+                "checksum": f"md5:{rf.md5}",
+                "links": {"self": rf.url},
+            }
+            for rf in remote
+        ],
+    }
+    return (json.dumps(record, indent=2) + "\n").encode()
+
+
+def _file_uri(path: Path) -> str:
+    return path.resolve().as_uri()
+
+
+# ---------------------------------------------------------------- act
+
+
+def fetch(
+    dest_dir: Path,
+    *,
+    areas: list[str],
+    wav: bool = True,
+    record_id: int = DEFAULT_RECORD_ID,
+    zenodo_url: str = DEFAULT_ZENODO_URL,
+    source_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    jobs: int = 2,
+    progress: Progress | None = None,
+    client: httpx.Client | None = None,
+    max_attempts: int = 5,
+    timeout_s: float = 60.0,
+    backoff_base_s: float = 1.0,
+    retry_after_cap_s: float = 120.0,
+) -> FetchResult:
+    """Make ``dest_dir`` hold the verified Zenodo files the areas need.
+
+    Parameters
+    ----------
+    dest_dir
+        The store's raw area; created if needed. After success it holds the files under
+        their Zenodo names, ``record.json`` and ``fetch.json``.
+    areas
+        ``["A1"]``, ``["PEG"]``, ``["A1", "PEG"]`` or ``["all"]``.
+    wav
+        Also fetch ``wav.zip`` (default True).
+    record_id, zenodo_url
+        The record to read, ``GET {zenodo_url}/api/records/{record_id}``; default 8044773
+        on https://zenodo.org.
+    source_dir
+        Take the files from this directory instead of the network, verified against its
+        ``record.json`` when it has one (else accepted as they are, with a warning).
+    cache_dir
+        Download cache root; default ``$NAT4ETL_CACHE``, else the platform user cache dir.
+        Not used with ``source_dir``. An unwritable cache is skipped with a warning.
+    jobs
+        Parallel transfers (threads), default 2.
+    progress
+        Where progress and log lines go; default: nowhere.
+    client
+        An httpx client to use (tests, proxies); default a new one with nat4etl's
+        User-Agent. Not closed by ``fetch`` when given.
+    max_attempts, timeout_s, backoff_base_s, retry_after_cap_s
+        Network retries: see :mod:`nat4etl.net`. ``timeout_s`` applies to connect and to
+        each read, not to the whole file.
+
+    Raises
+    ------
+    FetchError
+        The record or a file cannot be retrieved (the message names the URL);
+        :class:`RemoteUnavailable` when retries ran out.
+    ChecksumMismatch
+        A file's size or md5 never matched (names the file, expected and actual).
+    InputMismatch
+        The record or source directory lacks a needed file.
+    ConfigError
+        Bad arguments.
+
+    On any error no file is left under a final name unverified and no temp file stays;
+    files already verified stay, and ``fetch.json`` is not rewritten.
+    """
+    if jobs < 1:
+        raise ConfigError(f"`jobs` must be >= 1, got {jobs}")
+    dest_dir = Path(dest_dir)
+    if source_dir is not None and _same_dir(source_dir, dest_dir):
+        raise ConfigError(f"`source_dir` and `dest_dir` are the same directory ({dest_dir})")
+    progress = progress or NullProgress()
+    cancel = threading.Event()
+    policy = net.RetryPolicy(
+        max_attempts=max_attempts,
+        backoff_base_s=backoff_base_s,
+        retry_after_cap_s=retry_after_cap_s,
+        sleep=lambda s: _cancellable_sleep(cancel, s),
+    )
+    own_client = client is None and source_dir is None
+    http = net.make_client(timeout_s=timeout_s) if own_client else client
+    try:
+        listing = read_listing(
+            areas=areas,
+            wav=wav,
+            record_id=record_id,
+            zenodo_url=zenodo_url,
+            source_dir=source_dir,
+            client=http,
+            policy=policy,
+            timeout_s=timeout_s,
+            progress=progress,
+        )
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        cache = None if source_dir is not None else _usable_cache(cache_dir, progress)
+        steps = plan_fetch(
+            listing.remote,
+            areas=areas,
+            wav=wav,
+            dest_dir=dest_dir,
+            cache_dir=cache,
+            source_dir=source_dir,
+        )
+        executor = _Executor(http, policy, timeout_s, progress, cancel)
+        entries = executor.run(steps, jobs=jobs)
+    finally:
+        if own_client and http is not None:
+            http.close()
+    _write_manifests(dest_dir, listing, entries, record_id)
+    progress.log(_summary(steps, executor.downloaded_bytes, dest_dir))
+    return FetchResult(dest_dir, record_id, steps, entries, executor.downloaded_bytes)
+
+
+def _usable_cache(cache_dir: Path | None, progress: Progress) -> Path | None:
+    """The cache root, created; None (with a warning) when it cannot be created."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        (root / "zenodo").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        progress.log(f"cache {root} unusable ({err}); downloading without a cache", level="warning")
+        return None
+    return root
+
+
+class _Cancelled(Exception):
+    """Raised in workers after the main thread was interrupted."""
+
+
+def _cancellable_sleep(cancel: threading.Event, seconds: float) -> None:
+    if cancel.wait(seconds):
+        raise _Cancelled
+
+
+class _Executor:
+    """Runs planned steps; every file it writes goes through part -> verify -> replace."""
+
+    def __init__(
+        self,
+        client: httpx.Client | None,
+        policy: net.RetryPolicy,
+        timeout_s: float,
+        progress: Progress,
+        cancel: threading.Event,
+    ) -> None:
+        self.client = client
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self.progress = progress
+        self.cancel = cancel
+        self.downloaded_bytes = 0
+        self._lock = threading.Lock()
+
+    def run(self, steps: list[FetchStep], *, jobs: int) -> list[FetchEntry]:
+        """All steps, ``jobs`` at a time; the first error (in plan order) is raised after
+        the others finished, so one bad file does not waste the other transfers."""
+        _remove_stale_parts(steps)
+        pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="nat4etl-fetch")
+        try:
+            futures = [pool.submit(self._run_step, step) for step in steps]
+            wait(futures)
+        except BaseException:
+            self.cancel.set()  # Ctrl-C: workers stop at their next chunk or sleep
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        for err in errors[1:]:
+            self.progress.log(str(err), level="error")
+        if errors:
+            raise errors[0]
+        return [f.result() for f in futures]
+
+    def _run_step(self, step: FetchStep) -> FetchEntry:
+        name = step.remote.name
+        for path in step.stale:
+            self.progress.log(f"{name}: {path} failed verification; deleted", level="warning")
+            path.unlink(missing_ok=True)
+        if step.action == "up-to-date":
+            self.progress.log(f"{name}: up to date")
+            return self._entry(step.remote, "up-to-date")
+        if step.action == "copy-from-source":
+            assert step.source is not None
+            self._copy_from_source(step)
+            return self._entry(step.remote, "source")
+        if step.action == "copy-from-cache" and self._copy_from_cache(step):
+            return self._entry(step.remote, "cache")
+        self._download(step)
+        return self._entry(step.remote, "download")
+
+    def _copy_from_source(self, step: FetchStep) -> None:
+        assert step.source is not None
+        if not step.source.is_file():
+            raise InputMismatch(f"not in source directory {step.source.parent}", path=step.source)
+        why = self._install(step.source, step.target, step.remote)
+        if why is not None:
+            msg = f"{why} (source {step.source}); nothing written under the final name"
+            raise ChecksumMismatch(msg, path=step.target)
+        self.progress.log(f"{step.remote.name}: copied from {step.source.parent}, verified")
+
+    def _copy_from_cache(self, step: FetchStep) -> bool:
+        """True when the cache entry installed and verified; else it is deleted (False)."""
+        assert step.source is not None
+        why = self._install(step.source, step.target, step.remote)
+        if why is None:
+            self.progress.log(f"{step.remote.name}: from cache, verified")
+            return True
+        self.progress.log(
+            f"{step.remote.name}: cache entry {why}; deleted, downloading", level="warning"
+        )
+        step.source.unlink(missing_ok=True)
+        return False
+
+    def _download(self, step: FetchStep) -> None:
+        """Download into the cache entry (or straight to the target), then install."""
+        rf = step.remote
+        kept = step.cache_entry or step.target
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        attempts = min(VERIFY_ATTEMPTS, self.policy.max_attempts)
+        why = ""
+        for attempt in range(1, attempts + 1):
+            why = self._download_once(rf, kept)
+            if why is None:
+                break
+            more = "downloading again" if attempt < attempts else "giving up"
+            self.progress.log(
+                f"{rf.name}: {why} (download {attempt}/{attempts}); temp file deleted, {more}",
+                level="warning",
+            )
+        else:
+            msg = (
+                f"{why} after {attempts} downloads from {rf.url}; temp file deleted, nothing written "
+                "under the final name. Hint: the record may have changed; rerun later"
+            )
+            raise ChecksumMismatch(msg, path=step.target)
+        if step.cache_entry is not None:
+            install_why = self._install(step.cache_entry, step.target, rf, count_progress=False)
+            if install_why is not None:
+                msg = f"{install_why} copying from cache {step.cache_entry}; nothing written under the final name"
+                raise ChecksumMismatch(msg, path=step.target)
+        self.progress.log(f"{rf.name}: downloaded, md5 verified")
+
+    def _download_once(self, rf: RemoteFile, final: Path) -> str | None:
+        """One verified download to ``final``; None on success, else the mismatch."""
+        part = _part_path(final)
+        self.progress.start(rf.name, total=rf.size_bytes)
+        try:
+            net.download(
+                self._http(),
+                rf.url,
+                part,
+                size_bytes=rf.size_bytes,
+                policy=self.policy,
+                timeout_s=self.timeout_s,
+                on_bytes=lambda n: self._advance(rf.name, n, network=True),
+                on_restart=lambda: self.progress.reset(rf.name),
+                on_retry=_warn(self.progress, rf.name),
+            )
+            why = mismatch(part, size_bytes=rf.size_bytes, md5=rf.md5)
+            if why is None:
+                _publish(part, final)
+            return why
+        finally:
+            part.unlink(missing_ok=True)
+            self.progress.done(rf.name)
+
+    def _install(
+        self, source: Path, target: Path, rf: RemoteFile, *, count_progress: bool = True
+    ) -> str | None:
+        """Hardlink (else copy) ``source`` to a part beside ``target``, verify, replace.
+
+        Returns None when installed, else why the copy failed verification (nothing is
+        left under ``target``).
+        """
+        part = _part_path(target)
+        if count_progress:
+            self.progress.start(rf.name, total=rf.size_bytes)
+        try:
+            _link_or_copy(source, part, on_bytes=lambda n: self._advance(rf.name, n))
+            why = mismatch(part, size_bytes=rf.size_bytes, md5=rf.md5)
+            if why is None:
+                _publish(part, target)
+            return why
+        finally:
+            part.unlink(missing_ok=True)
+            if count_progress:
+                self.progress.done(rf.name)
+
+    def _advance(self, name: str, n: int, *, network: bool = False) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled
+        if network:
+            with self._lock:
+                self.downloaded_bytes += n
+        self.progress.advance(name, n)
+
+    def _http(self) -> httpx.Client:
+        if self.client is None:
+            raise ConfigError("a download was planned without an HTTP client")
+        return self.client
+
+    def _entry(self, rf: RemoteFile, via: str) -> FetchEntry:
+        return FetchEntry(rf.name, rf.size_bytes, rf.md5, rf.url, _now_iso(), via)
+
+
+def _part_path(final: Path) -> Path:
+    """``<name>.part-<random>`` beside ``final``: same filesystem, so the rename is atomic."""
+    return final.with_name(f"{final.name}.part-{secrets.token_hex(6)}")
+
+
+def _link_or_copy(source: Path, part: Path, *, on_bytes: Callable[[int], None]) -> None:
+    """Hardlink when the filesystem allows (no copy, no extra space), else a streamed copy."""
+    try:
+        os.link(source, part)
+    except OSError:
+        pass
+    else:
+        on_bytes(part.stat().st_size)
+        return
+    with open(source, "rb") as src, open(part, "wb") as dst:
+        while block := src.read(CHUNK_BYTES):
+            dst.write(block)
+            on_bytes(len(block))
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def _publish(part: Path, final: Path) -> None:
+    """Rename a verified part to its final name and make the rename durable."""
+    os.replace(part, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. Windows): the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_parts(steps: list[FetchStep], *, older_than_s: float = STALE_PART_AGE_S) -> None:
+    """Delete temp files a killed run left beside our targets. Recent ones may belong to a
+    concurrent fetch sharing the cache, so they are left alone."""
+    now_s = datetime.now().timestamp()
+    for step in steps:
+        for final in filter(None, (step.target, step.cache_entry)):
+            if not final.parent.is_dir():
+                continue
+            for part in final.parent.glob(f"{final.name}.part-*"):
+                try:
+                    if now_s - part.stat().st_mtime > older_than_s:
+                        part.unlink()
+                except OSError:
+                    pass
+
+
+def _write_manifests(
+    dest_dir: Path, listing: Listing, entries: list[FetchEntry], record_id: int
+) -> None:
+    """``record.json`` as fetched, then ``fetch.json``; entries of files fetched earlier
+    for other areas are kept while those files are still there."""
+    kept = [e for e in _previous_entries(dest_dir) if e["name"] not in {x.name for x in entries}]
+    kept = [e for e in kept if _still_there(dest_dir / e["name"], e.get("size_bytes"))]
+    manifest = {
+        "record_id": record_id,
+        "origin": listing.origin,
+        "published_checksums": listing.published_checksums,
+        "files": sorted([asdict(e) for e in entries] + kept, key=lambda e: e["name"]),
+    }
+    _write_atomic(dest_dir / RECORD_JSON, listing.record_bytes)
+    _write_atomic(dest_dir / FETCH_JSON, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _previous_entries(dest_dir: Path) -> list[dict[str, Any]]:
+    try:
+        files = json.loads((dest_dir / FETCH_JSON).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [e for e in files if isinstance(e, dict) and isinstance(e.get("name"), str)]
+
+
+def _still_there(path: Path, size_bytes: Any) -> bool:
+    return path.is_file() and path.stat().st_size == size_bytes
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    part = _part_path(path)
+    try:
+        with open(part, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _publish(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _summary(steps: list[FetchStep], downloaded_bytes: int, dest_dir: Path) -> str:
+    counts = {
+        a: sum(s.action == a for s in steps)
+        for a in ("up-to-date", "copy-from-cache", "copy-from-source", "download")
+    }
+    parts = [f"{n} {a}" for a, n in counts.items() if n]
+    return f"fetch: {len(steps)} files in {dest_dir} ({', '.join(parts)}; {downloaded_bytes} bytes downloaded)"
+
+
+def _warn(progress: Progress, name: str) -> Callable[[str], None]:
+    return lambda msg: progress.log(f"{name}: {msg}", level="warning")
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
