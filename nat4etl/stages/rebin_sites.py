@@ -1,0 +1,525 @@
+"""`rebin-sites`: spike counts per (stim, cell, trial), the spectrograms, and their QC.
+
+Choices, each stated once:
+
+- Val sounds: one row per single trial, binned from the per-site spike times by the NEMS0
+  route (:mod:`nat4etl.binning`); ``trial`` is the repetition index within the site, so a
+  site with 19 repetitions simply has 19 rows (the reader pads with NaN).
+- Est sounds (and unclassified ``STIM_`` sounds): at the population file's own bin width
+  (10 ms) the population recording's single trial, ``trial`` 0, ``source`` "population";
+  at any other width the per-site spike times (every site file holds every est
+  presentation too), ``source`` "site". A unit the population file marks NaN for a sound
+  (not recorded) gets no row.
+- ``val_means``: the population file's val responses (already averaged over trials),
+  summed to the bin width when it is a whole number of population frames, else kept at
+  the population's frame width (the table's ``dt_ms`` metadata says which).
+- ``qc_val``: always at the population's frame width, so the two sources are compared the
+  same way whatever ``--dt-ms`` is.
+- ``spectrograms``: population ``stim`` cut at each sound's population epoch, frames
+  averaged to the bin width. A bin width that is not a whole number of frames gives an
+  empty table whose metadata names the reason; the reader raises it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nat4etl import binning, schema
+from nat4etl.errors import ConfigError, InputMismatch, MissingTableError
+
+READS = ("recordings", "signals", "stims", "cells", "trials", "site_spikes", "pop_signals")
+WRITES = ("responses", "val_means", "qc_val", "spectrograms")
+PARAMS = ("areas", "dt_ms")
+
+SOURCE_POPULATION = "population"
+SOURCE_SITE = "site"
+#: signal names in the NEMS0 recordings
+RESP, STIM = "resp", "stim"
+BINNING_ROUTE = (
+    "per-site spike times rasterized at the site file's fs (sample floor(t*fs)), each "
+    "presentation cut at [round(start*fs), round(end*fs)) half to even, consecutive "
+    "samples summed per bin (NEMS0 route)"
+)
+
+
+# ============================================================================ bin plan
+@dataclass(frozen=True)
+class BinPlan:
+    """Every bin width derived from ``dt_ms`` and the files, checked once up front."""
+
+    dt_ms: float
+    n_bins: int  # bins per presentation
+    window_s: float  # presentation length
+    pop_fs_hz: float
+    pop_frames: int  # population frames per presentation
+    #: population frames per bin; None when dt_ms is not a whole number of frames
+    frames_per_bin: int | None
+    #: why spectrograms (and val_means at dt_ms) cannot be made; None when they can
+    spectrogram_unavailable: str | None
+
+    @property
+    def pop_frame_ms(self) -> float:
+        return 1000.0 / self.pop_fs_hz
+
+    @property
+    def est_from_population(self) -> bool:
+        """At the population's own bin width its single est trial is used as is."""
+        return self.frames_per_bin == 1
+
+
+def plan_bins(stims: pa.Table, *, dt_ms: float, pop_fs_hz: float) -> BinPlan:
+    """Check ``dt_ms`` against the presentation length and the population frame width.
+
+    Raises ConfigError when ``dt_ms`` does not divide the presentation (responses cannot
+    be binned at all); a width that only the spectrogram cannot follow is recorded in
+    ``spectrogram_unavailable`` instead, because responses are still well defined.
+    """
+    if stims.num_rows == 0:
+        raise InputMismatch("no stims to bin; rerun parse-epochs")
+    durations_s = np.unique(stims.column("duration_s").to_numpy())
+    frames = np.unique(stims.column("n_frames").to_numpy())
+    if len(frames) != 1 or np.ptp(durations_s) * pop_fs_hz > 0.5:
+        msg = (
+            f"stims differ in length ({sorted(set(durations_s.tolist()))} s, "
+            f"{frames.tolist()} frames); fixed-length vectors need one presentation length"
+        )
+        raise InputMismatch(msg)
+    pop_frames = int(frames[0])
+    window_s = pop_frames / pop_fs_hz
+    window_ms = window_s * 1000.0
+    n_bins_exact = window_ms / dt_ms
+    n_bins = round(n_bins_exact)
+    if dt_ms < 1 or abs(dt_ms - round(dt_ms)) > 1e-9:
+        raise ConfigError(
+            f"dt_ms={dt_ms:g} is not a multiple of 1 ms; responses are summed from the site "
+            "files' 1 ms samples"
+        )
+    if n_bins < 1 or abs(n_bins_exact - n_bins) > 1e-9:
+        raise ConfigError(
+            f"dt_ms={dt_ms:g} does not divide the {window_ms:g} ms presentation; pick a bin "
+            "width that divides it (e.g. 5, 10, 20, 50)"
+        )
+    k = binning.frames_per_bin(dt_ms, 1000.0 / pop_fs_hz)
+    reason = None
+    if k is None or pop_frames % k:
+        k = None
+        reason = (
+            f"dt_ms={dt_ms:g} is not a whole number of the population spectrogram's "
+            f"{1000.0 / pop_fs_hz:g} ms frames, so frames cannot be averaged into bins; "
+            f"rebuild with `--dt-ms` a multiple of {1000.0 / pop_fs_hz:g} for spectrograms"
+        )
+    return BinPlan(dt_ms, n_bins, window_s, pop_fs_hz, pop_frames, k, reason)
+
+
+# ============================================================================ population
+def channel_matrix(pop_signals: pa.Table, signal: str) -> np.ndarray:
+    """One population signal as a (channels, samples) float32 array, channel order."""
+    rows = pop_signals.filter(pc.equal(pop_signals.column("signal"), signal))
+    if rows.num_rows == 0:
+        raise InputMismatch(f"population recording has no {signal!r} signal; rerun unpack")
+    rows = rows.sort_by("channel")
+    values = rows.column("values").combine_chunks()
+    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+    if np.any(lengths != lengths[0]):
+        raise InputMismatch(f"population {signal!r} channels differ in length")
+    flat = values.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(rows.num_rows, int(lengths[0]))
+
+
+def pop_starts(stims: pa.Table, pop_fs_hz: float) -> np.ndarray:
+    """First population frame of each stim (round half to even, as NEMS0)."""
+    return binning.epoch_samples(stims.column("pop_start_s").to_numpy(), pop_fs_hz)
+
+
+def population_responses(
+    resp: np.ndarray, stims: pa.Table, plan: BinPlan, *, source: str = SOURCE_POPULATION
+) -> pa.Table:
+    """Rows (stim, cell, trial 0) from the population ``resp``, NaN-only pairs dropped.
+
+    ``resp`` is (cells, samples) in cell id order. Frames are summed to the bin width.
+    """
+    k = plan.frames_per_bin
+    if k is None:
+        raise ConfigError(plan.spectrogram_unavailable or "bin width is not whole frames")
+    stim_ids = stims.column("stim").to_numpy()
+    starts = pop_starts(stims, plan.pop_fs_hz)
+    keep = np.zeros((len(stim_ids), resp.shape[0]), dtype=bool)
+    for i, start in enumerate(starts):
+        keep[i] = ~np.all(np.isnan(binning.cut_frames(resp, int(start), plan.pop_frames)), axis=1)
+    counts = np.empty((int(keep.sum()), plan.n_bins), dtype=np.float32)
+    row = 0
+    for i, start in enumerate(starts):
+        block = binning.cut_frames(resp, int(start), plan.pop_frames)[keep[i]]
+        counts[row : row + len(block)] = binning.sum_frames(block, k)
+        row += len(block)
+    stim_col = np.repeat(stim_ids, keep.sum(axis=1))
+    cell_col = np.nonzero(keep)[1]
+    return responses_table(stim_col, cell_col, np.zeros(len(cell_col)), source, counts)
+
+
+def val_means(resp: np.ndarray, val_stims: pa.Table, plan: BinPlan) -> tuple[pa.Table, float]:
+    """The population file's val averages at dt_ms (or at its frame width), and that width."""
+    k = plan.frames_per_bin or 1
+    rows = population_responses(
+        resp, val_stims, _at_frames(plan, k), source=SOURCE_POPULATION
+    ).drop_columns(["trial", "source"])
+    return rows.rename_columns(["stim", "cell", "mean_counts"]), plan.pop_frame_ms * k
+
+
+def _at_frames(plan: BinPlan, k: int) -> BinPlan:
+    """The plan for bins of ``k`` population frames."""
+    return BinPlan(
+        plan.pop_frame_ms * k,
+        plan.pop_frames // k,
+        plan.window_s,
+        plan.pop_fs_hz,
+        plan.pop_frames,
+        k,
+        None,
+    )
+
+
+def spectrograms(stim: np.ndarray, stims: pa.Table, plan: BinPlan) -> pa.Table:
+    """Each stim's (bands, frames) spectrogram, frames averaged to dt_ms, flattened row-major."""
+    k = plan.frames_per_bin
+    stim_ids = stims.column("stim").to_numpy().astype(np.int32)
+    if k is None:
+        return _vectors_table({"stim": stim_ids[:0]}, "values", np.empty((0, 0), np.float32))
+    n_bands = stim.shape[0]
+    values = np.empty((len(stim_ids), n_bands * plan.n_bins), dtype=np.float32)
+    for i, start in enumerate(pop_starts(stims, plan.pop_fs_hz)):
+        frames = binning.cut_frames(stim, int(start), plan.pop_frames)
+        values[i] = binning.mean_frames(frames, k).reshape(-1)
+    return _vectors_table({"stim": stim_ids}, "values", values)
+
+
+# ============================================================================ sites
+@dataclass(frozen=True)
+class Site:
+    """One site's inputs: its units' spike times, presentations and the cells they are."""
+
+    site: str
+    fs_hz: float
+    spikes: pa.Table  # unit_id, spike_times_s
+    trials: pa.Table  # stim, trial, start_s, end_s
+    cells: pa.Table  # cell, site_unit_id (matched cells of this site)
+
+
+def site_responses(site: Site, stim_ids: np.ndarray, *, dt_ms: float, n_bins: int) -> pa.Table:
+    """Rows (stim, cell, trial) binned from one site's spike times, for ``stim_ids`` only."""
+    group = binning.samples_per_bin(dt_ms, site.fs_hz)
+    trials = site.trials.filter(
+        pc.is_in(site.trials.column("stim"), pa.array(stim_ids, pa.int32()))
+    )
+    start_s = trials.column("start_s").to_numpy()
+    end_s = trials.column("end_s").to_numpy()
+    usable = np.isfinite(start_s) & np.isfinite(end_s) & (start_s >= 0)  # NEMS0 excludes <0
+    trials = trials.filter(pa.array(usable))
+    by_unit = {
+        u: t
+        for u, t in zip(
+            site.spikes.column("unit_id").to_pylist(),
+            site.spikes.column("spike_times_s").to_pylist(),
+            strict=True,
+        )
+    }
+    cells = site.cells.filter(pc.is_in(site.cells.column("site_unit_id"), pa.array(list(by_unit))))
+    cell_ids = cells.column("cell").to_numpy()
+    samples = [
+        binning.spike_samples(np.asarray(by_unit[u], dtype=np.float64), site.fs_hz)
+        for u in cells.column("site_unit_id").to_pylist()
+    ]
+    counts = binning.count_windows(
+        samples,
+        binning.epoch_samples(trials.column("start_s").to_numpy(), site.fs_hz),
+        binning.epoch_samples(trials.column("end_s").to_numpy(), site.fs_hz),
+        n_bins=n_bins,
+        group=group,
+    )
+    n_windows = trials.num_rows
+    return responses_table(
+        np.tile(trials.column("stim").to_numpy(), len(cell_ids)),
+        np.repeat(cell_ids, n_windows),
+        np.tile(trials.column("trial").to_numpy(), len(cell_ids)),
+        SOURCE_SITE,
+        counts.reshape(len(cell_ids) * n_windows, n_bins),
+    )
+
+
+def split_sites(
+    site_spikes: pa.Table, trials: pa.Table, cells: pa.Table, site_fs_hz: dict[str, float]
+) -> list[Site]:
+    """One :class:`Site` per site with spike data, in site order."""
+    matched = cells.filter(pc.invert(pc.is_null(cells.column("site_unit_id"))))
+    sites = []
+    for name in sorted(set(site_spikes.column("site").to_pylist())):
+        sites.append(
+            Site(
+                site=name,
+                fs_hz=site_fs_hz[name],
+                spikes=_where(site_spikes, "site", name).select(["unit_id", "spike_times_s"]),
+                trials=_where(trials, "site", name).select(["stim", "trial", "start_s", "end_s"]),
+                cells=_where(matched, "site", name).select(["cell", "site_unit_id"]),
+            )
+        )
+    return sites
+
+
+def qc_val(site: Site, val_rows: pa.Table, means: dict, val_ids: np.ndarray) -> list[dict]:
+    """Per val stim the site presented: mean over its trials vs the population's average.
+
+    ``val_rows`` (this site's val trials) and ``means`` ((stim, cell) -> vector) must be at
+    the same bin width. Cells with no population average for the stim are not compared.
+    """
+    counts = _vectors(val_rows, "counts")
+    stim_col = val_rows.column("stim").to_numpy()
+    cell_col = val_rows.column("cell").to_numpy()
+    trial_stims = site.trials.column("stim").to_numpy()
+    out = []
+    for stim in np.intersect1d(val_ids, trial_stims):
+        here = stim_col == stim
+        diffs = []
+        for cell in np.unique(cell_col[here]):
+            pop = means.get((int(stim), int(cell)))
+            if pop is not None:
+                trial_mean = np.nanmean(counts[here & (cell_col == cell)], axis=0)
+                diffs.append(np.abs(trial_mean - pop))
+        d = np.concatenate(diffs) if diffs else np.empty(0)
+        d = d[np.isfinite(d)]
+        out.append(
+            {
+                "site": site.site,
+                "stim": int(stim),
+                "n_cells": len(diffs),
+                "n_trials": int(np.sum(trial_stims == stim)),
+                "max_abs_diff": float(d.max()) if d.size else None,
+                "mean_abs_diff": float(d.mean()) if d.size else None,
+            }
+        )
+    return out
+
+
+# ============================================================================ tables
+def responses_table(stim, cell, trial, source: str, counts: np.ndarray) -> pa.Table:
+    n = len(counts)
+    return _vectors_table(
+        {
+            "stim": np.asarray(stim, dtype=np.int32),
+            "cell": np.asarray(cell, dtype=np.int32),
+            "trial": np.asarray(trial, dtype=np.int32),
+            "source": pa.array([source] * n, pa.string()) if n else pa.array([], pa.string()),
+        },
+        "counts",
+        counts,
+    )
+
+
+def _vectors_table(keys: dict, name: str, values: np.ndarray) -> pa.Table:
+    """Key columns plus one fixed_size_list<float32> column, without copying ``values``."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    width = values.shape[1] if values.ndim == 2 else 0
+    flat = pa.array(values.reshape(-1), type=pa.float32())
+    column = (
+        pa.FixedSizeListArray.from_arrays(flat, width)
+        if width
+        else pa.array([[]] * 0, pa.list_(pa.float32(), 0))
+    )
+    return pa.table({**keys, name: column})
+
+
+def _vectors(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed_size_list column as a (rows, width) numpy view."""
+    col = table.column(name)
+    width = col.type.list_size
+    if table.num_rows == 0:
+        return np.empty((0, width), np.float32)
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def _vector_index(table: pa.Table, name: str) -> dict[tuple[int, int], np.ndarray]:
+    values = _vectors(table, name)
+    keys = zip(table.column("stim").to_pylist(), table.column("cell").to_pylist(), strict=True)
+    return {k: values[i] for i, k in enumerate(keys)}
+
+
+def _where(table: pa.Table, column: str, value) -> pa.Table:
+    return table.filter(pc.equal(table.column(column), value))
+
+
+def _concat(tables: list[pa.Table], like: pa.Table) -> pa.Table:
+    tables = [t for t in tables if t.num_rows] or [like]
+    return pa.concat_tables(tables)
+
+
+# ============================================================================ one area
+@dataclass
+class AreaInputs:
+    stims: pa.Table
+    cells: pa.Table
+    trials: pa.Table
+    site_spikes: pa.Table
+    pop_resp: np.ndarray  # (cells, samples)
+    pop_stim: np.ndarray  # (bands, samples)
+    pop_fs_hz: float
+    site_fs_hz: dict[str, float]
+
+
+@dataclass
+class AreaOutputs:
+    responses: pa.Table
+    val_means: pa.Table
+    qc_val: pa.Table
+    spectrograms: pa.Table
+    metadata: dict[str, dict]
+    counts: dict
+
+
+def rebin_area(inputs: AreaInputs, *, dt_ms: float, progress=None) -> AreaOutputs:
+    """Every table rebin-sites writes for one area."""
+    plan = plan_bins(inputs.stims, dt_ms=dt_ms, pop_fs_hz=inputs.pop_fs_hz)
+    if inputs.pop_resp.shape[0] != inputs.cells.num_rows:
+        raise InputMismatch(
+            f"population resp has {inputs.pop_resp.shape[0]} channels, the cells table "
+            f"{inputs.cells.num_rows} rows; rerun parse-epochs"
+        )
+    stims = inputs.stims
+    is_val = pc.equal(stims.column("subset"), "val")
+    val_stims, other_stims = stims.filter(is_val), stims.filter(pc.invert(is_val))
+    val_ids = val_stims.column("stim").to_numpy()
+    site_ids = val_ids
+    parts = []
+    if plan.est_from_population:
+        parts.append(population_responses(inputs.pop_resp, other_stims, plan))
+    else:
+        site_ids = np.concatenate([other_stims.column("stim").to_numpy(), val_ids])
+
+    means, means_dt_ms = val_means(inputs.pop_resp, val_stims, plan)
+    frame_plan = _at_frames(plan, 1)
+    qc_means = _vector_index(val_means(inputs.pop_resp, val_stims, frame_plan)[0], "mean_counts")
+    sites = split_sites(inputs.site_spikes, inputs.trials, inputs.cells, inputs.site_fs_hz)
+    qc_rows = []
+    for site in sites:
+        rows = site_responses(site, site_ids, dt_ms=dt_ms, n_bins=plan.n_bins)
+        parts.append(rows)
+        if dt_ms == frame_plan.dt_ms:
+            val_rows = rows.filter(pc.is_in(rows.column("stim"), pa.array(val_ids, pa.int32())))
+        else:
+            val_rows = site_responses(
+                site, val_ids, dt_ms=frame_plan.dt_ms, n_bins=frame_plan.n_bins
+            )
+        qc_rows += qc_val(site, val_rows, qc_means, val_ids)
+        if progress is not None:
+            progress.advance("rebin-sites", 1)
+    empty = responses_table([], [], [], SOURCE_SITE, np.empty((0, plan.n_bins), np.float32))
+    responses = _concat(parts, empty)
+    specs = spectrograms(inputs.pop_stim, stims, plan)
+    common = {"dt_ms": plan.dt_ms, "n_bins": plan.n_bins, "window_s": plan.window_s}
+    metadata = {
+        "responses": {
+            **common,
+            "binning": BINNING_ROUTE,
+            "site_fs_hz": sorted(set(inputs.site_fs_hz.values())),
+            "est_source": SOURCE_POPULATION if plan.est_from_population else SOURCE_SITE,
+        },
+        "val_means": {
+            **common,
+            "dt_ms": means_dt_ms,
+            "n_bins": round(plan.window_s * 1000.0 / means_dt_ms),
+        },
+        "qc_val": {"dt_ms": frame_plan.dt_ms},
+        "spectrograms": {
+            **common,
+            "n_bands": int(inputs.pop_stim.shape[0]),
+            "layout": "row-major (band, bin)",
+            "frames_averaged": plan.frames_per_bin,
+            "unavailable": plan.spectrogram_unavailable,
+        },
+    }
+    diffs = [r["max_abs_diff"] for r in qc_rows if r["max_abs_diff"] is not None]
+    counts = {
+        "responses": responses.num_rows,
+        "sites": len(sites),
+        "val_means": means.num_rows,
+        "spectrograms": specs.num_rows,
+        "qc_max_abs_diff": max(diffs, default=None),
+    }
+    qc = pa.Table.from_pylist(qc_rows, schema=schema.QC_VAL.schema)
+    return AreaOutputs(responses, means, qc, specs, metadata, counts)
+
+
+# ============================================================================ stage
+def load_area(store, area: str) -> AreaInputs:
+    """Read one area's inputs through the store (the only I/O of this stage)."""
+    recordings = store.read_table("recordings", area=area)
+    signals = store.read_table("signals", area=area)
+    fs = {
+        (r["recording"], r["signal"]): r["fs_hz"]
+        for r in signals.select(["recording", "signal", "fs_hz"]).to_pylist()
+    }
+    pop = [r for r in recordings.to_pylist() if r["kind"] == "population"]
+    if len(pop) != 1:
+        raise InputMismatch(f"area {area}: expected one population recording, found {len(pop)}")
+    pop_name = pop[0]["recording"]
+    site_spikes = store.read_table("site_spikes", area=area)
+    site_spikes = site_spikes.filter(pc.equal(site_spikes.column("signal"), RESP))
+    site_fs_hz = {}
+    for site, rec in zip(
+        site_spikes.column("site").to_pylist(),
+        site_spikes.column("recording").to_pylist(),
+        strict=True,
+    ):
+        site_fs_hz[site] = float(fs[(rec, RESP)])
+    pop_signals = store.read_table("pop_signals", area=area)
+    pop_fs = {fs[(pop_name, s)] for s in (RESP, STIM)}
+    if len(pop_fs) != 1:
+        raise InputMismatch(f"area {area}: population resp and stim differ in fs ({pop_fs})")
+    inputs = AreaInputs(
+        stims=store.read_table("stims", area=area).drop_columns(["area"]),
+        cells=store.read_table("cells", area=area).drop_columns(["area"]),
+        trials=store.read_table("trials", area=area).drop_columns(["area"]),
+        site_spikes=site_spikes,
+        pop_resp=channel_matrix(pop_signals, RESP),
+        pop_stim=channel_matrix(pop_signals, STIM),
+        pop_fs_hz=float(pop_fs.pop()),
+        site_fs_hz=site_fs_hz,
+    )
+    return inputs
+
+
+def run(store, settings, progress) -> dict:
+    summary = {}
+    for area in _areas(store, settings):
+        inputs = load_area(store, area)
+        n_sites = len(set(inputs.site_fs_hz))
+        progress.start("rebin-sites", total=n_sites, unit="sites")
+        try:
+            out = rebin_area(inputs, dt_ms=settings.dt_ms, progress=progress)
+        finally:
+            progress.done("rebin-sites")
+        del inputs  # the population matrices: free them before the writer's sorted copy
+        for name in WRITES:
+            store.write_table(name, getattr(out, name), area=area, metadata=out.metadata[name])
+        if out.metadata["spectrograms"]["unavailable"]:
+            progress.log(
+                f"{area}: no spectrograms: {out.metadata['spectrograms']['unavailable']}",
+                level="warning",
+            )
+        progress.log(f"{area}: rebin-sites at {settings.dt_ms:g} ms: {json.dumps(out.counts)}")
+        summary[area] = out.counts
+    return summary
+
+
+def _areas(store, settings) -> list[str]:
+    areas = [a for a in settings.areas if store.has("stims", a)]
+    if not areas:
+        raise MissingTableError(
+            f"no stims table for {', '.join(settings.areas)} in {store.published_at}; "
+            f"run `nat4etl parse-epochs --out {store.published_at}` first"
+        )
+    return areas

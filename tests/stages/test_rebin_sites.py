@@ -1,0 +1,209 @@
+"""rebin-sites on a small hand-made area, against the reference route written out in full."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from nat4etl.errors import ConfigError
+from nat4etl.stages import rebin_sites as rs
+
+POP_FS_HZ, SITE_FS_HZ, FRAMES = 100.0, 1000.0, 150
+STIMS = [("STIM_cat1.wav", "est"), ("STIM_cat2.wav", "est"), ("STIM_00cat3.wav", "val")]
+#: cell -> (site, site unit id); cell 3 has no site unit (match none)
+CELLS = [("AAA001a", "AAA001a-01-1"), ("AAA001a", "AAA001a-02-1"), ("BBB002b", "BBB002b-1-1")]
+
+
+def _raster_cut_sum(times_s, start_s, end_s, group):
+    """Reference route for one unit and one presentation (nems0-format.md §3-4).
+
+    A window may round to 1501 samples (15.0005 -> 15000, 16.5005 -> 16501); the
+    reference would then fail to reshape, nat4etl keeps the first 1.5 s from the start.
+    """
+    lb, ub = round(start_s * SITE_FS_HZ), round(end_s * SITE_FS_HZ)
+    ub = min(ub, lb + 1500)
+    raster = np.zeros(ub + 10)
+    for t in times_s:
+        b = int(np.floor(t * SITE_FS_HZ))
+        if b < len(raster):
+            raster[b] += 1
+    return raster[lb:ub].reshape(-1, group).sum(axis=1)
+
+
+def _area(rng):
+    """A site AAA001a with 3 val repetitions, BBB002b with 2; starts off the 10 ms grid."""
+    presentations = {
+        "AAA001a": [(0, 10.0123), (1, 12.5137), (2, 15.0005), (2, 17.5021), (2, 20.0459)],
+        "BBB002b": [(2, 3.2049), (1, 5.9995), (0, 8.3333), (2, 11.1117)],
+    }
+    trials, spikes = [], []
+    for site, pres in presentations.items():
+        seen = {}
+        for order, (stim, start) in enumerate(pres):
+            trials.append((site, stim, seen.get(stim, 0), order, start, start + 1.5))
+            seen[stim] = seen.get(stim, 0) + 1
+    for site, unit in CELLS:
+        end = max(p[1] for p in presentations[site]) + 2
+        spikes.append((site, unit, np.sort(rng.uniform(0, end, 900))))
+    spikes.append(("BBB002b", "BBB002b-9-9", np.array([1.0])))  # not in the population
+
+    pop_start = [0.0, 1.5, 3.0]
+    n_cells = len(CELLS) + 1
+    resp = np.full((n_cells, FRAMES * 3), np.nan, np.float32)
+    for cell, (site, unit) in enumerate(CELLS):
+        times = next(t for s, u, t in spikes if u == unit)
+        for stim in range(3):
+            reps = [r for r in trials if r[0] == site and r[1] == stim]
+            if cell == 2 and stim == 1:
+                continue  # unit not recorded for this sound in the population file
+            binned = [_raster_cut_sum(times, r[4], r[5], 10) for r in reps]
+            resp[cell, stim * FRAMES : (stim + 1) * FRAMES] = np.mean(binned, axis=0)
+    stim_spec = rng.uniform(0, 5, (4, FRAMES * 3)).astype(np.float32)
+
+    stims = pa.table(
+        {
+            "stim": pa.array(range(3), pa.int32()),
+            "name": [n for n, _ in STIMS],
+            "subset": [s for _, s in STIMS],
+            "duration_s": [1.5] * 3,
+            "n_frames": pa.array([FRAMES] * 3, pa.int32()),
+            "pop_start_s": pop_start,
+        }
+    )
+    cells = pa.table(
+        {
+            "cell": pa.array(range(n_cells), pa.int32()),
+            "site": [s for s, _ in CELLS] + ["CCC003c"],
+            "site_unit_id": [u for _, u in CELLS] + [None],
+        }
+    )
+    trials_t = pa.table(
+        {
+            "site": [t[0] for t in trials],
+            "stim": pa.array([t[1] for t in trials], pa.int32()),
+            "trial": pa.array([t[2] for t in trials], pa.int32()),
+            "start_s": [t[4] for t in trials],
+            "end_s": [t[5] for t in trials],
+        }
+    )
+    site_spikes = pa.table(
+        {
+            "site": [s[0] for s in spikes],
+            "unit_id": [s[1] for s in spikes],
+            "spike_times_s": pa.array([s[2].tolist() for s in spikes], pa.list_(pa.float64())),
+        }
+    )
+    inputs = rs.AreaInputs(
+        stims=stims,
+        cells=cells,
+        trials=trials_t,
+        site_spikes=site_spikes,
+        pop_resp=resp,
+        pop_stim=stim_spec,
+        pop_fs_hz=POP_FS_HZ,
+        site_fs_hz={"AAA001a": SITE_FS_HZ, "BBB002b": SITE_FS_HZ},
+    )
+    return inputs, trials, spikes
+
+
+def _rows(table, column):
+    vecs = rs._vectors(table, column)
+    keys = zip(*(table.column(k).to_pylist() for k in ("stim", "cell", "trial")), strict=True)
+    return {k: vecs[i] for i, k in enumerate(keys)}
+
+
+@pytest.fixture(scope="module")
+def area():
+    return _area(np.random.default_rng(0))
+
+
+def test_dt10_est_from_population_val_from_sites(area):
+    inputs, trials, spikes = area
+    out = rs.rebin_area(inputs, dt_ms=10)
+    rows = _rows(out.responses, "counts")
+    sources = dict(
+        zip(
+            zip(out.responses["stim"].to_pylist(), out.responses["cell"].to_pylist(), strict=True),
+            out.responses["source"].to_pylist(),
+            strict=True,
+        )
+    )
+    # est: population trial 0, NaN pairs and the unmatched cell absent
+    for stim in (0, 1):
+        for cell in range(4):
+            present = (stim, cell, 0) in rows
+            assert present == (cell < 3 and not (cell == 2 and stim == 1))
+            if present:
+                assert sources[(stim, cell)] == "population"
+                np.testing.assert_array_equal(
+                    rows[(stim, cell, 0)], inputs.pop_resp[cell, stim * 150 : stim * 150 + 150]
+                )
+    # val: every single trial, by the reference route
+    for cell, (site, unit) in enumerate(CELLS):
+        times = next(t for s, u, t in spikes if u == unit)
+        reps = [r for r in trials if r[0] == site and r[1] == 2]
+        for r in reps:
+            want = _raster_cut_sum(times, r[4], r[5], 10)
+            np.testing.assert_array_equal(rows[(2, cell, r[2])], want)
+            assert sources[(2, cell)] == "site"
+        assert (2, cell, len(reps)) not in rows
+    assert out.metadata["responses"]["est_source"] == "population"
+    assert out.metadata["spectrograms"]["unavailable"] is None
+
+
+def test_val_means_and_qc(area):
+    inputs, _, _ = area
+    out = rs.rebin_area(inputs, dt_ms=10)
+    means = rs._vector_index(out.val_means, "mean_counts")
+    assert set(means) == {(2, 0), (2, 1), (2, 2)}
+    np.testing.assert_array_equal(means[(2, 1)], inputs.pop_resp[1, 300:450])
+    qc = {r["site"]: r for r in out.qc_val.to_pylist()}
+    assert qc["AAA001a"]["n_trials"] == 3 and qc["AAA001a"]["n_cells"] == 2
+    assert qc["BBB002b"]["n_trials"] == 2 and qc["BBB002b"]["n_cells"] == 1
+    assert max(r["max_abs_diff"] for r in qc.values()) < 1e-6
+
+
+def test_spectrogram_rows_are_population_stim_cut_at_each_epoch(area):
+    inputs, _, _ = area
+    out = rs.rebin_area(inputs, dt_ms=10)
+    values = rs._vectors(out.spectrograms, "values").reshape(3, 4, 150)
+    np.testing.assert_array_equal(values[1], inputs.pop_stim[:, 150:300])
+    assert out.metadata["spectrograms"]["n_bands"] == 4
+
+
+def test_dt20_est_from_sites_equals_population_summed(area):
+    inputs, _, _ = area
+    out = rs.rebin_area(inputs, dt_ms=20)
+    rows = _rows(out.responses, "counts")
+    assert set(out.responses["source"].to_pylist()) == {"site"}
+    # cell 2 / stim 1: NaN in the population, but the site presented it: a row from spikes
+    assert (1, 2, 0) in rows
+    for cell in range(2):
+        pop = inputs.pop_resp[cell, 150:300].reshape(75, 2).sum(axis=1)
+        np.testing.assert_array_equal(rows[(1, cell, 0)], pop)
+    values = rs._vectors(out.spectrograms, "values").reshape(3, 4, 75)
+    np.testing.assert_allclose(
+        values[0], inputs.pop_stim[:, :150].reshape(4, 75, 2).mean(axis=2), rtol=1e-6
+    )
+    means = rs._vector_index(out.val_means, "mean_counts")
+    assert len(means[(2, 0)]) == 75 and out.metadata["val_means"]["dt_ms"] == 20
+    assert out.qc_val.column("max_abs_diff").to_pylist() == pytest.approx([0, 0], abs=1e-6)
+
+
+def test_dt5_responses_but_no_spectrograms(area):
+    inputs, trials, spikes = area
+    out = rs.rebin_area(inputs, dt_ms=5)
+    assert out.spectrograms.num_rows == 0
+    assert "not a whole number" in out.metadata["spectrograms"]["unavailable"]
+    rows = _rows(out.responses, "counts")
+    times = next(t for s, u, t in spikes if u == CELLS[0][1])
+    np.testing.assert_array_equal(rows[(0, 0, 0)], _raster_cut_sum(times, 10.0123, 11.5123, 5))
+    assert out.metadata["val_means"]["dt_ms"] == 10  # kept at the population frame width
+    assert out.qc_val.num_rows == 2
+
+
+@pytest.mark.parametrize(("dt_ms", "match"), [(7, "does not divide"), (2.5, "multiple of 1 ms")])
+def test_bad_bin_widths_are_config_errors(area, dt_ms, match):
+    with pytest.raises(ConfigError, match=match):
+        rs.rebin_area(area[0], dt_ms=dt_ms)

@@ -1,0 +1,140 @@
+"""The NEMS0 rasterize / cut / sum route, against a literal transcription of it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nat4etl import binning
+from nat4etl.errors import ConfigError
+
+
+def reference_route(spikes_s, starts_s, ends_s, fs_hz, group):
+    """NEMS0 step by step (nems0-format.md §3-4): one dense raster, loops, no shortcuts."""
+    max_time = max(ends_s)
+    nbins = int(np.round(fs_hz * max_time))
+    raster = np.zeros((len(spikes_s), nbins))
+    for i, times in enumerate(spikes_s):
+        for t in times:
+            b = int(np.floor(t * fs_hz))
+            if b < nbins:
+                raster[i, b] += 1
+    out = []
+    for start, end in zip(starts_s, ends_s, strict=True):
+        lb, ub = round(start * fs_hz), round(end * fs_hz)  # Python round: half to even
+        seg = raster[:, lb:ub]
+        out.append(seg.reshape(len(spikes_s), -1, group).sum(axis=-1))
+    return np.stack(out, axis=1)  # (units, windows, bins)
+
+
+def _session(rng, n_units=5, n_windows=12, window_s=1.5):
+    """Windows with starts off the 10 ms grid, including exact half-sample boundaries."""
+    gaps = rng.uniform(0.3, 1.0, n_windows)
+    starts = np.cumsum(gaps + window_s) + rng.integers(0, 1000, n_windows) * 1e-4
+    starts[2] = 40.2345  # *1000 = 40234.5 -> half to even = 40234
+    starts[3] = starts[2] + 2.0  # 42234.5 -> 42234
+    starts = np.sort(starts)
+    ends = starts + window_s
+    end_s = ends[-1] + 1.0
+    spikes = [np.sort(rng.uniform(0, end_s, rng.integers(200, 2000))) for _ in range(n_units)]
+    # spikes exactly on sample edges and on window edges
+    spikes[0] = np.sort(np.concatenate([spikes[0], starts, ends, starts + 0.0105]))
+    return spikes, starts, ends
+
+
+@pytest.mark.parametrize("dt_ms", [1, 5, 10, 30, 50, 150])
+def test_counts_equal_the_reference_route(dt_ms):
+    rng = np.random.default_rng(dt_ms)
+    spikes, starts, ends = _session(rng)
+    fs_hz = 1000.0
+    group = binning.samples_per_bin(dt_ms, fs_hz)
+    n_bins = binning.bins_per_window(1500, group, what="trial", dt_ms=dt_ms)
+    got = binning.count_windows(
+        [binning.spike_samples(s, fs_hz) for s in spikes],
+        binning.epoch_samples(starts, fs_hz),
+        binning.epoch_samples(ends, fs_hz),
+        n_bins=n_bins,
+        group=group,
+    )
+    want = reference_route(spikes, starts, ends, fs_hz, group)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    assert got.sum() > 0 and got.max() > 1  # counts, not a binary raster
+
+
+def test_direct_100hz_binning_differs_and_is_not_what_we_do():
+    """Epoch starts off the 10 ms grid: histogramming at 100 Hz moves some spikes."""
+    rng = np.random.default_rng(1)
+    spikes, starts, ends = _session(rng, n_units=8, n_windows=30)
+    group = 10
+    got = binning.count_windows(
+        [binning.spike_samples(s, 1000) for s in spikes],
+        binning.epoch_samples(starts, 1000),
+        binning.epoch_samples(ends, 1000),
+        n_bins=150,
+        group=group,
+    )
+    direct = np.stack(
+        [
+            np.stack([np.histogram(s, bins=st + np.arange(151) * 0.01)[0] for st in starts])
+            for s in spikes
+        ]
+    )
+    assert not np.array_equal(got, direct)
+    np.testing.assert_array_equal(got, reference_route(spikes, starts, ends, 1000, group))
+
+
+def test_half_sample_bounds_round_to_even():
+    assert binning.epoch_samples(np.array([0.0005, 0.0015, 0.0025]), 1000).tolist() == [0, 2, 2]
+
+
+def test_short_and_overlapping_windows():
+    spikes = [np.array([0.0001, 0.0101, 0.0102, 0.025, 0.031]), np.array([0.015])]
+    samples = [binning.spike_samples(s, 1000) for s in spikes]
+    # window 1 overlaps window 0; window 2 is short: its last bin is NaN
+    starts = np.array([0, 10, 0])
+    stops = np.array([30, 40, 25])
+    got = binning.count_windows(samples, starts, stops, n_bins=3, group=10)
+    np.testing.assert_array_equal(got[0, 0], [1, 2, 1])
+    np.testing.assert_array_equal(got[0, 1], [2, 1, 1])
+    np.testing.assert_array_equal(got[0, 2, :2], [1, 2])
+    assert np.isnan(got[0, 2, 2])
+    np.testing.assert_array_equal(got[1, :, 1], [1, 0, 1])
+
+
+def test_long_window_is_truncated_and_negative_spikes_ignored():
+    samples = [np.array([-5, 0, 29, 30, 31])]
+    got = binning.count_windows(samples, np.array([0]), np.array([100]), n_bins=3, group=10)
+    np.testing.assert_array_equal(got[0, 0], [1, 0, 1])
+
+
+def test_many_units_are_chunked(monkeypatch):
+    monkeypatch.setattr(binning, "_MAX_CELLS_PER_CHUNK", 7)
+    rng = np.random.default_rng(3)
+    spikes, starts, ends = _session(rng, n_units=6, n_windows=4)
+    args = (
+        [binning.spike_samples(s, 1000) for s in spikes],
+        binning.epoch_samples(starts, 1000),
+        binning.epoch_samples(ends, 1000),
+    )
+    got = binning.count_windows(*args, n_bins=150, group=10)
+    np.testing.assert_array_equal(got, reference_route(spikes, starts, ends, 1000, 10))
+
+
+def test_bin_width_errors_name_the_reason():
+    assert binning.samples_per_bin(10, 1000) == 10
+    with pytest.raises(ConfigError, match="whole number of samples"):
+        binning.samples_per_bin(2.5, 1000)
+    with pytest.raises(ConfigError, match="does not divide"):
+        binning.bins_per_window(1500, 7, what="1.5 s trial", dt_ms=7)
+    assert binning.frames_per_bin(20, 10) == 2
+    assert binning.frames_per_bin(15, 10) is None
+
+
+def test_cut_and_rebin_frames():
+    v = np.arange(20, dtype=np.float32).reshape(2, 10)
+    np.testing.assert_array_equal(binning.cut_frames(v, 2, 4), v[:, 2:6])
+    padded = binning.cut_frames(v, 8, 4)
+    assert np.isnan(padded[:, 2:]).all()
+    np.testing.assert_array_equal(binning.sum_frames(v[:, :4], 2), [[1, 5], [21, 25]])
+    np.testing.assert_array_equal(binning.mean_frames(v[:, :4], 2), [[0.5, 2.5], [10.5, 12.5]])
