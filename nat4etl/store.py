@@ -7,12 +7,28 @@ Layout of an output directory ``OUT``::
     OUT/_stages/<stage>.json              what each stage ran on (fingerprints)
     OUT/<table>/area=<AREA>/part-0.parquet
 
-Writers never touch ``OUT`` directly. :func:`open_for_write` takes a lock beside ``OUT``,
+Beside it, never read by readers::
+
+    .OUT.lock                             flock; holds the holder's pid, host and start time
+    .OUT.staging-<pid>-<ns>/              a build in progress (removed by the next writer)
+    .OUT.previous-<ns>/                   the generation replaced by the last publish
+
+Writers never touch ``OUT`` directly. Under the lock (:func:`store_lock`), :func:`staging`
 clones ``OUT`` into a staging directory with hard links (every file is immutable: it is
-replaced, never modified in place, so links are safe), lets the stages write there, and
-swaps the staging directory in with one ``renameat2(RENAME_EXCHANGE)``. A reader sees the
-old store or the new one, never a mix; a killed build leaves only a staging directory that
-the next writer removes.
+replaced, never modified in place, so links are safe), lets the stages write there, writes
+``manifest.json`` last and swaps the staging directory in with one
+``renameat2(RENAME_EXCHANGE)``. A reader sees the old store or the new one, never a mix; a
+build killed at any point leaves ``OUT`` as it was plus leftovers that :func:`recover`
+removes under the next writer's lock. No file ever appears under its final name before it
+is complete: tables and JSON go through a temp file and a rename.
+
+Test hook: ``NAT4ETL_TEST_KILL_AT=<point>`` makes :func:`kill_point` SIGKILL the process at
+that point, so tests can check the claims above. The points are ``stage:<stage>`` (a stage
+is about to run, staging exists), ``write:<table>`` (a table's temp file is written, not yet
+renamed), ``manifest`` (all stages done, manifest not written), ``publish`` (just before the
+swap) and ``exchanged`` (swapped, the old generation not yet renamed away).
+
+pyarrow is imported lazily, so a build with nothing to do never pays for it.
 """
 
 from __future__ import annotations
@@ -25,18 +41,27 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from nat4etl import __version__
+from nat4etl.errors import (
+    DuplicateKeyError,
+    MissingTableError,
+    SchemaError,
+    StoreError,
+    StoreLocked,
+)
 
-from nat4etl import __version__, schema
-from nat4etl.errors import DuplicateKeyError, MissingTableError, SchemaError, StoreLocked
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from nat4etl import schema as schema_mod
 
 MANIFEST = "manifest.json"
 RAW = "raw"
@@ -45,6 +70,20 @@ PART = "part-0.parquet"
 #: rows per Parquet row group: fixed so that two builds give byte-identical files
 ROW_GROUP_ROWS = 65_536
 META_KEY = b"nat4etl"
+KILL_ENV = "NAT4ETL_TEST_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process here if ``NAT4ETL_TEST_KILL_AT`` names this point (tests only)."""
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _schema():
+    """nat4etl.schema, imported on first use (it imports pyarrow)."""
+    from nat4etl import schema
+
+    return schema
 
 
 @dataclass(frozen=True)
@@ -57,11 +96,17 @@ class TableInfo:
 
 
 class Store:
-    """Paths and table I/O for one store directory (a published store or a staging copy)."""
+    """Paths and table I/O for one store directory (a published store or a staging copy).
+
+    ``provenance`` is merged into every table's Parquet metadata: `build` sets it per stage
+    (record, source files, parameters, library versions; never a timestamp, so two builds
+    from the same inputs write the same bytes).
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.published_at = self.root
+        self.provenance: dict = {}
         self._dir_fd: int | None = None
 
     def close(self) -> None:
@@ -82,7 +127,7 @@ class Store:
         return self.root / MANIFEST
 
     def table_dir(self, name: str) -> Path:
-        schema.spec(name)
+        _schema().spec(name)
         return self.root / name
 
     def table_file(self, name: str, area: str) -> Path:
@@ -91,16 +136,16 @@ class Store:
     def stage_record_path(self, stage: str) -> Path:
         return self.root / STAGES / f"{stage}.json"
 
+    def read_stage_record(self, stage: str) -> dict | None:
+        """What ``stage`` last ran on (see :mod:`nat4etl.fingerprint`); None if never run."""
+        try:
+            return json.loads(self.stage_record_path(stage).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
     # ------------------------------------------------------------------ tables
     def areas(self, name: str) -> list[str]:
-        d = self.table_dir(name)
-        if not d.is_dir():
-            return []
-        return sorted(
-            p.name.split("=", 1)[1]
-            for p in d.iterdir()
-            if p.name.startswith("area=") and (p / PART).is_file()
-        )
+        return table_areas(self.table_dir(name))
 
     def has(self, name: str, area: str | None = None) -> bool:
         return bool(self.areas(name)) if area is None else self.table_file(name, area).is_file()
@@ -109,6 +154,9 @@ class Store:
         self, name: str, table: pa.Table, *, area: str, metadata: dict | None = None
     ) -> TableInfo:
         """Validate, sort by key, refuse duplicate keys, then write via temp file + rename."""
+        import pyarrow.parquet as pq
+
+        schema = _schema()
         table = _drop_area(table, area, name)
         schema.validate(name, table)
         s = schema.spec(name)
@@ -119,6 +167,7 @@ class Store:
             "units": s.units,
             "schema_version": schema.SCHEMA_VERSION,
             "nat4etl_version": __version__,
+            **self.provenance,
             **(metadata or {}),
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)})
@@ -133,6 +182,7 @@ class Store:
             write_statistics=True,
         )
         _fsync(tmp)
+        kill_point(f"write:{name}")
         os.replace(tmp, target)
         return TableInfo(
             name, area, str(target.relative_to(self.root)), table.num_rows, file_sha256(target)
@@ -142,6 +192,9 @@ class Store:
         self, name: str, *, area: str | None = None, columns: list[str] | None = None
     ) -> pa.Table:
         """Read one area (or all), with ``area`` as the first column."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         areas = [area] if area is not None else self.areas(name)
         if not areas or not all(self.has(name, a) for a in areas):
             where = f" for area {area}" if area else ""
@@ -159,6 +212,8 @@ class Store:
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
     def table_metadata(self, name: str, area: str) -> dict:
+        import pyarrow.parquet as pq
+
         path = self.table_file(name, area)
         if not path.is_file():
             raise MissingTableError(f"table {name!r} for area {area} not found in {self.root}")
@@ -183,13 +238,25 @@ class Store:
     def table_files(self) -> list[tuple[str, str, Path]]:
         """Every (table, area, file) present, in a stable order."""
         out = []
-        for name in schema.TABLES:
+        for name in _schema().TABLES:
             for a in self.areas(name):
                 out.append((name, a, self.table_file(name, a)))
         return out
 
 
+def table_areas(table_dir: Path) -> list[str]:
+    """Areas with a complete part file under ``table_dir`` (no schema check, no pyarrow)."""
+    if not table_dir.is_dir():
+        return []
+    return sorted(
+        p.name.split("=", 1)[1]
+        for p in table_dir.iterdir()
+        if p.name.startswith("area=") and (p / PART).is_file()
+    )
+
+
 def check_file_metadata(name: str, file_schema: pa.Schema, path: Path) -> None:
+    schema = _schema()
     md = json.loads((file_schema.metadata or {}).get(META_KEY, b"{}"))
     version = md.get("schema_version")
     if version != schema.SCHEMA_VERSION:
@@ -201,6 +268,8 @@ def check_file_metadata(name: str, file_schema: pa.Schema, path: Path) -> None:
 
 
 def _drop_area(table: pa.Table, area: str, name: str) -> pa.Table:
+    import pyarrow.compute as pc
+
     if "area" not in table.column_names:
         return table
     col = table.column("area")
@@ -209,7 +278,9 @@ def _drop_area(table: pa.Table, area: str, name: str) -> pa.Table:
     return table.drop_columns(["area"])
 
 
-def _sorted_unique(table: pa.Table, s: schema.TableSpec, name: str, area: str) -> pa.Table:
+def _sorted_unique(table: pa.Table, s: schema_mod.TableSpec, name: str, area: str) -> pa.Table:
+    import pyarrow.compute as pc
+
     keys = list(s.key)
     if table.num_rows == 0:
         return table
@@ -249,28 +320,43 @@ def staging_prefix(out: Path) -> str:
     return f".{out.name}.staging-"
 
 
+def previous_prefix(out: Path) -> str:
+    return f".{out.name}.previous-"
+
+
 @contextlib.contextmanager
-def store_lock(out: Path, *, wait_s: float = 0.0) -> Iterator[None]:
+def store_lock(
+    out: Path, *, wait_s: float = 0.0, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """An exclusive flock beside OUT. The kernel drops it when the holder dies, so a stale
-    lock from a killed build is taken over without guessing from pids."""
+    lock from a killed build is taken over without guessing from pids.
+
+    ``on_wait(holder)`` is called once if the lock is busy and ``wait_s`` > 0.
+    """
+    out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     path = lock_path(out)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
+    told = False
     try:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                holder = _read_holder(path)
                 if time.monotonic() >= deadline:
-                    holder = _read_holder(path)
+                    waited = f" after waiting {wait_s:g} s" if wait_s > 0 else ""
                     raise StoreLocked(
-                        f"another nat4etl process holds the lock on {out} ({holder}); "
-                        "Hint: pass --wait SECONDS to wait for it",
+                        f"another nat4etl process holds the lock on {out} ({holder}){waited}; "
+                        "nothing was written. Hint: pass --wait SECONDS to wait for it",
                         path=path,
                     ) from None
-                time.sleep(0.2)
+                if on_wait is not None and not told:
+                    on_wait(holder)
+                    told = True
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now_iso()}
         os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -300,6 +386,45 @@ def remove_leftovers(out: Path) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 gone.append(p)
     return gone
+
+
+def recover(out: str | os.PathLike) -> list[str]:
+    """Undo what a killed writer left; call under the lock before planning. Returns notes.
+
+    - staging directories are removed (a build that did not publish never happened);
+    - if a publish without ``renameat2`` died between its two renames (``OUT`` missing,
+      the swap marker naming the generation moved aside), that generation is put back.
+    """
+    out = Path(out).absolute()
+    notes = [f"removed leftover {p.name}" for p in remove_leftovers(out)]
+    marker = swap_marker(out)
+    if marker.is_file():
+        previous = out.parent / marker.read_text().strip()
+        if not out.exists() and previous.is_dir():
+            os.rename(previous, out)
+            notes.append(f"restored {out.name} from {previous.name}")
+        marker.unlink()
+    return notes
+
+
+def swap_marker(out: Path) -> Path:
+    """Names the generation moved aside while the fallback publish has no store at OUT."""
+    return out.parent / f".{out.name}.swap"
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to publish over a directory that is not a nat4etl store (``--out ~`` typo)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise StoreError(f"{out} exists and is not a directory; nothing was written")
+    if (out / MANIFEST).is_file() or (out / STAGES).is_dir():
+        return
+    if any(out.iterdir()):
+        raise StoreError(
+            f"{out} is not empty and holds no nat4etl store (no {MANIFEST}); refusing to "
+            "replace it; nothing was written. Hint: choose another --out"
+        )
 
 
 def clone_with_links(src: Path, dst: Path) -> None:
@@ -338,12 +463,8 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def previous_prefix(out: Path) -> str:
-    return f".{out.name}.previous-"
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Make ``staging`` the store at ``out``.
+def publish(staging_dir: Path, out: Path) -> None:
+    """Make ``staging_dir`` the store at ``out``.
 
     The replaced generation is kept as ``.OUT.previous-*`` until the next publish, so a
     reader that opened it (see :func:`open_snapshot`) can finish reading a consistent store.
@@ -351,16 +472,39 @@ def publish(staging: Path, out: Path) -> None:
     for p in out.parent.iterdir():
         if p.name.startswith(previous_prefix(out)):
             shutil.rmtree(p, ignore_errors=True)
+    kill_point("publish")
     if not out.exists():
-        os.rename(staging, out)
-        return
-    previous = out.parent / f"{previous_prefix(out)}{time.time_ns()}"
-    if exchange_dirs(staging, out):
-        os.rename(staging, previous)
+        os.rename(staging_dir, out)
     else:
-        # Fallback: two renames; a reader may briefly find no store, never a mixed one.
-        os.rename(out, previous)
-        os.rename(staging, out)
+        previous = out.parent / f"{previous_prefix(out)}{time.time_ns()}"
+        if exchange_dirs(staging_dir, out):
+            kill_point("exchanged")
+            os.rename(staging_dir, previous)
+        else:
+            # Fallback: two renames; a reader may briefly find no store, never a mixed one,
+            # and recover() puts the previous generation back if we die in between.
+            marker = swap_marker(out)
+            marker.write_text(previous.name)
+            _fsync(marker)
+            os.rename(out, previous)
+            kill_point("exchanged")
+            os.rename(staging_dir, out)
+            marker.unlink()
+    _fsync_dir(out.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable (a power cut after publish keeps the new store)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def open_snapshot(path: str | os.PathLike) -> Store:
@@ -383,31 +527,57 @@ def open_snapshot(path: str | os.PathLike) -> Store:
 
 
 @contextlib.contextmanager
+def staging(
+    out: str | os.PathLike, *, manifest: Callable[[Store], dict] | None = None
+) -> Iterator[Store]:
+    """A hard-link copy of ``out`` to write into; published atomically if the block succeeds.
+
+    The caller holds the lock (:func:`store_lock`). ``manifest(store)`` is called after the
+    block to write ``manifest.json`` (default :func:`write_manifest`); on any exception the
+    staging copy is removed and ``out`` is untouched.
+    """
+    out = Path(out).absolute()
+    check_replaceable(out)
+    staging_dir = out.parent / f"{staging_prefix(out)}{os.getpid()}-{time.time_ns()}"
+    if out.exists():
+        clone_with_links(out, staging_dir)
+    else:
+        staging_dir.mkdir()
+    store = Store(staging_dir)
+    store.published_at = out
+    try:
+        yield store
+        kill_point("manifest")
+        (manifest or write_manifest)(store)
+        publish(staging_dir, out)
+    except BaseException:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def open_for_write(out: str | os.PathLike, *, wait_s: float = 0.0) -> Iterator[Store]:
-    """A writable copy of the store at ``out``, published atomically if the block succeeds.
+    """Lock, clean up after killed writers, and stage a copy of ``out`` (see :func:`staging`).
 
     On any exception the staging copy is discarded and ``out`` is untouched.
     """
     out = Path(out).absolute()
     with store_lock(out, wait_s=wait_s):
-        remove_leftovers(out)
-        staging = out.parent / f"{staging_prefix(out)}{os.getpid()}-{time.time_ns()}"
-        if out.exists():
-            clone_with_links(out, staging)
-        else:
-            staging.mkdir()
-        try:
-            store = Store(staging)
+        recover(out)
+        with staging(out) as store:
             yield store
-            write_manifest(store)
-            publish(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
 
-def write_manifest(store: Store, extra: dict | None = None) -> dict:
-    """Row counts and digests of every table; written last so its presence means complete."""
+def write_manifest(
+    store: Store, extra: dict | None = None, *, sha256: Callable[[Path], str] | None = None
+) -> dict:
+    """Row counts and digests of every table; written last so its presence means complete.
+
+    ``sha256(path)`` may supply known digests (build's cache) instead of re-hashing.
+    """
+    import pyarrow.parquet as pq
+
+    sha256 = sha256 or file_sha256
     previous = store.read_manifest() or {}
     tables = []
     for name, area, path in store.table_files():
@@ -418,14 +588,15 @@ def write_manifest(store: Store, extra: dict | None = None) -> dict:
                 "area": area,
                 "path": str(path.relative_to(store.root)),
                 "rows": md.num_rows,
-                "sha256": file_sha256(path),
+                "size_bytes": path.stat().st_size,
+                "sha256": sha256(path),
             }
         )
     manifest = {
         **{k: v for k, v in previous.items() if k not in ("tables", "written_at")},
         **(extra or {}),
         "nat4etl_version": __version__,
-        "schema_version": schema.SCHEMA_VERSION,
+        "schema_version": _schema().SCHEMA_VERSION,
         "tables": tables,
         "written_at": _now_iso(),
     }
