@@ -1,0 +1,259 @@
+"""`normalize`: min-max constants for both presets; raw values stay in their tables.
+
+Two conventions are in use for NAT4 (``nat4-dataset.md``, "defects") and both are
+legitimate, so both are always written and the reader applies either on read:
+
+- ``deepstrf`` (the reference loader): spectrogram ``ln(1 + x)``, then ONE min-max over
+  every band and sample; responses ONE min-max over every unit and sample.
+- ``nems`` (Pennington & David, NEMS0 ``norm.l1``): spectrogram ``ln(1 + x / 0.1)``, then
+  min-max PER BAND; responses min-max PER UNIT, no log.
+
+In both, constants come from the whole population recording (before any est/val split),
+NaN ignored; after scaling, values below 1e-6 become 0 and a zero range counts as 1
+(NEMS0 ``_normalize_data``). Val single trials are scaled with the same constants as the
+est responses, so all responses of a preset share one scale (the reference loader left
+val trials as raw counts: its scale defect).
+
+The population recording is at its own frame width (10 ms). At a bin width of k frames
+the constants are taken from the recording re-binned the same way the tables are
+(spectrogram frames averaged, counts summed, per sound epoch). At a width that is not a
+whole number of frames there are no spectrograms; response constants then come from the
+responses table itself: est rows plus the mean of each val sound's trials, i.e. what the
+population recording holds, binned from the site files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nat4etl import binning, schema
+from nat4etl.errors import MissingTableError
+from nat4etl.stages import rebin_sites as rs
+
+READS = ("recordings", "signals", "stims", "pop_signals", "responses", "spectrograms")
+WRITES = ("norm_constants",)
+PARAMS = ("areas", "dt_ms", "norm")
+
+Preset = Literal["deepstrf", "nems"]
+PRESETS: tuple[Preset, ...] = ("deepstrf", "nems")
+SPECTROGRAM, RESPONSES = "spectrogram", "responses"
+GLOBAL = -1
+#: values below this after scaling are set to 0 (NEMS0 ``_normalize_data``)
+FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one preset treats one signal: the log offset and whether min-max is per channel."""
+
+    offset: float  # d in ln(1 + x / d); 0 = no log
+    per_channel: bool
+
+
+RULES: dict[tuple[str, str], Rule] = {
+    ("deepstrf", SPECTROGRAM): Rule(offset=1.0, per_channel=False),
+    ("deepstrf", RESPONSES): Rule(offset=0.0, per_channel=False),
+    ("nems", SPECTROGRAM): Rule(offset=0.1, per_channel=True),
+    ("nems", RESPONSES): Rule(offset=0.0, per_channel=True),
+}
+
+
+# ============================================================================ math
+def log_compress(x: np.ndarray, offset: float) -> np.ndarray:
+    """``ln(1 + x / offset)`` (NEMS0 ``_dlog``); ``offset`` 0 returns ``x`` unchanged."""
+    if offset == 0:
+        return x
+    return np.log1p(x / offset) if offset != 1 else np.log1p(x)
+
+
+def constants(
+    values: np.ndarray, rule: Rule, *, channel_of_row: np.ndarray | None = None, n_channels: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of the log-compressed ``values`` (rows, samples), NaN ignored.
+
+    Per channel or one pair over everything, as ``rule`` says. Rows are channels unless
+    ``channel_of_row`` maps each row to one of ``n_channels`` (several rows per channel).
+    A channel with no finite value gets NaN. The log is monotonic, so the extremes are
+    found on the raw values (no float64 copy of a 300 MB recording) and then compressed.
+    """
+    if not rule.per_channel:
+        lo = np.fmin.reduce(values, axis=None, initial=np.inf)
+        hi = np.fmax.reduce(values, axis=None, initial=-np.inf)
+        lo, hi = np.array([lo], np.float64), np.array([hi], np.float64)
+    else:
+        if channel_of_row is None:
+            channel_of_row, n_channels = np.arange(len(values)), len(values)
+        lo = np.full(n_channels, np.inf)
+        hi = np.full(n_channels, -np.inf)
+        np.fmin.at(lo, channel_of_row, np.fmin.reduce(values, axis=1, initial=np.inf))
+        np.fmax.at(hi, channel_of_row, np.fmax.reduce(values, axis=1, initial=-np.inf))
+    empty = ~np.isfinite(lo)
+    lo[empty], hi[empty] = np.nan, np.nan
+    return log_compress(lo, rule.offset), log_compress(hi, rule.offset)
+
+
+def scale(
+    x: np.ndarray,
+    offset: float,
+    lo: np.ndarray | float,
+    hi: np.ndarray | float,
+    *,
+    in_place: bool = False,
+) -> np.ndarray:
+    """Normalize ``x``: log-compress, ``(y - lo) / range``, values < 1e-6 -> 0, NaN kept.
+
+    ``lo`` and ``hi`` broadcast against ``x``; a zero range counts as 1. Returns float32,
+    written into ``x`` itself when ``in_place`` (``x`` must then be writable float32), so a
+    large array is normalized without temporaries of its size.
+    """
+    y = x if in_place else np.array(x, dtype=np.float32)
+    lo32 = np.asarray(lo, dtype=np.float32)
+    span = np.asarray(hi, dtype=np.float32) - lo32
+    span = np.where(span == 0, np.float32(1), span).astype(np.float32)
+    if offset:
+        if offset != 1:
+            np.divide(y, np.float32(offset), out=y)
+        np.log1p(y, out=y)
+    np.subtract(y, lo32, out=y)
+    np.divide(y, span, out=y)
+    np.copyto(y, np.float32(0), where=y < FLOOR)  # NaN compares False: it stays NaN
+    return y
+
+
+# ============================================================================ tables
+@dataclass
+class Rows:
+    """Raw values as rows of samples, each row belonging to one channel (band or cell)."""
+
+    values: np.ndarray  # (rows, samples)
+    channel_of_row: np.ndarray
+    n_channels: int
+
+    @classmethod
+    def of_matrix(cls, values: np.ndarray) -> Rows:
+        return cls(values, np.arange(len(values)), len(values))
+
+
+def constants_table(spectrogram: Rows | None, responses: Rows) -> pa.Table:
+    """Rows of norm_constants for both presets (spectrogram None when unavailable)."""
+    rows: dict[str, list] = {k: [] for k in ("method", "signal", "channel", "offset", "min", "max")}
+    for method in PRESETS:
+        for signal, data in ((SPECTROGRAM, spectrogram), (RESPONSES, responses)):
+            if data is None:
+                continue
+            rule = RULES[(method, signal)]
+            lo, hi = constants(
+                data.values, rule, channel_of_row=data.channel_of_row, n_channels=data.n_channels
+            )
+            channels = np.arange(len(lo)) if rule.per_channel else np.array([GLOBAL])
+            rows["method"] += [method] * len(lo)
+            rows["signal"] += [signal] * len(lo)
+            rows["channel"] += channels.tolist()
+            rows["offset"] += [rule.offset] * len(lo)
+            rows["min"] += lo.tolist()
+            rows["max"] += hi.tolist()
+    return pa.Table.from_pydict(rows, schema=schema.NORM_CONSTANTS.schema)
+
+
+def recording_at_bin_width(
+    pop: np.ndarray, stims: pa.Table, plan: rs.BinPlan, *, counts: bool
+) -> np.ndarray:
+    """The population signal (channels, samples) at the store's bin width.
+
+    At the population's own width, every sample as recorded; at k frames per bin, each
+    sound's epoch re-binned (counts summed, spectrogram frames averaged) and concatenated.
+    """
+    k = plan.frames_per_bin
+    if k == 1:
+        return pop
+    rebin = binning.sum_frames if counts else binning.mean_frames
+    starts = rs.pop_starts(stims, plan.pop_fs_hz)
+    return np.concatenate(
+        [rebin(binning.cut_frames(pop, int(s), plan.pop_frames), k) for s in starts], axis=1
+    )
+
+
+def responses_as_recording(responses: pa.Table, n_cells: int) -> Rows:
+    """One row per (stim, cell): the est trial, or the mean of a val sound's trials.
+
+    What the population recording holds, binned from the site files, for bin widths the
+    recording cannot be re-binned to. ``responses`` must be sorted by (stim, cell, trial),
+    as the store writes it.
+    """
+    counts = rs._vectors(responses, "counts")
+    stim = responses.column("stim").to_numpy().astype(np.int64)
+    cell = responses.column("cell").to_numpy().astype(np.int64)
+    if len(counts) == 0:
+        return Rows(np.empty((0, counts.shape[1])), cell, n_cells)
+    pair = stim * n_cells + cell
+    first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+    finite = np.isfinite(counts)
+    sums = np.add.reduceat(np.where(finite, counts, 0).astype(np.float64), first, axis=0)
+    n = np.add.reduceat(finite.astype(np.int64), first, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(n > 0, sums / np.maximum(n, 1), np.nan)
+    return Rows(means, cell[first], n_cells)
+
+
+# ============================================================================ stage
+def load_and_compute(store, area: str) -> tuple[pa.Table, dict]:
+    """One area's constants and the table metadata, read through the store."""
+    responses_md = store.table_metadata("responses", area)
+    dt_ms = float(responses_md["dt_ms"])
+    inputs = rs.load_area(store, area)
+    plan = rs.plan_bins(inputs.stims, dt_ms=dt_ms, pop_fs_hz=inputs.pop_fs_hz)
+    if plan.frames_per_bin is None:
+        responses = store.read_table("responses", area=area, columns=["stim", "cell", "counts"])
+        resp = responses_as_recording(responses, inputs.cells.num_rows)
+        spec, source = None, "responses table (est rows + val trial means)"
+    else:
+        resp = Rows.of_matrix(
+            recording_at_bin_width(inputs.pop_resp, inputs.stims, plan, counts=True)
+        )
+        spec = Rows.of_matrix(
+            recording_at_bin_width(inputs.pop_stim, inputs.stims, plan, counts=False)
+        )
+        source = (
+            "population recording, every sample"
+            if plan.frames_per_bin == 1
+            else f"population recording, each sound re-binned to {dt_ms:g} ms"
+        )
+    table = constants_table(spec, resp)
+    metadata = {
+        "dt_ms": dt_ms,
+        "source": source,
+        "formula": "y = ln(1 + x/offset) (offset 0: y = x); (y - min) / (max - min), "
+        "a zero range counts as 1; values < 1e-6 -> 0; NaN stays NaN",
+        "presets": list(PRESETS),
+    }
+    return table, metadata
+
+
+def run(store, settings, progress) -> dict:
+    summary = {}
+    for area in rs._areas(store, settings):
+        if not store.has("responses", area):
+            raise MissingTableError(
+                f"no responses for {area} in {store.published_at}; run `nat4etl rebin-sites "
+                f"--out {store.published_at}` first"
+            )
+        table, metadata = load_and_compute(store, area)
+        metadata["default_norm"] = settings.norm
+        store.write_table("norm_constants", table, area=area, metadata=metadata)
+        bad = table.filter(pc.is_nan(table.column("min")))
+        if bad.num_rows:
+            units = sorted(set(bad.column("channel").to_pylist()))
+            progress.log(
+                f"{area}: no normalization constants (all NaN) for channels {units}",
+                level="warning",
+            )
+        progress.log(
+            f"{area}: normalization constants ({metadata['source']}), default {settings.norm}"
+        )
+        summary[area] = {"rows": table.num_rows, "default_norm": settings.norm}
+    return summary
