@@ -38,7 +38,6 @@ from nat4etl import __version__
 from nat4etl.errors import FetchError, RemoteUnavailable
 
 USER_AGENT = f"nat4etl/{__version__} (+https://github.com/nat4etl)"
-CHUNK_BYTES = 1 << 16
 _RESUME_REQUESTS_FACTOR = 10
 
 Callback = Callable[[str], None]
@@ -230,7 +229,7 @@ def _stream_once(
             failure = _accept_response(response, url, fh, have_bytes, on_restart)
             if failure is not None:
                 return failure
-            for chunk in response.iter_raw(CHUNK_BYTES):
+            for chunk in response.iter_raw():  # as received, so a drop loses nothing already read
                 fh.write(chunk)
                 if on_bytes is not None:
                     on_bytes(len(chunk))

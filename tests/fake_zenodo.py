@@ -97,11 +97,18 @@ class FakeZenodo:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_dir(cls, directory: str | Path, **kwargs: Any) -> FakeZenodo:
-        """Serve every file of ``directory`` except ``record.json``."""
-        files = {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
-        files.pop("record.json", None)
-        return cls(files, **kwargs)
+    def from_dir(
+        cls, directory: str | Path, names: list[str] | None = None, **kwargs: Any
+    ) -> FakeZenodo:
+        """Serve ``names`` (default: every file but ``record.json``) from ``directory``."""
+        directory = Path(directory)
+        if names is None:
+            names = [
+                p.name
+                for p in sorted(directory.iterdir())
+                if p.is_file() and p.name != "record.json"
+            ]
+        return cls({n: (directory / n).read_bytes() for n in names}, **kwargs)
 
     # -- lifecycle
 
@@ -205,7 +212,8 @@ class FakeZenodo:
                 "checksum": md5,
             }
         if self.shape == "export":
-            link = f"{self.url}/api/records/{self.record_id}/files/{quote(name)}/content"
+            # a query the fallback URL lacks, so tests can tell links.content was followed
+            link = f"{self.url}/api/records/{self.record_id}/files/{quote(name)}/content?via=links.content"
             return {
                 "key": name,
                 "size": len(data),

@@ -42,7 +42,7 @@ import httpx
 import platformdirs
 
 from nat4etl import net
-from nat4etl.errors import ChecksumMismatch, ConfigError, InputMismatch
+from nat4etl.errors import ChecksumMismatch, ConfigError, FetchError, InputMismatch
 from nat4etl.formats.zenodo import RemoteFile, parse_record_bytes, record_url
 from nat4etl.hashing import CHUNK_BYTES, md5_file, mismatch
 from nat4etl.progress import NullProgress, Progress
@@ -493,7 +493,8 @@ class _Executor:
         assert step.source is not None
         if not step.source.is_file():
             raise InputMismatch(f"not in source directory {step.source.parent}", path=step.source)
-        why = self._install(step.source, step.target, step.remote)
+        # copied, never hardlinked: the user may rewrite their mirror in place later
+        why = self._install(step.source, step.target, step.remote, link=False)
         if why is not None:
             msg = f"{why} (source {step.source}); nothing written under the final name"
             raise ChecksumMismatch(msg, path=step.target)
@@ -502,7 +503,7 @@ class _Executor:
     def _copy_from_cache(self, step: FetchStep) -> bool:
         """True when the cache entry installed and verified; else it is deleted (False)."""
         assert step.source is not None
-        why = self._install(step.source, step.target, step.remote)
+        why = self._install(step.source, step.target, step.remote, link=True)
         if why is None:
             self.progress.log(f"{step.remote.name}: from cache, verified")
             return True
@@ -520,7 +521,7 @@ class _Executor:
         attempts = min(VERIFY_ATTEMPTS, self.policy.max_attempts)
         why = ""
         for attempt in range(1, attempts + 1):
-            why = self._download_once(rf, kept)
+            why = self._download_once(rf, kept, step.target)
             if why is None:
                 break
             more = "downloading again" if attempt < attempts else "giving up"
@@ -535,28 +536,35 @@ class _Executor:
             )
             raise ChecksumMismatch(msg, path=step.target)
         if step.cache_entry is not None:
-            install_why = self._install(step.cache_entry, step.target, rf, count_progress=False)
+            install_why = self._install(
+                step.cache_entry, step.target, rf, link=True, count_progress=False
+            )
             if install_why is not None:
                 msg = f"{install_why} copying from cache {step.cache_entry}; nothing written under the final name"
                 raise ChecksumMismatch(msg, path=step.target)
         self.progress.log(f"{rf.name}: downloaded, md5 verified")
 
-    def _download_once(self, rf: RemoteFile, final: Path) -> str | None:
-        """One verified download to ``final``; None on success, else the mismatch."""
+    def _download_once(self, rf: RemoteFile, final: Path, target: Path) -> str | None:
+        """One verified download to ``final`` (the cache entry or ``target``); None on
+        success, else the mismatch. Network errors name ``target``."""
         part = _part_path(final)
         self.progress.start(rf.name, total=rf.size_bytes)
         try:
-            net.download(
-                self._http(),
-                rf.url,
-                part,
-                size_bytes=rf.size_bytes,
-                policy=self.policy,
-                timeout_s=self.timeout_s,
-                on_bytes=lambda n: self._advance(rf.name, n, network=True),
-                on_restart=lambda: self.progress.reset(rf.name),
-                on_retry=_warn(self.progress, rf.name),
-            )
+            try:
+                net.download(
+                    self._http(),
+                    rf.url,
+                    part,
+                    size_bytes=rf.size_bytes,
+                    policy=self.policy,
+                    timeout_s=self.timeout_s,
+                    on_bytes=lambda n: self._advance(rf.name, n, network=True),
+                    on_restart=lambda: self.progress.reset(rf.name),
+                    on_retry=_warn(self.progress, rf.name),
+                )
+            except FetchError as err:  # same class, now naming the file and the outcome
+                msg = f"{err.msg}; nothing written under the final name"
+                raise type(err)(msg, path=target) from err
             why = mismatch(part, size_bytes=rf.size_bytes, md5=rf.md5)
             if why is None:
                 _publish(part, final)
@@ -566,9 +574,10 @@ class _Executor:
             self.progress.done(rf.name)
 
     def _install(
-        self, source: Path, target: Path, rf: RemoteFile, *, count_progress: bool = True
+        self, source: Path, target: Path, rf: RemoteFile, *, link: bool, count_progress: bool = True
     ) -> str | None:
-        """Hardlink (else copy) ``source`` to a part beside ``target``, verify, replace.
+        """Hardlink (``link``, when the filesystem allows) or copy ``source`` to a part beside
+        ``target``, verify, replace.
 
         Returns None when installed, else why the copy failed verification (nothing is
         left under ``target``).
@@ -577,7 +586,7 @@ class _Executor:
         if count_progress:
             self.progress.start(rf.name, total=rf.size_bytes)
         try:
-            _link_or_copy(source, part, on_bytes=lambda n: self._advance(rf.name, n))
+            _link_or_copy(source, part, link=link, on_bytes=lambda n: self._advance(rf.name, n))
             why = mismatch(part, size_bytes=rf.size_bytes, md5=rf.md5)
             if why is None:
                 _publish(part, target)
@@ -609,15 +618,17 @@ def _part_path(final: Path) -> Path:
     return final.with_name(f"{final.name}.part-{secrets.token_hex(6)}")
 
 
-def _link_or_copy(source: Path, part: Path, *, on_bytes: Callable[[int], None]) -> None:
-    """Hardlink when the filesystem allows (no copy, no extra space), else a streamed copy."""
-    try:
-        os.link(source, part)
-    except OSError:
-        pass
-    else:
-        on_bytes(part.stat().st_size)
-        return
+def _link_or_copy(source: Path, part: Path, *, link: bool, on_bytes: Callable[[int], None]) -> None:
+    """Hardlink when asked and the filesystem allows (no copy, no extra space), else a
+    streamed, fsynced copy."""
+    if link:
+        try:
+            os.link(source, part)
+        except OSError:
+            pass  # another filesystem, or no hardlinks there: copy
+        else:
+            on_bytes(part.stat().st_size)
+            return
     with open(source, "rb") as src, open(part, "wb") as dst:
         while block := src.read(CHUNK_BYTES):
             dst.write(block)
