@@ -13,6 +13,7 @@ import click
 
 from nat4etl import __version__
 from nat4etl.errors import EXIT_CODES, Nat4EtlError
+from nat4etl.stages import STAGES
 
 EXIT_CODE_HELP = "\n".join(f"  {code}  {what}" for what, code in EXIT_CODES.items())
 
@@ -67,7 +68,23 @@ def common_options(fn):
     return fn
 
 
+def _remember_force(ctx: click.Context, _param, value: bool) -> bool:
+    ctx.meta["nat4etl.force"] = value
+    return value
+
+
+def _forced() -> bool:
+    return bool(click.get_current_context().meta.get("nat4etl.force"))
+
+
 def out_options(fn):
+    fn = click.option(
+        "--force",
+        is_flag=True,
+        expose_value=False,
+        callback=_remember_force,
+        help="Rerun even if the output is up to date.",
+    )(fn)
     fn = click.option(
         "--wait",
         "wait_s",
@@ -121,15 +138,12 @@ def cli() -> None:
 def _run_stage_command(
     stage: str, out: Path, wait_s: float, config_file, json_mode, quiet, **flags
 ) -> None:
-    from nat4etl.stages import run_stage, stage_module
-    from nat4etl.store import open_for_write
+    """One stage through `build`: locked, skipped when up to date, published atomically."""
+    from nat4etl.stages.build import build
 
-    stage_module(stage)  # fail fast, before taking the lock, if the stage is missing
     settings = _settings(config_file, **flags)
     with _progress(json_mode, quiet) as progress:
-        with open_for_write(out, wait_s=wait_s) as store:
-            summary = run_stage(store, stage, settings, progress)
-        progress.log(f"{stage}: done", **summary)
+        build(out, settings, progress, wait_s=wait_s, force=_forced(), only=(stage,))
 
 
 @cli.command("fetch")
@@ -265,69 +279,165 @@ def normalize_cmd(out, wait_s, norm, config_file, json_mode, quiet):
     _run_stage_command("normalize", out, wait_s, config_file, json_mode, quiet, norm=norm)
 
 
-@cli.command("build")
-@out_options
-@area_option
-@click.option(
-    "--source",
-    "source_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Use a local mirror instead of Zenodo.",
-)
-@click.option("--zenodo-url", default=None, help="Zenodo base URL.")
-@click.option("--record", "record_id", type=int, default=None, help="Zenodo record id.")
-@click.option(
-    "--cache",
-    "cache_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Download cache.",
-)
-@click.option("--wav/--no-wav", default=None, help="Include waveforms [default: from config].")
-@click.option("--dt-ms", type=float, default=None, help="Bin width in ms [default: 10].")
-@click.option("--audio-fs", "audio_fs_hz", type=int, default=None, help="Waveform rate, Hz.")
-@click.option(
-    "--norm",
-    type=click.Choice(["deepstrf", "nems"]),
-    default=None,
-    help="Default normalization preset for the reader.",
-)
-@common_options
-@handle_errors
-def build_cmd(
-    out,
-    wait_s,
-    area,
-    source_dir,
-    zenodo_url,
-    record_id,
-    cache_dir,
-    wav,
-    dt_ms,
-    audio_fs_hz,
-    norm,
-    config_file,
-    json_mode,
-    quiet,
-):
-    """Run every stage in order and publish the store atomically."""
-    from nat4etl.stages.build import build
+def build_settings_options(fn):
+    """The settings `build` and `status` share (status answers "what would build do?")."""
+    for option in reversed(
+        [
+            area_option,
+            click.option(
+                "--source",
+                "source_dir",
+                type=click.Path(exists=True, file_okay=False, path_type=Path),
+                default=None,
+                help="Use a local mirror instead of Zenodo.",
+            ),
+            click.option("--zenodo-url", default=None, help="Zenodo base URL."),
+            click.option("--record", "record_id", type=int, default=None, help="Zenodo record id."),
+            click.option(
+                "--cache",
+                "cache_dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=None,
+                help="Download cache.",
+            ),
+            click.option(
+                "--wav/--no-wav", default=None, help="Include waveforms [default: from config]."
+            ),
+            click.option(
+                "--dt-ms", type=float, default=None, help="Bin width in ms [default: 10]."
+            ),
+            click.option(
+                "--audio-fs", "audio_fs_hz", type=int, default=None, help="Waveform rate, Hz."
+            ),
+            click.option(
+                "--norm",
+                type=click.Choice(["deepstrf", "nems"]),
+                default=None,
+                help="Default normalization preset for the reader.",
+            ),
+            click.option(
+                "--from",
+                "from_stage",
+                type=click.Choice(list(STAGES)),
+                default=None,
+                help="Rerun this stage and every later one.",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
 
-    settings = _settings(
+
+_SETTINGS_FLAGS = (
+    "source_dir",
+    "zenodo_url",
+    "record_id",
+    "cache_dir",
+    "wav",
+    "dt_ms",
+    "audio_fs_hz",
+    "norm",
+)
+
+
+def _build_settings(config_file, area, flags: dict):
+    return _settings(
         config_file,
         areas=_areas(area, config_file),
-        source_dir=source_dir,
-        zenodo_url=zenodo_url,
-        record_id=record_id,
-        cache_dir=cache_dir,
-        wav=wav,
-        dt_ms=dt_ms,
-        audio_fs_hz=audio_fs_hz,
-        norm=norm,
+        **{k: flags[k] for k in _SETTINGS_FLAGS},
     )
+
+
+@cli.command("build")
+@out_options
+@build_settings_options
+@common_options
+@handle_errors
+def build_cmd(out, wait_s, area, from_stage, config_file, json_mode, quiet, **flags):
+    """Run every stage that is not up to date and publish the store atomically.
+
+    Safe from cron: a second build waits (--wait) or exits 5 naming the holder; a build
+    with nothing to do writes nothing and exits 0; a killed build leaves the store intact.
+    """
+    from nat4etl.stages.build import build
+
+    settings = _build_settings(config_file, area, flags)
     with _progress(json_mode, quiet) as progress:
-        build(out, settings, progress, wait_s=wait_s)
+        build(out, settings, progress, wait_s=wait_s, force=_forced(), from_stage=from_stage)
+
+
+@cli.command("status")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store."
+)
+@click.option("--force", is_flag=True, help="Show what `build --force` would do.")
+@build_settings_options
+@common_options
+@handle_errors
+def status_cmd(out, force, area, from_stage, config_file, json_mode, quiet, **flags):
+    """What is built, from which inputs, and what `build` (same options) would rerun and why."""
+    from nat4etl.stages.build import status
+
+    settings = _build_settings(config_file, area, flags)
+    report = status(out, settings, force=force, from_stage=from_stage)
+    if json_mode:
+        import json
+
+        click.echo(json.dumps(report, default=str))
+    elif not quiet:
+        click.echo(_render_status(report))
+
+
+def _render_status(report: dict) -> str:
+    lines = [f"store   {report['out']}"]
+    if not report.get("built"):
+        lines.append("        not built yet")
+    else:
+        rec = report.get("record") or {}
+        lines.append(f"built   {report.get('written_at')}, {report.get('tables', 0)} table files")
+        lines.append(f"record  {rec.get('id', '?')} version {rec.get('version', '?')}")
+        for src in report.get("sources", []):
+            lines.append(f"source  {src['name']}  {src['size_bytes']} B  md5 {src['md5']}")
+    if report.get("lock"):
+        lines.append(f"lock    held by {report['lock']} (a build is running)")
+    for st in report.get("stages", []):
+        why = f": {'; '.join(st['reasons'])}" if st.get("reasons") else ""
+        ran = f" (ran {st['ran_at']})" if st.get("ran_at") and st["state"] == "up to date" else ""
+        lines.append(f"stage   {st['stage']:<13} {st['state']}{ran}{why}")
+    for problem in report.get("manifest") or []:
+        lines.append(f"manifest  {problem}")
+    return "\n".join(lines)
+
+
+@cli.command("verify")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store."
+)
+@click.option("--json", "json_mode", is_flag=True, help="One JSON object per line.")
+@click.option("--quiet", is_flag=True, help="Only the differences.")
+@handle_errors
+def verify_cmd(out, json_mode, quiet):
+    """Re-hash every table and raw file against the manifest; exit 6 naming each difference."""
+    import json
+
+    from nat4etl.errors import VerificationError
+    from nat4etl.stages.build import verify
+
+    problems = verify(out)
+    for problem in problems:
+        if json_mode:
+            click.echo(json.dumps({"level": "error", "event": "difference", "msg": problem}))
+        else:
+            click.echo(f"difference: {problem}", err=True)
+    if problems:
+        raise VerificationError(
+            f"{len(problems)} difference(s) in {out}; Hint: `nat4etl build --out {out}` "
+            "rebuilds what changed"
+        )
+    if json_mode:
+        click.echo(json.dumps({"level": "info", "event": "verified", "out": str(out)}))
+    elif not quiet:
+        click.echo(f"{out}: every table and raw file matches the manifest")
 
 
 @cli.command("sample")

@@ -107,6 +107,8 @@ class Store:
         self.root = Path(root)
         self.published_at = self.root
         self.provenance: dict = {}
+        #: sha256 of every table written through this Store, by path relative to the root
+        self.written: dict[str, str] = {}
         self._dir_fd: int | None = None
 
     def close(self) -> None:
@@ -184,9 +186,9 @@ class Store:
         _fsync(tmp)
         kill_point(f"write:{name}")
         os.replace(tmp, target)
-        return TableInfo(
-            name, area, str(target.relative_to(self.root)), table.num_rows, file_sha256(target)
-        )
+        rel = str(target.relative_to(self.root))
+        self.written[rel] = file_sha256(target)
+        return TableInfo(name, area, rel, table.num_rows, self.written[rel])
 
     def read_table(
         self, name: str, *, area: str | None = None, columns: list[str] | None = None
@@ -363,6 +365,25 @@ def store_lock(
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def lock_holder(out: str | os.PathLike) -> str | None:
+    """Who holds the lock on ``out`` now, or None. Reads /proc/locks instead of trying the
+    lock, so asking never makes a starting build find the lock busy. Linux only."""
+    path = lock_path(Path(out).absolute())
+    try:
+        st = path.stat()
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in text.splitlines():
+        parts = line.split()
+        if "FLOCK" in parts and "->" not in parts:
+            i = parts.index("FLOCK")
+            if len(parts) > i + 4 and parts[i + 4] == want:
+                return _read_holder(path)
+    return None
 
 
 def _read_holder(path: Path) -> str:

@@ -1,24 +1,691 @@
-"""`build`: every stage in order inside one atomic publish."""
+"""`build`: every stage in order inside one atomic publish, skipping what is up to date.
+
+Decide, then act. Under the store's lock, :func:`build` first decides per stage from the
+published store alone (:func:`decide`: fingerprint and cheap output checks, see
+:mod:`nat4etl.fingerprint`). If nothing would run and the manifest is current, it returns:
+no staging copy, no publish, no stage imported, no pyarrow. Otherwise it stages a hard-link
+copy of the store and walks the stages again, deciding each one against the staging copy
+just before it would run: a stage whose upstream reran but produced identical files is still
+skipped (early cut-off). Every stage that ran gets a record in ``_stages/``; then
+``manifest.json`` is written and the copy is published (:func:`nat4etl.store.staging`).
+
+``status`` and ``verify`` live here too: the same decisions, reported instead of acted on,
+and a full re-hash of the store against its manifest.
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib
+import importlib.util
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from nat4etl.config import Settings
-from nat4etl.stages import STAGES, run_stage
-from nat4etl.store import open_for_write
+from nat4etl.errors import ConfigError, NotImplementedYet
+from nat4etl.fingerprint import (
+    Decision,
+    DigestCache,
+    Fingerprint,
+    StageSpec,
+    check_outputs,
+    fingerprint,
+    hash_file,
+    new_record,
+    raw_data_files,
+    record_info,
+    settle,
+    table_files,
+    why_stale,
+)
+from nat4etl.stages import STAGES
+from nat4etl.store import (
+    MANIFEST,
+    RAW,
+    Store,
+    kill_point,
+    lock_holder,
+    open_snapshot,
+    recover,
+    staging,
+    store_lock,
+    write_manifest,
+)
+from nat4etl.store import (
+    STAGES as STAGES_DIR,
+)
+
+#: library versions recorded in the manifest and in every table's metadata
+LIBRARIES = ("pyarrow", "polars", "h5py", "numpy", "soxr")
+
+
+# ====================================================================== stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's contract plus a way to get its ``run`` (imported only when it runs)."""
+
+    spec: StageSpec
+    load: Callable[[], Callable[..., Any]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 def stages_for(settings: Settings) -> tuple[str, ...]:
     return tuple(s for s in STAGES if settings.wav or s != "align-wav")
 
 
-def build(out: Path, settings: Settings, progress, *, wait_s: float = 0.0) -> dict:
-    """Run all stages into a staging copy of ``out``; publish only if every stage succeeded."""
-    summary = {}
-    with open_for_write(out, wait_s=wait_s) as store:
-        for name in stages_for(settings):
-            progress.log(f"stage {name}: start")
-            summary[name] = run_stage(store, name, settings, progress)
-            progress.log(f"stage {name}: done")
-    return summary
+def default_stages(names: Sequence[str]) -> list[Stage]:
+    """The real stages, their contracts read without importing them (see :func:`declared`)."""
+    return [Stage(_spec_of(name), _runner(name)) for name in names]
+
+
+def stages_from_modules(modules: Mapping[str, Any]) -> list[Stage]:
+    """Stages from module-like objects with READS/WRITES/PARAMS/run (tests use fakes)."""
+    return [Stage(_spec_from(name, m), lambda m=m: m.run) for name, m in modules.items()]
+
+
+def _module_name(stage: str) -> str:
+    return f"nat4etl.stages.{stage.replace('-', '_')}"
+
+
+def _spec_of(name: str) -> StageSpec:
+    values = declared(_module_name(name), ("READS", "WRITES", "PARAMS"))
+    if values is None:
+        from nat4etl.stages import stage_module
+
+        return _spec_from(name, stage_module(name))
+    return StageSpec(
+        name,
+        tuple(values.get("READS", ())),
+        tuple(values.get("WRITES", ())),
+        tuple(values.get("PARAMS", ())),
+    )
+
+
+def _spec_from(name: str, module: Any) -> StageSpec:
+    return StageSpec(
+        name,
+        tuple(getattr(module, "READS", ())),
+        tuple(getattr(module, "WRITES", ())),
+        tuple(getattr(module, "PARAMS", ())),
+    )
+
+
+def _runner(name: str) -> Callable[[], Callable[..., Any]]:
+    def load():
+        from nat4etl.stages import stage_module
+
+        return stage_module(name).run
+
+    return load
+
+
+def declared(module: str, names: Sequence[str]) -> dict[str, Any] | None:
+    """Module-level literal constants, read from the source without running it.
+
+    A no-op build must not import the stages (numpy, h5py, pyarrow: about 0.5 s) just to
+    learn their READS/WRITES/PARAMS. Returns None when the module is already imported (use
+    it), is not plain source, or a constant is not a literal: then the caller imports.
+    Raises :class:`NotImplementedYet` when a stage module does not exist.
+    """
+    if module in sys.modules:
+        return None
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        stage = module.rsplit(".", 1)[1].replace("_", "-")
+        raise NotImplementedYet(f"stage `{stage}` is not implemented yet; nothing was written")
+    if not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    found: dict[str, Any] = {}
+    for node in ast.parse(Path(spec.origin).read_bytes()).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        value = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and target.id in names and value is not None:
+            try:
+                found[target.id] = ast.literal_eval(value)
+            except ValueError:
+                return None
+    return found
+
+
+def schema_version() -> int:
+    """nat4etl.schema.SCHEMA_VERSION without importing pyarrow (see :func:`declared`)."""
+    values = declared("nat4etl.schema", ("SCHEMA_VERSION",))
+    if values is None or "SCHEMA_VERSION" not in values:
+        from nat4etl.schema import SCHEMA_VERSION
+
+        return SCHEMA_VERSION
+    return int(values["SCHEMA_VERSION"])
+
+
+def forced_reasons(
+    names: Sequence[str], *, force: bool = False, from_stage: str | None = None
+) -> dict[str, str]:
+    """Stages to rerun whatever their fingerprints say, with the reason to print."""
+    if force:
+        return {n: "forced (--force)" for n in names}
+    if from_stage is None:
+        return {}
+    if from_stage not in names:
+        raise ConfigError(
+            f"`--from {from_stage}`: not a stage of this build; choose one of {', '.join(names)}"
+        )
+    return {n: f"forced (--from {from_stage})" for n in names[names.index(from_stage) :]}
+
+
+# ====================================================================== decide
+
+
+class Context:
+    """What deciding needs: settings, the digest cache, the schema version."""
+
+    def __init__(self, settings: Settings, root: Path) -> None:
+        self.settings = settings
+        self.cache = DigestCache()
+        self.schema_version = schema_version()
+        self.records = read_records(root)
+        for record in self.records.values():
+            self.cache.learn(record.get("outputs") or {})
+
+
+def read_records(root: Path) -> dict[str, dict]:
+    """Every ``_stages/<stage>.json`` of the store at ``root``."""
+    store = Store(root)
+    out = {}
+    for name in STAGES:
+        record = store.read_stage_record(name)
+        if record is not None:
+            out[name] = record
+    d = root / STAGES_DIR
+    if d.is_dir():  # stages not in STAGES (tests' fakes)
+        for p in sorted(d.glob("*.json")):
+            if p.stem not in out and (record := store.read_stage_record(p.stem)) is not None:
+                out[p.stem] = record
+    return out
+
+
+def decide(root: Path, stage: Stage, ctx: Context, *, forced: str | None = None) -> Decision:
+    """Run or skip ``stage`` against the store at ``root``, and why."""
+    fp = fingerprint(root, stage.spec, ctx.settings, ctx.cache, schema_version=ctx.schema_version)
+    if forced:
+        return Decision(stage.name, True, (forced,), fp)
+    record = Store(root).read_stage_record(stage.name)
+    reasons = why_stale(record, fp) or check_outputs(root, record or {}, ctx.cache)
+    return Decision(stage.name, bool(reasons), tuple(reasons), fp)
+
+
+def manifest_problems(root: Path, ctx: Context) -> list[str]:
+    """Why ``manifest.json`` does not describe the store as it is (cheap checks)."""
+    manifest = Store(root).read_manifest()
+    if manifest is None:
+        return ["manifest.json is missing"]
+    problems = []
+    listed = {t.get("path"): t.get("sha256") for t in manifest.get("tables", [])}
+    present = all_table_files(root)
+    for rel in sorted(set(listed) - set(present)):
+        problems.append(f"manifest lists {rel}, which is missing")
+    for rel in present:
+        if rel not in listed:
+            problems.append(f"{rel} is not in the manifest")
+        elif f"sha256:{listed[rel]}" != ctx.cache.digest(root, rel):
+            problems.append(f"{rel} differs from the manifest")
+    stages = manifest.get("stages") or {}
+    for name, record in ctx.records.items():
+        if (stages.get(name) or {}).get("fingerprint") != record.get("fingerprint"):
+            problems.append(f"manifest does not match _stages/{name}.json")
+    return problems
+
+
+def all_table_files(root: Path) -> list[str]:
+    """Every ``<table>/area=*/part-0.parquet`` in the store, without the schema module."""
+    if not root.is_dir():
+        return []
+    rels: list[str] = []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and d.name not in (RAW, STAGES_DIR) and not d.name.startswith("."):
+            rels += table_files(root, d.name)
+    return rels
+
+
+# ====================================================================== act
+
+
+@dataclass
+class BuildResult:
+    """What a build did. ``up_to_date``: nothing ran and nothing was published."""
+
+    out: Path
+    up_to_date: bool
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "up_to_date": self.up_to_date,
+            "ran": self.ran,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def build(
+    out: str | os.PathLike,
+    settings: Settings,
+    progress,
+    *,
+    wait_s: float = 0.0,
+    force: bool = False,
+    from_stage: str | None = None,
+    only: Sequence[str] | None = None,
+    stages: Mapping[str, Any] | None = None,
+) -> BuildResult:
+    """Bring the store at ``out`` up to date with ``settings``; publish only if all succeed.
+
+    Parameters
+    ----------
+    out
+        The store directory; created on the first build.
+    settings
+        Every parameter (see :mod:`nat4etl.config`).
+    progress
+        Where log lines go (``.log(msg, **fields)``).
+    wait_s
+        Seconds to wait for another writer's lock; default 0: fail at once with
+        :class:`~nat4etl.errors.StoreLocked` naming the holder.
+    force
+        Rerun every stage whatever the fingerprints say.
+    from_stage
+        Rerun this stage and every later one.
+    only
+        Run just these stages (the single-stage commands); default: every stage of the
+        build (``align-wav`` only with ``settings.wav``).
+    stages
+        Stage modules by name, in order (tests); default the real ones.
+
+    Returns
+    -------
+    BuildResult
+        ``up_to_date`` when nothing had to run (then nothing was written at all).
+    """
+    t0 = time.monotonic()
+    out = Path(out).absolute()
+    chosen = _choose(settings, only, stages)
+    forced = forced_reasons([s.name for s in chosen], force=force, from_stage=from_stage)
+
+    def on_wait(holder: str) -> None:
+        progress.log(f"waiting up to {wait_s:g} s for the lock on {out} ({holder})")
+
+    with store_lock(out, wait_s=wait_s, on_wait=on_wait):
+        for note in recover(out):
+            progress.log(note, level="warning")
+        ctx = Context(settings, out)
+        plan = [decide(out, s, ctx, forced=forced.get(s.name)) for s in chosen]
+        stale_manifest = [] if not ctx.records else manifest_problems(out, ctx)
+        if not any(d.run for d in plan) and not stale_manifest:
+            result = BuildResult(out, True, [], [d.stage for d in plan], plan)
+            result.seconds = time.monotonic() - t0
+            progress.log(f"{out}: up to date ({result.seconds:.2f} s)", **result.as_dict())
+            return result
+        for problem in stale_manifest:
+            progress.log(f"manifest: {problem}; rewriting it")
+        result = _run_staged(out, chosen, ctx, forced, progress, started=_now_iso())
+    result.seconds = time.monotonic() - t0
+    progress.log(
+        f"{out}: published ({', '.join(result.ran) or 'manifest only'}; {result.seconds:.1f} s)",
+        **result.as_dict(),
+    )
+    return result
+
+
+def _choose(
+    settings: Settings, only: Sequence[str] | None, stages: Mapping[str, Any] | None
+) -> list[Stage]:
+    if stages is not None:
+        chosen = stages_from_modules(stages)
+        return [s for s in chosen if only is None or s.name in only]
+    names = tuple(only) if only is not None else stages_for(settings)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stages {unknown}; known: {', '.join(STAGES)}")
+    return default_stages(names)
+
+
+def _run_staged(
+    out: Path,
+    chosen: list[Stage],
+    ctx: Context,
+    forced: Mapping[str, str],
+    progress,
+    *,
+    started: str,
+) -> BuildResult:
+    result = BuildResult(out, False)
+
+    def manifest(store: Store) -> dict:
+        written = [rel for name in result.ran for rel in ctx.records[name]["outputs"]]
+        settle(store.root, written)
+        return _write_build_manifest(store, ctx, result, started)
+
+    with staging(out, manifest=manifest) as store:
+        for stage in chosen:
+            d = decide(store.root, stage, ctx, forced=forced.get(stage.name))
+            result.decisions.append(d)
+            if not d.run:
+                result.skipped.append(stage.name)
+                progress.log(f"stage {stage.name}: up to date", stage=stage.name, action="skip")
+                continue
+            why = "; ".join(d.reasons)
+            progress.log(
+                f"stage {stage.name}: running ({why})",
+                stage=stage.name,
+                action="run",
+                reasons=list(d.reasons),
+            )
+            _run_one(store, stage, d.fingerprint, ctx, progress)
+            result.ran.append(stage.name)
+    return result
+
+
+def _run_one(store: Store, stage: Stage, fp: Fingerprint, ctx: Context, progress) -> None:
+    """Run one stage in staging and record what it ran on and what it wrote."""
+    run = stage.load()
+    store.provenance = table_provenance(store.root, stage.spec, fp, ctx)
+    store.written = {}
+    kill_point(f"stage:{stage.name}")
+    t0 = time.monotonic()
+    summary = run(store, ctx.settings, progress) or {}
+    seconds = time.monotonic() - t0
+    store.provenance = {}
+    trusted = {rel: f"sha256:{hexdigest}" for rel, hexdigest in store.written.items()}
+    if stage.spec.writes_raw:
+        trusted.update(_fetch_json_md5s(store.root))
+    record = new_record(
+        store.root, stage.spec, fp, ctx.cache, summary=summary, seconds=seconds, trusted=trusted
+    )
+    store.write_json(store.stage_record_path(stage.name), record)
+    ctx.records[stage.name] = record
+    progress.log(
+        f"stage {stage.name}: done in {seconds:.1f} s",
+        stage=stage.name,
+        action="done",
+        seconds=round(seconds, 3),
+    )
+
+
+def _fetch_json_md5s(root: Path) -> dict[str, str]:
+    """md5s fetch verified moments ago in this staging copy (saves re-reading raw/)."""
+    import json
+
+    try:
+        files = json.loads((root / RAW / "fetch.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {}
+    for e in files:
+        try:
+            path = root / RAW / e["name"]
+            if path.is_file() and path.stat().st_size == e["size_bytes"]:
+                out[f"{RAW}/{e['name']}"] = f"md5:{str(e['md5']).lower().removeprefix('md5:')}"
+        except (KeyError, TypeError):
+            continue
+    return out
+
+
+# ====================================================================== provenance
+
+
+@functools.cache
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def sources(root: Path, cache: DigestCache) -> list[dict[str, Any]]:
+    """Every Zenodo file in raw/: name, size, md5."""
+    out = []
+    for rel in raw_data_files(root):
+        state = cache.state(root, rel)
+        md5 = state.digest.removeprefix("md5:")
+        out.append({"name": rel.split("/", 1)[1], "size_bytes": state.size_bytes, "md5": md5})
+    return out
+
+
+def table_provenance(root: Path, spec: StageSpec, fp: Fingerprint, ctx: Context) -> dict:
+    """What goes into every table the stage writes. No timestamps and no paths, so the same
+    inputs give the same bytes wherever the mirror lives."""
+    params = {
+        k: v
+        for k, v in fp.params.items()
+        if not isinstance(getattr(ctx.settings, k, None), os.PathLike)
+    }
+    return {
+        "stage": spec.name,
+        "params": params,
+        "record": record_info(root / RAW),
+        "sources": sources(root, ctx.cache),
+        "libraries": library_versions(),
+    }
+
+
+def _write_build_manifest(store: Store, ctx: Context, result: BuildResult, started: str) -> dict:
+    root = store.root
+    parameters: dict[str, Any] = {}
+    stages = {}
+    for name, record in ctx.records.items():
+        parameters.update(record.get("params") or {})
+        stages[name] = {
+            k: record.get(k) for k in ("fingerprint", "ran_at", "seconds", "params", "inputs")
+        }
+    extra = {
+        "record": record_info(root / RAW),
+        "sources": sources(root, ctx.cache),
+        "libraries": library_versions(),
+        "parameters": parameters,
+        "stages": stages,
+        "build": {
+            "started_at": started,
+            "finished_at": _now_iso(),
+            "ran": result.ran,
+            "skipped": result.skipped,
+        },
+    }
+
+    def sha256(path: Path) -> str:
+        return ctx.cache.digest(root, str(path.relative_to(root))).removeprefix("sha256:")
+
+    return write_manifest(store, extra, sha256=sha256)
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ====================================================================== status
+
+
+def status(
+    out: str | os.PathLike,
+    settings: Settings,
+    *,
+    force: bool = False,
+    from_stage: str | None = None,
+    stages: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What is built, from which inputs, what a build with ``settings`` would rerun and why.
+
+    Read-only and lock-free: it reads the generation published now (a snapshot).
+    """
+    out = Path(out).absolute()
+    chosen = _choose(settings, None, stages)
+    forced = forced_reasons([s.name for s in chosen], force=force, from_stage=from_stage)
+    report: dict[str, Any] = {"out": str(out), "built": False, "lock": lock_holder(out)}
+    if not out.is_dir():
+        report["stages"] = [
+            {"stage": s.name, "state": "will run", "reasons": ["never built"]} for s in chosen
+        ]
+        return report
+    snap = open_snapshot(out)
+    try:
+        root = snap.root
+        ctx = Context(settings, root)
+        manifest = snap.read_manifest() or {}
+        report.update(
+            built=bool(manifest),
+            written_at=manifest.get("written_at"),
+            record=manifest.get("record") or record_info(root / RAW),
+            sources=manifest.get("sources", []),
+            tables=len(manifest.get("tables", [])),
+        )
+        report["stages"] = _stage_states(root, chosen, ctx, forced)
+        report["manifest"] = manifest_problems(root, ctx) if ctx.records else []
+    finally:
+        snap.close()
+    report["up_to_date"] = (
+        all(s["state"] == "up to date" for s in report["stages"]) and not (report["manifest"])
+    )
+    return report
+
+
+def _stage_states(
+    root: Path, chosen: list[Stage], ctx: Context, forced: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """Per stage: up to date / will run / may run (an upstream reruns; skipped if it
+    produces the same files)."""
+    rows = []
+    rerun_tables: dict[str, str] = {}  # table (or "raw") -> the stage that rewrites it
+    for stage in chosen:
+        d = decide(root, stage, ctx, forced=forced.get(stage.name))
+        record = ctx.records.get(stage.name) or {}
+        upstream = sorted({rerun_tables[r] for r in stage.spec.reads if r in rerun_tables})
+        if d.run:
+            state = "will run"
+        elif upstream:
+            state = "may run"
+        else:
+            state = "up to date"
+        reasons = list(d.reasons)
+        if state == "may run":
+            reasons = [f"if {', '.join(upstream)} writes different files"]
+        if state != "up to date":
+            for t in stage.spec.writes:
+                rerun_tables[t] = stage.name
+            if stage.spec.writes_raw:
+                rerun_tables["raw"] = stage.name
+        rows.append(
+            {
+                "stage": stage.name,
+                "state": state,
+                "reasons": reasons,
+                "ran_at": record.get("ran_at"),
+                "params": record.get("params"),
+                "inputs": len(record.get("inputs") or {}),
+                "outputs": len(record.get("outputs") or {}),
+            }
+        )
+    return rows
+
+
+# ====================================================================== verify
+
+
+def verify(out: str | os.PathLike) -> list[str]:
+    """Re-hash every table and raw file against the manifest and the stage records.
+
+    Returns the differences, one line each, naming the file (empty: the store verifies).
+    Read-only and lock-free: it checks the generation published now.
+    """
+    out = Path(out).absolute()
+    if not (out / MANIFEST).is_file():
+        return [f"{out}: no {MANIFEST}; not a complete nat4etl store"]
+    snap = open_snapshot(out)
+    try:
+        return _verify_root(snap.root, snap.read_manifest() or {})
+    finally:
+        snap.close()
+
+
+def _verify_root(root: Path, manifest: dict) -> list[str]:
+    expected: dict[str, dict[str, str]] = {}  # path -> {claimant: digest}
+    sizes: dict[str, int] = {}
+    for t in manifest.get("tables", []):
+        expected.setdefault(t["path"], {})[MANIFEST] = f"sha256:{t['sha256']}"
+        if "size_bytes" in t:
+            sizes[t["path"]] = t["size_bytes"]
+    for s in manifest.get("sources", []):
+        expected.setdefault(f"{RAW}/{s['name']}", {})[MANIFEST] = f"md5:{s['md5']}"
+        sizes[f"{RAW}/{s['name']}"] = s["size_bytes"]
+    for name, record in read_records(root).items():
+        for rel, state in (record.get("outputs") or {}).items():
+            expected.setdefault(rel, {})[f"_stages/{name}.json"] = state.get("digest")
+            sizes.setdefault(rel, state.get("size_bytes"))
+    problems = []
+    for rel in sorted(expected):
+        problems += _verify_file(root, rel, expected[rel], sizes.get(rel))
+    for rel in all_table_files(root):
+        if rel not in expected:
+            problems.append(f"{rel}: not in {MANIFEST} (a table nothing recorded)")
+    problems += _verify_rows(root, manifest)
+    return problems
+
+
+def _verify_file(root: Path, rel: str, claims: dict[str, str], size: int | None) -> list[str]:
+    path = root / rel
+    if not path.is_file():
+        return [f"{rel}: missing (listed in {', '.join(sorted(claims))})"]
+    got_size = path.stat().st_size
+    if size is not None and got_size != size:
+        return [f"{rel}: size {got_size} bytes, expected {size}"]
+    by_digest: dict[str, list[str]] = {}  # expected digest -> who says so
+    for claimant, digest in sorted(claims.items()):
+        by_digest.setdefault(str(digest), []).append(claimant)
+    problems = []
+    got: dict[str, str] = {}
+    for digest, claimants in sorted(by_digest.items()):
+        algo, _, want = digest.partition(":")
+        if algo not in got:
+            got[algo] = hash_file(path, algo)
+        if got[algo] != digest:
+            problems.append(
+                f"{rel}: {algo} {got[algo].partition(':')[2]}, expected {want} "
+                f"({', '.join(claimants)})"
+            )
+    return problems
+
+
+def _verify_rows(root: Path, manifest: dict) -> list[str]:
+    """Row counts from each Parquet footer (after the digests, so the files are intact)."""
+    tables = [t for t in manifest.get("tables", []) if (root / t["path"]).is_file()]
+    if not tables:
+        return []
+    import pyarrow.parquet as pq
+
+    problems = []
+    for t in tables:
+        try:
+            rows = pq.read_metadata(root / t["path"]).num_rows
+        except Exception as err:  # a corrupt footer: name the file, whatever pyarrow says
+            problems.append(f"{t['path']}: unreadable Parquet ({err})")
+            continue
+        if rows != t.get("rows"):
+            problems.append(f"{t['path']}: {rows} rows, {MANIFEST} says {t.get('rows')}")
+    return problems
