@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
 import platformdirs
@@ -58,6 +59,7 @@ DEFAULT_RECORD_ID = 8044773
 DEFAULT_ZENODO_URL = "https://zenodo.org"
 CACHE_ENV = "NAT4ETL_CACHE"
 VERIFY_ATTEMPTS = 3  # whole re-downloads after an md5 mismatch (network retries are separate)
+CANCEL_GRACE_S = 2.0  # after Ctrl-C, how long to let workers clean up
 STALE_PART_AGE_S = 24 * 3600  # older temp files are leftovers of a killed run
 
 Action = Literal["up-to-date", "copy-from-cache", "copy-from-source", "download"]
@@ -368,6 +370,8 @@ def fetch(
     """
     if jobs < 1:
         raise ConfigError(f"`jobs` must be >= 1, got {jobs}")
+    if not needed_files(areas, wav=wav):
+        raise ConfigError("nothing to fetch: `areas` is empty and `wav` is False")
     dest_dir = Path(dest_dir)
     if source_dir is not None and _same_dir(source_dir, dest_dir):
         raise ConfigError(f"`source_dir` and `dest_dir` are the same directory ({dest_dir})")
@@ -395,6 +399,7 @@ def fetch(
         )
         dest_dir.mkdir(parents=True, exist_ok=True)
         cache = None if source_dir is not None else _usable_cache(cache_dir, progress)
+        progress.log(f"checking files already in {dest_dir}" + (f" and {cache}" if cache else ""))
         steps = plan_fetch(
             listing.remote,
             areas=areas,
@@ -454,23 +459,56 @@ class _Executor:
 
     def run(self, steps: list[FetchStep], *, jobs: int) -> list[FetchEntry]:
         """All steps, ``jobs`` at a time; the first error (in plan order) is raised after
-        the others finished, so one bad file does not waste the other transfers."""
+        the others finished, so one bad file does not waste the other transfers.
+
+        Workers are daemon threads: on Ctrl-C they stop at their next chunk or retry wait
+        (removing their temp file); one stuck in a read is abandoned after
+        ``CANCEL_GRACE_S`` rather than holding the process for a whole timeout. What it
+        leaves is a ``.part-*`` file, never a final name.
+        """
         _remove_stale_parts(steps)
-        pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="nat4etl-fetch")
+        todo: queue.SimpleQueue[tuple[int, FetchStep]] = queue.SimpleQueue()
+        for item in enumerate(steps):
+            todo.put(item)
+        results: list[FetchEntry | BaseException | None] = [None] * len(steps)
+
+        def work(finished: threading.Event) -> None:
+            try:
+                while not self.cancel.is_set():
+                    try:
+                        i, step = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        results[i] = self._run_step(step)
+                    except BaseException as err:  # reported by the main thread, in plan order
+                        results[i] = err
+            finally:
+                finished.set()
+
+        # Events, not Thread.join: a join interrupted by Ctrl-C can mark a live thread
+        # stopped (CPython bpo-45274 handling), which would end the grace wait early.
+        finished = [threading.Event() for _ in range(min(jobs, len(steps)))]
+        for k, event in enumerate(finished):
+            threading.Thread(
+                target=work, args=(event,), name=f"nat4etl-fetch-{k}", daemon=True
+            ).start()
         try:
-            futures = [pool.submit(self._run_step, step) for step in steps]
-            wait(futures)
+            for event in finished:
+                while not event.wait(0.5):  # short waits keep the main thread responsive to Ctrl-C
+                    pass
         except BaseException:
-            self.cancel.set()  # Ctrl-C: workers stop at their next chunk or sleep
-            pool.shutdown(wait=True, cancel_futures=True)
+            self.cancel.set()
+            deadline_s = time.monotonic() + CANCEL_GRACE_S
+            for event in finished:
+                event.wait(max(0.0, deadline_s - time.monotonic()))
             raise
-        pool.shutdown(wait=True)
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        errors = [r for r in results if isinstance(r, BaseException)]
         for err in errors[1:]:
             self.progress.log(str(err), level="error")
         if errors:
             raise errors[0]
-        return [f.result() for f in futures]
+        return [r for r in results if isinstance(r, FetchEntry)]
 
     def _run_step(self, step: FetchStep) -> FetchEntry:
         name = step.remote.name
@@ -659,7 +697,7 @@ def _fsync_dir(directory: Path) -> None:
 def _remove_stale_parts(steps: list[FetchStep], *, older_than_s: float = STALE_PART_AGE_S) -> None:
     """Delete temp files a killed run left beside our targets. Recent ones may belong to a
     concurrent fetch sharing the cache, so they are left alone."""
-    now_s = datetime.now().timestamp()
+    now_s = time.time()
     for step in steps:
         for final in filter(None, (step.target, step.cache_entry)):
             if not final.parent.is_dir():
@@ -675,30 +713,16 @@ def _remove_stale_parts(steps: list[FetchStep], *, older_than_s: float = STALE_P
 def _write_manifests(
     dest_dir: Path, listing: Listing, entries: list[FetchEntry], record_id: int
 ) -> None:
-    """``record.json`` as fetched, then ``fetch.json``; entries of files fetched earlier
-    for other areas are kept while those files are still there."""
-    kept = [e for e in _previous_entries(dest_dir) if e["name"] not in {x.name for x in entries}]
-    kept = [e for e in kept if _still_there(dest_dir / e["name"], e.get("size_bytes"))]
+    """``record.json`` as fetched, then ``fetch.json``: exactly the files this run verified
+    (never entries carried over from earlier runs: readers trust these md5s)."""
     manifest = {
         "record_id": record_id,
         "origin": listing.origin,
         "published_checksums": listing.published_checksums,
-        "files": sorted([asdict(e) for e in entries] + kept, key=lambda e: e["name"]),
+        "files": [asdict(e) for e in entries],
     }
     _write_atomic(dest_dir / RECORD_JSON, listing.record_bytes)
     _write_atomic(dest_dir / FETCH_JSON, (json.dumps(manifest, indent=2) + "\n").encode())
-
-
-def _previous_entries(dest_dir: Path) -> list[dict[str, Any]]:
-    try:
-        files = json.loads((dest_dir / FETCH_JSON).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return [e for e in files if isinstance(e, dict) and isinstance(e.get("name"), str)]
-
-
-def _still_there(path: Path, size_bytes: Any) -> bool:
-    return path.is_file() and path.stat().st_size == size_bytes
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
