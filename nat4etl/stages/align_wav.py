@@ -1,0 +1,226 @@
+"""`align-wav`: each sound's source waveform, placed in its trial window on the bin grid.
+
+A NAT4 presentation is PreStimSilence + the 1 s sound + PostStimSilence; ``wav.zip`` holds
+only the sound. Each waveform is downmixed to mono, resampled with soxr when its rate is
+not ``audio_fs_hz``, placed at the PreStimSilence offset and cropped or zero-padded to
+exactly ``n_bins * hop`` samples, ``hop = audio_fs_hz * dt_ms / 1000`` (an integer, so
+spectrogram frame ``t`` covers samples ``[t * hop, (t + 1) * hop)``).
+
+Wav files are matched to epoch names case-insensitively: a few NAT4 names differ from
+their file only in letter case. Each case-only match is logged; a sound with no wav at all
+fails the stage, listing every missing name at once.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+
+from nat4etl import nat4
+from nat4etl.errors import ConfigError, FormatError, InputMismatch, MissingMember
+from nat4etl.stages import rebin_sites as rs
+
+READS = ("raw", "stims")
+WRITES = ("waveforms",)
+PARAMS = ("areas", "dt_ms", "audio_fs_hz")
+
+
+# ============================================================================ grid
+@dataclass(frozen=True)
+class AudioGrid:
+    """Samples per bin and per presentation at ``audio_fs_hz``."""
+
+    audio_fs_hz: int
+    dt_ms: float
+    hop: int
+    n_bins: int
+
+    @property
+    def n_samples(self) -> int:
+        return self.n_bins * self.hop
+
+
+def audio_grid(stims: pa.Table, *, dt_ms: float, audio_fs_hz: int) -> AudioGrid:
+    """Check that a bin is a whole number of audio samples and the trial whole bins."""
+    exact_hop = audio_fs_hz * dt_ms / 1000.0
+    hop = round(exact_hop)
+    if hop < 1 or abs(exact_hop - hop) > 1e-9:
+        raise ConfigError(
+            f"audio_fs_hz={audio_fs_hz} and dt_ms={dt_ms:g} give {exact_hop:g} audio samples "
+            "per bin; waveforms are aligned to the bins only when that is an integer. "
+            f"Hint: choose --audio-fs a multiple of {1000.0 / dt_ms:g} Hz (e.g. 44100 at 10 ms)"
+        )
+    durations_s = np.unique(stims.column("duration_s").to_numpy())
+    n_bins_exact = durations_s * 1000.0 / dt_ms
+    n_bins = np.round(n_bins_exact)
+    if len(stims) == 0 or np.any(np.abs(n_bins_exact - n_bins) > 1e-6) or len(set(n_bins)) != 1:
+        raise ConfigError(
+            f"dt_ms={dt_ms:g} does not divide the presentations "
+            f"({sorted(set(durations_s.tolist()))} s) into whole bins"
+        )
+    return AudioGrid(audio_fs_hz, dt_ms, hop, int(n_bins[0]))
+
+
+# ============================================================================ matching
+@dataclass(frozen=True)
+class WavMatch:
+    """Which wav.zip member each stim uses; case-only matches and misses listed."""
+
+    member_of: dict[int, str]  # stim id -> member name
+    case_only: list[tuple[str, str]]  # (epoch name, member)
+    missing: list[str]  # epoch names
+
+
+def match_wavs(stims: pa.Table, members: list[str]) -> WavMatch:
+    """Exact file name first, then the same name ignoring case (unique), per stim."""
+    exact = {PurePosixPath(m).name: m for m in members if m.lower().endswith(".wav")}
+    folded: dict[str, list[str]] = {}
+    for name, member in exact.items():
+        folded.setdefault(name.lower(), []).append(member)
+    member_of, case_only, missing = {}, [], []
+    for stim, name, wav in zip(
+        stims.column("stim").to_pylist(),
+        stims.column("name").to_pylist(),
+        stims.column("wav_name").to_pylist(),
+        strict=True,
+    ):
+        wav = wav or nat4.wav_name(name)
+        if wav in exact:
+            member_of[stim] = exact[wav]
+            continue
+        candidates = folded.get(wav.lower(), [])
+        if len(candidates) == 1:
+            member_of[stim] = candidates[0]
+            case_only.append((name, candidates[0]))
+        else:
+            missing.append(name if not candidates else f"{name} (ambiguous: {candidates})")
+    return WavMatch(member_of, case_only, missing)
+
+
+# ============================================================================ audio
+def decode_wav(data: bytes, *, name: str = "") -> tuple[np.ndarray, int]:
+    """Wav bytes -> float32 (frames, channels) in [-1, 1] and the sample rate in Hz."""
+    import soundfile
+
+    try:
+        samples, fs_hz = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as err:
+        raise FormatError(f"not a readable wav: {err}", member=name) from err
+    return samples, int(fs_hz)
+
+
+def place(samples: np.ndarray, fs_hz: int, *, prestim_s: float, grid: AudioGrid) -> np.ndarray:
+    """Mono, at ``grid.audio_fs_hz``, starting at ``prestim_s``, exactly ``grid.n_samples``."""
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples
+    mono = np.asarray(mono, dtype=np.float32)
+    if fs_hz != grid.audio_fs_hz:
+        import soxr
+
+        mono = soxr.resample(mono, fs_hz, grid.audio_fs_hz).astype(np.float32, copy=False)
+    out = np.zeros(grid.n_samples, dtype=np.float32)
+    start = min(max(round(prestim_s * grid.audio_fs_hz), 0), grid.n_samples)
+    seg = mono[: grid.n_samples - start]
+    out[start : start + len(seg)] = seg
+    return out
+
+
+def waveforms(
+    stims: pa.Table, wavs: dict[int, tuple[np.ndarray, int]], grid: AudioGrid
+) -> pa.Table:
+    """The waveforms table: one row per stim that has a decoded wav."""
+    ids = [s for s in stims.column("stim").to_pylist() if s in wavs]
+    prestim = dict(
+        zip(stims.column("stim").to_pylist(), stims.column("prestim_s").to_pylist(), strict=True)
+    )
+    samples = np.empty((len(ids), grid.n_samples), dtype=np.float32)
+    for i, stim in enumerate(ids):
+        data, fs_hz = wavs[stim]
+        samples[i] = place(data, fs_hz, prestim_s=prestim[stim], grid=grid)
+    return rs._vectors_table({"stim": np.asarray(ids, dtype=np.int32)}, "samples", samples)
+
+
+# ============================================================================ stage
+def wav_zip_path(store, settings) -> Path:
+    """wav.zip as fetched into the store's raw dir, else in ``--source``."""
+    candidates = [Path(store.raw_dir) / nat4.WAV_ZIP]
+    if settings.source_dir is not None:
+        candidates.append(Path(settings.source_dir) / nat4.WAV_ZIP)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise MissingMember(
+        f"{nat4.WAV_ZIP} not found (looked in {', '.join(str(p.parent) for p in candidates)}); "
+        "run `nat4etl fetch --wav` first, or build with --no-wav",
+        path=candidates[0],
+    )
+
+
+def read_wavs(path: Path, wanted: set[str], progress) -> dict[str, tuple[np.ndarray, int]]:
+    """Decode the ``wanted`` members of wav.zip in one pass (members live only while iterated)."""
+    from nat4etl.formats.archive import iter_members
+
+    out = {}
+    progress.start("align-wav", total=len(wanted), unit="wavs")
+    try:
+        for member in iter_members(path):
+            if member.name in wanted:
+                out[member.name] = decode_wav(member.read(), name=member.name)
+                progress.advance("align-wav", 1)
+    finally:
+        progress.done("align-wav")
+    return out
+
+
+def run(store, settings, progress) -> dict:
+    from nat4etl.formats.archive import iter_members
+
+    path = wav_zip_path(store, settings)
+    names = [m.name for m in iter_members(path) if m.name.lower().endswith(".wav")]
+    areas = rs._areas(store, settings)
+    stims = {a: store.read_table("stims", area=a).drop_columns(["area"]) for a in areas}
+    grids = {
+        a: audio_grid(stims[a], dt_ms=settings.dt_ms, audio_fs_hz=settings.audio_fs_hz)
+        for a in areas
+    }
+    matches = {a: match_wavs(stims[a], names) for a in areas}
+    missing = [f"{a}: {name}" for a in areas for name in matches[a].missing]
+    if missing:
+        raise InputMismatch(
+            f"{len(missing)} sounds have no wav in {nat4.WAV_ZIP}: {', '.join(missing)}",
+            path=path,
+        )
+    for a in areas:
+        for name, member in matches[a].case_only:
+            progress.log(f"{a}: {name} matched {member} ignoring letter case")
+    decoded = read_wavs(path, {m for a in areas for m in matches[a].member_of.values()}, progress)
+    summary = {}
+    for area in areas:
+        match, grid = matches[area], grids[area]
+        wavs = {stim: decoded[member] for stim, member in match.member_of.items()}
+        table = waveforms(stims[area], wavs, grid)
+        rates = sorted({fs for _, fs in wavs.values()})
+        store.write_table(
+            "waveforms",
+            table,
+            area=area,
+            metadata={
+                "audio_fs_hz": grid.audio_fs_hz,
+                "dt_ms": grid.dt_ms,
+                "hop": grid.hop,
+                "n_bins": grid.n_bins,
+                "n_samples": grid.n_samples,
+                "source_fs_hz": rates,
+                "resampled": rates != [grid.audio_fs_hz],
+                "case_only_matches": [list(x) for x in match.case_only],
+            },
+        )
+        summary[area] = {
+            "waveforms": table.num_rows,
+            "case_only_matches": len(match.case_only),
+            "hop": grid.hop,
+        }
+    return summary

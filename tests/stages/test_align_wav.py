@@ -1,0 +1,135 @@
+"""align-wav: wav.zip members matched to stims, downmixed, resampled, placed on the bin grid."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import zipfile
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile
+
+from nat4etl.config import load_settings
+from nat4etl.errors import ConfigError, InputMismatch
+from nat4etl.progress import NullProgress
+from nat4etl.stages import align_wav as aw
+from nat4etl.stages import rebin_sites as rs
+from nat4etl.store import Store
+
+NAMES = ["STIM_cat1_Bird.wav", "STIM_cat2.wav", "STIM_00cat3.wav"]
+
+
+def _stims(names=NAMES):
+    n = len(names)
+    return pa.table(
+        {
+            "stim": pa.array(range(n), pa.int32()),
+            "name": names,
+            "subset": ["val" if "00cat" in x else "est" for x in names],
+            "wav_name": [x[len("STIM_") :] for x in names],
+            "duration_s": [1.5] * n,
+            "prestim_s": [0.25] * n,
+            "poststim_s": [0.25] * n,
+            "n_frames": pa.array([150] * n, pa.int32()),
+            "pop_start_s": [1.5 * i for i in range(n)],
+        }
+    )
+
+
+def _wav_bytes(samples, fs_hz):
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, fs_hz, subtype="FLOAT", format="WAV")
+    return buf.getvalue()
+
+
+def _sounds():
+    rng = np.random.default_rng(0)
+    mono = (0.5 * rng.uniform(-1, 1, 44_100)).astype(np.float32)
+    stereo = (0.5 * rng.uniform(-1, 1, (48_000, 2))).astype(np.float32)
+    long = (0.5 * rng.uniform(-1, 1, 44_100 * 2)).astype(np.float32)
+    return {
+        "wav/cat1_bird.wav": (mono, 44_100),  # case-only match for STIM_cat1_Bird.wav
+        "wav/cat2.wav": (stereo, 48_000),
+        "wav/00cat3.wav": (long, 44_100),  # longer than the window: cropped
+    }
+
+
+def _zip(path, sounds):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("wav/", b"")
+        for name, (samples, fs) in sounds.items():
+            zf.writestr(name, _wav_bytes(samples, fs))
+
+
+def test_grid_requires_whole_samples_per_bin():
+    grid = aw.audio_grid(_stims(), dt_ms=10, audio_fs_hz=44_100)
+    assert (grid.hop, grid.n_bins, grid.n_samples) == (441, 150, 66_150)
+    with pytest.raises(ConfigError, match="220.5 audio samples per bin"):
+        aw.audio_grid(_stims(), dt_ms=5, audio_fs_hz=44_100)
+    assert aw.audio_grid(_stims(), dt_ms=5, audio_fs_hz=48_000).hop == 240
+
+
+def test_matching_is_case_insensitive_and_lists_every_miss():
+    m = aw.match_wavs(_stims(), ["wav/cat1_bird.wav", "wav/cat2.wav", "wav/00cat3.wav"])
+    assert m.member_of == {0: "wav/cat1_bird.wav", 1: "wav/cat2.wav", 2: "wav/00cat3.wav"}
+    assert m.case_only == [("STIM_cat1_Bird.wav", "wav/cat1_bird.wav")]
+    m = aw.match_wavs(_stims(), ["wav/cat2.wav"])
+    assert m.missing == ["STIM_cat1_Bird.wav", "STIM_00cat3.wav"]
+
+
+def test_placement_downmix_resample_crop():
+    grid = aw.audio_grid(_stims(), dt_ms=10, audio_fs_hz=44_100)
+    sounds = _sounds()
+    mono, _ = sounds["wav/cat1_bird.wav"]
+    out = aw.place(mono[:, None], 44_100, prestim_s=0.25, grid=grid)
+    assert out.dtype == np.float32 and out.shape == (66_150,)
+    np.testing.assert_array_equal(out[:11_025], 0)
+    np.testing.assert_array_equal(out[11_025 : 11_025 + 44_100], mono)
+    np.testing.assert_array_equal(out[11_025 + 44_100 :], 0)
+
+    stereo, fs = sounds["wav/cat2.wav"]
+    out = aw.place(stereo, fs, prestim_s=0.25, grid=grid)
+    import soxr
+
+    want = soxr.resample(stereo.mean(axis=1), 48_000, 44_100)
+    np.testing.assert_allclose(out[11_025 : 11_025 + len(want)], want, atol=1e-6)
+
+    long, _ = sounds["wav/00cat3.wav"]
+    out = aw.place(long[:, None], 44_100, prestim_s=0.25, grid=grid)
+    np.testing.assert_array_equal(out[11_025:], long[: 66_150 - 11_025])
+
+
+def _run(tmp_path, sounds):
+    store = Store(tmp_path / "store")
+    store.raw_dir.mkdir(parents=True)
+    _zip(store.raw_dir / "wav.zip", sounds)
+    store.write_table("stims", _stims(), area="A1")
+    settings = dataclasses.replace(load_settings(), areas=("A1",), dt_ms=10.0, audio_fs_hz=44_100)
+    logs = []
+
+    class Progress(NullProgress):
+        def log(self, msg, **_):
+            logs.append(msg)
+
+    summary = aw.run(store, settings, Progress())
+    return store, summary, logs
+
+
+def test_stage_writes_waveforms_and_logs_case_matches(tmp_path):
+    store, summary, logs = _run(tmp_path, _sounds())
+    assert summary["A1"]["waveforms"] == 3 and summary["A1"]["case_only_matches"] == 1
+    assert any("STIM_cat1_Bird.wav" in line and "letter case" in line for line in logs)
+    table = store.read_table("waveforms", area="A1")
+    values = rs._vectors(table, "samples")
+    assert values.shape == (3, 66_150)
+    md = store.table_metadata("waveforms", "A1")
+    assert md["hop"] == 441 and md["audio_fs_hz"] == 44_100 and md["resampled"]
+
+
+def test_stage_missing_wavs_is_an_input_mismatch(tmp_path):
+    sounds = _sounds()
+    del sounds["wav/cat2.wav"], sounds["wav/00cat3.wav"]
+    with pytest.raises(InputMismatch, match="2 sounds.*A1: STIM_cat2.wav, A1: STIM_00cat3.wav"):
+        _run(tmp_path, sounds)
