@@ -1,0 +1,198 @@
+"""The cron contract, tested the hard way: SIGKILL mid-build, two builds at once, exit codes.
+
+Builds run in subprocesses. ``NAT4ETL_TEST_KILL_AT=<point>`` (see ``nat4etl.store``) makes
+the build SIGKILL itself at a named point. The fake-stage tests drive ``build`` through a
+tiny driver (fake stages from ``test_build``); the real-stage tests run the CLI on the
+mini sample and are skipped until every stage module has landed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_build import FAKES, table_bytes, write_mirror
+
+import nat4etl.stages.build as build_mod
+from nat4etl.cli import cli
+from nat4etl.errors import EXIT_CODES
+from nat4etl.stages.build import verify
+from nat4etl.store import Store, lock_holder
+
+TESTS = Path(__file__).parent
+PY = sys.executable
+
+DRIVER = f"""
+import os, sys, time
+sys.path.insert(0, {str(TESTS)!r})
+from pathlib import Path
+import test_build
+from nat4etl.errors import Nat4EtlError
+from nat4etl.progress import make_progress
+from nat4etl.stages.build import build
+
+out, mirror, wait_s = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+slow = float(os.environ.get("FAKE_SLOW_S", "0"))
+unpack = test_build.FAKES["unpack"].run
+test_build.FAKES["unpack"].run = lambda *a: (time.sleep(slow), unpack(*a))[1]
+try:
+    with make_progress("plain") as progress:
+        build(out, test_build.settings_for(mirror), progress, wait_s=wait_s,
+              stages=test_build.FAKES)
+except Nat4EtlError as err:
+    print(f"error: {{err}}", file=sys.stderr)
+    sys.exit(err.exit_code)
+"""
+
+
+def fake_build(out: Path, mirror: Path, *, kill_at: str = "", wait_s: float = 0, slow_s=0):
+    env = {**os.environ, "NAT4ETL_TEST_KILL_AT": kill_at, "FAKE_SLOW_S": str(slow_s)}
+    cmd = [PY, "-c", DRIVER, str(out), str(mirror), str(wait_s)]
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file of the published store, by path."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.staging-")]
+
+
+# ----------------------------------------------------------------------- SIGKILL, fake stages
+KILL_POINTS = ["stage:unpack", "write:recordings", "write:trials", "manifest", "publish"]
+
+
+@pytest.fixture(scope="module")
+def two_inputs(tmp_path_factory):
+    """An old mirror, a new one, and the store an uninterrupted build makes of the new one."""
+    d = tmp_path_factory.mktemp("kill")
+    old, new = write_mirror(d / "old"), write_mirror(d / "new", a1="r1 r2 r9", version="1.2")
+    reference = d / "reference"
+    assert finish(fake_build(reference, new))[0] == 0
+    return old, new, table_bytes(reference)
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_sigkill_keeps_the_previous_store_and_the_next_build_completes(tmp_path, two_inputs, point):
+    old, new, reference = two_inputs
+    out = tmp_path / "nat4"
+    assert finish(fake_build(out, old))[0] == 0
+    before = snapshot(out)
+
+    code, _ = finish(fake_build(out, new, kill_at=point))
+    assert code == -signal.SIGKILL
+    assert snapshot(out) == before, "the published store changed"
+    assert verify(out) == [] and Store(out).read_table("trials").num_rows == 5
+    assert leftovers(out), "a killed build leaves its staging copy"
+
+    code, err = finish(fake_build(out, new))  # the dead build's lock is taken over at once
+    assert code == 0, err
+    assert "removed leftover" in err and leftovers(out) == []
+    assert table_bytes(out) == reference
+    assert verify(out) == []
+
+
+def test_sigkill_right_after_the_swap_leaves_the_new_store(tmp_path, two_inputs):
+    old, new, reference = two_inputs
+    out = tmp_path / "nat4"
+    assert finish(fake_build(out, old))[0] == 0
+    assert finish(fake_build(out, new, kill_at="exchanged"))[0] == -signal.SIGKILL
+    assert table_bytes(out) == reference and verify(out) == []
+    code, err = finish(fake_build(out, new))
+    assert code == 0 and "up to date" in err and leftovers(out) == []
+
+
+# ----------------------------------------------------------------------- two builds at once
+def wait_for_lock(out: Path, timeout_s: float = 20) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (holder := lock_holder(out)) is not None:
+            return holder
+        time.sleep(0.02)
+    raise AssertionError("the first build never took the lock")
+
+
+def test_second_build_exits_with_the_lock_code_or_waits(tmp_path):
+    mirror = write_mirror(tmp_path / "mirror")
+    out = tmp_path / "nat4"
+    first = fake_build(out, mirror, slow_s=2)
+    holder = wait_for_lock(out)
+    assert f"pid {first.pid}" in holder
+
+    code, err = finish(fake_build(out, mirror))  # no --wait
+    assert code == EXIT_CODES["lock_held"] == 5
+    assert f"pid {first.pid}" in err and "--wait" in err
+
+    waiter = fake_build(out, mirror, wait_s=30)
+    assert finish(first)[0] == 0
+    code, err = finish(waiter)
+    assert code == 0 and "waiting up to 30 s" in err and "up to date" in err
+    assert verify(out) == [] and leftovers(out) == []
+
+
+# ----------------------------------------------------------------------- CLI contract
+@pytest.fixture
+def cli_on_fakes(monkeypatch):
+    """The real CLI, with build's stages replaced by the fakes."""
+    monkeypatch.setattr(
+        build_mod,
+        "default_stages",
+        lambda names: build_mod.stages_from_modules({n: FAKES[n] for n in names if n in FAKES}),
+    )
+    return lambda *args: CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_json_quiet_verify_and_repair(tmp_path, cli_on_fakes):
+    mirror = write_mirror(tmp_path / "mirror")
+    out = tmp_path / "nat4"
+    args = ("--out", out, "--source", mirror, "--no-wav")
+
+    result = cli_on_fakes("build", *args, "--json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert any(x.get("stage") == "unpack" and x.get("action") == "run" for x in lines)
+    assert lines[-1]["ran"] == ["fetch", "unpack", "parse-epochs", "rebin-sites"]
+
+    result = cli_on_fakes("build", *args, "--quiet")
+    assert result.exit_code == 0 and result.output == "" and result.stderr == ""
+
+    status = cli_on_fakes("status", *args, "--dt-ms", "5", "--json")
+    stages = {s["stage"]: s for s in json.loads(status.stdout)["stages"]}
+    assert stages["rebin-sites"]["reasons"] == ["parameter dt_ms: 10.0 -> 5.0"]
+    text = cli_on_fakes("status", *args).stdout
+    assert "record  8044773 version 1.1.0" in text and "rebin-sites   up to date" in text
+
+    table = out / "trials/area=PEG/part-0.parquet"
+    table.write_bytes(table.read_bytes()[:-7] + b"garbage")
+    result = cli_on_fakes("verify", "--out", out)
+    assert result.exit_code == EXIT_CODES["verification"] == 6
+    assert "trials/area=PEG/part-0.parquet" in result.stderr
+
+    assert cli_on_fakes("build", *args).exit_code == 0
+    assert cli_on_fakes("verify", "--out", out).exit_code == 0
+
+
+def test_cli_lock_held_exit_code(tmp_path, cli_on_fakes):
+    mirror = write_mirror(tmp_path / "mirror")
+    out = tmp_path / "nat4"
+    first = fake_build(out, mirror, slow_s=2)
+    wait_for_lock(out)
+    result = cli_on_fakes("build", "--out", out, "--source", mirror, "--no-wav", "--json")
+    assert result.exit_code == 5
+    err = json.loads(result.output.strip().splitlines()[-1])
+    assert err["error"] == "StoreLocked" and f"pid {first.pid}" in err["msg"]
+    assert finish(first)[0] == 0
