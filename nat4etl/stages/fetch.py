@@ -365,8 +365,11 @@ def fetch(
     ConfigError
         Bad arguments.
 
-    On any error no file is left under a final name unverified and no temp file stays;
-    files already verified stay, and ``fetch.json`` is not rewritten.
+    On any error no unverified file is left under a final name and temp files are
+    removed (a worker stuck in a read at Ctrl-C may leave one ``.part-*``); files already
+    verified stay. ``record.json`` and ``fetch.json`` are removed as soon as anything is
+    about to change and written back only when every file is in place, so when present
+    they always describe the files beside them.
     """
     if jobs < 1:
         raise ConfigError(f"`jobs` must be >= 1, got {jobs}")
@@ -408,6 +411,8 @@ def fetch(
             cache_dir=cache,
             source_dir=source_dir,
         )
+        if any(step.action != "up-to-date" for step in steps):
+            _forget_manifests(dest_dir)  # until the end, they would vouch for changing files
         executor = _Executor(http, policy, timeout_s, progress, cancel)
         entries = executor.run(steps, jobs=jobs)
     finally:
@@ -624,7 +629,9 @@ class _Executor:
         if count_progress:
             self.progress.start(rf.name, total=rf.size_bytes)
         try:
-            _link_or_copy(source, part, link=link, on_bytes=lambda n: self._advance(rf.name, n))
+            # a copy right after a download is not shown again: its bytes were counted
+            shown = rf.name if count_progress else None
+            _link_or_copy(source, part, link=link, on_bytes=lambda n: self._advance(shown, n))
             why = mismatch(part, size_bytes=rf.size_bytes, md5=rf.md5)
             if why is None:
                 _publish(part, target)
@@ -634,13 +641,15 @@ class _Executor:
             if count_progress:
                 self.progress.done(rf.name)
 
-    def _advance(self, name: str, n: int, *, network: bool = False) -> None:
+    def _advance(self, name: str | None, n: int, *, network: bool = False) -> None:
+        """Count ``n`` bytes for task ``name`` (None: not shown); stop here after Ctrl-C."""
         if self.cancel.is_set():
             raise _Cancelled
         if network:
             with self._lock:
                 self.downloaded_bytes += n
-        self.progress.advance(name, n)
+        if name is not None:
+            self.progress.advance(name, n)
 
     def _http(self) -> httpx.Client:
         if self.client is None:
@@ -723,6 +732,11 @@ def _write_manifests(
     }
     _write_atomic(dest_dir / RECORD_JSON, listing.record_bytes)
     _write_atomic(dest_dir / FETCH_JSON, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _forget_manifests(dest_dir: Path) -> None:
+    for name in (FETCH_JSON, RECORD_JSON):
+        (dest_dir / name).unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

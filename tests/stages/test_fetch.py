@@ -22,6 +22,7 @@ from fake_zenodo import (
     Fault,
     random_files,
 )  # tests/ is on sys.path via conftest
+from rich.console import Console
 
 from nat4etl.errors import (
     ChecksumMismatch,
@@ -34,7 +35,14 @@ from nat4etl.errors import (
 from nat4etl.formats.zenodo import RemoteFile, parse_record, parse_record_bytes
 from nat4etl.hashing import md5_bytes, md5_file
 from nat4etl.net import USER_AGENT
-from nat4etl.progress import JsonProgress, NullProgress, PlainProgress
+from nat4etl.progress import (
+    JsonProgress,
+    NullProgress,
+    PlainProgress,
+    RichProgress,
+    format_amount,
+    make_progress,
+)
 from nat4etl.stages.fetch import (
     AREA_FILES,
     WAV_FILE,
@@ -298,6 +306,23 @@ def test_checksum_mismatch_names_expected_and_actual(
     actual = md5_bytes(_flipped(server.files[TARGET]))
     assert f"expected {server.md5(TARGET)}, got {actual}" in str(info.value)
     assert len(server.content_gets(TARGET)) == 3  # VERIFY_ATTEMPTS whole downloads, then stop
+
+
+def test_failed_refetch_leaves_no_stale_manifest(
+    server: FakeZenodo, tmp_path: Path, cache: Path
+) -> None:
+    dest = tmp_path / "raw"
+    run(server, dest, cache, areas=["A1"], wav=False)
+    server.files[TARGET] = b"new version" * 1000
+    server.inject(TARGET, Fault("status", status=503, times=None))
+    with pytest.raises(RemoteUnavailable):
+        run(server, dest, cache, areas=["A1"], wav=False, max_attempts=2)
+    # the old file no longer matches the record: gone, and no manifest vouches for it
+    assert not (dest / TARGET).exists()
+    assert not (dest / "fetch.json").exists() and not (dest / "record.json").exists()
+    server.clear_faults()
+    run(server, dest, cache, areas=["A1"], wav=False)
+    assert_has(dest, server, AREA_FILES["A1"])
 
 
 def test_changed_remote_file_is_a_new_cache_entry(
@@ -653,6 +678,63 @@ def test_plain_and_json_progress(server: FakeZenodo, tmp_path: Path, cache: Path
         e["event"] == "log" and e["level"] == "warning" and "HTTP 503" in e["msg"] for e in events
     )
     assert all("time" in e for e in events)
+
+
+class Counting(NullProgress):
+    """Tracks each task's amount like a progress bar would."""
+
+    def __init__(self) -> None:
+        self.completed: dict[str, int] = {}
+        self.finished: dict[str, int] = {}
+
+    def start(self, task: str, *, total: int | None = None, unit: str = "B") -> None:
+        self.completed[task] = 0
+
+    def advance(self, task: str, n: int) -> None:
+        self.completed[task] += n
+
+    def reset(self, task: str) -> None:
+        self.completed[task] = 0
+
+    def done(self, task: str) -> None:
+        self.finished[task] = self.completed[task]
+
+
+def test_progress_amounts_match_sizes(server: FakeZenodo, tmp_path: Path, cache: Path) -> None:
+    server.inject(TARGET, Fault("drop"), Fault("ignore_range"))  # a resume, then a restart
+    progress = Counting()
+    run(server, tmp_path / "one", cache, progress=progress)
+    assert progress.finished == {n: len(d) for n, d in server.files.items()}
+    progress = Counting()
+    run(server, tmp_path / "two", cache, progress=progress)  # from the cache
+    assert progress.finished == {n: len(d) for n, d in server.files.items()}
+
+
+def test_rich_progress_and_mode_choice(server: FakeZenodo, tmp_path: Path, cache: Path) -> None:
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=120)
+    with RichProgress(console=console) as progress:
+        run(server, tmp_path / "raw", cache, areas=["A1"], wav=False, progress=progress)
+    text = buf.getvalue()
+    for name in AREA_FILES["A1"]:
+        size = format_amount(len(server.files[name]))
+        assert f"{size} / {size}" in text
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(make_progress(stream=Tty()), RichProgress)
+    assert isinstance(make_progress(stream=io.StringIO()), PlainProgress)
+    assert isinstance(make_progress("json", stream=io.StringIO()), JsonProgress)
+    quiet = io.StringIO()
+    with make_progress("quiet", stream=quiet) as progress:
+        progress.start("x", total=3)
+        progress.log("routine")
+        progress.log("trouble", level="warning")
+        progress.done("x")
+    assert quiet.getvalue().splitlines()[-1].endswith("warning: trouble")
+    assert len(quiet.getvalue().splitlines()) == 1
 
 
 # ------------------------------------------------------------ a real sample mirror
