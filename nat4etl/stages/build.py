@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -451,6 +450,8 @@ def _fetch_json_md5s(root: Path) -> dict[str, str]:
 
 @functools.cache
 def library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
