@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
+import zipfile
+from pathlib import Path
 
+import h5py
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
+import soundfile
 
 import nat4etl
 from nat4etl.errors import MissingTableError, SchemaError
@@ -244,3 +250,254 @@ def test_fixed_size_view_respects_slices():
     arr = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(12, dtype=np.float32)), 3)
     view = _fixed_size_values(arr.slice(1, 2), 3)
     np.testing.assert_array_equal(view, [[3, 4, 5], [6, 7, 8]])
+
+
+# ============================================================================ acceptance
+# The reader on a store built from the mini sample, against arrays computed in this file
+# straight from the sample's own files (tarfile / zipfile / h5py / numpy / soundfile): no
+# nat4etl code is involved in the expected values.
+POP_FS, SITE_FS, N_FRAMES, AUDIO_FS = 100, 1000, 150, 44_100
+
+
+def _epochs_csv(text: str) -> list[tuple[str, float, float]]:
+    import csv
+
+    rows = csv.DictReader(io.StringIO(text))
+    return [(r["name"], float(r["start"]), float(r["end"])) for r in rows]
+
+
+def _tar_members(data_or_path) -> dict[str, bytes]:
+    import tarfile
+
+    if isinstance(data_or_path, bytes):
+        tar = tarfile.open(fileobj=io.BytesIO(data_or_path), mode="r:gz")
+    else:
+        tar = tarfile.open(data_or_path, mode="r:gz")
+    with tar:
+        return {m.name.rsplit("/", 1)[-1]: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def _suffix(members: dict[str, bytes], suffix: str) -> bytes:
+    (name,) = [n for n in members if n.endswith(suffix) and not n.startswith("._")]
+    return members[name]
+
+
+def _unit_key(unit_id: str) -> tuple[str, int, int]:
+    site, electrode, unit = unit_id.split("-")
+    return site, int(electrode), int(unit)
+
+
+def _reference_route(times_s, start_s, end_s, group):
+    """floor(t*fs) raster, cut [round(start*fs), round(end*fs)), sum groups (NEMS0)."""
+    lb, ub = round(start_s * SITE_FS), round(end_s * SITE_FS)
+    samples = np.floor(np.asarray(times_s) * SITE_FS).astype(np.int64)
+    raster = np.bincount(samples[(samples >= lb) & (samples < ub)] - lb, minlength=ub - lb)
+    return raster.reshape(-1, group).sum(axis=1)
+
+
+class Reference:
+    """One area of a sample mirror, computed from its files by the NEMS0 rules."""
+
+    def __init__(self, mirror: Path, area: str, *, group: int = 10):
+        pop = _tar_members(mirror / f"{area}_NAT4_ozgf.fs100.ch18.tgz")
+        self.cell_ids = json.loads(_suffix(pop, ".resp.json"))["chans"]
+        resp = np.loadtxt(io.BytesIO(_suffix(pop, ".resp.csv")), delimiter=",", ndmin=2).T
+        stim = np.loadtxt(io.BytesIO(_suffix(pop, ".stim.csv")), delimiter=",", ndmin=2).T
+        self.pop_resp, self.pop_stim = resp, stim
+        epochs = sorted(_epochs_csv(_suffix(pop, ".resp.epoch.csv").decode()), key=lambda e: e[1])
+        first = {}
+        for name, start, _ in epochs:
+            if name.startswith("STIM_") and name not in first:
+                first[name] = start
+        est = [n for n in first if n.startswith("STIM_cat")]
+        val = [n for n in first if n.startswith("STIM_00cat")]
+        self.names, self.subsets = est + val, ["est"] * len(est) + ["val"] * len(val)
+        lb = [round(first[n] * POP_FS) for n in self.names]
+        self.spec = np.stack([stim[:, b : b + N_FRAMES] for b in lb])  # (S, F, T)
+        self.resp = np.stack([resp[:, b : b + N_FRAMES] for b in lb])  # (S, N, T)
+        self.val_trials = self._val_trials(mirror, area, val, group)
+        self.mirror, self.area = mirror, area
+
+    def _val_trials(self, mirror, area, val, group):
+        """(S_val, N, R, T) single trials from the site files, units matched on their key."""
+        spikes, site_epochs = {}, {}
+        with zipfile.ZipFile(mirror / f"{area}_single_sites.zip") as zf:
+            for member in zf.namelist():
+                if not member.endswith(".tgz") or "__MACOSX" in member:
+                    continue
+                m = _tar_members(zf.read(member))
+                with h5py.File(io.BytesIO(_suffix(m, ".resp.h5")), "r") as h5:
+                    units = {k: h5[k][:] for k in h5}
+                assert json.loads(_suffix(m, ".resp.json"))["fs"] == SITE_FS
+                for unit_id, times in units.items():
+                    spikes[_unit_key(unit_id)] = times
+                    site_epochs[_unit_key(unit_id)[0]] = _epochs_csv(
+                        _suffix(m, ".resp.epoch.csv").decode()
+                    )
+        n_reps = max(sum(1 for e in eps if e[0] == v) for eps in site_epochs.values() for v in val)
+        out = np.full((len(val), len(self.cell_ids), n_reps, N_FRAMES * 10 // group), np.nan)
+        for n, cell_id in enumerate(self.cell_ids):
+            key = _unit_key(cell_id)
+            if key not in spikes:
+                continue
+            for s, v in enumerate(val):
+                pres = sorted(e for e in site_epochs[key[0]] if e[0] == v)
+                pres = sorted(pres, key=lambda e: e[1])
+                for r, (_, start, end) in enumerate(pres):
+                    out[s, n, r] = _reference_route(spikes[key], start, end, group)
+        return out
+
+    def waveforms(self) -> np.ndarray:
+        """Each sound's wav, mono, at 0.25 s in a 1.5 s window of 441-sample frames."""
+        out = np.zeros((len(self.names), N_FRAMES * 441), np.float32)
+        with zipfile.ZipFile(self.mirror / "wav.zip") as zf:
+            by_lower = {n.rsplit("/", 1)[-1].lower(): n for n in zf.namelist()}
+            for i, name in enumerate(self.names):
+                data, fs = soundfile.read(
+                    io.BytesIO(zf.read(by_lower[name[5:].lower()])), dtype="float32", always_2d=True
+                )
+                assert fs == AUDIO_FS
+                mono = data.mean(axis=1)
+                start = round(0.25 * AUDIO_FS)
+                seg = mono[: out.shape[1] - start]
+                out[i, start : start + len(seg)] = seg
+        return out
+
+
+def build_store(mirror: Path, out: Path, **overrides) -> Path:
+    """`build --source mirror` into ``out`` (skips while an upstream stage is missing)."""
+    import dataclasses
+
+    from nat4etl.config import load_settings
+    from nat4etl.errors import NotImplementedYet
+    from nat4etl.progress import NullProgress
+    from nat4etl.stages.build import build
+
+    settings = dataclasses.replace(load_settings(), source_dir=mirror, wav=True, **overrides)
+    try:
+        build(out, settings, NullProgress())
+    except NotImplementedYet as err:
+        pytest.skip(str(err))
+    return out
+
+
+@pytest.fixture(scope="module", params=["mini_sample", "mini_quirks_sample"])
+def built(request, tmp_path_factory):
+    """(reader, mirror, {area: Reference}) for a store built from each mini mirror."""
+    mirror = request.getfixturevalue(request.param)
+    out = build_store(mirror.dir, tmp_path_factory.mktemp("built") / "nat4")
+    refs = {area: Reference(mirror.dir, area) for area in ("A1", "PEG")}
+    with nat4etl.open(out) as reader:
+        yield reader, mirror, refs
+
+
+def check_stims_and_cells(reader, ref: Reference, area: str) -> None:
+    stims = reader.stims(area)
+    assert stims["name"].to_list() == ref.names
+    assert stims["subset"].to_list() == ref.subsets
+    assert reader.cells(area)["cell_id"].to_list() == ref.cell_ids
+
+
+def check_spectrograms(reader, ref: Reference, area: str) -> None:
+    np.testing.assert_allclose(reader.spectrograms(area), ref.spec, rtol=1e-6)
+    n_est = ref.subsets.count("est")
+    np.testing.assert_allclose(reader.spectrograms(area, subset="val"), ref.spec[n_est:], rtol=1e-6)
+    y = np.log1p(ref.pop_stim)  # deepstrf: log1p, one min-max over the whole recording
+    want = (np.log1p(ref.spec) - y.min()) / (y.max() - y.min())
+    got = reader.spectrograms(area, norm="deepstrf")
+    np.testing.assert_allclose(got, np.where(want < 1e-6, 0, want), atol=2e-6)
+    y = np.log((ref.pop_stim + 0.1) / 0.1)  # nems: ln(1 + x/0.1), min-max per band
+    lo, hi = y.min(axis=1)[None, :, None], y.max(axis=1)[None, :, None]
+    want = (np.log((ref.spec + 0.1) / 0.1) - lo) / (hi - lo)
+    got = reader.spectrograms(area, norm="nems")
+    np.testing.assert_allclose(got, np.where(want < 1e-6, 0, want), atol=2e-6)
+
+
+def check_responses(reader, ref: Reference, area: str) -> None:
+    n_est = ref.subsets.count("est")
+    est = reader.responses(area, subset="est")
+    assert est.shape == (n_est, len(ref.cell_ids), 1, N_FRAMES)
+    np.testing.assert_array_equal(est[:, :, 0], ref.resp[:n_est].astype(np.float32))
+    val = reader.responses(area, subset="val")
+    assert val.shape == ref.val_trials.shape
+    np.testing.assert_array_equal(val, ref.val_trials.astype(np.float32))
+    everything = reader.responses(area)
+    assert everything.shape[2] == ref.val_trials.shape[2]  # est padded to R with NaN
+    assert np.isnan(everything[:n_est, :, 1:]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        psth = np.nanmean(ref.val_trials, axis=2)
+    np.testing.assert_allclose(reader.responses(area, subset="val", trials="mean"), psth, rtol=1e-6)
+    # both presets, constants from the whole population recording, one scale for est and val
+    for preset, per_unit in (("deepstrf", False), ("nems", True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            axis = 1 if per_unit else None
+            lo = np.nanmin(ref.pop_resp, axis=axis, keepdims=per_unit)
+            hi = np.nanmax(ref.pop_resp, axis=axis, keepdims=per_unit)
+        span = np.where(hi - lo == 0, 1, hi - lo)
+        lo4 = lo[None, :, :, None] if per_unit else lo
+        span4 = span[None, :, :, None] if per_unit else span
+        for subset, raw in (("est", ref.resp[:n_est, :, None]), ("val", ref.val_trials)):
+            want = (raw - lo4) / span4
+            want = np.where(want < 1e-6, 0, want)
+            got = reader.responses(area, subset=subset, norm=preset)
+            np.testing.assert_allclose(got, want, atol=2e-6, err_msg=f"{preset} {subset}")
+
+
+def check_waveforms(reader, ref: Reference, area: str) -> None:
+    np.testing.assert_allclose(reader.waveforms(area), ref.waveforms(), atol=1e-7)
+
+
+@pytest.mark.parametrize("area", ["A1", "PEG"])
+def test_reader_matches_the_sample_files(built, area):
+    reader, _, refs = built
+    ref = refs[area]
+    check_stims_and_cells(reader, ref, area)
+    check_spectrograms(reader, ref, area)
+    check_responses(reader, ref, area)
+    check_waveforms(reader, ref, area)
+
+
+def test_quirks_are_visible_in_the_arrays(built):
+    """TNC units present via canonical matching; a 19-repetition site has a NaN 20th trial."""
+    reader, mirror, refs = built
+    quirks = mirror.info.quirks_applied
+    if not mirror.info.quirks:
+        pytest.skip("clean sample")
+    cells = reader.cells("A1")
+    tnc = cells.filter(pl.col("site") == "TNC015a")
+    assert set(tnc["match"].to_list()) == {"canonical"}
+    val = reader.responses("A1", subset="val", cells=tnc["cell"].to_list())
+    assert not np.isnan(val).any()  # every TNC unit has all its val trials
+    short = quirks.short_val[0]
+    stim = reader.stims("A1").filter(pl.col("name") == short.stim)["stim"][0]
+    site_cells = cells.filter(pl.col("site") == short.site)["cell"].to_list()
+    arr = reader.responses("A1", stims=[stim])  # R: the largest count in the selection
+    assert arr.shape[2] == 20
+    assert np.isnan(arr[:, site_cells, short.n_reps :]).all()
+    assert not np.isnan(arr[:, site_cells, : short.n_reps]).any()
+    assert reader.responses("A1", stims=[stim], cells=site_cells).shape[2] == short.n_reps
+    (dropped,) = quirks.units_without_site_data
+    cell = cells.filter(pl.col("cell_id") == dropped)["cell"][0]
+    assert np.isnan(reader.responses("A1", subset="val", cells=[cell])).all()
+    assert not np.isnan(reader.responses("A1", subset="est", cells=[cell])).all()
+
+
+def test_scan_parquet_matches_the_reader_on_a_built_store(built):
+    reader, _, _ = built
+    lazy = pl.scan_parquet(
+        str(reader.path / "responses" / "**" / "*.parquet"), hive_partitioning=True
+    )
+    for area, stim, cell in (("A1", 9, 3), ("PEG", 0, 2), ("A1", 10, 0)):
+        rows = (
+            lazy.filter(
+                (pl.col("area") == area) & (pl.col("stim") == stim) & (pl.col("cell") == cell)
+            )
+            .sort("trial")
+            .collect()
+        )
+        got = np.stack(rows["counts"].to_numpy())
+        want = reader.responses(area, stims=[stim], cells=[cell])[0, 0, : len(rows)]
+        np.testing.assert_array_equal(got, want)
+        assert rows["trial"].to_list() == list(range(len(rows)))
