@@ -22,6 +22,7 @@ afterwards (resumed or not), which is the only check that covers every failure m
 from __future__ import annotations
 
 import email.utils
+import math
 import os
 import random
 import re
@@ -82,9 +83,11 @@ def parse_retry_after_s(value: str | None, *, now: datetime | None = None) -> fl
         return None
     value = value.strip()
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return None if math.isnan(seconds) else max(seconds, 0.0)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -138,7 +141,7 @@ def get_bytes(
             if response.status_code == 200:
                 return response.content
             _raise_if_not_retryable(response, url)
-            reason = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+            reason = status_text(response)
             retry_after = response.headers.get("Retry-After")
         failures += 1
         if failures >= policy.max_attempts:
@@ -213,9 +216,8 @@ def _stream_once(
     """One GET, appending to ``fh``. None on a whole body, else why it failed."""
     have_bytes = fh.tell()
     if size_bytes is not None and have_bytes == size_bytes and have_bytes > 0:
-        return (
-            None  # an earlier attempt got every byte before failing (e.g. a lying Content-Length)
-        )
+        # an earlier attempt got every byte before failing (a Content-Length that lied)
+        return None
     if size_bytes is not None and have_bytes > size_bytes:
         _restart(fh, on_restart)
         have_bytes = 0
@@ -266,7 +268,7 @@ def _accept_response(
         _restart(fh, on_restart)  # a range we did not ask for, or one it cannot serve
         return f"HTTP {status} for Range bytes={have_bytes}-; restarting from 0", None
     _raise_if_not_retryable(response, url)
-    return f"HTTP {status} {response.reason_phrase}".rstrip(), response.headers.get("Retry-After")
+    return status_text(response), response.headers.get("Retry-After")
 
 
 def _range_start(response: httpx.Response) -> int | None:
@@ -296,12 +298,12 @@ def _wait(
 
 def _raise_if_not_retryable(response: httpx.Response, url: str) -> None:
     if not is_retryable_status(response.status_code):
-        msg = (
-            f"GET {url}: HTTP {response.status_code} {response.reason_phrase}; not retried".replace(
-                "  ", " "
-            )
-        )
-        raise FetchError(msg)
+        raise FetchError(f"GET {url}: {status_text(response)}; not retried")
+
+
+def status_text(response: httpx.Response) -> str:
+    """``HTTP 503 Service Unavailable`` (the phrase may be empty)."""
+    return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
 
 
 def _raise_if_permanent(err: httpx.TransportError, url: str) -> None:

@@ -108,6 +108,7 @@ def test_retry_after_seconds_and_dates() -> None:
         == 0.0
     )
     assert parse_retry_after_s("soon") is None
+    assert parse_retry_after_s("nan") is None
     assert parse_retry_after_s(None) is None
 
 

@@ -125,7 +125,13 @@ def _remote_file(
         name=name,
         size_bytes=size,
         md5=_md5(entry.get("checksum"), name=name, source=source),
-        url=_url(entry.get("links") or {}, base_url=base_url, record_id=record_id, name=name),
+        url=_url(
+            entry.get("links") or {},
+            base_url=base_url,
+            record_id=record_id,
+            name=name,
+            source=source,
+        ),
     )
 
 
@@ -145,14 +151,14 @@ def _md5(checksum: Any, *, name: str, source: str) -> str:
     return value
 
 
-def _url(links: dict[str, Any], *, base_url: str, record_id: Any, name: str) -> str:
+def _url(links: Any, *, base_url: str, record_id: Any, name: str, source: str) -> str:
+    links = links if isinstance(links, dict) else {}
     for key in ("content", "self"):
         link = links.get(key)
         if isinstance(link, str) and link:
             return urljoin(base_url.rstrip("/") + "/", link)
     if record_id is None:
-        msg = f"no content link and no record id to build one for {name!r}"
-        raise FormatError(msg, member=name)
+        raise FormatError("no content link and no record id to build one", path=source, member=name)
     return content_url(base_url, record_id, name)
 
 

@@ -64,6 +64,11 @@ STALE_PART_AGE_S = 24 * 3600  # older temp files are leftovers of a killed run
 
 Action = Literal["up-to-date", "copy-from-cache", "copy-from-source", "download"]
 
+# the stage contract (nat4etl.stages): fetch writes the store's raw area, reads no table
+READS: tuple[str, ...] = ()
+WRITES = ("raw",)
+PARAMS = ("record_id", "zenodo_url", "areas", "wav")
+
 
 @dataclass(frozen=True)
 class FetchStep:
@@ -421,6 +426,32 @@ def fetch(
     _write_manifests(dest_dir, listing, entries, record_id)
     progress.log(_summary(steps, executor.downloaded_bytes, dest_dir))
     return FetchResult(dest_dir, record_id, steps, entries, executor.downloaded_bytes)
+
+
+def run(store, settings, progress) -> dict:
+    """Stage entry point for ``build`` and the CLI: :func:`fetch` into ``store.raw_dir``
+    with the settings' values; returns a flat summary for the log."""
+    result = fetch(
+        store.raw_dir,
+        areas=list(settings.areas),
+        wav=settings.wav,
+        record_id=settings.record_id,
+        zenodo_url=settings.zenodo_url,
+        source_dir=settings.source_dir,
+        cache_dir=settings.cache_dir,
+        jobs=settings.jobs,
+        progress=progress,
+        max_attempts=settings.max_attempts,
+        timeout_s=settings.timeout_s,
+    )
+    return {
+        "files": len(result.entries),
+        "up_to_date": result.count("up-to-date"),
+        "from_cache": result.count("copy-from-cache"),
+        "from_source": result.count("copy-from-source"),
+        "downloaded": result.count("download"),
+        "downloaded_bytes": result.downloaded_bytes,
+    }
 
 
 def _usable_cache(cache_dir: Path | None, progress: Progress) -> Path | None:
