@@ -128,3 +128,47 @@ def test_snapshot_reads_the_generation_it_opened(tmp_path):
     assert snap.read_table("trials").num_rows == 2  # still the old generation
     assert open_snapshot(out).read_table("trials").num_rows == 5
     snap.close()
+
+
+def test_publish_without_renameat2_and_recovery_between_its_renames(tmp_path, monkeypatch):
+    import nat4etl.store as store_mod
+    from nat4etl.store import recover, swap_marker
+
+    monkeypatch.setattr(store_mod, "exchange_dirs", lambda a, b: False)
+    out = tmp_path / "nat4"
+    for n in (2, 3):
+        with open_for_write(out) as store:
+            store.write_table("trials", _trials(n), area="A1")
+    assert Store(out).read_table("trials").num_rows == 3
+    # a fallback publish killed between its two renames: no OUT, the marker names the old one
+    previous = next(p for p in tmp_path.iterdir() if ".previous-" in p.name)
+    out.rename(tmp_path / ".nat4.staging-dead")
+    previous.rename(tmp_path / ".nat4.previous-1")
+    swap_marker(out).write_text(".nat4.previous-1")
+    notes = recover(out)
+    assert "restored nat4 from .nat4.previous-1" in notes
+    assert Store(out).read_table("trials").num_rows == 2
+    assert not swap_marker(out).exists() and not (tmp_path / ".nat4.staging-dead").exists()
+
+
+def test_lock_holder_reads_proc_locks_without_locking(tmp_path):
+    from nat4etl.store import lock_holder
+
+    out = tmp_path / "nat4"
+    assert lock_holder(out) is None
+    with store_lock(out):
+        assert f"pid {os.getpid()}" in lock_holder(out)
+    assert lock_holder(out) is None
+
+
+def test_refuses_to_publish_over_a_directory_that_is_not_a_store(tmp_path):
+    from nat4etl.errors import StoreError
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("keep")
+    with pytest.raises(StoreError, match="refusing to replace"):
+        with open_for_write(tmp_path / "docs"):
+            pass
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "keep"
+    with open_for_write(tmp_path / "empty"):  # new or empty directories are fine
+        pass
