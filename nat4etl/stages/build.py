@@ -75,6 +75,7 @@ class Stage:
 
     spec: StageSpec
     load: Callable[[], Callable[..., Any]]
+    missing: str | None = None  # why the stage cannot run (status reports it)
 
     @property
     def name(self) -> str:
@@ -85,9 +86,21 @@ def stages_for(settings: Settings) -> tuple[str, ...]:
     return tuple(s for s in STAGES if settings.wav or s != "align-wav")
 
 
-def default_stages(names: Sequence[str]) -> list[Stage]:
-    """The real stages, their contracts read without importing them (see :func:`declared`)."""
-    return [Stage(_spec_of(name), _runner(name)) for name in names]
+def default_stages(names: Sequence[str], *, tolerant: bool = False) -> list[Stage]:
+    """The real stages, their contracts read without importing them (see :func:`declared`).
+
+    ``tolerant``: a stage that is not implemented is returned with ``missing`` set instead
+    of raising (for ``status``).
+    """
+    out = []
+    for name in names:
+        try:
+            out.append(Stage(_spec_of(name), _runner(name)))
+        except NotImplementedYet as err:
+            if not tolerant:
+                raise
+            out.append(Stage(StageSpec(name), _runner(name), missing=str(err)))
+    return out
 
 
 def stages_from_modules(modules: Mapping[str, Any]) -> list[Stage]:
@@ -352,7 +365,11 @@ def build(
 
 
 def _choose(
-    settings: Settings, only: Sequence[str] | None, stages: Mapping[str, Any] | None
+    settings: Settings,
+    only: Sequence[str] | None,
+    stages: Mapping[str, Any] | None,
+    *,
+    tolerant: bool = False,
 ) -> list[Stage]:
     if stages is not None:
         chosen = stages_from_modules(stages)
@@ -361,7 +378,7 @@ def _choose(
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stages {unknown}; known: {', '.join(STAGES)}")
-    return default_stages(names)
+    return default_stages(names, tolerant=tolerant)
 
 
 def _run_staged(
@@ -537,7 +554,7 @@ def status(
     Read-only and lock-free: it reads the generation published now (a snapshot).
     """
     out = Path(out).absolute()
-    chosen = _choose(settings, None, stages)
+    chosen = _choose(settings, None, stages, tolerant=True)
     forced = forced_reasons([s.name for s in chosen], force=force, from_stage=from_stage)
     report: dict[str, Any] = {"out": str(out), "built": False, "lock": lock_holder(out)}
     if not out.is_dir():
@@ -575,8 +592,11 @@ def _stage_states(
     rows = []
     rerun_tables: dict[str, str] = {}  # table (or "raw") -> the stage that rewrites it
     for stage in chosen:
-        d = decide(root, stage, ctx, forced=forced.get(stage.name))
         record = ctx.records.get(stage.name) or {}
+        if stage.missing:
+            rows.append({"stage": stage.name, "state": "not available", "reasons": [stage.missing]})
+            continue
+        d = decide(root, stage, ctx, forced=forced.get(stage.name))
         upstream = sorted({rerun_tables[r] for r in stage.spec.reads if r in rerun_tables})
         if d.run:
             state = "will run"
