@@ -1,0 +1,697 @@
+"""Safe, streaming iteration over tar (plain or gzip) and zip members, without extracting.
+
+Knows nothing about NEMS0 or NAT4. What it guarantees to the layers above:
+
+- only regular files come out; absolute names, ``..`` components, symlinks, hard links,
+  devices and fifos raise `UnsafeMember` (directories are skipped: they carry no data);
+- sizes are bounded by `Limits`, checked on the declared sizes up front and on the bytes
+  actually inflated while reading, so a decompression bomb is an error, not a full disk;
+- a truncated or corrupt archive raises `ArchiveError` naming the file (and member), never
+  a raw ``EOFError``/``zlib.error``/``tarfile.ReadError``/``BadZipFile``;
+- gzip is inflated with ``isal`` when installed (2-3x faster than zlib here), else ``gzip``.
+
+Tar members are read from one forward pass over the inflated stream: open each member's
+stream while it is the current one (reading an earlier member later works, but re-inflates
+the archive from the start). Zip members can be opened in any order.
+
+Names in errors: ``path`` is the file on disk; ``member`` is the member name, prefixed by
+the enclosing member for nested archives (``sites.zip:A1_x.tgz:R/R.resp.h5``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import stat
+import struct
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from nat4etl.errors import ArchiveError, MissingMember, UnsafeMember
+
+try:  # isal: same API as gzip, 2-3x faster inflate
+    from isal import igzip as _gzip
+    from isal.isal_zlib import error as _IsalError
+except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
+    import gzip as _gzip
+
+    class _IsalError(Exception):  # type: ignore[no-redef]
+        pass
+
+
+__all__ = [
+    "GZIP_MAGIC",
+    "Limits",
+    "Member",
+    "Source",
+    "extract_all",
+    "iter_members",
+    "open_member",
+    "sniff_format",
+]
+
+Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
+
+GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+_PIECE_BYTES = 4 << 20  # inflate into the caller's buffer this much at a time
+_DRAIN_LIMIT_BYTES = 64 << 20  # bytes after the tar end marker we inflate to check the gzip CRC
+
+# Everything a damaged archive can raise from the standard library or isal.
+_DAMAGE = (
+    EOFError,
+    zlib.error,
+    _IsalError,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    struct.error,
+    OSError,
+    UnicodeDecodeError,
+    NotImplementedError,  # zipfile: unsupported compression method
+    RuntimeError,  # zipfile: encrypted member
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds against decompression bombs; generous enough for the real data.
+
+    The A1 population CSV is ~1.9 GB inside a ~30 MB tgz (ratio ~65); deflate itself
+    cannot exceed ~1032, so a ratio over ``max_ratio`` on more than ``ratio_floor_bytes``
+    is a bomb.
+    """
+
+    max_member_bytes: int = 8 << 30
+    max_total_bytes: int = 64 << 30
+    max_ratio: float = 1000.0
+    ratio_floor_bytes: int = 100 << 20
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """A regular file inside an archive.
+
+    ``open()`` gives a bounded binary stream; ``read()`` the whole content (for the small
+    members: JSON, epoch CSV, per-site tgz); ``iter_archive()`` iterates a nested archive.
+    """
+
+    name: str
+    size_bytes: int
+    path: str | None = None
+    qualname: str = ""  # the name shown in errors (nested members carry their parent)
+    _opener: Callable[[], BinaryIO] | None = field(default=None, repr=False)
+    _limits: Limits = field(default=DEFAULT_LIMITS, repr=False)
+
+    @property
+    def basename(self) -> str:
+        return PurePosixPath(self.name).name
+
+    def open(self) -> BinaryIO:
+        """A streaming reader of this member's bytes; errors name file and member."""
+        if self._opener is None:
+            raise ArchiveError("member has no data stream", path=self.path, member=self.qualname)
+        with _damage_as_archive_error(self.path, self.qualname):
+            return self._opener()
+
+    def read(self) -> bytes:
+        """The whole content; meant for small members (every read is size-bounded)."""
+        with self.open() as stream:
+            return stream.read()
+
+    def iter_archive(self, *, limits: Limits | None = None) -> Iterator[Member]:
+        """Iterate the archive stored in this member (e.g. a per-site tgz inside a zip).
+
+        The member is read into memory (per-site tgz are a few MB) so the inner archive can
+        be random-accessed once the outer iteration has moved on.
+        """
+        data = self.read()
+        yield from iter_members(data, path=self.path, limits=limits or self._limits, parent=self)
+
+
+def sniff_format(head: bytes) -> str:
+    """'gzip', 'zip' or 'tar' (the default: tarfile decides) from the first bytes."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(_ZIP_MAGICS):
+        return "zip"
+    return "tar"
+
+
+def iter_members(
+    source: Source,
+    *,
+    path: str | os.PathLike | None = None,
+    limits: Limits | None = None,
+    parent: Member | None = None,
+) -> Iterator[Member]:
+    """Yield the regular-file members of a tar, tar.gz or zip, in archive order.
+
+    Parameters
+    ----------
+    source
+        A path, the archive bytes, or a binary file object (tar may be unseekable; zip
+        needs seek).
+    path
+        Name used in errors when ``source`` is not a path.
+    limits
+        Size and ratio bounds (default `Limits()`).
+    parent
+        The member holding this archive's bytes, if nested: errors then name
+        ``parent:member``.
+
+    Raises
+    ------
+    UnsafeMember
+        Path escape, link, device/fifo, or a size/ratio bound exceeded.
+    ArchiveError
+        Not an archive, truncated or corrupt.
+    """
+    limits = limits or DEFAULT_LIMITS
+    if path is None and isinstance(source, str | os.PathLike):
+        path = source
+    where = _Where(str(path) if path is not None else None, parent)
+    with contextlib.ExitStack() as stack:
+        raw = _open_source(source, where, stack)
+        head = _peek(raw, where)
+        kind = sniff_format(head)
+        if kind == "zip":
+            yield from _iter_zip(raw, where, limits)
+        else:
+            yield from _iter_tar(raw, kind == "gzip", where, limits)
+
+
+@contextlib.contextmanager
+def open_member(
+    source: Source,
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    limits: Limits | None = None,
+) -> Iterator[BinaryIO]:
+    """Open one member by name: ``with open_member(tgz, 'R/R.resp.csv') as f: ...``.
+
+    Raises `MissingMember` when absent. For a gzip tar this inflates up to the member.
+    """
+    members = iter_members(source, path=path, limits=limits)
+    try:
+        for member in members:
+            if member.name == name:
+                with member.open() as stream:
+                    yield stream
+                return
+        shown = str(path if path is not None else source if isinstance(source, str) else "")
+        raise MissingMember(f"no member {name!r}", path=shown or None, member=name)
+    finally:
+        members.close()
+
+
+def extract_all(
+    source: Source,
+    dest: str | os.PathLike,
+    *,
+    path: str | os.PathLike | None = None,
+    limits: Limits | None = None,
+    select: Callable[[Member], bool] | None = None,
+) -> list[Path]:
+    """Write the (selected) members under ``dest``; every target stays inside ``dest``.
+
+    Files are written to a temporary name and renamed, so a failure leaves no partial
+    file under a real name. An existing symlink on the way is refused. Returns the paths.
+    """
+    root = Path(dest).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    seen: set[str] = set()
+    for member in iter_members(source, path=path, limits=limits):
+        if select is not None and not select(member):
+            continue
+        target = _safe_target(root, member)
+        key = str(target)
+        if key in seen:
+            raise ArchiveError("member appears twice", path=member.path, member=member.qualname)
+        seen.add(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _safe_target(root, member)  # re-check now that the directories exist
+        tmp = target.with_name(f".{target.name}.part")
+        try:
+            with member.open() as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(target)
+    return written
+
+
+# --- shared helpers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Where:
+    """The file and enclosing member for error messages."""
+
+    path: str | None
+    prefix: Member | None
+
+    def qual(self, name: str | None) -> str | None:
+        if self.prefix is None:
+            return name
+        if name is None:
+            return self.prefix.qualname
+        return f"{self.prefix.qualname}:{name}"
+
+    def error(self, cls: type[ArchiveError], msg: str, name: str | None = None) -> ArchiveError:
+        return cls(msg, path=self.path, member=self.qual(name))
+
+
+@contextlib.contextmanager
+def _damage_as_archive_error(path: str | None, member: str | None) -> Iterator[None]:
+    try:
+        yield
+    except ArchiveError:
+        raise
+    except _DAMAGE as err:
+        raise ArchiveError(_describe(err), path=path, member=member) from err
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, EOFError | tarfile.ReadError) or "end of" in str(err).lower():
+        return f"truncated or corrupt archive ({type(err).__name__}: {err})"
+    return f"unreadable archive ({type(err).__name__}: {err})"
+
+
+def _open_source(source: Source, where: _Where, stack: contextlib.ExitStack) -> BinaryIO:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return io.BytesIO(source)
+    if isinstance(source, str | os.PathLike):
+        try:
+            return stack.enter_context(open(source, "rb"))
+        except OSError as err:
+            raise where.error(ArchiveError, f"cannot open: {err.strerror or err}") from err
+    return source
+
+
+def _peek(raw: BinaryIO, where: _Where) -> bytes:
+    """First bytes without consuming them (seek back, or a buffered reader's peek)."""
+    with _damage_as_archive_error(where.path, where.qual(None)):
+        if raw.seekable():
+            pos = raw.tell()
+            head = raw.read(8)
+            raw.seek(pos)
+            return head
+        peek = getattr(raw, "peek", None)
+        if peek is None:
+            raise where.error(ArchiveError, "unseekable source without peek(); wrap it")
+        return peek(8)[:8]
+
+
+def _check_name(name: str, where: _Where) -> None:
+    """Refuse names that would escape an extraction directory."""
+    norm = name.replace("\\", "/")
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if not name or norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        raise where.error(UnsafeMember, "absolute member path refused", name)
+    if ".." in parts:
+        raise where.error(UnsafeMember, "member path with '..' refused", name)
+    if "\x00" in name:
+        raise where.error(UnsafeMember, "member path with NUL refused", name)
+
+
+def _safe_target(root: Path, member: Member) -> Path:
+    target = root.joinpath(*[p for p in member.name.replace("\\", "/").split("/") if p])
+    probe = root
+    for part in target.relative_to(root).parts:
+        probe = probe / part
+        if probe.is_symlink():
+            raise UnsafeMember(
+                "extraction through a symlink refused", path=member.path, member=member.qualname
+            )
+    if not target.resolve().is_relative_to(root):
+        raise UnsafeMember(
+            "extraction outside target refused", path=member.path, member=member.qualname
+        )
+    return target
+
+
+class _Budget:
+    """Counts declared bytes against the total limit, member by member."""
+
+    def __init__(self, limits: Limits, where: _Where):
+        self.limits = limits
+        self.where = where
+        self.total = 0
+
+    def admit(self, name: str, size: int, compressed: int | None = None) -> None:
+        lim = self.limits
+        if size < 0:
+            raise self.where.error(ArchiveError, f"negative size {size}", name)
+        if size > lim.max_member_bytes:
+            msg = f"member is {size} bytes, over the {lim.max_member_bytes}-byte limit"
+            raise self.where.error(UnsafeMember, msg, name)
+        self.total += size
+        if self.total > lim.max_total_bytes:
+            msg = f"archive holds over {lim.max_total_bytes} bytes (limit)"
+            raise self.where.error(UnsafeMember, msg, name)
+        if compressed is not None and size > lim.ratio_floor_bytes:
+            if size > lim.max_ratio * max(compressed, 1):
+                msg = f"compression ratio {size / max(compressed, 1):.0f} over {lim.max_ratio:.0f}"
+                raise self.where.error(UnsafeMember, msg, name)
+
+
+class _MemberStream(io.RawIOBase):
+    """A member's bytes: bounded by its size, errors renamed to ArchiveError."""
+
+    def __init__(
+        self,
+        read_into: Callable[[memoryview], int],
+        size: int,
+        where: _Where,
+        name: str,
+        on_close: Callable[[], None] | None = None,
+    ):
+        super().__init__()
+        self._read_into = read_into
+        self._left = size
+        self._where = where
+        self._name = name
+        self._on_close = on_close
+
+    def close(self) -> None:
+        if not self.closed and self._on_close is not None:
+            self._on_close()
+        super().close()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed member stream")
+        view = memoryview(b).cast("B")
+        want = min(len(view), self._left)
+        if want <= 0:
+            return 0
+        with _damage_as_archive_error(self._where.path, self._where.qual(self._name)):
+            got = self._read_into(view[:want])
+        if got == 0:
+            raise self._where.error(ArchiveError, "truncated member data", self._name)
+        self._left -= got
+        return got
+
+    def readall(self) -> bytes:
+        out = bytearray(max(self._left, 0))
+        view = memoryview(out)
+        filled = 0
+        while filled < len(out):
+            got = self.readinto(view[filled:])
+            if not got:
+                break
+            filled += got
+        return bytes(out[:filled])
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        buf = bytearray(min(size, max(self._left, 0)))
+        got = self.readinto(buf)
+        return bytes(buf[:got])
+
+
+# --- tar -----------------------------------------------------------------------------------
+
+
+class _Inflated(io.RawIOBase):
+    """Seekable view of a (possibly gzip) stream that enforces the ratio and total bounds.
+
+    Forward seeks inflate and discard in large pieces; backward seeks restart the inflate
+    (only if the raw source can seek).
+    """
+
+    def __init__(self, raw: BinaryIO, gzipped: bool, limits: Limits, where: _Where):
+        super().__init__()
+        self._counter = _CountingReader(raw)
+        self._inner: BinaryIO = (
+            _gzip.GzipFile(fileobj=self._counter, mode="rb") if gzipped else self._counter
+        )
+        self._gzipped = gzipped
+        self._pos = 0
+        self._seen = 0  # furthest decompressed byte reached
+        self._limits = limits
+        self._where = where
+        self.member: str | None = None  # the member being read, for the messages
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b) -> int:
+        # Cache-sized pieces: GzipFile.readinto is read()+copy, and a fresh 16 MiB bytes
+        # object per call costs more in page faults than the inflate itself.
+        view = memoryview(b).cast("B")[:_PIECE_BYTES]
+        got = self._inner.readinto(view)
+        self._advance(got)
+        return got
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self._advance(len(data))
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("only absolute seeks")
+        if offset < self._pos:
+            self._inner.seek(offset)  # gzip rewinds and re-inflates
+            self._pos = offset
+        scratch = None
+        while self._pos < offset:
+            if scratch is None:
+                scratch = memoryview(bytearray(min(_PIECE_BYTES, offset - self._pos)))
+            if not self.readinto(scratch[: offset - self._pos]):
+                break  # past the end: the next read finds nothing, as for a file
+        return self._pos
+
+    def _advance(self, n: int) -> None:
+        self._pos += n
+        if self._pos <= self._seen:
+            return
+        self._seen = self._pos
+        lim = self._limits
+        if self._seen > lim.max_total_bytes:
+            msg = f"inflates past the {lim.max_total_bytes}-byte limit"
+            raise self._where.error(UnsafeMember, msg, self.member)
+        if self._gzipped and self._seen > lim.ratio_floor_bytes:
+            ratio = self._seen / max(self._counter.count, 1)
+            if ratio > lim.max_ratio:
+                msg = f"compression ratio {ratio:.0f} over {lim.max_ratio:.0f}: decompression bomb"
+                raise self._where.error(UnsafeMember, msg, self.member)
+
+    def drain(self) -> None:
+        """Inflate what follows the tar end marker so gzip checks its CRC and length."""
+        if not self._gzipped:
+            return
+        self.seek(self._pos + _DRAIN_LIMIT_BYTES)
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts compressed bytes consumed (for the ratio bound)."""
+
+    def __init__(self, raw: BinaryIO):
+        super().__init__()
+        self._raw = raw
+        self.count = 0
+        self._start = raw.tell() if raw.seekable() else 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._raw.seekable()
+
+    def readinto(self, b) -> int:
+        got = self._raw.readinto(b) if hasattr(self._raw, "readinto") else _copy_read(self._raw, b)
+        self.count += got or 0
+        return got or 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.count += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            return self._raw.seek(self._start + offset) - self._start
+        return self._raw.seek(offset, whence) - self._start
+
+    def tell(self) -> int:
+        return self._raw.tell() - self._start
+
+
+def _copy_read(raw: BinaryIO, b) -> int:
+    data = raw.read(len(b))
+    memoryview(b)[: len(data)] = data
+    return len(data)
+
+
+def _iter_tar(raw: BinaryIO, gzipped: bool, where: _Where, limits: Limits) -> Iterator[Member]:
+    stream = _Inflated(raw, gzipped, limits, where)
+    budget = _Budget(limits, where)
+    with _damage_as_archive_error(where.path, where.qual(None)):
+        tar = tarfile.open(fileobj=stream, mode="r:")
+    with tar:
+        while True:
+            with _damage_as_archive_error(where.path, where.qual(stream.member)):
+                info = tar.next()
+            if info is None:
+                break
+            stream.member = info.name
+            _check_name(info.name, where)
+            if info.isdir():
+                continue
+            _check_tar_type(info, where)
+            budget.admit(info.name, info.size)
+            yield Member(
+                name=info.name,
+                size_bytes=info.size,
+                path=where.path,
+                qualname=where.qual(info.name) or info.name,
+                _opener=_tar_opener(tar, stream, info, where),
+                _limits=limits,
+            )
+        with _damage_as_archive_error(where.path, where.qual(None)):
+            _check_tar_end(tar, stream, where)
+            stream.drain()
+
+
+def _check_tar_type(info: tarfile.TarInfo, where: _Where) -> None:
+    if info.issym() or info.islnk():
+        kind = "symlink" if info.issym() else "hard link"
+        raise where.error(UnsafeMember, f"{kind} to {info.linkname!r} refused", info.name)
+    if info.ischr() or info.isblk() or info.isfifo():
+        raise where.error(UnsafeMember, "device or fifo member refused", info.name)
+    if not info.isreg():
+        raise where.error(UnsafeMember, f"member type {info.type!r} refused", info.name)
+
+
+def _tar_opener(
+    tar: tarfile.TarFile, stream: _Inflated, info: tarfile.TarInfo, where: _Where
+) -> Callable[[], BinaryIO]:
+    def opener() -> BinaryIO:
+        if tar.closed:
+            raise where.error(
+                ArchiveError, "archive already closed; open members while iterating", info.name
+            )
+        if info.issparse():
+            ex = tar.extractfile(info)
+            assert ex is not None
+            return io.BufferedReader(
+                _MemberStream(ex.readinto, info.size, where, info.name, ex.close)
+            )
+        return io.BufferedReader(
+            _MemberStream(_positioned_reader(stream, info), info.size, where, info.name),
+            buffer_size=1 << 16,
+        )
+
+    return opener
+
+
+def _positioned_reader(stream: _Inflated, info: tarfile.TarInfo) -> Callable[[memoryview], int]:
+    """readinto at our own offset, so interleaved use with iteration stays correct."""
+    pos = info.offset_data
+
+    def read_into(view: memoryview) -> int:
+        nonlocal pos
+        if stream.tell() != pos:
+            stream.seek(pos)
+        stream.member = info.name
+        got = 0
+        while got < len(view):
+            n = stream.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        pos += got
+        return got
+
+    return read_into
+
+
+def _check_tar_end(tar: tarfile.TarFile, stream: _Inflated, where: _Where) -> None:
+    """tarfile treats a truncated or garbled header after the first as the end; we don't."""
+    stream.seek(tar.offset)
+    block = stream.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE:
+        raise where.error(ArchiveError, "tar ends without its end-of-archive marker (truncated?)")
+    if block.count(0) != len(block):
+        raise where.error(ArchiveError, f"bad tar header at byte {tar.offset}")
+
+
+# --- zip -----------------------------------------------------------------------------------
+
+
+def _iter_zip(raw: BinaryIO, where: _Where, limits: Limits) -> Iterator[Member]:
+    if not raw.seekable():
+        raise where.error(ArchiveError, "zip needs a seekable source")
+    with _damage_as_archive_error(where.path, where.qual(None)):
+        zf = zipfile.ZipFile(raw)
+    budget = _Budget(limits, where)
+    with zf:
+        for info in zf.infolist():
+            _check_name(info.filename, where)
+            if info.is_dir():
+                continue
+            _check_zip_type(info, where)
+            budget.admit(info.filename, info.file_size, info.compress_size)
+            yield Member(
+                name=info.filename,
+                size_bytes=info.file_size,
+                path=where.path,
+                qualname=where.qual(info.filename) or info.filename,
+                _opener=_zip_opener(zf, info, where),
+                _limits=limits,
+            )
+
+
+def _check_zip_type(info: zipfile.ZipInfo, where: _Where) -> None:
+    mode = info.external_attr >> 16
+    if info.create_system == 3 and mode:  # unix attributes present
+        kind = stat.S_IFMT(mode)
+        if kind == stat.S_IFLNK:
+            raise where.error(UnsafeMember, "symlink refused", info.filename)
+        if kind not in (0, stat.S_IFREG):
+            raise where.error(
+                UnsafeMember, f"special file (mode {oct(mode)}) refused", info.filename
+            )
+    if info.flag_bits & 0x1:
+        raise where.error(ArchiveError, "encrypted member", info.filename)
+
+
+def _zip_opener(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: _Where
+) -> Callable[[], BinaryIO]:
+    def opener() -> BinaryIO:
+        handle = zf.open(info)
+        return io.BufferedReader(
+            _MemberStream(handle.readinto, info.file_size, where, info.filename, handle.close),
+            buffer_size=1 << 16,
+        )
+
+    return opener

@@ -1,0 +1,157 @@
+"""NEMS0 PointProcess / TiledSignal HDF5: one root dataset per key, nothing else.
+
+PointProcess: key = channel (cellid), value = 1-D float64 spike times in seconds.
+TiledSignal: key = epoch name, value = C x n array. No attributes and no groups are
+written (``SignalBase._save_data_to_h5``); a key containing '/' would have become a nested
+group, which is reported, not walked. Keys come back in code-point order (``sorted``),
+which is also the channel order NEMS0 uses when it rasterizes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO
+
+import numpy as np
+
+from nat4etl.errors import FormatError
+
+__all__ = [
+    "check_point_process",
+    "check_tiled",
+    "read_h5_datasets",
+    "read_point_process",
+    "read_tiled",
+]
+
+DEFAULT_MAX_BYTES = 2 << 30  # inflated size bound over all datasets (per-site files: few MB)
+
+
+def read_h5_datasets(
+    source: bytes | BinaryIO | str | os.PathLike,
+    *,
+    path: str | os.PathLike | None = None,
+    member: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, np.ndarray]:
+    """Every root dataset as a numpy array, keys in code-point order.
+
+    Parameters
+    ----------
+    source
+        HDF5 bytes, a binary file object (h5py reads file-like objects) or a path.
+    path, member
+        Named in errors.
+    max_bytes
+        Bound on the summed in-memory size of the datasets (default 2 GiB), checked on
+        the declared shapes before reading, so a compressed bomb is refused.
+
+    Raises
+    ------
+    FormatError
+        Not HDF5, a group or link where a dataset is expected, a non-numeric dataset, or
+        the size bound exceeded; names file and member (and key).
+    """
+    import h5py
+
+    if isinstance(source, bytes | bytearray | memoryview):
+        source = io.BytesIO(source)
+    try:
+        h5 = h5py.File(source, "r")
+    except Exception as err:  # libhdf5 raises OSError, ValueError, ... for bad bytes
+        raise FormatError(f"not a readable HDF5 file ({err})", path=path, member=member) from err
+    try:
+        with h5:
+            return _read_root(h5, path=path, member=member, max_bytes=max_bytes)
+    except FormatError:
+        raise
+    except Exception as err:  # damaged chunks surface as several exception types
+        raise FormatError(f"unreadable HDF5 data ({err})", path=path, member=member) from err
+
+
+def read_point_process(
+    source: bytes | BinaryIO | str | os.PathLike,
+    *,
+    path: str | os.PathLike | None = None,
+    member: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, np.ndarray]:
+    """Channel -> 1-D float64 spike times (s), channels in code-point order."""
+    datasets = read_h5_datasets(source, path=path, member=member, max_bytes=max_bytes)
+    return check_point_process(datasets, path=path, member=member)
+
+
+def read_tiled(
+    source: bytes | BinaryIO | str | os.PathLike,
+    *,
+    path: str | os.PathLike | None = None,
+    member: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, np.ndarray]:
+    """Epoch name -> C x n float64 tile; every tile has the same C."""
+    datasets = read_h5_datasets(source, path=path, member=member, max_bytes=max_bytes)
+    return check_tiled(datasets, path=path, member=member)
+
+
+def check_point_process(
+    datasets: dict[str, np.ndarray],
+    *,
+    path: str | os.PathLike | None = None,
+    member: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Every dataset must be 1-D (spike times); returns them as given."""
+    for key, arr in datasets.items():
+        if arr.ndim != 1:
+            msg = f"dataset {key!r}: spike times must be 1-D, got shape {arr.shape}"
+            raise FormatError(msg, path=path, member=member)
+    return datasets
+
+
+def check_tiled(
+    datasets: dict[str, np.ndarray],
+    *,
+    path: str | os.PathLike | None = None,
+    member: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Every dataset must be 2-D with one shared channel count; returns them as given."""
+    n_chans = None
+    for key, arr in datasets.items():
+        if arr.ndim != 2:
+            msg = f"dataset {key!r}: a tile must be 2-D (C x n), got shape {arr.shape}"
+            raise FormatError(msg, path=path, member=member)
+        if n_chans is not None and arr.shape[0] != n_chans:
+            msg = f"dataset {key!r}: {arr.shape[0]} channels, the others have {n_chans}"
+            raise FormatError(msg, path=path, member=member)
+        n_chans = arr.shape[0]
+    return datasets
+
+
+def _read_root(h5, *, path, member, max_bytes: int) -> dict[str, np.ndarray]:
+    import h5py
+
+    keys = sorted(h5.keys())
+    total = 0
+    datasets = []
+    for key in keys:
+        link = h5.get(key, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            msg = f"{key!r} is a {type(link).__name__}, expected a dataset"
+            raise FormatError(msg, path=path, member=member)
+        obj = h5[key]
+        if isinstance(obj, h5py.Group):
+            msg = f"{key!r} is a group where a dataset is expected (a key with '/'?)"
+            raise FormatError(msg, path=path, member=member)
+        if not isinstance(obj, h5py.Dataset):
+            raise FormatError(f"{key!r} is not a dataset", path=path, member=member)
+        if obj.dtype.kind not in "fiub":
+            msg = f"dataset {key!r} has dtype {obj.dtype}, expected numbers"
+            raise FormatError(msg, path=path, member=member)
+        if obj.shape is None:
+            raise FormatError(f"dataset {key!r} has no dataspace", path=path, member=member)
+        total += int(np.prod(obj.shape, dtype=np.int64)) * 8
+        if total > max_bytes:
+            msg = f"datasets exceed the {max_bytes}-byte limit at {key!r}"
+            raise FormatError(msg, path=path, member=member)
+        datasets.append((key, obj))
+    return {key: np.asarray(obj[()], dtype=np.float64) for key, obj in datasets}

@@ -1,0 +1,68 @@
+"""``<area>_pred_correlation.csv``: one row per unit, ``cellid`` and ``sig_auditory`` known.
+
+Only those two columns are certain (nat4-dataset.md); every other column is carried
+through with the type pyarrow infers. Row order is the file's, not the population's.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from nat4etl.errors import FormatError
+
+__all__ = ["read_pred_correlation"]
+
+_UNNAMED = re.compile(r"^(|Unnamed: \d+)$")
+_BOOL_TRUE = ["True", "true", "TRUE"]
+_BOOL_FALSE = ["False", "false", "FALSE"]
+
+
+def read_pred_correlation(
+    source: bytes | BinaryIO | str | os.PathLike,
+    *,
+    path: str | os.PathLike | None = None,
+    member: str | None = None,
+) -> pa.Table:
+    """Read the per-unit table: ``cellid`` string, ``sig_auditory`` bool, the rest inferred.
+
+    An unnamed leading column (a pandas index) is dropped. Empty cells are null.
+
+    Raises
+    ------
+    FormatError
+        Not CSV, no ``cellid`` column, or ``sig_auditory`` not True/False.
+    """
+    if path is None and isinstance(source, str | os.PathLike):
+        path = source
+    if isinstance(source, bytes | bytearray | memoryview):
+        source = io.BytesIO(source)
+
+    def bad(msg: str) -> FormatError:
+        return FormatError(msg, path=path, member=member)
+
+    convert = pacsv.ConvertOptions(
+        column_types={"cellid": pa.string(), "sig_auditory": pa.bool_()},
+        true_values=_BOOL_TRUE,
+        false_values=_BOOL_FALSE,
+        strings_can_be_null=False,
+    )
+    try:
+        table = pacsv.read_csv(source, convert_options=convert)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
+        raise bad(f"unreadable CSV ({err})".replace("\n", " ")) from err
+    names = table.column_names
+    if len(names) > 1 and _UNNAMED.match(names[0]):
+        table = table.drop_columns([names[0]])
+    if "cellid" not in table.column_names:
+        raise bad(f"column 'cellid' missing; header is {table.column_names}")
+    cellid = table.column("cellid")
+    if cellid.null_count or pc.any(pc.equal(cellid, "")).as_py():
+        raise bad("empty cellid")
+    return table
