@@ -137,11 +137,17 @@ def pop_starts(stims: pa.Table, pop_fs_hz: float) -> np.ndarray:
 
 
 def population_responses(
-    resp: np.ndarray, stims: pa.Table, plan: BinPlan, *, source: str = SOURCE_POPULATION
+    resp: np.ndarray,
+    stims: pa.Table,
+    plan: BinPlan,
+    *,
+    source: str = SOURCE_POPULATION,
+    skip_pairs: np.ndarray | None = None,
 ) -> pa.Table:
     """Rows (stim, cell, trial 0) from the population ``resp``, NaN-only pairs dropped.
 
     ``resp`` is (cells, samples) in cell id order. Frames are summed to the bin width.
+    ``skip_pairs`` (``stim * n_cells + cell``) are left out too.
     """
     k = plan.frames_per_bin
     if k is None:
@@ -151,6 +157,9 @@ def population_responses(
     keep = np.zeros((len(stim_ids), resp.shape[0]), dtype=bool)
     for i, start in enumerate(starts):
         keep[i] = ~np.all(np.isnan(binning.cut_frames(resp, int(start), plan.pop_frames)), axis=1)
+    if skip_pairs is not None and len(skip_pairs):
+        pairs = stim_ids.astype(np.int64)[:, None] * resp.shape[0] + np.arange(resp.shape[0])
+        keep &= ~np.isin(pairs, skip_pairs)
     counts = np.empty((int(keep.sum()), plan.n_bins), dtype=np.float32)
     row = 0
     for i, start in enumerate(starts):
@@ -264,7 +273,11 @@ def split_sites(
                 fs_hz=site_fs_hz[name],
                 spikes=_where(site_spikes, "site", name).select(["unit_id", "spike_times_s"]),
                 trials=_where(trials, "site", name).select(["stim", "trial", "start_s", "end_s"]),
-                cells=_where(matched, "site", name).select(["cell", "site_unit_id"]),
+                cells=matched.filter(
+                    pc.or_kleene(
+                        pc.equal(matched.column("site"), name), pc.is_null(matched.column("site"))
+                    )
+                ).select(["cell", "site_unit_id"]),
             )
         )
     return sites
@@ -416,6 +429,11 @@ def rebin_area(inputs: AreaInputs, *, dt_ms: float, progress=None) -> AreaOutput
         qc_rows += qc_val(site, val_rows, qc_means, val_ids)
         if progress is not None:
             progress.advance("rebin-sites", 1)
+    n_fallback = 0
+    if not plan.est_from_population and plan.frames_per_bin is not None:
+        fallback = _population_fallback(inputs.pop_resp, other_stims, plan, parts)
+        n_fallback = fallback.num_rows
+        parts.append(fallback)
     empty = responses_table([], [], [], SOURCE_SITE, np.empty((0, plan.n_bins), np.float32))
     responses = _concat(parts, empty)
     specs = spectrograms(inputs.pop_stim, stims, plan)
@@ -447,10 +465,30 @@ def rebin_area(inputs: AreaInputs, *, dt_ms: float, progress=None) -> AreaOutput
         "sites": len(sites),
         "val_means": means.num_rows,
         "spectrograms": specs.num_rows,
+        "est_rows_from_population": n_fallback,
         "qc_max_abs_diff": max(diffs, default=None),
     }
     qc = pa.Table.from_pylist(qc_rows, schema=schema.QC_VAL.schema)
     return AreaOutputs(responses, means, qc, specs, metadata, counts)
+
+
+def _population_fallback(
+    resp: np.ndarray, est_stims: pa.Table, plan: BinPlan, site_parts: list[pa.Table]
+) -> pa.Table:
+    """Population est rows, summed to dt_ms, for (stim, unit) pairs no site file covers.
+
+    At a whole number of population frames the two routes give the same counts (the
+    population est trial is the site's presentation binned at 10 ms from the same first
+    sample), so a unit with no site data (``match`` none) keeps its est responses instead of
+    turning NaN; ``source`` says which route each row took.
+    """
+    n_cells = resp.shape[0]
+    covered = [
+        part.column("stim").to_numpy().astype(np.int64) * n_cells + part.column("cell").to_numpy()
+        for part in site_parts
+    ]
+    covered = np.unique(np.concatenate(covered)) if covered else np.empty(0, np.int64)
+    return population_responses(resp, est_stims, plan, skip_pairs=covered)
 
 
 # ============================================================================ stage

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pytest
 
 from nat4etl.errors import ConfigError
@@ -59,6 +60,7 @@ def _area(rng):
                 continue  # unit not recorded for this sound in the population file
             binned = [_raster_cut_sum(times, r[4], r[5], 10) for r in reps]
             resp[cell, stim * FRAMES : (stim + 1) * FRAMES] = np.mean(binned, axis=0)
+    resp[3, :FRAMES] = rng.poisson(0.5, FRAMES)  # a unit with no site data, est stim 0 only
     stim_spec = rng.uniform(0, 5, (4, FRAMES * 3)).astype(np.float32)
 
     stims = pa.table(
@@ -133,7 +135,8 @@ def test_dt10_est_from_population_val_from_sites(area):
     for stim in (0, 1):
         for cell in range(4):
             present = (stim, cell, 0) in rows
-            assert present == (cell < 3 and not (cell == 2 and stim == 1))
+            recorded = not (cell == 2 and stim == 1) and (cell < 3 or stim == 0)
+            assert present == recorded
             if present:
                 assert sources[(stim, cell)] == "population"
                 np.testing.assert_array_equal(
@@ -176,12 +179,17 @@ def test_dt20_est_from_sites_equals_population_summed(area):
     inputs, _, _ = area
     out = rs.rebin_area(inputs, dt_ms=20)
     rows = _rows(out.responses, "counts")
-    assert set(out.responses["source"].to_pylist()) == {"site"}
+    assert out.metadata["responses"]["est_source"] == "site"
     # cell 2 / stim 1: NaN in the population, but the site presented it: a row from spikes
     assert (1, 2, 0) in rows
     for cell in range(2):
         pop = inputs.pop_resp[cell, 150:300].reshape(75, 2).sum(axis=1)
         np.testing.assert_array_equal(rows[(1, cell, 0)], pop)
+    # the unit without site data keeps its est responses, from the population, summed
+    sources = out.responses.filter(pa.compute.equal(out.responses["cell"], 3))
+    assert sources["source"].to_pylist() == ["population"]
+    np.testing.assert_array_equal(rows[(0, 3, 0)], inputs.pop_resp[3, :150].reshape(75, 2).sum(1))
+    assert out.counts["est_rows_from_population"] == 1
     values = rs._vectors(out.spectrograms, "values").reshape(3, 4, 75)
     np.testing.assert_allclose(
         values[0], inputs.pop_stim[:, :150].reshape(4, 75, 2).mean(axis=2), rtol=1e-6
