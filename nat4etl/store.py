@@ -599,7 +599,10 @@ def write_manifest(
     import pyarrow.parquet as pq
 
     sha256 = sha256 or file_sha256
-    previous = store.read_manifest() or {}
+    try:
+        previous = store.read_manifest() or {}
+    except ValueError:  # a damaged manifest is replaced, not merged
+        previous = {}
     tables = []
     for name, area, path in store.table_files():
         md = pq.read_metadata(path)

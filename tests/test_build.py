@@ -364,3 +364,11 @@ def test_verify_reports_missing_and_extra_files(built):
     problems = "\n".join(verify(out))
     assert "raw/PEG.txt: missing" in problems
     assert "stims/area=XX/part-0.parquet: not in manifest.json" in problems
+
+
+def test_unreadable_manifest_is_reported_and_rewritten(built):
+    out, mirror = built
+    (out / "manifest.json").write_text("{ truncated")
+    assert verify(out)[0].startswith("manifest.json: not valid JSON")
+    assert not run(out, mirror).up_to_date and CALLS == []
+    assert verify(out) == []

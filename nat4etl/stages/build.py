@@ -240,7 +240,10 @@ def decide(root: Path, stage: Stage, ctx: Context, *, forced: str | None = None)
 
 def manifest_problems(root: Path, ctx: Context) -> list[str]:
     """Why ``manifest.json`` does not describe the store as it is (cheap checks)."""
-    manifest = Store(root).read_manifest()
+    try:
+        manifest = Store(root).read_manifest()
+    except ValueError:
+        return ["manifest.json is not valid JSON"]
     if manifest is None:
         return ["manifest.json is missing"]
     problems = []
@@ -566,7 +569,7 @@ def status(
     try:
         root = snap.root
         ctx = Context(settings, root)
-        manifest = snap.read_manifest() or {}
+        manifest = _manifest_or_empty(snap)
         report.update(
             built=bool(manifest),
             written_at=manifest.get("written_at"),
@@ -582,6 +585,13 @@ def status(
         all(s["state"] == "up to date" for s in report["stages"]) and not (report["manifest"])
     )
     return report
+
+
+def _manifest_or_empty(store: Store) -> dict:
+    try:
+        return store.read_manifest() or {}
+    except ValueError:
+        return {}
 
 
 def _stage_states(
@@ -640,7 +650,11 @@ def verify(out: str | os.PathLike) -> list[str]:
         return [f"{out}: no {MANIFEST}; not a complete nat4etl store"]
     snap = open_snapshot(out)
     try:
-        return _verify_root(snap.root, snap.read_manifest() or {})
+        try:
+            manifest = snap.read_manifest() or {}
+        except ValueError as err:
+            return [f"{MANIFEST}: not valid JSON ({err})"]
+        return _verify_root(snap.root, manifest)
     finally:
         snap.close()
 
