@@ -116,4 +116,5 @@ EXIT_CODES = {
     "lock_held": StoreLocked.exit_code,
     "verification": VerificationError.exit_code,
     "store": StoreError.exit_code,
+    "interrupted": 130,  # Ctrl-C / SIGINT; the previous store is intact
 }
