@@ -16,6 +16,7 @@ Choices, each stated once:
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -88,19 +89,22 @@ def recording_epochs(rows: Iterable[dict]) -> list[Epoch]:
     """One recording's epochs: union over signals, exact duplicates dropped, time order.
 
     ``rows`` are epochs-table rows (signal, row, name, start_s, end_s); rows without a
-    name or times cannot be interpreted and are left out (they stay in ``epochs``).
+    name or finite times cannot be interpreted and are left out (they stay in ``epochs``).
     """
-    ordered = sorted(rows, key=lambda r: (r["start_s"] is None, r["start_s"] or 0.0))
+    usable = [r for r in rows if r["name"] is not None and _finite(r["start_s"], r["end_s"])]
+    ordered = sorted(usable, key=lambda r: r["start_s"])
     seen: set[tuple] = set()
     out = []
     for r in ordered:
-        if r["name"] is None or r["start_s"] is None or r["end_s"] is None:
-            continue
         key = (r["name"], r["start_s"], r["end_s"])
         if key not in seen:
             seen.add(key)
             out.append(Epoch(*key))
     return out
+
+
+def _finite(*values: float | None) -> bool:
+    return all(v is not None and math.isfinite(v) for v in values)
 
 
 # ============================================================================ stims

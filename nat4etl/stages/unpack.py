@@ -1,0 +1,516 @@
+"""`unpack`: the Zenodo archives of each area -> raw tables, without loss and without
+extracting anything to disk.
+
+Per area it reads ``<area>_NAT4_ozgf.fs100.ch18.tgz`` (the population recording),
+``<area>_single_sites.zip`` (one NEMS0 tgz per site), ``<area>_pred_correlation.csv`` and,
+when present, the listing of ``wav.zip``, and writes ``recordings``, ``signals``,
+``pop_signals``, ``site_spikes``, ``epochs``, ``pred_correlation`` and ``source_members``.
+
+Memory: the population CSVs stream from the tar into one float32 (C, T) array per signal
+(``nems0_csv.iter_raster_blocks``), which Arrow then wraps without copying; the
+population is written and dropped before the site files are read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+
+from nat4etl import nat4, schema
+from nat4etl.errors import FormatError, MissingMember
+from nat4etl.formats import archive, nems0, nems0_csv
+from nat4etl.formats.pred_correlation import read_pred_correlation
+
+READS = ("raw",)
+WRITES = (
+    "recordings",
+    "signals",
+    "pop_signals",
+    "site_spikes",
+    "epochs",
+    "pred_correlation",
+    "source_members",
+)
+PARAMS = ("areas", "source_dir")
+
+_FIELD_BYTES = 25  # one ``%.18e`` value and its delimiter: sizes the first allocation
+_MAX_LIST_VALUES = 2**31 - 1  # list<float32> offsets are int32
+#: the raw pred_correlation table cannot hold ``area``: the store's partition column
+PRED_AREA_COLUMN = "pred_area"
+
+
+# ============================================================================ population
+class ChannelBuffer:
+    """Rows of a (T, C) CSV appended into a (C, capacity) float32 array, grown if needed.
+
+    The first capacity assumes every field is ``%.18e`` (25 bytes), exact for the NEMS0
+    writer's files; shorter fields (``nan``) make it grow. Only one copy is ever held.
+    """
+
+    def __init__(self, n_chans: int, size_bytes: int):
+        self.n_chans = n_chans
+        self.n_samples = 0
+        capacity = max(1, size_bytes // (n_chans * _FIELD_BYTES))
+        self._data = np.empty((n_chans, capacity), np.float32)
+
+    def append(self, block: np.ndarray) -> None:
+        n = block.shape[0]
+        if self.n_samples + n > self._data.shape[1]:
+            self._grow(self.n_samples + n)
+        self._data[:, self.n_samples : self.n_samples + n] = block.T
+        self.n_samples += n
+
+    def _grow(self, need: int) -> None:
+        capacity = max(need, self._data.shape[1] + self._data.shape[1] // 4 + 1)
+        grown = np.empty((self.n_chans, capacity), np.float32)
+        grown[:, : self.n_samples] = self._data[:, : self.n_samples]
+        self._data = grown
+
+    def finish(self) -> np.ndarray:
+        """The (C, T) values, contiguous; compacted in place (rows move left)."""
+        c, t = self.n_chans, self.n_samples
+        if t == self._data.shape[1]:
+            return self._data
+        flat = self._data.reshape(-1)
+        for i in range(1, c):  # row i starts at i*capacity; move it to i*t
+            flat[i * t : (i + 1) * t] = self._data[i, :t].copy()
+        return flat[: c * t].reshape(c, t)
+
+
+class _Counted(io.RawIOBase):
+    """Reports bytes read to the progress task while the parser pulls them."""
+
+    def __init__(self, stream: BinaryIO, advance: Callable[[int], None]):
+        super().__init__()
+        self._stream = stream
+        self._advance = advance
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._stream.readinto(b)
+        if n:
+            self._advance(n)
+        return n or 0
+
+
+def stream_rasters(progress, file_name: str) -> nems0.DataHandler:
+    """A ``read_recording`` data handler: rasterized CSV -> (C, T) float32, streamed."""
+
+    def handle(member: nems0.DataMember, stream: BinaryIO) -> Any:
+        if member.kind != "csv":
+            return None  # no HDF5 in a population recording; reported by the caller
+        chans = member.header.chans if member.header is not None else None
+        task = f"{file_name}:{member.name}"
+        progress.start(task, total=member.size_bytes, unit="B")
+        try:
+            counted = _Counted(stream, lambda n: progress.advance(task, n))
+            buffer = None
+            for block in nems0_csv.iter_raster_blocks(
+                counted,
+                n_chans=len(chans) if chans else None,
+                path=member.path,
+                member=member.qualname,
+            ):
+                if buffer is None:
+                    buffer = ChannelBuffer(block.shape[1], member.size_bytes)
+                buffer.append(block)
+        finally:
+            progress.done(task)
+        n_chans = len(chans) if chans else 0
+        return buffer.finish() if buffer is not None else np.zeros((n_chans, 0), np.float32)
+
+    return handle
+
+
+def channel_lists(values: np.ndarray) -> pa.ChunkedArray:
+    """(C, T) float32 -> one list<float32> per channel, zero-copy; chunked so that no
+    chunk's int32 offsets overflow."""
+    n_chans, n_samples = values.shape
+    flat = values.reshape(-1)
+    per_chunk = max(1, _MAX_LIST_VALUES // max(n_samples, 1))
+    chunks = []
+    for lo in range(0, n_chans, per_chunk):
+        hi = min(n_chans, lo + per_chunk)
+        offsets = pa.array(np.arange(hi - lo + 1, dtype=np.int32) * np.int32(n_samples))
+        chunks.append(
+            pa.ListArray.from_arrays(offsets, pa.array(flat[lo * n_samples : hi * n_samples]))
+        )
+    if not chunks:
+        return pa.chunked_array([], pa.list_(pa.float32()))
+    return pa.chunked_array(chunks)
+
+
+def pop_signal_table(signal: str, values: np.ndarray, chans: tuple[str, ...] | None) -> pa.Table:
+    n = values.shape[0]
+    return pa.table(
+        {
+            "signal": pa.array([signal] * n, pa.string()),
+            "channel": pa.array(np.arange(n, dtype=np.int32)),
+            "chan": pa.array(list(chans) if chans else [None] * n, pa.string()),
+            "values": channel_lists(values),
+        }
+    )
+
+
+# ============================================================================ rows
+@dataclass
+class RawRows:
+    """Rows of the small raw tables, gathered over one area's recordings."""
+
+    recordings: list[dict] = field(default_factory=list)
+    signals: list[dict] = field(default_factory=list)
+    epochs: dict[str, list] = field(
+        default_factory=lambda: {c: [] for c in schema.EPOCHS.column_names}
+    )
+    members: list[dict] = field(default_factory=list)
+
+    def tables(self) -> dict[str, pa.Table]:
+        return {
+            "recordings": pa.Table.from_pylist(self.recordings, schema=schema.RECORDINGS.schema),
+            "signals": pa.Table.from_pylist(self.signals, schema=schema.SIGNALS.schema),
+            "epochs": pa.table(self.epochs, schema=schema.EPOCHS.schema),
+            "source_members": pa.Table.from_pylist(
+                self.members, schema=schema.SOURCE_MEMBERS.schema
+            ),
+        }
+
+
+def add_recording(
+    rows: RawRows,
+    rec: nems0.Recording,
+    *,
+    kind: str,
+    site: str | None,
+    file: str,
+    member: str | None,
+) -> None:
+    """Recording, signal and epoch rows of one recording (view 0, file units)."""
+    rows.recordings.append(
+        {
+            "recording": rec.name,
+            "kind": kind,
+            "site": site,
+            "file": file,
+            "member": member,
+            "meta_json": _json(rec.meta) if rec.meta is not None else None,
+            "skipped_members": [s.name for s in rec.skipped],
+        }
+    )
+    for name, sig in rec.signals.items():
+        rows.signals.append(_signal_row(rec.name, sig))
+        if sig.epochs is not None:
+            _add_epochs(rows.epochs, rec.name, name, sig.epochs)
+
+
+def _signal_row(recording: str, sig: nems0.Signal) -> dict:
+    h = sig.header
+    data = sig.data
+    if isinstance(data, np.ndarray):
+        n_chans, n_samples = int(data.shape[0]), int(data.shape[1])
+    elif isinstance(data, dict):
+        n_chans, n_samples = len(data), None
+    else:
+        n_chans, n_samples = len(h.chans or ()), None
+    return {
+        "recording": recording,
+        "signal": h.name,
+        "signal_type": h.signal_type,
+        "fs_hz": h.fs_hz,
+        "n_chans": n_chans,
+        "n_samples": n_samples,
+        "chans": list(h.chans) if h.chans is not None else None,
+        "segments_json": _json(h.raw["segments"]) if "segments" in h.raw else None,
+        "meta_json": _json(h.meta),
+    }
+
+
+def _add_epochs(out: dict[str, list], recording: str, signal: str, table: pa.Table) -> None:
+    """Rows in file order; columns other than name/start/end as one JSON object."""
+    n = table.num_rows
+    extra = [c for c in table.column_names if c not in ("name", "start_s", "end_s")]
+    extra_values = [table.column(c).to_pylist() for c in extra]
+    out["recording"] += [recording] * n
+    out["signal"] += [signal] * n
+    out["row"] += range(n)
+    out["name"] += table.column("name").to_pylist()
+    out["start_s"] += table.column("start_s").to_pylist()
+    out["end_s"] += table.column("end_s").to_pylist()
+    if extra:
+        out["extra_json"] += [
+            json.dumps(dict(zip(extra, vals, strict=True)))
+            for vals in zip(*extra_values, strict=True)
+        ]
+    else:
+        out["extra_json"] += [None] * n
+
+
+def _json(obj: Any) -> str:
+    """JSON text; numpy arrays (NEMS0 meta ``__ndarray__``) back in NumpyEncoder form."""
+    return json.dumps(obj, default=_numpy_default, allow_nan=True)
+
+
+def _numpy_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return {
+            "__ndarray__": obj.tolist(),
+            "dtype": str(obj.dtype),
+            "shape": list(obj.shape),
+            "encoding": "list",
+        }
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+# ============================================================================ population file
+def read_population(path: Path, rows: RawRows, progress) -> pa.Table:
+    """Rows of the population recording into ``rows``; returns the pop_signals table."""
+    rec = nems0.read_recording(path, on_data=stream_rasters(progress, path.name))
+    _check_population(rec, path)
+    add_recording(rows, rec, kind="population", site=None, file=path.name, member=None)
+    parts = [
+        pop_signal_table(name, sig.data, sig.header.chans) for name, sig in rec.signals.items()
+    ]
+    return pa.concat_tables(parts) if parts else _empty(schema.POP_SIGNALS)
+
+
+def _check_population(rec: nems0.Recording, path: Path) -> None:
+    """Every signal rasterized, and as many CSV columns as JSON chans (the JSON may come
+    after the CSV in the tar, so the streaming parser cannot always check it)."""
+    if rec.name is None:
+        raise FormatError("no signal names a recording", path=path)
+    for sig in rec.signals.values():
+        where = {"path": path, "member": f"{rec.name}/{PurePosixPath(sig.data_member).name}"}
+        if sig.signal_type != "rasterized":
+            msg = f"signal {sig.name!r} is {sig.signal_type}; the population file holds rasterized signals"
+            raise FormatError(msg, **where)
+        chans = sig.header.chans
+        n_chans, n_samples = sig.data.shape
+        if chans is not None and n_samples and len(chans) != n_chans:
+            msg = f"CSV has {n_chans} columns, the JSON chans lists {len(chans)}"
+            raise FormatError(msg, **where)
+
+
+# ============================================================================ site files
+@dataclass
+class SiteData:
+    spikes: dict[str, list] = field(
+        default_factory=lambda: {c: [] for c in schema.SITE_SPIKES.column_names}
+    )
+
+    def table(self) -> pa.Table:
+        return pa.table(self.spikes, schema=schema.SITE_SPIKES.schema)
+
+
+def is_stray(name: str) -> bool:
+    """OS litter in a zip: ``__MACOSX/``, AppleDouble ``._x``, ``.DS_Store``, hidden files."""
+    parts = PurePosixPath(name).parts
+    return "__MACOSX" in parts or any(p.startswith(".") for p in parts)
+
+
+def is_recording_member(name: str) -> bool:
+    return not is_stray(name) and name.lower().endswith((".tgz", ".tar.gz"))
+
+
+def read_sites(path: Path, rows: RawRows, sites: SiteData, progress) -> None:
+    """Every per-site recording in ``<area>_single_sites.zip``; strays listed, not read.
+
+    Two passes over the zip: the central directory first (cheap) for the listing and the
+    progress total, then each site tgz while the zip is open.
+    """
+    listing = [(m.name, m.size_bytes) for m in archive.iter_members(path)]
+    for name, size_bytes in listing:
+        kind = "recording" if is_recording_member(name) else "skipped"
+        rows.members.append(
+            {"file": path.name, "member": name, "kind": kind, "size_bytes": size_bytes}
+        )
+    task = path.name
+    progress.start(task, total=sum(is_recording_member(n) for n, _ in listing), unit="files")
+    try:
+        for m in archive.iter_members(path):
+            if not is_recording_member(m.name):
+                continue
+            rec = nems0.read_recording(m)
+            site = site_id(rec, m.name)
+            add_recording(rows, rec, kind="site", site=site, file=path.name, member=m.name)
+            _add_spikes(sites, rec, site)
+            progress.advance(task, 1)
+    finally:
+        progress.done(task)
+
+
+def site_id(rec: nems0.Recording, member: str) -> str:
+    """The site from inside the archive: the recording name, else the unit ids' common
+    site; the ``<AREA>_<SITE>_<hex>.tgz`` file name only as the last resort."""
+    from_name = nat4.site_from_recording_name(rec.name or "")
+    if from_name is not None:
+        return from_name
+    unit_sites = {
+        nat4.site_of_unit(unit)
+        for sig in rec.signals.values()
+        if sig.signal_type == "point_process" and isinstance(sig.data, dict)
+        for unit in sig.data
+    }
+    unit_sites.discard(None)
+    if len(unit_sites) == 1:
+        return unit_sites.pop()
+    return nat4.site_from_file_name(member) or rec.name or PurePosixPath(member).stem
+
+
+def _add_spikes(sites: SiteData, rec: nems0.Recording, site: str) -> None:
+    """One row per unit of every PointProcess signal, spike times float64 as stored."""
+    out = sites.spikes
+    for name, sig in rec.signals.items():
+        if sig.signal_type != "point_process":
+            continue
+        for unit_id, times_s in sig.data.items():
+            out["site"].append(site)
+            out["recording"].append(rec.name)
+            out["signal"].append(name)
+            out["unit_id"].append(unit_id)
+            out["spike_times_s"].append(np.asarray(times_s, np.float64))
+
+
+def spikes_table(sites: SiteData) -> pa.Table:
+    s = sites.spikes
+    return pa.table(
+        {
+            "site": pa.array(s["site"], pa.string()),
+            "recording": pa.array(s["recording"], pa.string()),
+            "signal": pa.array(s["signal"], pa.string()),
+            "unit_id": pa.array(s["unit_id"], pa.string()),
+            "spike_times_s": float64_lists(s["spike_times_s"]),
+        },
+        schema=schema.SITE_SPIKES.schema,
+    )
+
+
+def float64_lists(arrays: list[np.ndarray]) -> pa.ChunkedArray:
+    """list<float64> from numpy arrays with one concatenation per chunk (no Python floats);
+    chunked so that int32 offsets never overflow."""
+    chunks, group, n_values = [], [], 0
+    for arr in arrays:
+        if group and n_values + len(arr) > _MAX_LIST_VALUES:
+            chunks.append(_list_chunk(group))
+            group, n_values = [], 0
+        group.append(arr)
+        n_values += len(arr)
+    if group or not chunks:
+        chunks.append(_list_chunk(group))
+    return pa.chunked_array(chunks, pa.list_(pa.float64()))
+
+
+def _list_chunk(arrays: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.zeros(len(arrays) + 1, np.int32)
+    np.cumsum(np.array([len(a) for a in arrays], np.int64), out=offsets[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.float64)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float64()))
+
+
+# ============================================================================ small files
+def read_pred_table(path: Path) -> pa.Table:
+    """The CSV as read; a CSV ``area`` column is renamed (``area`` is the partition)."""
+    table = read_pred_correlation(path)
+    if "area" in table.column_names:
+        if PRED_AREA_COLUMN in table.column_names:
+            msg = f"columns 'area' and {PRED_AREA_COLUMN!r} both present"
+            raise FormatError(msg, path=path)
+        names = [PRED_AREA_COLUMN if c == "area" else c for c in table.column_names]
+        table = table.rename_columns(names)
+    return table
+
+
+def list_wavs(path: Path) -> list[dict]:
+    """``wav.zip`` listing (no audio is decoded here: align-wav does that)."""
+    out = []
+    for m in archive.iter_members(path):
+        ok = not is_stray(m.name) and m.name.lower().endswith(".wav")
+        out.append(
+            {
+                "file": path.name,
+                "member": m.name,
+                "kind": "wav" if ok else "skipped",
+                "size_bytes": m.size_bytes,
+            }
+        )
+    return out
+
+
+def _empty(spec: schema.TableSpec) -> pa.Table:
+    return spec.schema.empty_table()
+
+
+# ============================================================================ stage
+def source_dir(store, settings) -> Path:
+    return Path(settings.source_dir) if settings.source_dir else store.raw_dir
+
+
+def _required(src: Path, name: str) -> Path:
+    path = src / name
+    if not path.is_file():
+        raise MissingMember(
+            f"{name} not found in {src}; Hint: run `nat4etl fetch` or pass --source DIR",
+            path=src,
+            member=name,
+        )
+    return path
+
+
+def run(store, settings, progress) -> dict:
+    src = source_dir(store, settings)
+    summary = {}
+    for area in settings.areas:
+        summary[area] = unpack_area(store, src, area, progress)
+    return summary
+
+
+def unpack_area(store, src: Path, area: str, progress) -> dict:
+    """Read one area's files and write its raw tables; the population goes first and is
+    released before the site files are decoded (peak memory)."""
+    files = nat4.area_files(area)
+    pop_path = _required(src, files.population)
+    sites_path = _required(src, files.single_sites)
+    pred_path = _required(src, files.pred_correlation)
+    rows = RawRows()
+    pop = read_population(pop_path, rows, progress)
+    pop_info = store.write_table("pop_signals", pop, area=area)
+    del pop
+    sites = SiteData()
+    read_sites(sites_path, rows, sites, progress)
+    pred = read_pred_table(pred_path)
+    if (src / nat4.WAV_ZIP).is_file():
+        rows.members += list_wavs(src / nat4.WAV_ZIP)
+    spikes = spikes_table(sites)
+    written = {"pop_signals": pop_info.rows}
+    for name, table in {**rows.tables(), "site_spikes": spikes, "pred_correlation": pred}.items():
+        written[name] = store.write_table(name, table, area=area).rows
+    _log_summary(progress, area, rows, spikes, written)
+    return written
+
+
+def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, written: dict) -> None:
+    n_sites = sum(1 for r in rows.recordings if r["kind"] == "site")
+    skipped = [m for m in rows.members if m["kind"] == "skipped"]
+    skipped += [
+        {"file": r["file"], "member": f"{r['member'] or r['recording']}:{s}"}
+        for r in rows.recordings
+        for s in r["skipped_members"]
+    ]
+    progress.log(
+        f"{area}: {written['pop_signals']} population channels, {n_sites} site files, "
+        f"{spikes.num_rows} site units, {written['epochs']} epochs, "
+        f"{written['pred_correlation']} pred_correlation rows"
+    )
+    for m in skipped:
+        progress.log(
+            f"{area}: skipped {m['file']}:{m['member']} (not a recording)", level="warning"
+        )
