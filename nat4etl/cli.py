@@ -15,7 +15,8 @@ from nat4etl import __version__
 from nat4etl.errors import EXIT_CODES, Nat4EtlError
 from nat4etl.stages import STAGES
 
-EXIT_CODE_HELP = "\n".join(f"  {code}  {what}" for what, code in EXIT_CODES.items())
+#: "\b" keeps click from re-flowing the table into one line
+EXIT_CODE_HELP = "\b\n" + "\n".join(f"{code:>3}  {what}" for what, code in EXIT_CODES.items())
 
 
 def _progress(json_mode: bool, quiet: bool):
