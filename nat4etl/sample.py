@@ -157,9 +157,19 @@ _MIXED_CASE_WORDS = (
 class SiteInfo:
     """One per-site recording as written.
 
-    ``unit_ids`` are the ids in the site file (h5 keys == JSON ``chans``, sorted);
-    ``pop_cell_ids[i]`` is the population id of ``unit_ids[i]`` (``None`` if the unit is not in
-    the population). They differ only for padded-electrode sites.
+    - ``member``: path inside ``<AREA>_single_sites.zip``,
+      ``<AREA>_single_sites/<AREA>_<SITE>_<sha1>.tgz`` (sha1 of the site meta, as nems0's
+      ``recording_filename_hash``).
+    - ``recording``: the ``R`` inside that tgz (the site id); members ``R/R.meta.json``,
+      ``R/R.resp.h5``, ``R/R.resp.json``, ``R/R.resp.epoch.csv``.
+    - ``unit_ids``: ids in the site file (h5 keys == JSON ``chans``), sorted.
+      ``pop_cell_ids[i]`` is the population id of ``unit_ids[i]`` (``None`` if the unit is not
+      in the population). They differ only at padded-electrode sites.
+    - ``epoch_columns``: header order of the epoch CSV.
+    - ``val_reps``: val stim -> times played here (20, or 19 for the short-val quirk).
+    - ``missing_stims``: est stims never played here; the site's units are NaN there in the
+      population ``resp``.
+    - ``duration_s``: end of ``FILE_``/``PASSIVE_EXPERIMENT`` (the last trial end, floored to 1 ms).
     """
 
     area: str
@@ -180,7 +190,18 @@ class SiteInfo:
 
 @dataclass(frozen=True)
 class AreaInfo:
-    """Everything written for one area: population recording, site files, pred_correlation."""
+    """Everything written for one area: population recording, site files, pred_correlation.
+
+    - ``pop_recording``: the ``R`` inside ``pop_file``; signals ``pop_signals`` in that order.
+    - ``cell_ids``: population ``resp`` channel order (code-point sorted).
+    - ``val_stims`` / ``est_stims``: epoch names in population order; val block first.
+    - ``n_times``: samples at 100 Hz, 150 per sound.
+    - ``sites``: every site file in zip order, including ``extra_sites`` (not in the population).
+    - ``units_without_site_data``: population units absent from every site file. Their
+      population values are kept (derived from spikes that were simulated, not written).
+    - ``nan_pairs``: every (cell, stim) that is NaN in the population ``resp``.
+    - ``single_sites_members``: all zip member names in order, directories and strays included.
+    """
 
     area: str
     batch: int
@@ -243,7 +264,12 @@ class FileInfo:
 
 @dataclass(frozen=True)
 class SampleInfo:
-    """Ground truth of one synthetic mirror; ``to_json`` is what ``sample_info.json`` holds."""
+    """Ground truth of one synthetic mirror; ``to_json`` is what ``sample_info.json`` holds.
+
+    ``scale`` is "mini", "full" or the factor's repr; ``unit_scale`` is 0.0 for mini.
+    ``wav_members`` maps each stim epoch name to its member in ``wav.zip``. ``files`` holds
+    size and md5 of the seven record files, as in ``record.json``.
+    """
 
     record_id: int
     version: str
@@ -504,41 +530,51 @@ def _sound_names(rng: np.random.Generator) -> tuple[list[str], list[str], list[s
 def _plan_area(area: str, label: str, unit_scale: float, quirks: bool, stims: _Stims) -> _AreaPlan:
     """Sites and unit ids of one area, plus which site carries which quirk."""
     counts = _site_unit_counts(area, label, unit_scale)
-    if quirks and area == _EXTRA_SITE[0]:
-        n_extra = _EXTRA_SITE[3] if label == "mini" else max(1, round(_EXTRA_SITE[2] * unit_scale))
-        counts[_EXTRA_SITE[1]] = n_extra
-    sites = []
-    for site in sorted(counts):
-        pop_ids = _unit_ids(site, counts[site])
-        padded = quirks and site in _PADDED_SITES
-        file_ids = tuple(_pad_electrode(u) if padded else u for u in pop_ids)
-        in_pop = not (area, site) == _EXTRA_SITE[:2]
-        dropped = frozenset(pop_ids[1:2]) if quirks and (area, site) == _DROPPED_UNIT_SITE else ()
-        sites.append(
-            _SitePlan(
-                area=area,
-                site=site,
-                pop_ids=pop_ids,
-                file_ids=file_ids,
-                dropped=frozenset(dropped),
-                in_population=in_pop,
-                missing_est=_missing_est(area, site, label, stims),
-                short_val={1: N_VAL_REPS - 1} if quirks and (area, site) == _SHORT_VAL_SITE else {},
-                epoch_columns=("start", "end", "name")
-                if quirks and site in _START_END_NAME_SITES
-                else ("name", "start", "end"),
-                parmfile=f"{site}{3 + sorted(counts).index(site) % 5:02d}_p_NAT",
-            )
+    extra_area, extra_site, extra_full, extra_mini = _EXTRA_SITE
+    if quirks and area == extra_area:
+        counts[extra_site] = (
+            extra_mini if label == "mini" else max(1, round(extra_full * unit_scale))
         )
+    sites = tuple(
+        _plan_site(area, site, counts[site], n, label, quirks, stims)
+        for n, site in enumerate(sorted(counts))
+    )
     cell_ids = tuple(sorted(u for s in sites if s.in_population for u in s.pop_ids))
-    n_aud = round(len(cell_ids) * _N_AUDITORY_FULL[area] / _N_UNITS_FULL[area])
-    pick = _np_layout_rng(area, "auditory").permutation(len(cell_ids))[:n_aud]
+    n_auditory = round(len(cell_ids) * _N_AUDITORY_FULL[area] / _N_UNITS_FULL[area])
+    pick = _np_layout_rng(area, "auditory").permutation(len(cell_ids))[:n_auditory]
     return _AreaPlan(
         area=area,
-        sites=tuple(sites),
+        sites=sites,
         cell_ids=cell_ids,
         auditory=frozenset(cell_ids[i] for i in pick),
         quirks=quirks,
+    )
+
+
+def _plan_site(
+    area: str, site: str, n_units: int, index: int, label: str, quirks: bool, stims: _Stims
+) -> _SitePlan:
+    """One site: its unit ids (population and as written) and the faults it carries."""
+    pop_ids = _unit_ids(site, n_units)
+    role = (area, site)
+    padded = quirks and site in _PADDED_SITES
+    dropped = {pop_ids[1 % n_units]} if quirks and role == _DROPPED_UNIT_SITE else set()
+    short_val = {1: N_VAL_REPS - 1} if quirks and role == _SHORT_VAL_SITE else {}
+    if quirks and site in _START_END_NAME_SITES:
+        epoch_columns = ("start", "end", "name")  # the add_epoch order
+    else:
+        epoch_columns = ("name", "start", "end")  # the baphy order
+    return _SitePlan(
+        area=area,
+        site=site,
+        pop_ids=pop_ids,
+        file_ids=tuple(_pad_electrode(u) if padded else u for u in pop_ids),
+        dropped=frozenset(dropped),
+        in_population=role != _EXTRA_SITE[:2],
+        missing_est=_missing_est(area, site, label, stims),
+        short_val=short_val,
+        epoch_columns=epoch_columns,
+        parmfile=f"{site}{3 + index % 5:02d}_p_NAT",
     )
 
 
