@@ -12,6 +12,7 @@ import socket
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -43,6 +44,7 @@ from nat4etl.progress import (
     format_amount,
     make_progress,
 )
+from nat4etl.stages import fetch as fetch_stage
 from nat4etl.stages.fetch import (
     AREA_FILES,
     WAV_FILE,
@@ -53,7 +55,7 @@ from nat4etl.stages.fetch import (
     plan_fetch,
 )
 
-FAST = {"backoff_base_s": 0.01, "timeout_s": 2.0, "max_attempts": 4}
+FAST = {"backoff_base_s": 0.01, "timeout_s": 5.0, "max_attempts": 4}
 TARGET = "A1_single_sites.zip"  # the file faults are injected on
 
 
@@ -488,6 +490,31 @@ def test_source_missing_file(server: FakeZenodo, tmp_path: Path) -> None:
 def test_source_same_as_dest_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="same directory"):
         fetch(tmp_path, areas=["A1"], source_dir=tmp_path)
+
+
+def test_stage_run_uses_settings(server: FakeZenodo, tmp_path: Path, cache: Path) -> None:
+    store = SimpleNamespace(raw_dir=tmp_path / "out" / "raw")
+    settings = SimpleNamespace(
+        areas=("A1",),
+        wav=False,
+        record_id=8044773,
+        zenodo_url=server.url,
+        source_dir=None,
+        cache_dir=cache,
+        jobs=2,
+        max_attempts=3,
+        timeout_s=5.0,
+    )
+    summary = fetch_stage.run(store, settings, NullProgress())
+    assert summary == {
+        "files": 3,
+        "up_to_date": 0,
+        "from_cache": 0,
+        "from_source": 0,
+        "downloaded": 3,
+        "downloaded_bytes": sum(len(server.files[n]) for n in AREA_FILES["A1"]),
+    }
+    assert_has(store.raw_dir, server, AREA_FILES["A1"])
 
 
 # ------------------------------------------------------------ plan_fetch (pure)
