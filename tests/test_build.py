@@ -372,3 +372,18 @@ def test_unreadable_manifest_is_reported_and_rewritten(built):
     assert verify(out)[0].startswith("manifest.json: not valid JSON")
     assert not run(out, mirror).up_to_date and CALLS == []
     assert verify(out) == []
+
+
+def test_declared_reads_multi_line_annotated_and_commented_literals(tmp_path, monkeypatch):
+    (tmp_path / "fake_contract.py").write_text(
+        'READS: tuple[str, ...] = ()\nWRITES = (\n    "a",  # the a table\n    "b",\n)\n'
+        'PARAMS = ("dt_ms",)  # why\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert declared("fake_contract", ("READS", "WRITES", "PARAMS")) == {
+        "READS": (),
+        "WRITES": ("a", "b"),
+        "PARAMS": ("dt_ms",),
+    }
+    (tmp_path / "fake_dynamic.py").write_text("BASE = ('a',)\nWRITES = BASE + ('b',)\n")
+    assert declared("fake_dynamic", ("WRITES",)) is None  # not a literal: caller imports

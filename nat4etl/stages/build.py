@@ -21,16 +21,18 @@ import importlib
 import importlib.util
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from nat4etl.config import Settings
 from nat4etl.errors import ConfigError, NotImplementedYet
 from nat4etl.fingerprint import (
+    FETCH,
     Decision,
     DigestCache,
     Fingerprint,
@@ -148,9 +150,11 @@ def declared(module: str, names: Sequence[str]) -> dict[str, Any] | None:
     """Module-level literal constants, read from the source without running it.
 
     A no-op build must not import the stages (numpy, h5py, pyarrow: about 0.5 s) just to
-    learn their READS/WRITES/PARAMS. Returns None when the module is already imported (use
-    it), is not plain source, or a constant is not a literal: then the caller imports.
-    Raises :class:`NotImplementedYet` when a stage module does not exist.
+    learn their READS/WRITES/PARAMS, nor parse whole modules (0.1 s): each ``NAME = ...``
+    statement at column 0 is evaluated alone as a literal. Returns None when the module is
+    already imported (use it), is not plain source, or a constant is missing or not a
+    literal: then the caller imports. Raises :class:`NotImplementedYet` when a stage module
+    does not exist.
     """
     if module in sys.modules:
         return None
@@ -160,16 +164,33 @@ def declared(module: str, names: Sequence[str]) -> dict[str, Any] | None:
         raise NotImplementedYet(f"stage `{stage}` is not implemented yet; nothing was written")
     if not spec.origin or not spec.origin.endswith(".py"):
         return None
+    lines = Path(spec.origin).read_text().splitlines()
     found: dict[str, Any] = {}
-    for node in ast.parse(Path(spec.origin).read_bytes()).body:
-        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
-        value = getattr(node, "value", None)
-        if isinstance(target, ast.Name) and target.id in names and value is not None:
-            try:
-                found[target.id] = ast.literal_eval(value)
-            except ValueError:
+    for i, line in enumerate(lines):
+        m = _CONSTANT.match(line)
+        if m and m["name"] in names:
+            value = _literal_from(m["rest"], lines[i + 1 : i + 200])
+            if value is _NOT_LITERAL:
                 return None
-    return found
+            found[m["name"]] = value
+    return found if set(found) == set(names) else None
+
+
+_CONSTANT = re.compile(r"^(?P<name>[A-Z_][A-Z0-9_]*)\s*(?::[^=]*)?=\s*(?P<rest>.*)$")
+_NOT_LITERAL = object()
+
+
+def _literal_from(first: str, following: Sequence[str]) -> Any:
+    """The literal that starts with ``first`` and may continue over ``following`` lines."""
+    text = first
+    for line in [None, *following]:
+        if line is not None:
+            text += "\n" + line
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return _NOT_LITERAL
 
 
 def schema_version() -> int:
@@ -201,15 +222,24 @@ def forced_reasons(
 
 
 class Context:
-    """What deciding needs: settings, the digest cache, the schema version."""
+    """What deciding needs: settings, the digest cache, the schema version.
 
-    def __init__(self, settings: Settings, root: Path) -> None:
+    When the build runs ``fetch``, the later stages get ``source_dir=None``: they read the
+    verified copy in ``raw/``, not the mirror, so their fingerprints do not depend on where
+    the mirror lives (moving it reruns fetch only, which then finds nothing new).
+    """
+
+    def __init__(self, settings: Settings, root: Path, stages: Sequence[str] = ()) -> None:
         self.settings = settings
+        self.after_fetch = replace(settings, source_dir=None) if FETCH in stages else settings
         self.cache = DigestCache()
         self.schema_version = schema_version()
         self.records = read_records(root)
         for record in self.records.values():
             self.cache.learn(record.get("outputs") or {})
+
+    def settings_for(self, stage: str) -> Settings:
+        return self.settings if stage == FETCH else self.after_fetch
 
 
 def read_records(root: Path) -> dict[str, dict]:
@@ -230,7 +260,8 @@ def read_records(root: Path) -> dict[str, dict]:
 
 def decide(root: Path, stage: Stage, ctx: Context, *, forced: str | None = None) -> Decision:
     """Run or skip ``stage`` against the store at ``root``, and why."""
-    fp = fingerprint(root, stage.spec, ctx.settings, ctx.cache, schema_version=ctx.schema_version)
+    settings = ctx.settings_for(stage.name)
+    fp = fingerprint(root, stage.spec, settings, ctx.cache, schema_version=ctx.schema_version)
     if forced:
         return Decision(stage.name, True, (forced,), fp)
     record = Store(root).read_stage_record(stage.name)
@@ -348,7 +379,7 @@ def build(
     with store_lock(out, wait_s=wait_s, on_wait=on_wait):
         for note in recover(out):
             progress.log(note, level="warning")
-        ctx = Context(settings, out)
+        ctx = Context(settings, out, [s.name for s in chosen])
         plan = [decide(out, s, ctx, forced=forced.get(s.name)) for s in chosen]
         stale_manifest = [] if not ctx.records else manifest_problems(out, ctx)
         if not any(d.run for d in plan) and not stale_manifest:
@@ -427,7 +458,7 @@ def _run_one(store: Store, stage: Stage, fp: Fingerprint, ctx: Context, progress
     store.written = {}
     kill_point(f"stage:{stage.name}")
     t0 = time.monotonic()
-    summary = run(store, ctx.settings, progress) or {}
+    summary = run(store, ctx.settings_for(stage.name), progress) or {}
     seconds = time.monotonic() - t0
     store.provenance = {}
     trusted = {rel: f"sha256:{hexdigest}" for rel, hexdigest in store.written.items()}
@@ -497,7 +528,7 @@ def table_provenance(root: Path, spec: StageSpec, fp: Fingerprint, ctx: Context)
     params = {
         k: v
         for k, v in fp.params.items()
-        if not isinstance(getattr(ctx.settings, k, None), os.PathLike)
+        if not isinstance(getattr(ctx.settings_for(spec.name), k, None), os.PathLike)
     }
     return {
         "stage": spec.name,
@@ -568,7 +599,7 @@ def status(
     snap = open_snapshot(out)
     try:
         root = snap.root
-        ctx = Context(settings, root)
+        ctx = Context(settings, root, [s.name for s in chosen])
         manifest = _manifest_or_empty(snap)
         report.update(
             built=bool(manifest),
