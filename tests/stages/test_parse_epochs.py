@@ -242,3 +242,119 @@ def test_silence_outside_the_span_is_not_taken():
 
 def test_report_table_is_json_friendly(parsed):
     json.dumps(parsed.report.to_pylist())
+
+
+# ============================================================================ mini samples
+@pytest.fixture(scope="module", params=["clean", "quirks"])
+def built(request, tmp_path_factory, mini_sample, mini_quirks_sample):
+    from click.testing import CliRunner
+
+    from nat4etl.cli import cli
+    from nat4etl.store import Store
+
+    mirror = mini_sample if request.param == "clean" else mini_quirks_sample
+    out = tmp_path_factory.mktemp(f"parse_{request.param}") / "store"
+    for args in (["unpack", "--source", str(mirror.dir)], ["parse-epochs"]):
+        result = CliRunner().invoke(cli, [*args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    return mirror.info, Store(out), result.output
+
+
+AREAS = ("A1", "PEG")
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_stims_match_the_sample(built, area):
+    info, store, _ = built
+    a = info.areas[area]
+    stims = store.read_table("stims", area=area).to_pylist()
+    assert [s["name"] for s in stims] == [*a.est_stims, *a.val_stims]
+    assert [s["subset"] for s in stims] == ["est"] * len(a.est_stims) + ["val"] * len(a.val_stims)
+    assert [s["stim"] for s in stims] == list(range(len(stims)))
+    for s in stims:
+        assert s["n_frames"] == info.n_frames_per_stim
+        assert s["prestim_s"] == pytest.approx(info.pre_stim_s)
+        assert s["poststim_s"] == pytest.approx(info.post_stim_s)
+        assert s["duration_s"] == pytest.approx(info.pre_stim_s + info.sound_s + info.post_stim_s)
+        assert s["wav_name"] == s["name"].removeprefix("STIM_")
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_cells_match_the_sample(built, area):
+    info, store, _ = built
+    a = info.areas[area]
+    cells = store.read_table("cells", area=area).to_pylist()
+    assert [c["cell_id"] for c in cells] == list(a.cell_ids)
+    site_of = {}
+    for site in a.sites:
+        for unit_id, pop_id in zip(site.unit_ids, site.pop_cell_ids, strict=True):
+            if pop_id is not None:
+                site_of[pop_id] = (site, unit_id)
+    for c in cells:
+        assert c["auditory"] == (c["cell_id"] in a.auditory_cell_ids)
+        if c["cell_id"] in a.units_without_site_data:
+            assert (c["match"], c["site_unit_id"], c["n_val_trials"]) == ("none", None, 0)
+            continue
+        site, unit_id = site_of[c["cell_id"]]
+        assert c["site_unit_id"] == unit_id
+        assert c["match"] == ("exact" if unit_id == c["cell_id"] else "canonical")
+        assert c["n_val_trials"] == sum(site.val_reps.values())
+        assert c["site"] == site.site
+    if info.quirks and area == "A1":
+        assert any(c["match"] == "canonical" for c in cells)  # TNC 3-digit electrodes
+        assert [c["cell_id"] for c in cells if c["match"] == "none"] == list(
+            a.units_without_site_data
+        )
+    extra = set(a.pred_correlation_columns) - {"cellid", "sig_auditory", "area"}
+    assert extra <= set(cells[0])
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_trials_match_the_sample(built, area):
+    info, store, _ = built
+    a = info.areas[area]
+    trials = store.read_table("trials", area=area).to_pylist()
+    names = {s["stim"]: s["name"] for s in store.read_table("stims", area=area).to_pylist()}
+    for site in a.sites:
+        rows = sorted((t for t in trials if t["site"] == site.site), key=lambda t: t["order"])
+        assert len(rows) == site.n_presentations
+        assert [t["order"] for t in rows] == list(range(site.n_presentations))
+        reps = {}
+        for t in rows:
+            assert t["trial"] == reps.get(t["stim"], 0)
+            reps[t["stim"]] = t["trial"] + 1
+        val = {names[s]: n for s, n in reps.items() if names[s] in a.val_stims}
+        assert val == site.val_reps
+        assert not set(site.missing_stims) & {names[s] for s in reps}
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_report_matches_the_sample(built, area):
+    info, store, output = built
+    a = info.areas[area]
+    q = info.quirks_applied
+    report = {(r["kind"], r["subject"]) for r in store.read_table("report", area=area).to_pylist()}
+    want = set()
+    want |= {("unit_without_site_data", u) for u in a.units_without_site_data}
+    want |= {("site_without_population_units", s) for s in a.extra_sites}
+    for site in a.sites:
+        if not site.in_population:
+            want |= {("site_unit_not_in_population", u) for u in site.unit_ids}
+    want |= {("repetition_count", f"{x.site}/{x.stim}") for x in q.short_val if x.area == area}
+    want |= {("wav_case_only_match", name) for name in q.wav_case_mismatch}
+    want |= {
+        ("skipped_member", f"{a.single_sites_file}:{m}")
+        for m in a.stray_members
+        if not m.endswith("/")
+    }
+    assert report == want
+    for kind, subject in report:
+        assert f"{area}: {kind} {subject}" in output
+    if info.quirks:
+        kinds = {k for k, _ in report}
+        assert {"wav_case_only_match", "skipped_member"} <= kinds
+        if area == "PEG":
+            assert ("site_without_population_units", "TNC022a") in report
+        else:
+            assert "repetition_count" in kinds  # the 19-repetition sound
+            assert ("unit_without_site_data", "DRX006b-124-1") in report

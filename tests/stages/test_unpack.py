@@ -1,0 +1,395 @@
+"""unpack on the mini samples: every raw value against an independent reading of the files
+(tarfile, zipfile, numpy, h5py, csv: not nat4etl.formats), and bad input through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from nat4etl.cli import cli
+from nat4etl.stages import unpack
+from nat4etl.store import Store
+
+AREAS = ("A1", "PEG")
+
+
+# ============================================================================ fixtures
+def _run(*args: str) -> object:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def _unpacked(tmp_path_factory, mirror, name: str) -> Store:
+    out = tmp_path_factory.mktemp(name) / "store"
+    result = _run("unpack", "--out", str(out), "--source", str(mirror.dir))
+    assert result.exit_code == 0, result.output
+    return Store(out)
+
+
+@pytest.fixture(scope="module", params=["clean", "quirks"])
+def case(request, tmp_path_factory, mini_sample, mini_quirks_sample):
+    mirror = mini_sample if request.param == "clean" else mini_quirks_sample
+    return mirror, _unpacked(tmp_path_factory, mirror, f"unpack_{request.param}")
+
+
+# ============================================================================ independent reading
+def _tar_members(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def _signal_files(members: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
+    """signal name -> {"json", "data", "epoch"} bytes (view 0, R/R.S.ext)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for name, data in members.items():
+        base = PurePosixPath(name).name
+        if base.startswith("."):
+            continue
+        parts = base.split(".")
+        if parts[-2:] == ["meta", "json"]:
+            continue
+        if parts[-2:] == ["epoch", "csv"]:
+            out.setdefault(parts[1], {})["epoch"] = data
+        elif parts[-1] == "json":
+            out.setdefault(parts[1], {})["json"] = data
+        else:
+            out.setdefault(parts[1], {})["data"] = data
+    return out
+
+
+def _meta(members: dict[str, bytes]) -> dict:
+    (data,) = [d for n, d in members.items() if n.endswith(".meta.json")]
+    return json.loads(data)
+
+
+def _epoch_rows(data: bytes) -> list[tuple[str, float, float]]:
+    rows = csv.DictReader(io.StringIO(data.decode()))
+    return [(r["name"], float(r["start"]), float(r["end"])) for r in rows]
+
+
+def _rows_by(table, *key: str) -> dict:
+    return {tuple(r[k] for k in key): r for r in table.to_pylist()}
+
+
+def _site_tgzs(zip_path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(zip_path) as zf:
+        return {
+            n: zf.read(n)
+            for n in zf.namelist()
+            if n.endswith(".tgz")
+            and "__MACOSX" not in n
+            and not PurePosixPath(n).name.startswith(".")
+        }
+
+
+# ============================================================================ raw tables
+@pytest.mark.parametrize("area", AREAS)
+def test_population_values_equal_an_independent_parse(case, area):
+    mirror, store = case
+    info = mirror.info.areas[area]
+    members = _tar_members((mirror.dir / info.pop_file).read_bytes())
+    pop = store.read_table("pop_signals", area=area)
+    rows = _rows_by(pop, "signal", "channel")
+    files = _signal_files(members)
+    assert set(files) == set(info.pop_signals)
+    for signal, f in files.items():
+        expected = np.loadtxt(io.BytesIO(f["data"]), delimiter=",", ndmin=2).T.astype(np.float32)
+        header = json.loads(f["json"])
+        for channel, want in enumerate(expected):
+            row = rows.pop((signal, channel))
+            got = np.asarray(row["values"], np.float32)
+            np.testing.assert_array_equal(got, want)  # NaN == NaN here
+            assert row["chan"] == (header["chans"][channel] if header["chans"] else None)
+    assert not rows, f"unexpected pop_signals rows {list(rows)[:3]}"
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_signals_recordings_and_epochs_match_the_files(case, area):
+    mirror, store = case
+    info = mirror.info.areas[area]
+    recordings = _rows_by(store.read_table("recordings", area=area), "recording")
+    signals = _rows_by(store.read_table("signals", area=area), "recording", "signal")
+    epochs = store.read_table("epochs", area=area).to_pylist()
+    archives = {(info.pop_recording, "population", None): (mirror.dir / info.pop_file).read_bytes()}
+    tgzs = _site_tgzs(mirror.dir / info.single_sites_file)
+    for site in info.sites:
+        archives[(site.recording, "site", site.site)] = tgzs[site.member]
+    assert set(recordings) == {(r,) for r, _, _ in archives}
+    for (recording, kind, site), data in archives.items():
+        members = _tar_members(data)
+        rec = recordings[(recording,)]
+        assert (rec["kind"], rec["site"]) == (kind, site)
+        assert json.loads(rec["meta_json"]) == _meta(members)
+        for signal, f in _signal_files(members).items():
+            header = json.loads(f["json"])
+            row = signals[(recording, signal)]
+            assert row["fs_hz"] == header["fs"]
+            assert row["chans"] == header["chans"]
+            assert json.loads(row["segments_json"]) == header["segments"]
+            assert json.loads(row["meta_json"]) == header["meta"]
+            got = [
+                (e["name"], e["start_s"], e["end_s"])
+                for e in sorted(epochs, key=lambda e: e["row"])
+                if (e["recording"], e["signal"]) == (recording, signal)
+            ]
+            assert got == _epoch_rows(f["epoch"])
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_site_spikes_are_the_hdf5_datasets_exactly(case, area):
+    mirror, store = case
+    info = mirror.info.areas[area]
+    spikes = _rows_by(store.read_table("site_spikes", area=area), "site", "unit_id")
+    tgzs = _site_tgzs(mirror.dir / info.single_sites_file)
+    n_units = 0
+    for site in info.sites:
+        members = _tar_members(tgzs[site.member])
+        (h5_bytes,) = [d for n, d in members.items() if n.endswith(".h5")]
+        with h5py.File(io.BytesIO(h5_bytes), "r") as h5:
+            assert sorted(h5.keys()) == sorted(site.unit_ids)
+            for unit_id in h5:
+                row = spikes[(site.site, unit_id)]
+                assert row["recording"] == site.recording
+                want = h5[unit_id][()]
+                got = np.asarray(row["spike_times_s"], np.float64)
+                assert got.dtype == want.dtype and np.array_equal(got, want)
+                n_units += 1
+    assert n_units == len(spikes)
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_pred_correlation_is_carried_through(case, area):
+    mirror, store = case
+    info = mirror.info.areas[area]
+    table = store.read_table("pred_correlation", area=area)
+    with open(mirror.dir / info.pred_correlation_file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = _rows_by(table, "cellid")
+    assert len(got) == len(rows)
+    for r in rows:
+        g = got[(r["cellid"],)]
+        assert g["sig_auditory"] == (r["sig_auditory"] == "True")
+        for col, text in r.items():
+            out = unpack.PRED_AREA_COLUMN if col == "area" else col
+            value = g[out]
+            if isinstance(value, float):
+                assert value == float(text)
+            elif not isinstance(value, bool):
+                assert str(value) == text
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_source_members_list_every_zip_member(case, area):
+    mirror, store = case
+    info = mirror.info.areas[area]
+    members = _rows_by(store.read_table("source_members", area=area), "file", "member")
+    with zipfile.ZipFile(mirror.dir / info.single_sites_file) as zf:
+        files = [i for i in zf.infolist() if not i.is_dir()]
+    for i in files:
+        row = members[(info.single_sites_file, i.filename)]
+        assert row["size_bytes"] == i.file_size
+        kind = "recording" if i.filename in {s.member for s in info.sites} else "skipped"
+        assert row["kind"] == kind, i.filename
+    strays = {m for m in info.stray_members if not m.endswith("/")}
+    skipped = {m for (f, m), r in members.items() if r["kind"] == "skipped"}
+    assert skipped == strays
+    with zipfile.ZipFile(mirror.dir / "wav.zip") as zf:
+        wavs = {i.filename for i in zf.infolist() if not i.is_dir()}
+    assert {m for (f, m), r in members.items() if r["kind"] == "wav"} == wavs
+
+
+# ============================================================================ helpers
+def test_channel_buffer_grows_and_compacts():
+    buf = unpack.ChannelBuffer(3, size_bytes=3 * 25 * 2)  # room for 2 samples
+    blocks = [np.arange(i * 9, i * 9 + 9, dtype=np.float32).reshape(3, 3) for i in range(3)]
+    for b in blocks:
+        buf.append(b)
+    got = buf.finish()
+    np.testing.assert_array_equal(got, np.concatenate(blocks).T)
+    assert got.flags.c_contiguous
+
+
+def test_channel_buffer_compacts_when_oversized():
+    buf = unpack.ChannelBuffer(2, size_bytes=2 * 25 * 10)
+    buf.append(np.array([[1, 2], [3, 4]], np.float32))
+    got = buf.finish()
+    np.testing.assert_array_equal(got, [[1, 3], [2, 4]])
+    assert got.flags.c_contiguous
+
+
+def test_channel_lists_chunk_without_copying(monkeypatch):
+    monkeypatch.setattr(unpack, "_MAX_LIST_VALUES", 10)
+    values = np.arange(24, dtype=np.float32).reshape(4, 6)
+    lists = unpack.channel_lists(values)
+    assert lists.num_chunks == 4
+    assert [list(x) for x in lists.to_pylist()] == values.tolist()
+
+
+def test_float64_lists_keep_exact_times():
+    times = [np.array([0.1, 1 / 3]), np.array([]), np.array([2.0**-40])]
+    got = unpack.float64_lists(times).to_pylist()
+    assert got == [[0.1, 1 / 3], [], [2.0**-40]]
+
+
+@pytest.mark.parametrize(
+    ("name", "stray"),
+    [
+        ("__MACOSX/A1_single_sites/._A1_x.tgz", True),
+        ("A1_single_sites/.DS_Store", True),
+        ("A1_single_sites/A1_ARM029a_ab.tgz", False),
+    ],
+)
+def test_stray_members(name, stray):
+    assert unpack.is_stray(name) is stray
+
+
+# ============================================================================ bad input
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _retar(data: bytes, edit) -> bytes:
+    """Rewrite a tgz: ``edit(name, bytes) -> bytes | None`` (None drops the member)."""
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as src,
+        tarfile.open(fileobj=out, mode="w:gz") as dst,
+    ):
+        for m in src.getmembers():
+            body = edit(m.name, src.extractfile(m).read())
+            if body is None:
+                continue
+            info = tarfile.TarInfo(m.name)
+            info.size = len(body)
+            dst.addfile(info, io.BytesIO(body))
+    return out.getvalue()
+
+
+def _edit_population(mirror_dir: Path, area: str, suffix: str, fn) -> None:
+    path = mirror_dir / f"{area}_NAT4_ozgf.fs100.ch18.tgz"
+    path.write_bytes(_retar(path.read_bytes(), lambda n, b: fn(b) if n.endswith(suffix) else b))
+
+
+def _edit_site(mirror_dir: Path, area: str, suffix: str, fn) -> str:
+    """Apply ``fn`` to one member of the first site tgz; returns that tgz's zip member."""
+    path = mirror_dir / f"{area}_single_sites.zip"
+    with zipfile.ZipFile(path) as zf:
+        items = [(i, zf.read(i.filename)) for i in zf.infolist()]
+    target = next(i.filename for i, _ in items if unpack.is_recording_member(i.filename))
+    with zipfile.ZipFile(path, "w") as zf:
+        for info, body in items:
+            if info.filename == target:
+                body = _retar(body, lambda n, b: fn(b) if n.endswith(suffix) else b)
+            zf.writestr(info, body)
+    return target
+
+
+def _drop_last_column(csv_bytes: bytes) -> bytes:
+    return b"".join(line.rsplit(b",", 1)[0] + b"\n" for line in csv_bytes.splitlines())
+
+
+def _unsafe(mirror_dir: Path) -> tuple[str, str]:
+    path = mirror_dir / "A1_NAT4_ozgf.fs100.ch18.tgz"
+    data = path.read_bytes()
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as src,
+        tarfile.open(fileobj=out, mode="w:gz") as dst,
+    ):
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        evil = tarfile.TarInfo("../evil.json")
+        evil.size = 2
+        dst.addfile(evil, io.BytesIO(b"{}"))
+    path.write_bytes(out.getvalue())
+    return path.name, "../evil.json"
+
+
+def _truncate(mirror_dir: Path) -> tuple[str, str | None]:
+    path = mirror_dir / "A1_NAT4_ozgf.fs100.ch18.tgz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path.name, None
+
+
+POP_A1 = "A1_NAT4_ozgf.fs100.ch18.tgz"
+
+
+def _csv_width(d: Path) -> tuple[str, str]:
+    _edit_population(d, "A1", ".resp.csv", _drop_last_column)
+    return POP_A1, "resp.csv"
+
+
+def _epoch_header(d: Path) -> tuple[str, str]:
+    _edit_population(d, "A1", ".stim.epoch.csv", lambda b: b.replace(b"name,", b"label,", 1))
+    return POP_A1, "stim.epoch.csv"
+
+
+def _bad_json(d: Path) -> tuple[str, str]:
+    _edit_population(d, "A1", ".resp.json", lambda b: b[: len(b) // 2])
+    return POP_A1, "resp.json"
+
+
+def _bad_hdf5(d: Path) -> tuple[str, str]:
+    _edit_site(d, "A1", ".h5", lambda b: b"not hdf5")
+    return "A1_single_sites.zip", "resp.h5"
+
+
+BAD_INPUTS = {
+    "truncated archive": _truncate,
+    "csv width": _csv_width,
+    "epoch csv header": _epoch_header,
+    "json": _bad_json,
+    "hdf5": _bad_hdf5,
+    "unsafe member": _unsafe,
+}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, mini_sample) -> Path:
+    """A store already holding a good unpack: a failed run must leave it as it was."""
+    out = tmp_path_factory.mktemp("published") / "store"
+    assert _run("unpack", "--out", str(out), "--source", str(mini_sample.dir)).exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("fault", list(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_file_and_member(fault, tmp_path, mini_sample, published):
+    bad = tmp_path / "bad"
+    shutil.copytree(mini_sample.dir, bad)
+    file_name, member = BAD_INPUTS[fault](bad)
+    before = _digest(published)
+    result = CliRunner().invoke(cli, ["unpack", "--out", str(published), "--source", str(bad)])
+    assert result.exit_code not in (0, 1), result.output  # a nat4etl error, not a crash
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert file_name in errors[0]
+    if member is not None:
+        assert member in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    assert _digest(published) == before
+
+
+def test_missing_source_file_names_it(tmp_path, mini_sample):
+    bad = tmp_path / "bad"
+    shutil.copytree(mini_sample.dir, bad)
+    (bad / "PEG_pred_correlation.csv").unlink()
+    out = tmp_path / "store"
+    result = CliRunner().invoke(cli, ["unpack", "--out", str(out), "--source", str(bad)])
+    assert result.exit_code != 0
+    assert "PEG_pred_correlation.csv" in result.output
+    assert not out.exists() or not (out / "pop_signals").exists()
