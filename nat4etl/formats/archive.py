@@ -180,14 +180,15 @@ def iter_members(
     if path is None and isinstance(source, str | os.PathLike):
         path = source
     where = _Where(str(path) if path is not None else None, parent)
+    reopen = _reopener(source, where)
     with contextlib.ExitStack() as stack:
         raw = _open_source(source, where, stack)
         head = _peek(raw, where)
         kind = sniff_format(head)
         if kind == "zip":
-            yield from _iter_zip(raw, where, limits)
+            yield from _iter_zip(raw, where, limits, reopen)
         else:
-            yield from _iter_tar(raw, kind == "gzip", where, limits)
+            yield from _iter_tar(raw, kind == "gzip", where, limits, reopen)
 
 
 @contextlib.contextmanager
@@ -300,6 +301,15 @@ def _open_source(source: Source, where: _Where, stack: contextlib.ExitStack) -> 
         except OSError as err:
             raise where.error(ArchiveError, f"cannot open: {err.strerror or err}") from err
     return source
+
+
+def _reopener(source: Source, where: _Where) -> Callable[[], BinaryIO] | None:
+    """How to get a fresh raw stream once iteration is over (paths and bytes only)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return lambda: io.BytesIO(source)
+    if isinstance(source, str | os.PathLike):
+        return lambda: _open_source(source, where, contextlib.ExitStack())
+    return None
 
 
 def _peek(raw: BinaryIO, where: _Where) -> bytes:
@@ -450,6 +460,7 @@ class _Inflated(io.RawIOBase):
         self._limits = limits
         self._where = where
         self.member: str | None = None  # the member being read, for the messages
+        self.last_block: tuple[int, bytes] = (-1, b"")
 
     def readable(self) -> bool:
         return True
@@ -469,8 +480,11 @@ class _Inflated(io.RawIOBase):
         return got
 
     def read(self, size: int = -1) -> bytes:
+        at = self._pos
         data = self._inner.read(size)
         self._advance(len(data))
+        if size == tarfile.BLOCKSIZE:  # a header read: kept so the end check needs no rewind
+            self.last_block = (at, data)
         return data
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
@@ -551,7 +565,13 @@ def _copy_read(raw: BinaryIO, b) -> int:
     return len(data)
 
 
-def _iter_tar(raw: BinaryIO, gzipped: bool, where: _Where, limits: Limits) -> Iterator[Member]:
+def _iter_tar(
+    raw: BinaryIO,
+    gzipped: bool,
+    where: _Where,
+    limits: Limits,
+    reopen: Callable[[], BinaryIO] | None,
+) -> Iterator[Member]:
     stream = _Inflated(raw, gzipped, limits, where)
     budget = _Budget(limits, where)
     with _damage_as_archive_error(where.path, where.qual(None)):
@@ -573,7 +593,7 @@ def _iter_tar(raw: BinaryIO, gzipped: bool, where: _Where, limits: Limits) -> It
                 size_bytes=info.size,
                 path=where.path,
                 qualname=where.qual(info.name) or info.name,
-                _opener=_tar_opener(tar, stream, info, where),
+                _opener=_tar_opener(tar, stream, info, where, _TarReopen(reopen, gzipped, limits)),
                 _limits=limits,
             )
         with _damage_as_archive_error(where.path, where.qual(None)):
@@ -591,22 +611,41 @@ def _check_tar_type(info: tarfile.TarInfo, where: _Where) -> None:
         raise where.error(UnsafeMember, f"member type {info.type!r} refused", info.name)
 
 
+@dataclass(frozen=True)
+class _TarReopen:
+    """What a member needs to read itself again after the archive was closed."""
+
+    reopen: Callable[[], BinaryIO] | None
+    gzipped: bool
+    limits: Limits
+
+
 def _tar_opener(
-    tar: tarfile.TarFile, stream: _Inflated, info: tarfile.TarInfo, where: _Where
+    tar: tarfile.TarFile,
+    stream: _Inflated,
+    info: tarfile.TarInfo,
+    where: _Where,
+    again: _TarReopen,
 ) -> Callable[[], BinaryIO]:
     def opener() -> BinaryIO:
+        on_close = None
         if tar.closed:
-            raise where.error(
-                ArchiveError, "archive already closed; open members while iterating", info.name
-            )
-        if info.issparse():
+            # Iteration is over: read from a fresh stream (a gzip tar re-inflates up to here).
+            if again.reopen is None or info.issparse():
+                msg = "archive already closed; open members of a stream while iterating"
+                raise where.error(ArchiveError, msg, info.name)
+            raw = again.reopen()
+            source, on_close = _Inflated(raw, again.gzipped, again.limits, where), raw.close
+        elif info.issparse():
             ex = tar.extractfile(info)
             assert ex is not None
             return io.BufferedReader(
                 _MemberStream(ex.readinto, info.size, where, info.name, ex.close)
             )
+        else:
+            source = stream
         return io.BufferedReader(
-            _MemberStream(_positioned_reader(stream, info), info.size, where, info.name),
+            _MemberStream(_positioned_reader(source, info), info.size, where, info.name, on_close),
             buffer_size=1 << 16,
         )
 
@@ -636,8 +675,10 @@ def _positioned_reader(stream: _Inflated, info: tarfile.TarInfo) -> Callable[[me
 
 def _check_tar_end(tar: tarfile.TarFile, stream: _Inflated, where: _Where) -> None:
     """tarfile treats a truncated or garbled header after the first as the end; we don't."""
-    stream.seek(tar.offset)
-    block = stream.read(tarfile.BLOCKSIZE)
+    at, block = stream.last_block
+    if at != tar.offset:
+        stream.seek(tar.offset)
+        block = stream.read(tarfile.BLOCKSIZE)
     if len(block) < tarfile.BLOCKSIZE:
         raise where.error(ArchiveError, "tar ends without its end-of-archive marker (truncated?)")
     if block.count(0) != len(block):
@@ -647,7 +688,9 @@ def _check_tar_end(tar: tarfile.TarFile, stream: _Inflated, where: _Where) -> No
 # --- zip -----------------------------------------------------------------------------------
 
 
-def _iter_zip(raw: BinaryIO, where: _Where, limits: Limits) -> Iterator[Member]:
+def _iter_zip(
+    raw: BinaryIO, where: _Where, limits: Limits, reopen: Callable[[], BinaryIO] | None
+) -> Iterator[Member]:
     if not raw.seekable():
         raise where.error(ArchiveError, "zip needs a seekable source")
     with _damage_as_archive_error(where.path, where.qual(None)):
@@ -665,7 +708,7 @@ def _iter_zip(raw: BinaryIO, where: _Where, limits: Limits) -> Iterator[Member]:
                 size_bytes=info.file_size,
                 path=where.path,
                 qualname=where.qual(info.filename) or info.filename,
-                _opener=_zip_opener(zf, info, where),
+                _opener=_zip_opener(zf, info, where, reopen),
                 _limits=limits,
             )
 
@@ -685,12 +728,29 @@ def _check_zip_type(info: zipfile.ZipInfo, where: _Where) -> None:
 
 
 def _zip_opener(
-    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: _Where
+    zf: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    where: _Where,
+    reopen: Callable[[], BinaryIO] | None,
 ) -> Callable[[], BinaryIO]:
     def opener() -> BinaryIO:
-        handle = zf.open(info)
+        archive_file, raw = zf, None
+        if zf.fp is None:  # closed: iteration is over
+            if reopen is None:
+                msg = "archive already closed; open members of a stream while iterating"
+                raise where.error(ArchiveError, msg, info.filename)
+            raw = reopen()
+            archive_file = zipfile.ZipFile(raw)
+        handle = archive_file.open(info)
+
+        def close() -> None:
+            handle.close()
+            if raw is not None:
+                archive_file.close()
+                raw.close()
+
         return io.BufferedReader(
-            _MemberStream(handle.readinto, info.file_size, where, info.filename, handle.close),
+            _MemberStream(handle.readinto, info.file_size, where, info.filename, close),
             buffer_size=1 << 16,
         )
 

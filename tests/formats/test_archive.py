@@ -1,0 +1,351 @@
+"""Safe archive iteration: formats, nesting, unsafe members, bombs, truncation."""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import struct
+import tarfile
+import zipfile
+import zlib
+
+import pytest
+from isal.isal_zlib import crc32_combine
+from nems0_build import tar_bytes, zip_bytes
+
+from nat4etl.errors import ArchiveError, MissingMember, UnsafeMember
+from nat4etl.formats import archive
+from nat4etl.formats.archive import Limits, extract_all, iter_members, open_member
+
+MEMBERS = [("R/R.meta.json", b"{}"), ("R/R.resp.csv", b"1,2\n" * 1000), ("R/empty", b"")]
+
+
+def contents(source, **kw) -> dict[str, bytes]:
+    return {m.name: m.read() for m in iter_members(source, **kw)}
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_tar_members_in_order_with_sizes(gz):
+    data = tar_bytes(MEMBERS, gz=gz)
+    members = list(iter_members(data, path="x.tgz"))
+    assert [m.name for m in members] == [n for n, _ in MEMBERS]
+    assert [m.size_bytes for m in members] == [len(d) for _, d in MEMBERS]
+    assert members[1].basename == "R.resp.csv"
+
+
+def test_tar_read_while_iterating_and_out_of_order():
+    data = tar_bytes(MEMBERS)
+    members = []
+    for member in iter_members(data):
+        members.append(member)
+        with member.open() as f:
+            assert f.read(2) == dict(MEMBERS)[member.name][:2]
+    assert contents(data) == dict(MEMBERS)
+
+
+def test_tar_from_path_and_unseekable_stream(tmp_path):
+    data = tar_bytes(MEMBERS)
+    path = tmp_path / "r.tgz"
+    path.write_bytes(data)
+    assert contents(path) == dict(MEMBERS)
+    assert contents(str(path)) == dict(MEMBERS)
+
+    class Pipe(io.RawIOBase):
+        def __init__(self):
+            self._b = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            return self._b.readinto(b)
+
+    assert contents(io.BufferedReader(Pipe())) == dict(MEMBERS)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda m: tar_bytes(m), lambda m: tar_bytes(m, gz=False), zip_bytes]
+)
+def test_members_open_after_iteration_when_source_reopens(make, tmp_path):
+    data = make(MEMBERS)
+    path = tmp_path / "a.bin"
+    path.write_bytes(data)
+    for source in (data, path):
+        members = list(iter_members(source))
+        assert [m.read() for m in reversed(members)] == [d for _, d in reversed(MEMBERS)]
+
+
+def test_members_of_a_stream_must_be_opened_while_iterating():
+    members = list(iter_members(io.BytesIO(tar_bytes(MEMBERS)), path="s.tgz"))
+    with pytest.raises(ArchiveError, match="while iterating"):
+        members[1].read()
+
+
+def test_zip_members_and_directories_skipped():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("d/", b"")
+        for name, data in MEMBERS:
+            zf.writestr(name, data)
+    assert contents(buf.getvalue()) == dict(MEMBERS)
+
+
+def test_tar_directories_skipped():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        info = tarfile.TarInfo("R")
+        info.type = tarfile.DIRTYPE
+        tf.addfile(info)
+        info = tarfile.TarInfo("R/a")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    assert contents(buf.getvalue()) == {"R/a": b"x"}
+
+
+def test_nested_tgz_in_zip_names_both_in_errors():
+    inner = tar_bytes([("R/R.resp.json", b"{}"), ("../evil", b"x")])
+    outer = zip_bytes([("sites/A1_R_abc.tgz", inner)])
+    (member,) = iter_members(outer, path="/data/A1_single_sites.zip")
+    names = []
+    with pytest.raises(UnsafeMember) as info:
+        for m in member.iter_archive():
+            names.append((m.name, m.qualname))
+    assert names == [("R/R.resp.json", "sites/A1_R_abc.tgz:R/R.resp.json")]
+    assert str(info.value).startswith("A1_single_sites.zip:sites/A1_R_abc.tgz:../evil: ")
+
+
+def test_open_member_and_missing_member():
+    data = tar_bytes(MEMBERS)
+    with open_member(data, "R/R.resp.csv", path="x.tgz") as f:
+        assert f.read() == dict(MEMBERS)["R/R.resp.csv"]
+    with pytest.raises(MissingMember, match=r"x.tgz:R/nope"):
+        with open_member(data, "R/nope", path="x.tgz"):
+            pass
+
+
+# --- unsafe members ------------------------------------------------------------------------
+
+
+def tar_with(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        ok = tarfile.TarInfo("R/ok")
+        ok.size = 2
+        tf.addfile(ok, io.BytesIO(b"ok"))
+        info.size = len(data) if info.isreg() else 0
+        tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def make_info(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+@pytest.mark.parametrize(
+    ("info", "match"),
+    [
+        (make_info("../escape"), "'..'"),
+        (make_info("R/../../escape"), "'..'"),
+        (make_info("/etc/passwd"), "absolute"),
+        (make_info("C:/windows"), "absolute"),
+        (make_info("..\\escape"), "'..'"),
+        (make_info("R/link", tarfile.SYMTYPE, "/etc/passwd"), "symlink"),
+        (make_info("R/hard", tarfile.LNKTYPE, "R/ok"), "hard link"),
+        (make_info("R/dev", tarfile.CHRTYPE), "device"),
+        (make_info("R/blk", tarfile.BLKTYPE), "device"),
+        (make_info("R/fifo", tarfile.FIFOTYPE), "fifo"),
+    ],
+)
+def test_unsafe_tar_members_refused(info, match):
+    data = tar_with(info, b"x")
+    with pytest.raises(UnsafeMember, match=match) as err:
+        list(iter_members(data, path="/tmp/bad.tgz"))
+    assert str(err.value).startswith(f"bad.tgz:{info.name}: ")
+
+
+def test_unsafe_zip_members_refused():
+    with pytest.raises(UnsafeMember, match="'..'"):
+        list(iter_members(zip_bytes([("a/../../x", b"1")])))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        info = zipfile.ZipInfo("link")
+        info.create_system = 3
+        info.external_attr = 0o120777 << 16
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(UnsafeMember, match="symlink"):
+        list(iter_members(buf.getvalue()))
+
+
+def test_extract_all_stays_inside(tmp_path):
+    data = tar_bytes([("R/a.txt", b"a"), ("R/sub/b.txt", b"b")])
+    written = extract_all(data, tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == [
+        "R/a.txt",
+        "R/sub/b.txt",
+    ]
+    assert (tmp_path / "out/R/sub/b.txt").read_bytes() == b"b"
+    assert not list((tmp_path / "out").rglob("*.part"))
+
+
+def test_extract_all_refuses_symlinked_directory(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", out / "R")
+    with pytest.raises(UnsafeMember, match="symlink"):
+        extract_all(tar_bytes([("R/a.txt", b"a")]), out)
+    assert not (tmp_path / "elsewhere/a.txt").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_extract_all_refuses_duplicates(tmp_path):
+    with pytest.raises(ArchiveError, match="twice"):
+        extract_all(zip_bytes([("a", b"1"), ("a", b"2")]), tmp_path)
+
+
+# --- bombs ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def zeros_bomb_tgz(size_bytes: int) -> bytes:
+    """A tgz whose one member is ``size_bytes`` zeros, built without ever holding them:
+    full-flushed deflate chunks are self-contained, so one compressed MiB is repeated."""
+    mib = bytes(1 << 20)
+    assert size_bytes % len(mib) == 0
+    info = tarfile.TarInfo("R/R.resp.csv")
+    info.size = size_bytes
+    header = info.tobuf(format=tarfile.GNU_FORMAT)
+    end = bytes(tarfile.RECORDSIZE)
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = comp.compress(header) + comp.flush(zlib.Z_FULL_FLUSH)
+    chunk = comp.compress(mib) + comp.flush(zlib.Z_FULL_FLUSH)
+    tail = comp.compress(end) + comp.flush()
+    crc = zlib.crc32(header)
+    crc = crc32_combine(crc, crc32_of_zeros(size_bytes), size_bytes)
+    crc = zlib.crc32(end, crc)
+    total = len(header) + size_bytes + len(end)
+    gz_head = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    trailer = struct.pack("<II", crc, total & 0xFFFFFFFF)
+    return gz_head + head + chunk * (size_bytes // len(mib)) + tail + trailer
+
+
+def crc32_of_zeros(size_bytes: int) -> int:
+    """crc32 of that many zeros by doubling: 2 GiB in microseconds, not a second."""
+    mib = 1 << 20
+    crc, length, block_crc, block = 0, 0, zlib.crc32(bytes(mib)), mib
+    n = size_bytes // mib
+    while n:
+        if n & 1:
+            crc = crc32_combine(crc, block_crc, block) if length else block_crc
+            length += block
+        block_crc = crc32_combine(block_crc, block_crc, block)
+        block *= 2
+        n >>= 1
+    return crc
+
+
+def test_zeros_tgz_helper_is_a_valid_archive():
+    data = zeros_bomb_tgz(8 << 20)
+    (member,) = iter_members(data)
+    assert member.read() == bytes(8 << 20)
+    assert crc32_of_zeros(6 << 20) == zlib.crc32(bytes(6 << 20))
+
+
+def test_bomb_refused_by_declared_size_before_reading():
+    data = zeros_bomb_tgz(2 << 30)  # a 2 GiB member, ~2 MB compressed
+    with pytest.raises(UnsafeMember, match="over the 1073741824-byte limit") as err:
+        list(iter_members(data, path="bomb.tgz", limits=Limits(max_member_bytes=1 << 30)))
+    assert str(err.value).startswith("bomb.tgz:R/R.resp.csv: ")
+
+
+def test_bomb_refused_by_ratio_while_reading():
+    data = zeros_bomb_tgz(2 << 30)
+    limits = Limits(max_ratio=100, ratio_floor_bytes=8 << 20)
+    with pytest.raises(UnsafeMember, match="decompression bomb") as err:
+        for member in iter_members(data, path="bomb.tgz", limits=limits):
+            with member.open() as f:
+                while f.read(1 << 20):
+                    pass
+    assert str(err.value).startswith("bomb.tgz:R/R.resp.csv: compression ratio")
+
+
+def test_bomb_refused_by_ratio_while_skipping():
+    data = zeros_bomb_tgz(2 << 30)
+    limits = Limits(max_ratio=100, ratio_floor_bytes=8 << 20)
+    with pytest.raises(UnsafeMember, match="decompression bomb"):
+        list(iter_members(data, limits=limits))  # never opened: skipping inflates too
+
+
+def test_total_limit_counts_every_member():
+    data = tar_bytes([(f"R/{i}", bytes(1000)) for i in range(10)])
+    with pytest.raises(UnsafeMember, match="limit"):
+        list(iter_members(data, limits=Limits(max_total_bytes=5000)))
+
+
+def test_zip_ratio_checked_from_the_directory():
+    data = zip_bytes([("z", bytes(4 << 20))])
+    with pytest.raises(UnsafeMember, match="ratio"):
+        list(iter_members(data, limits=Limits(max_ratio=10, ratio_floor_bytes=1 << 20)))
+
+
+# --- damaged archives ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_truncated_tar_is_an_archive_error(gz):
+    data = tar_bytes(MEMBERS + [("R/R.stim.csv", b"3,4\n" * 5000)], gz=gz)
+    for cut in (len(data) // 3, len(data) // 2, len(data) - 700, len(data) - 5):
+        if not gz and cut >= len(data) - 1024:
+            continue  # inside the plain tar's zero padding: nothing is lost
+        with pytest.raises(ArchiveError) as err:
+            contents(data[:cut], path="/d/cut.tgz")
+        assert str(err.value).startswith("cut.tgz")
+        assert "\n" not in str(err.value)
+
+
+def test_truncated_at_member_boundary_in_plain_tar():
+    data = tar_bytes([("R/a", b"x" * 512)], gz=False)
+    with pytest.raises(ArchiveError, match="end-of-archive marker"):
+        contents(data[:1024])
+
+
+def test_corrupt_gzip_crc():
+    data = bytearray(tar_bytes(MEMBERS))
+    data[-8] ^= 0xFF
+    with pytest.raises(ArchiveError):
+        contents(bytes(data))
+
+
+def test_garbled_tar_header_after_the_first():
+    data = bytearray(tar_bytes([("R/a", b"x" * 10), ("R/b", b"y" * 10)], gz=False))
+    data[1024 + 100 : 1024 + 108] = b"garbage!"  # checksum now wrong
+    with pytest.raises(ArchiveError, match="bad tar header"):
+        contents(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not an archive at all", b"\x1f\x8bgarbage", b"PK\x03\x04junk"]
+)
+def test_garbage_is_an_archive_error(data):
+    with pytest.raises(ArchiveError):
+        contents(data, path="junk.bin")
+
+
+def test_truncated_zip():
+    data = zip_bytes(MEMBERS)
+    with pytest.raises(ArchiveError):
+        contents(data[: len(data) - 30])
+
+
+def test_missing_file_is_an_archive_error(tmp_path):
+    with pytest.raises(ArchiveError, match="cannot open"):
+        contents(tmp_path / "nope.tgz")
+
+
+def test_isal_is_used_when_installed():
+    pytest.importorskip("isal")
+    assert archive._gzip.__name__ == "isal.igzip"

@@ -1,0 +1,184 @@
+"""Streaming %.18e CSV parser: exact float32(float64(text)), widths, line numbers."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from nems0_build import raster_csv
+
+from nat4etl.errors import FormatError
+from nat4etl.formats import nems0_csv
+from nat4etl.formats.nems0_csv import iter_raster_blocks, parse_raster_bytes, read_raster
+
+
+def reference(text: bytes, n_chans: int) -> np.ndarray:
+    """The definition: np.float32(np.float64(field)), C x T."""
+    rows = [line.split(b",") for line in text.split(b"\n") if line.strip()]
+    with np.errstate(over="ignore"):
+        values = [[np.float32(float(f)) for f in row] for row in rows]
+    return np.array(values, np.float32).reshape(-1, n_chans).T
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-identical, NaN equal to NaN (the sign of -0.0 counts)."""
+    if a.shape != b.shape:
+        return False
+    nan = np.isnan(a) & np.isnan(b)
+    return bool(np.all((a.view(np.uint32) == b.view(np.uint32)) | nan))
+
+
+def nasty_values(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Wide exponents, signs, specials, float32 midpoints and the float32 range edges."""
+    f32 = rng.random(n).astype(np.float32)
+    midpoints = f32.astype(np.float64) + np.spacing(f32).astype(np.float64) / 2
+    return np.concatenate(
+        [
+            rng.standard_normal(n) * 10.0 ** rng.integers(-45, 45, n),
+            rng.standard_normal(n // 4) * 10.0 ** rng.integers(-320, 308, n // 4),
+            midpoints,
+            -midpoints[: n // 4],
+            rng.integers(0, 5, n) / 20.0,
+            [0.0, -0.0, np.nan, np.inf, -np.inf, 1.0, 3.4028235677973366e38, 3.4028234e38],
+            [1.401298464324817e-45, 7.006492321624085e-46, 7.1e-46, 1e-300, 5e-324],
+        ]
+    )
+
+
+@pytest.mark.parametrize("n_chans", [1, 3, 8])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matches_float32_of_float64_exactly(n_chans, threads):
+    rng = np.random.default_rng(n_chans)
+    values = nasty_values(rng, 4000)
+    values = values[: len(values) // n_chans * n_chans].reshape(n_chans, -1)
+    text = raster_csv(values)
+    got = read_raster(io.BytesIO(text), chunk_bytes=1 << 16, threads=threads)
+    assert same_bits(got, reference(text, n_chans))
+
+
+def test_fixed_width_fast_path_and_mixed_rows_agree():
+    rng = np.random.default_rng(1)
+    data = rng.poisson(0.2, size=(849, 300)).astype(float)
+    data[:40, 100:120] = np.nan  # rows of a different width: general path for those blocks
+    text = raster_csv(data)
+    got = read_raster(io.BytesIO(text), n_chans=849, chunk_bytes=1 << 16)
+    assert got.shape == (849, 300)
+    assert same_bits(got, data.astype(np.float32))
+
+
+def test_blocks_stream_in_file_order():
+    data = np.arange(5 * 2000, dtype=float).reshape(5, 2000) / 7
+    text = raster_csv(data)
+    blocks = list(iter_raster_blocks(io.BytesIO(text), chunk_bytes=1 << 16, threads=2))
+    assert len(blocks) > 1
+    assert all(b.dtype == np.float32 and b.shape[1] == 5 for b in blocks)
+    assert same_bits(np.concatenate(blocks).T, data.astype(np.float32))
+
+
+def test_other_spellings_fall_back_to_float():
+    text = b"1,0.5,-2\n1e5,  2.5,+inf\nNaN,-0,3.000000000000000000e+100\n"
+    got = parse_raster_bytes(text)
+    assert same_bits(got, reference(text, 3))
+
+
+def test_crlf_and_missing_final_newline_and_blank_lines():
+    text = b"1.000000000000000000e+00,2.000000000000000000e+00\r\n\n3.0,4.0"
+    got = parse_raster_bytes(text)
+    np.testing.assert_array_equal(got, [[1, 3], [2, 4]])
+
+
+def test_empty_input():
+    assert read_raster(io.BytesIO(b""), n_chans=4).shape == (4, 0)
+    assert read_raster(io.BytesIO(b"")).shape == (0, 0)
+
+
+def test_boolean_mask_reads_back_as_float():
+    mask = np.array([[True, False, True]])
+    got = parse_raster_bytes(raster_csv(mask))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, [[1.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (b"1,2,3\n4,5\n", 2),
+        (b"1,2,3\n4,5,6\n7,8,9,10\n", 3),
+        (b"1,2,3\n,\n", 2),
+    ],
+)
+def test_width_mismatch_names_member_and_line(text, line):
+    with pytest.raises(FormatError) as info:
+        parse_raster_bytes(text, path="/x/A1.tgz", member="R/R.resp.csv")
+    msg = str(info.value)
+    assert msg.startswith("A1.tgz:R/R.resp.csv: ")
+    assert f"line {line}" in msg
+    assert "\n" not in msg
+
+
+def test_width_against_json_chans():
+    text = raster_csv(np.zeros((3, 4)))
+    with pytest.raises(FormatError, match=r"line 1: expected 2 columns, got 3"):
+        parse_raster_bytes(text, n_chans=2, member="R/R.resp.csv")
+
+
+def test_width_mismatch_deep_in_a_big_file_reports_the_right_line():
+    data = np.ones((4, 30000))
+    text = raster_csv(data) + b"1,2,3\n"
+    with pytest.raises(FormatError, match="line 30001:"):
+        read_raster(io.BytesIO(text), chunk_bytes=1 << 16, threads=2)
+
+
+@pytest.mark.parametrize("bad", [b"abc", b"1_000", b"1.0.0", b"0x10", b"--1"])
+def test_non_numbers_are_format_errors(bad):
+    text = b"1.0,2.0\n3.0," + bad + b"\n"
+    with pytest.raises(FormatError, match="line 2: not a number"):
+        parse_raster_bytes(text, member="R/R.resp.csv")
+
+
+def test_corrupted_fixed_width_digit_is_not_silently_accepted():
+    text = bytearray(raster_csv(np.full((2, 3), 0.5)))
+    text[10] = ord("x")  # inside the 18 fraction digits of the first field
+    with pytest.raises(FormatError, match="line 1: not a number"):
+        parse_raster_bytes(bytes(text))
+
+
+def test_long_first_line_longer_than_a_chunk():
+    data = np.random.default_rng(3).random((6000, 2))
+    got = read_raster(io.BytesIO(raster_csv(data)), chunk_bytes=1 << 16)
+    assert same_bits(got, data.astype(np.float32))
+
+
+def test_reader_without_readinto():
+    class ReadOnly:
+        def __init__(self, data):
+            self._buf = io.BytesIO(data)
+
+        def read(self, n=-1):
+            return self._buf.read(min(n, 777) if n and n > 0 else n)
+
+    data = np.arange(12.0).reshape(3, 4)
+    got = read_raster(ReadOnly(raster_csv(data)))
+    np.testing.assert_array_equal(got, data)
+
+
+def test_stream_error_propagates_from_the_reader_thread():
+    class Broken(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            raise FormatError("boom", member="R/R.resp.csv")
+
+    with pytest.raises(FormatError, match="boom"):
+        read_raster(Broken())
+
+
+def test_bad_n_chans_argument():
+    with pytest.raises(FormatError):
+        parse_raster_bytes(b"1\n", n_chans=0)
+
+
+def test_block_size_is_cache_sized():
+    assert nems0_csv._BLOCK_BYTES <= 4 << 20
