@@ -38,15 +38,6 @@ class Settings:
             raise ConfigError(f"unknown settings {sorted(unknown)}")
         return _checked(replace(self, **given))
 
-    def resolved_cache_dir(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir)
-        if os.environ.get("NAT4ETL_CACHE"):
-            return Path(os.environ["NAT4ETL_CACHE"])
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir("nat4etl"))
-
 
 def load_settings(config_file: str | os.PathLike | None = None) -> Settings:
     raw = _read_toml(DEFAULT_CONFIG)

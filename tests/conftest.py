@@ -32,3 +32,9 @@ def mini_sample(tmp_path_factory) -> Mirror:
 def mini_quirks_sample(tmp_path_factory) -> Mirror:
     """A mini mirror with every real-world quirk of nat4-dataset.md. Treat as read-only."""
     return _mirror(tmp_path_factory, "mini_quirks", quirks=True)
+
+
+@pytest.fixture(autouse=True)
+def _private_download_cache(tmp_path_factory, monkeypatch):
+    """No test writes to the user's real download cache."""
+    monkeypatch.setenv("NAT4ETL_CACHE", str(tmp_path_factory.getbasetemp() / "nat4etl-cache"))
