@@ -96,15 +96,19 @@ def site_recording(mirror, area: str, site_info) -> dict:
     }
 
 
-def reference_rebin(spike_times_s, epochs, fs_hz: int, stim: str) -> np.ndarray:
-    """The reference loader's route: floor(t*fs) raster, cut [round(start*fs), round(end*fs)),
-    sum groups of 10 samples. Returns (repetitions, 150)."""
+def reference_raster(spike_times_s, epochs, fs_hz: int) -> np.ndarray:
+    """The reference loader's rasterization: counts at floor(t*fs), round(fs*max end) bins."""
     n_bins = int(np.round(fs_hz * max(end for _, _, end in epochs)))
     raster = np.zeros(n_bins)
     for t in spike_times_s.tolist():
         b = math.floor(t * fs_hz)
         if b < n_bins:
             raster[b] += 1
+    return raster
+
+
+def reference_cut(raster, epochs, fs_hz: int, stim: str) -> np.ndarray:
+    """Cut [round(start*fs), round(end*fs)) per occurrence, sum groups of 10: (reps, 150)."""
     cuts = [(round(s * fs_hz), round(e * fs_hz)) for name, s, e in epochs if name == stim]
     return np.array([raster[lb:ub].reshape(-1, 10).sum(axis=1) for lb, ub in cuts])
 
@@ -307,9 +311,10 @@ def test_pop_resp_equals_reference_rebinning_of_site_spikes(mirror, area):
             if cell is None:
                 continue
             row = rec["resp"][a.cell_ids.index(cell)]
+            raster = reference_raster(site_rec["spikes"][unit_id], epochs, 1000)
             for k, stim in enumerate(stims):
                 pop = row[150 * k : 150 * (k + 1)]
-                trials = reference_rebin(site_rec["spikes"][unit_id], epochs, 1000, stim)
+                trials = reference_cut(raster, epochs, 1000, stim)
                 if len(trials) == 0:
                     assert np.isnan(pop).all()
                     continue
