@@ -73,7 +73,7 @@ _DAMAGE = (
     zipfile.LargeZipFile,
     struct.error,
     OSError,
-    UnicodeDecodeError,
+    ValueError,  # zipfile: negative seeks and bad fields in a corrupt directory
     NotImplementedError,  # zipfile: unsupported compression method
     RuntimeError,  # zipfile: encrypted member
 )

@@ -41,11 +41,15 @@ def read_pred_correlation(
     """
     if path is None and isinstance(source, str | os.PathLike):
         path = source
-    if isinstance(source, bytes | bytearray | memoryview):
-        source = io.BytesIO(source)
 
     def bad(msg: str) -> FormatError:
         return FormatError(msg, path=path, member=member)
+
+    data = _read_bytes(source, bad)
+    try:  # pyarrow checks string cells but not header names: check everything here
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise bad(f"not UTF-8 ({err.reason} at byte {err.start})") from err
 
     convert = pacsv.ConvertOptions(
         column_types={"cellid": pa.string(), "sig_auditory": pa.bool_()},
@@ -54,7 +58,7 @@ def read_pred_correlation(
         strings_can_be_null=False,
     )
     try:
-        table = pacsv.read_csv(source, convert_options=convert)
+        table = pacsv.read_csv(io.BytesIO(data), convert_options=convert)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
         raise bad(f"unreadable CSV ({err})".replace("\n", " ")) from err
     names = table.column_names
@@ -66,3 +70,16 @@ def read_pred_correlation(
     if cellid.null_count or pc.any(pc.equal(cellid, "")).as_py():
         raise bad("empty cellid")
     return table
+
+
+def _read_bytes(source: bytes | BinaryIO | str | os.PathLike, bad) -> bytes:
+    """The whole file (tens of kB): small enough to check before parsing."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    if isinstance(source, str | os.PathLike):
+        try:
+            with open(source, "rb") as fh:
+                return fh.read()
+        except OSError as err:
+            raise bad(f"cannot read: {err.strerror or err}") from err
+    return source.read()
