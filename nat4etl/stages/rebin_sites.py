@@ -118,17 +118,26 @@ def plan_bins(stims: pa.Table, *, dt_ms: float, pop_fs_hz: float) -> BinPlan:
 
 # ============================================================================ population
 def channel_matrix(pop_signals: pa.Table, signal: str) -> np.ndarray:
-    """One population signal as a (channels, samples) float32 array, channel order."""
-    rows = pop_signals.filter(pc.equal(pop_signals.column("signal"), signal))
-    if rows.num_rows == 0:
+    """One population signal as a (channels, samples) float32 array, channel order.
+
+    A view of the table's buffer when the signal's rows are contiguous and in channel order
+    (as the store writes them): the A1 ``resp`` is 300 MB, copying it would double that.
+    """
+    rows = np.flatnonzero(pc.equal(pop_signals.column("signal"), signal).to_numpy(False))
+    if len(rows) == 0:
         raise InputMismatch(f"population recording has no {signal!r} signal; rerun unpack")
-    rows = rows.sort_by("channel")
-    values = rows.column("values").combine_chunks()
+    channels = pop_signals.column("channel").to_numpy()[rows]
+    if np.all(np.diff(rows) == 1) and np.all(np.diff(channels) > 0):
+        values = pop_signals.column("values").slice(int(rows[0]), len(rows))
+    else:
+        order = rows[np.argsort(channels, kind="stable")]
+        values = pop_signals.column("values").take(pa.array(order))
+    values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
     lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
     if np.any(lengths != lengths[0]):
         raise InputMismatch(f"population {signal!r} channels differ in length")
     flat = values.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(rows.num_rows, int(lengths[0]))
+    return flat.reshape(len(rows), int(lengths[0]))
 
 
 def pop_starts(stims: pa.Table, pop_fs_hz: float) -> np.ndarray:
@@ -229,20 +238,10 @@ def site_responses(site: Site, stim_ids: np.ndarray, *, dt_ms: float, n_bins: in
     end_s = trials.column("end_s").to_numpy()
     usable = np.isfinite(start_s) & np.isfinite(end_s) & (start_s >= 0)  # NEMS0 excludes <0
     trials = trials.filter(pa.array(usable))
-    by_unit = {
-        u: t
-        for u, t in zip(
-            site.spikes.column("unit_id").to_pylist(),
-            site.spikes.column("spike_times_s").to_pylist(),
-            strict=True,
-        )
-    }
+    by_unit = _spike_samples_by_unit(site.spikes, site.fs_hz)
     cells = site.cells.filter(pc.is_in(site.cells.column("site_unit_id"), pa.array(list(by_unit))))
     cell_ids = cells.column("cell").to_numpy()
-    samples = [
-        binning.spike_samples(np.asarray(by_unit[u], dtype=np.float64), site.fs_hz)
-        for u in cells.column("site_unit_id").to_pylist()
-    ]
+    samples = [by_unit[u] for u in cells.column("site_unit_id").to_pylist()]
     counts = binning.count_windows(
         samples,
         binning.epoch_samples(trials.column("start_s").to_numpy(), site.fs_hz),
@@ -258,6 +257,16 @@ def site_responses(site: Site, stim_ids: np.ndarray, *, dt_ms: float, n_bins: in
         SOURCE_SITE,
         counts.reshape(len(cell_ids) * n_windows, n_bins),
     )
+
+
+def _spike_samples_by_unit(spikes: pa.Table, fs_hz: float) -> dict[str, np.ndarray]:
+    """unit id -> spike sample indices, from the list column without Python floats."""
+    column = spikes.column("spike_times_s").combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy() - column.offsets[0].as_py()
+    samples = binning.spike_samples(flat, fs_hz)
+    units = spikes.column("unit_id").to_pylist()
+    return {u: samples[offsets[i] : offsets[i + 1]] for i, u in enumerate(units)}
 
 
 def split_sites(
@@ -283,38 +292,65 @@ def split_sites(
     return sites
 
 
-def qc_val(site: Site, val_rows: pa.Table, means: dict, val_ids: np.ndarray) -> list[dict]:
+def qc_val(site: Site, val_rows: pa.Table, means: pa.Table, val_ids: np.ndarray) -> list[dict]:
     """Per val stim the site presented: mean over its trials vs the population's average.
 
-    ``val_rows`` (this site's val trials) and ``means`` ((stim, cell) -> vector) must be at
+    ``val_rows`` (this site's val trials) and ``means`` (the val_means table) must be at
     the same bin width. Cells with no population average for the stim are not compared.
     """
-    counts = _vectors(val_rows, "counts")
-    stim_col = val_rows.column("stim").to_numpy()
-    cell_col = val_rows.column("cell").to_numpy()
     trial_stims = site.trials.column("stim").to_numpy()
+    stims_here = np.intersect1d(val_ids, trial_stims)
+    n_cells = 1 + max(int(pc.max(means["cell"]).as_py() or 0), _max_int(val_rows, "cell"))
+    uniq, trial_means = _pair_means(_pairs(val_rows, n_cells), _vectors(val_rows, "counts"))
+    mean_pairs = _pairs(means, n_cells)
+    order = np.argsort(mean_pairs, kind="stable")
+    mean_pairs = mean_pairs[order]
+    pos = np.searchsorted(mean_pairs, uniq)
+    found = (pos < len(mean_pairs)) & (mean_pairs[np.minimum(pos, len(mean_pairs) - 1)] == uniq)
+    pop = _vectors(means, "mean_counts")
+    diff = np.abs(trial_means[found] - pop[order[pos[found]]])
+    diff_stim = uniq[found] // n_cells
     out = []
-    for stim in np.intersect1d(val_ids, trial_stims):
-        here = stim_col == stim
-        diffs = []
-        for cell in np.unique(cell_col[here]):
-            pop = means.get((int(stim), int(cell)))
-            if pop is not None:
-                trial_mean = np.nanmean(counts[here & (cell_col == cell)], axis=0)
-                diffs.append(np.abs(trial_mean - pop))
-        d = np.concatenate(diffs) if diffs else np.empty(0)
+    for stim in stims_here:
+        d = diff[diff_stim == stim]
+        n_compared = len(d)
         d = d[np.isfinite(d)]
         out.append(
             {
                 "site": site.site,
                 "stim": int(stim),
-                "n_cells": len(diffs),
+                "n_cells": n_compared,
                 "n_trials": int(np.sum(trial_stims == stim)),
                 "max_abs_diff": float(d.max()) if d.size else None,
                 "mean_abs_diff": float(d.mean()) if d.size else None,
             }
         )
     return out
+
+
+def _pair_means(pair: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique pair keys and the NaN-aware mean of their rows (float64)."""
+    order = np.argsort(pair, kind="stable")
+    pair, counts = pair[order], counts[order].astype(np.float64)
+    first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]]) if len(pair) else np.empty(0, int)
+    if len(first) == 0:
+        return pair, np.empty((0, counts.shape[1]))
+    finite = np.isfinite(counts)
+    sums = np.add.reduceat(np.where(finite, counts, 0.0), first, axis=0)
+    n = np.add.reduceat(finite.astype(np.float64), first, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pair[first], sums / n
+
+
+def _pairs(table: pa.Table, n_cells: int) -> np.ndarray:
+    """``stim * n_cells + cell`` per row (int64), a one-number key of the pair."""
+    return table.column("stim").to_numpy().astype(np.int64) * n_cells + table.column(
+        "cell"
+    ).to_numpy().astype(np.int64)
+
+
+def _max_int(table: pa.Table, column: str) -> int:
+    return int(pc.max(table[column]).as_py() or 0) if table.num_rows else 0
 
 
 # ============================================================================ tables
@@ -414,7 +450,7 @@ def rebin_area(inputs: AreaInputs, *, dt_ms: float, progress=None) -> AreaOutput
 
     means, means_dt_ms = val_means(inputs.pop_resp, val_stims, plan)
     frame_plan = _at_frames(plan, 1)
-    qc_means = _vector_index(val_means(inputs.pop_resp, val_stims, frame_plan)[0], "mean_counts")
+    qc_means = val_means(inputs.pop_resp, val_stims, frame_plan)[0]
     sites = split_sites(inputs.site_spikes, inputs.trials, inputs.cells, inputs.site_fs_hz)
     qc_rows = []
     for site in sites:
