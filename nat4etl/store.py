@@ -281,16 +281,32 @@ def _drop_area(table: pa.Table, area: str, name: str) -> pa.Table:
 
 
 def _sorted_unique(table: pa.Table, s: schema_mod.TableSpec, name: str, area: str) -> pa.Table:
+    """Sort by key (stable), refusing repeated keys.
+
+    Stages mostly hand over tables already in key order: then nothing is copied (a
+    ``take`` of the vector columns costs seconds at full scale). Duplicates are found by
+    comparing neighbours in key order, which needs no hash table.
+    """
+    import numpy as np
     import pyarrow.compute as pc
 
     keys = list(s.key)
-    if table.num_rows == 0:
+    n = table.num_rows
+    if n == 0:
         return table
-    table = table.sort_by([(k, "ascending") for k in keys])
-    counts = table.select(keys).group_by(keys).aggregate([([], "count_all")])
-    if counts.num_rows != table.num_rows:
-        dup = counts.filter(pc.greater(counts["count_all"], 1)).slice(0, 1).to_pylist()[0]
-        dup.pop("count_all")
+    order = pc.sort_indices(table.select(keys), sort_keys=[(k, "ascending") for k in keys])
+    if not np.array_equal(order.to_numpy(), np.arange(n)):
+        table = table.take(order)
+    if n == 1:
+        return table
+    same = None
+    for k in keys:
+        col = table.column(k)
+        eq = pc.equal(col.slice(1), col.slice(0, n - 1))
+        same = eq if same is None else pc.and_(same, eq)
+    if pc.any(same).as_py():
+        i = pc.index(same, True).as_py()
+        dup = {k: table.column(k)[i].as_py() for k in keys}
         raise DuplicateKeyError(f"table {name!r} area={area}: key {dup} occurs more than once")
     return table
 

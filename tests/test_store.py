@@ -172,3 +172,35 @@ def test_refuses_to_publish_over_a_directory_that_is_not_a_store(tmp_path):
     assert (tmp_path / "docs" / "notes.txt").read_text() == "keep"
     with open_for_write(tmp_path / "empty"):  # new or empty directories are fine
         pass
+
+
+def test_sort_and_duplicate_check_match_a_plain_sort_and_group_by():
+    import numpy as np
+
+    from nat4etl import schema
+    from nat4etl.store import _sorted_unique
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for n in [10, 50] * 10:
+        t = pa.table(
+            {
+                "site": pa.array(rng.choice(["a", "b"], n)),
+                "stim": pa.array(rng.integers(0, 6, n), pa.int32()),
+                "trial": pa.array(rng.integers(0, 6, n), pa.int32()),
+                "order": pa.array(range(n), pa.int32()),
+                "start_s": pa.array(rng.random(n)),
+                "end_s": pa.array(rng.random(n)),
+            }
+        )
+        keys = ["site", "stim", "trial"]
+        groups = t.select(keys).group_by(keys).aggregate([([], "count_all")])
+        if groups.num_rows < n:
+            with pytest.raises(DuplicateKeyError):
+                _sorted_unique(t, schema.spec("trials"), "trials", "A1")
+            seen.add("dup")
+        else:
+            got = _sorted_unique(t, schema.spec("trials"), "trials", "A1")
+            assert got.equals(t.sort_by([(k, "ascending") for k in keys]))
+            seen.add("unique")
+    assert seen == {"dup", "unique"}
