@@ -330,6 +330,12 @@ def _fsync(path: Path) -> None:
 # ====================================================================== publishing
 
 
+def store_path(out: str | os.PathLike) -> Path:
+    """OUT as an absolute path with symlinks resolved: a symlinked store is staged and
+    published beside its target, so the link keeps pointing at the current store."""
+    return Path(out).expanduser().resolve()
+
+
 def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
@@ -351,7 +357,7 @@ def store_lock(
 
     ``on_wait(holder)`` is called once if the lock is busy and ``wait_s`` > 0.
     """
-    out = Path(out).absolute()
+    out = store_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = lock_path(out)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -386,7 +392,7 @@ def store_lock(
 def lock_holder(out: str | os.PathLike) -> str | None:
     """Who holds the lock on ``out`` now, or None. Reads /proc/locks instead of trying the
     lock, so asking never makes a starting build find the lock busy. Linux only."""
-    path = lock_path(Path(out).absolute())
+    path = lock_path(store_path(out))
     try:
         st = path.stat()
         text = Path("/proc/locks").read_text()
@@ -432,7 +438,7 @@ def recover(out: str | os.PathLike) -> list[str]:
     - if a publish without ``renameat2`` died between its two renames (``OUT`` missing,
       the swap marker naming the generation moved aside), that generation is put back.
     """
-    out = Path(out).absolute()
+    out = store_path(out)
     notes = [f"removed leftover {p.name}" for p in remove_leftovers(out)]
     marker = swap_marker(out)
     if marker.is_file():
@@ -573,7 +579,7 @@ def staging(
     block to write ``manifest.json`` (default :func:`write_manifest`); on any exception the
     staging copy is removed and ``out`` is untouched.
     """
-    out = Path(out).absolute()
+    out = store_path(out)
     check_replaceable(out)
     staging_dir = out.parent / f"{staging_prefix(out)}{os.getpid()}-{time.time_ns()}"
     if out.exists():
@@ -598,7 +604,7 @@ def open_for_write(out: str | os.PathLike, *, wait_s: float = 0.0) -> Iterator[S
 
     On any exception the staging copy is discarded and ``out`` is untouched.
     """
-    out = Path(out).absolute()
+    out = store_path(out)
     with store_lock(out, wait_s=wait_s):
         recover(out)
         with staging(out) as store:

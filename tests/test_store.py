@@ -204,3 +204,15 @@ def test_sort_and_duplicate_check_match_a_plain_sort_and_group_by():
             assert got.equals(t.sort_by([(k, "ascending") for k in keys]))
             seen.add("unique")
     assert seen == {"dup", "unique"}
+
+
+def test_a_symlinked_store_is_published_where_it_points(tmp_path):
+    real = tmp_path / "disk" / "nat4"
+    real.parent.mkdir()
+    link = tmp_path / "nat4"
+    with open_for_write(real) as store:
+        store.write_table("trials", _trials(2), area="A1")
+    link.symlink_to(real)
+    with open_for_write(link) as store:
+        store.write_table("trials", _trials(4), area="A1")
+    assert link.is_symlink() and Store(link).read_table("trials").num_rows == 4

@@ -58,6 +58,7 @@ from nat4etl.store import (
     recover,
     staging,
     store_lock,
+    store_path,
     write_manifest,
 )
 from nat4etl.store import (
@@ -369,7 +370,7 @@ def build(
         ``up_to_date`` when nothing had to run (then nothing was written at all).
     """
     t0 = time.monotonic()
-    out = Path(out).absolute()
+    out = store_path(out)
     chosen = _choose(settings, only, stages)
     forced = forced_reasons([s.name for s in chosen], force=force, from_stage=from_stage)
 
@@ -587,7 +588,7 @@ def status(
 
     Read-only and lock-free: it reads the generation published now (a snapshot).
     """
-    out = Path(out).absolute()
+    out = store_path(out)
     chosen = _choose(settings, None, stages, tolerant=True)
     forced = forced_reasons([s.name for s in chosen], force=force, from_stage=from_stage)
     report: dict[str, Any] = {"out": str(out), "built": False, "lock": lock_holder(out)}
@@ -676,7 +677,7 @@ def verify(out: str | os.PathLike) -> list[str]:
     Returns the differences, one line each, naming the file (empty: the store verifies).
     Read-only and lock-free: it checks the generation published now.
     """
-    out = Path(out).absolute()
+    out = store_path(out)
     if not (out / MANIFEST).is_file():
         return [f"{out}: no {MANIFEST}; not a complete nat4etl store"]
     snap = open_snapshot(out)
