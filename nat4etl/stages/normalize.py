@@ -205,7 +205,7 @@ def load_and_compute(store, area: str) -> tuple[pa.Table, dict]:
     """One area's constants and the table metadata, read through the store."""
     responses_md = store.table_metadata("responses", area)
     dt_ms = float(responses_md["dt_ms"])
-    inputs = rs.load_area(store, area)
+    inputs = rs.load_area(store, area, sites=False)
     plan = rs.plan_bins(inputs.stims, dt_ms=dt_ms, pop_fs_hz=inputs.pop_fs_hz)
     if plan.frames_per_bin is None:
         responses = store.read_table("responses", area=area, columns=["stim", "cell", "counts"])

@@ -429,8 +429,14 @@ class AreaOutputs:
     counts: dict
 
 
-def rebin_area(inputs: AreaInputs, *, dt_ms: float, progress=None) -> AreaOutputs:
-    """Every table rebin-sites writes for one area."""
+def rebin_area(
+    inputs: AreaInputs, *, dt_ms: float, progress=None, release_population: bool = False
+) -> AreaOutputs:
+    """Every table rebin-sites writes for one area.
+
+    With ``release_population`` the population arrays are dropped from ``inputs`` as soon
+    as they are no longer needed, so the site pass does not hold 300 MB more (A1).
+    """
     plan = plan_bins(inputs.stims, dt_ms=dt_ms, pop_fs_hz=inputs.pop_fs_hz)
     if inputs.pop_resp.shape[0] != inputs.cells.num_rows:
         raise InputMismatch(
@@ -451,6 +457,11 @@ def rebin_area(inputs: AreaInputs, *, dt_ms: float, progress=None) -> AreaOutput
     means, means_dt_ms = val_means(inputs.pop_resp, val_stims, plan)
     frame_plan = _at_frames(plan, 1)
     qc_means = val_means(inputs.pop_resp, val_stims, frame_plan)[0]
+    specs = spectrograms(inputs.pop_stim, stims, plan)
+    n_bands = int(inputs.pop_stim.shape[0])
+    fallback_needed = not plan.est_from_population and plan.frames_per_bin is not None
+    if release_population and not fallback_needed:
+        inputs.pop_resp = inputs.pop_stim = None
     sites = split_sites(inputs.site_spikes, inputs.trials, inputs.cells, inputs.site_fs_hz)
     qc_rows = []
     for site in sites:
@@ -466,13 +477,12 @@ def rebin_area(inputs: AreaInputs, *, dt_ms: float, progress=None) -> AreaOutput
         if progress is not None:
             progress.advance("rebin-sites", 1)
     n_fallback = 0
-    if not plan.est_from_population and plan.frames_per_bin is not None:
+    if fallback_needed:
         fallback = _population_fallback(inputs.pop_resp, other_stims, plan, parts)
         n_fallback = fallback.num_rows
         parts.append(fallback)
     empty = responses_table([], [], [], SOURCE_SITE, np.empty((0, plan.n_bins), np.float32))
     responses = _concat(parts, empty)
-    specs = spectrograms(inputs.pop_stim, stims, plan)
     common = {"dt_ms": plan.dt_ms, "n_bins": plan.n_bins, "window_s": plan.window_s}
     metadata = {
         "responses": {
@@ -489,7 +499,7 @@ def rebin_area(inputs: AreaInputs, *, dt_ms: float, progress=None) -> AreaOutput
         "qc_val": {"dt_ms": frame_plan.dt_ms},
         "spectrograms": {
             **common,
-            "n_bands": int(inputs.pop_stim.shape[0]),
+            "n_bands": n_bands,
             "layout": "row-major (band, bin)",
             "frames_averaged": plan.frames_per_bin,
             "unavailable": plan.spectrogram_unavailable,
@@ -528,8 +538,63 @@ def _population_fallback(
 
 
 # ============================================================================ stage
-def load_area(store, area: str) -> AreaInputs:
-    """Read one area's inputs through the store (the only I/O of this stage)."""
+def read_population_signals(
+    store, area: str, signals: tuple[str, ...], *, batch_rows: int = 32
+) -> dict[str, np.ndarray]:
+    """The population signals as (channels, samples) float32 arrays, read in small batches.
+
+    Decoding the whole ``pop_signals`` list column at once costs about 4x its 300 MB in
+    transient Parquet buffers (levels, pages) for A1; batches of a few channels keep the
+    peak near the arrays themselves.
+    """
+    import pyarrow.parquet as pq
+
+    from nat4etl.store import check_file_metadata
+
+    path = store.table_file("pop_signals", area)
+    if not path.is_file():
+        raise MissingTableError(
+            f"no pop_signals for {area} in {store.published_at}; run `nat4etl unpack` first"
+        )
+    pf = pq.ParquetFile(path, memory_map=True)
+    check_file_metadata("pop_signals", pf.schema_arrow, path)
+    keys = pf.read(columns=["signal", "channel"])
+    names = np.asarray(keys.column("signal").to_pylist(), dtype=object)
+    channels = keys.column("channel").to_numpy()
+    rank = np.zeros(len(names), dtype=np.int64)  # row -> position in its signal, by channel
+    for name in set(names.tolist()):
+        rows = np.flatnonzero(names == name)
+        rank[rows[np.argsort(channels[rows], kind="stable")]] = np.arange(len(rows))
+    out: dict[str, np.ndarray] = {}
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["values"], use_threads=False):
+        values = batch.column("values")
+        lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+        flat = values.flatten().to_numpy(zero_copy_only=False)
+        starts = np.r_[0, np.cumsum(lengths)]
+        for i in range(len(batch)):
+            name = names[row + i]
+            if name in signals:
+                target = out.get(name)
+                if target is None:
+                    n_chans = int(np.sum(names == name))
+                    target = out[name] = np.full((n_chans, lengths[i]), np.nan, np.float32)
+                if lengths[i] != target.shape[1]:
+                    raise InputMismatch(f"population {name!r} channels differ in length")
+                target[rank[row + i]] = flat[starts[i] : starts[i + 1]]
+        row += len(batch)
+    missing = [s for s in signals if s not in out]
+    if missing:
+        raise InputMismatch(f"population recording of {area} lacks signals {missing}")
+    return out
+
+
+def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
+    """Read one area's inputs through the store (the only I/O of this stage).
+
+    ``sites=False`` leaves out the per-site spike times and trials (normalize needs only
+    the population recording).
+    """
     recordings = store.read_table("recordings", area=area)
     signals = store.read_table("signals", area=area)
     fs = {
@@ -540,30 +605,34 @@ def load_area(store, area: str) -> AreaInputs:
     if len(pop) != 1:
         raise InputMismatch(f"area {area}: expected one population recording, found {len(pop)}")
     pop_name = pop[0]["recording"]
-    site_spikes = store.read_table("site_spikes", area=area)
-    site_spikes = site_spikes.filter(pc.equal(site_spikes.column("signal"), RESP))
-    site_fs_hz = {}
-    for site, rec in zip(
-        site_spikes.column("site").to_pylist(),
-        site_spikes.column("recording").to_pylist(),
-        strict=True,
-    ):
-        site_fs_hz[site] = float(fs[(rec, RESP)])
-    pop_signals = store.read_table("pop_signals", area=area)
     pop_fs = {fs[(pop_name, s)] for s in (RESP, STIM)}
     if len(pop_fs) != 1:
         raise InputMismatch(f"area {area}: population resp and stim differ in fs ({pop_fs})")
-    inputs = AreaInputs(
+    site_fs_hz = {}
+    if sites:
+        site_spikes = store.read_table("site_spikes", area=area)
+        site_spikes = site_spikes.filter(pc.equal(site_spikes.column("signal"), RESP))
+        for site, rec in zip(
+            site_spikes.column("site").to_pylist(),
+            site_spikes.column("recording").to_pylist(),
+            strict=True,
+        ):
+            site_fs_hz[site] = float(fs[(rec, RESP)])
+        trials = store.read_table("trials", area=area).drop_columns(["area"])
+    else:
+        site_spikes = schema.SITE_SPIKES.schema.empty_table()
+        trials = schema.TRIALS.schema.empty_table()
+    population = read_population_signals(store, area, (RESP, STIM))
+    return AreaInputs(
         stims=store.read_table("stims", area=area).drop_columns(["area"]),
         cells=store.read_table("cells", area=area).drop_columns(["area"]),
-        trials=store.read_table("trials", area=area).drop_columns(["area"]),
+        trials=trials,
         site_spikes=site_spikes,
-        pop_resp=channel_matrix(pop_signals, RESP),
-        pop_stim=channel_matrix(pop_signals, STIM),
+        pop_resp=population[RESP],
+        pop_stim=population[STIM],
         pop_fs_hz=float(pop_fs.pop()),
         site_fs_hz=site_fs_hz,
     )
-    return inputs
 
 
 def run(store, settings, progress) -> dict:
@@ -573,7 +642,9 @@ def run(store, settings, progress) -> dict:
         n_sites = len(set(inputs.site_fs_hz))
         progress.start("rebin-sites", total=n_sites, unit="sites")
         try:
-            out = rebin_area(inputs, dt_ms=settings.dt_ms, progress=progress)
+            out = rebin_area(
+                inputs, dt_ms=settings.dt_ms, progress=progress, release_population=True
+            )
         finally:
             progress.done("rebin-sites")
         del inputs  # the population matrices: free them before the writer's sorted copy
