@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -40,7 +41,6 @@ WRITES = (
 )
 PARAMS = ("areas", "source_dir")
 
-_FIELD_BYTES = 25  # one ``%.18e`` value and its delimiter: sizes the first allocation
 _MAX_LIST_VALUES = 2**31 - 1  # list<float32> offsets are int32
 #: the raw pred_correlation table cannot hold ``area``: the store's partition column
 PRED_AREA_COLUMN = "pred_area"
@@ -48,40 +48,64 @@ PRED_AREA_COLUMN = "pred_area"
 
 # ============================================================================ population
 class ChannelBuffer:
-    """Rows of a (T, C) CSV appended into a (C, capacity) float32 array, grown if needed.
+    """Rows of a (T, C) CSV appended into a (C, capacity) float32 array: one copy only.
 
-    The first capacity assumes every field is ``%.18e`` (25 bytes), exact for the NEMS0
-    writer's files; shorter fields (``nan``) make it grow. Only one copy is ever held.
+    T is unknown until the CSV ends, and growing an array would hold two copies. So the
+    buffer reserves room for the most rows the member can hold (every field takes at
+    least 2 bytes: a digit and a delimiter) as an anonymous mapping: pages are committed
+    only when written, so resident memory follows the data, not the reservation.
+    :meth:`finish` moves the rows together and returns the pages it leaves behind.
     """
 
     def __init__(self, n_chans: int, size_bytes: int):
         self.n_chans = n_chans
         self.n_samples = 0
-        capacity = max(1, size_bytes // (n_chans * _FIELD_BYTES))
-        self._data = np.empty((n_chans, capacity), np.float32)
+        self.capacity = size_bytes // (2 * n_chans) + 1
+        self._map = _reserve(n_chans * self.capacity * 4)
+        flat = np.frombuffer(self._map, np.float32) if self._map is not None else None
+        if flat is None:
+            flat = np.empty(n_chans * self.capacity, np.float32)
+        self._flat = flat
+        self._data = flat.reshape(n_chans, self.capacity)
 
     def append(self, block: np.ndarray) -> None:
         n = block.shape[0]
-        if self.n_samples + n > self._data.shape[1]:
-            self._grow(self.n_samples + n)
+        if self.n_samples + n > self.capacity:  # cannot happen: see the class docstring
+            msg = f"more rows than {self.capacity}, the most the member's size allows"
+            raise FormatError(msg)
         self._data[:, self.n_samples : self.n_samples + n] = block.T
         self.n_samples += n
 
-    def _grow(self, need: int) -> None:
-        capacity = max(need, self._data.shape[1] + self._data.shape[1] // 4 + 1)
-        grown = np.empty((self.n_chans, capacity), np.float32)
-        grown[:, : self.n_samples] = self._data[:, : self.n_samples]
-        self._data = grown
-
     def finish(self) -> np.ndarray:
-        """The (C, T) values, contiguous; compacted in place (rows move left)."""
-        c, t = self.n_chans, self.n_samples
-        if t == self._data.shape[1]:
-            return self._data
-        flat = self._data.reshape(-1)
-        for i in range(1, c):  # row i starts at i*capacity; move it to i*t
-            flat[i * t : (i + 1) * t] = self._data[i, :t].copy()
+        """The (C, T) values, contiguous, in the same memory (rows moved left in order)."""
+        c, t, cap = self.n_chans, self.n_samples, self.capacity
+        flat = self._flat
+        for i in range(1, c):  # row i moves from [i*cap, i*cap+t) to [i*t, (i+1)*t)
+            flat[i * t : (i + 1) * t] = self._data[i, :t]  # numpy buffers any overlap
+            self._release(max(i * cap, (i + 1) * t) * 4, (i * cap + t) * 4)
         return flat[: c * t].reshape(c, t)
+
+    def _release(self, lo_bytes: int, hi_bytes: int) -> None:
+        """Give back the whole pages of [lo, hi): a row's old place, now unused."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        lo = -(-lo_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = hi_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _reserve(n_bytes: int) -> mmap.mmap | None:
+    """Anonymous private memory committed page by page on first write (None: fall back
+    to numpy, which on Linux behaves the same but cannot give pages back early)."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    flags |= getattr(mmap, "MAP_NORESERVE", 0)
+    if not flags or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        return mmap.mmap(-1, max(n_bytes, 1), flags=flags)
+    except (OSError, ValueError):
+        return None
 
 
 class _Counted(io.RawIOBase):
@@ -202,13 +226,23 @@ def add_recording(
             "file": file,
             "member": member,
             "meta_json": _json(rec.meta) if rec.meta is not None else None,
-            "skipped_members": [s.name for s in rec.skipped],
+            "skipped_members": [s.name for s in rec.skipped] + _extra_view_members(rec),
         }
     )
     for name, sig in rec.signals.items():
         rows.signals.append(_signal_row(rec.name, sig))
         if sig.epochs is not None:
             _add_epochs(rows.epochs, rec.name, name, sig.epochs)
+
+
+def _extra_view_members(rec: nems0.Recording) -> list[str]:
+    """Jackknife views (``NN.R.S.*``) are not stored: list their members as skipped."""
+    names = []
+    for view in rec.views[1:]:
+        for sig in view.values():
+            if sig.view > 0:
+                names += [m for m in (sig.json_member, sig.data_member, sig.epoch_member) if m]
+    return sorted(set(names))
 
 
 def _signal_row(recording: str, sig: nems0.Signal) -> dict:
@@ -278,9 +312,14 @@ def read_population(path: Path, rows: RawRows, progress) -> pa.Table:
     _check_population(rec, path)
     add_recording(rows, rec, kind="population", site=None, file=path.name, member=None)
     parts = [
-        pop_signal_table(name, sig.data, sig.header.chans) for name, sig in rec.signals.items()
+        pop_signal_table(name, sig.data, sig.header.chans)
+        for name, sig in sorted(rec.signals.items())
     ]
-    return pa.concat_tables(parts) if parts else _empty(schema.POP_SIGNALS)
+    del rec
+    if not parts:
+        return _empty(schema.POP_SIGNALS)
+    # Already in key order and one chunk: the store's sort then has the least to move.
+    return pa.concat_tables(parts).combine_chunks()
 
 
 def _check_population(rec: nems0.Recording, path: Path) -> None:
@@ -296,7 +335,7 @@ def _check_population(rec: nems0.Recording, path: Path) -> None:
         chans = sig.header.chans
         n_chans, n_samples = sig.data.shape
         if chans is not None and n_samples and len(chans) != n_chans:
-            msg = f"CSV has {n_chans} columns, the JSON chans lists {len(chans)}"
+            msg = f"CSV has {n_chans} columns, the JSON chans lists {len(chans)}; nothing written"
             raise FormatError(msg, **where)
 
 
