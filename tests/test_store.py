@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 
 import polars as pl
 import pyarrow as pa
@@ -79,39 +81,43 @@ def test_open_for_write_publishes_and_failure_keeps_previous(tmp_path):
     assert Store(out).read_table("trials").num_rows == 4
 
 
-def _hold_lock(out, ready, release):
-    with store_lock(out):
-        ready.set()
-        release.wait(10)
+def _lock_holder(out, then: str) -> subprocess.Popen:
+    """Another process that takes the lock, prints "ready", then runs ``then`` (a Python
+    statement). A subprocess, not a fork: forking a process that loaded JAX can deadlock."""
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from nat4etl.store import store_lock\n"
+        f"with store_lock(Path({str(out)!r})):\n"
+        "    print('ready', flush=True)\n"
+        f"    {then}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
 
 
 def test_lock_held_by_another_process(tmp_path):
     out = tmp_path / "nat4"
-    ctx = multiprocessing.get_context("fork")
-    ready, release = ctx.Event(), ctx.Event()
-    p = ctx.Process(target=_hold_lock, args=(out, ready, release))
-    p.start()
+    holder = _lock_holder(out, "sys.stdin.readline()")  # holds until we write a line
     try:
-        assert ready.wait(10)
-        with pytest.raises(StoreLocked, match=f"pid {p.pid}"):
+        with pytest.raises(StoreLocked, match=f"pid {holder.pid}"):
             with open_for_write(out, wait_s=0.3):
                 pass
     finally:
-        release.set()
-        p.join()
+        holder.communicate("go\n", timeout=10)
     with open_for_write(out, wait_s=1):  # released on exit, taken over
         pass
 
 
 def test_killed_holder_releases_the_lock(tmp_path):
     out = tmp_path / "nat4"
-    pid = os.fork()
-    if pid == 0:  # child: take the lock, leave a staging dir, die without cleanup
-        with store_lock(out):
-            (tmp_path / ".nat4.staging-dead").mkdir()
-            os._exit(0)
-    os.waitpid(pid, 0)
-    with open_for_write(out):
+    (tmp_path / ".nat4.staging-dead").mkdir()  # what a killed build leaves
+    holder = _lock_holder(out, "os.kill(os.getpid(), signal.SIGKILL)")
+    assert holder.wait(10) == -signal.SIGKILL
+    with open_for_write(out):  # no waiting: the kernel dropped the dead holder's lock
         pass
     assert not (tmp_path / ".nat4.staging-dead").exists()
 
