@@ -244,19 +244,17 @@ class Context:
 
 
 def read_records(root: Path) -> dict[str, dict]:
-    """Every ``_stages/<stage>.json`` of the store at ``root``."""
-    store = Store(root)
-    out = {}
-    for name in STAGES:
-        record = store.read_stage_record(name)
-        if record is not None:
-            out[name] = record
+    """Every ``_stages/<stage>.json`` of the store at ``root``, in build order."""
     d = root / STAGES_DIR
-    if d.is_dir():  # stages not in STAGES (tests' fakes)
-        for p in sorted(d.glob("*.json")):
-            if p.stem not in out and (record := store.read_stage_record(p.stem)) is not None:
-                out[p.stem] = record
-    return out
+    if not d.is_dir():
+        return {}
+
+    def order(name: str) -> tuple[int, str]:  # unknown names (tests' fakes) last
+        return (STAGES.index(name) if name in STAGES else len(STAGES), name)
+
+    store = Store(root)
+    names = sorted((p.stem for p in d.glob("*.json")), key=order)
+    return {n: r for n in names if (r := store.read_stage_record(n)) is not None}
 
 
 def decide(root: Path, stage: Stage, ctx: Context, *, forced: str | None = None) -> Decision:
@@ -447,7 +445,16 @@ def _run_staged(
                 action="run",
                 reasons=list(d.reasons),
             )
-            _run_one(store, stage, d.fingerprint, ctx, progress)
+            try:
+                _run_one(store, stage, d.fingerprint, ctx, progress)
+            except BaseException:
+                progress.log(
+                    f"stage {stage.name}: failed; {out} is unchanged",
+                    level="error",
+                    stage=stage.name,
+                    action="failed",
+                )
+                raise
             result.ran.append(stage.name)
     return result
 
