@@ -420,15 +420,13 @@ class _MemberStream(io.RawIOBase):
         return got
 
     def readall(self) -> bytes:
-        out = bytearray(max(self._left, 0))
-        view = memoryview(out)
-        filled = 0
-        while filled < len(out):
-            got = self.readinto(view[filled:])
-            if not got:
-                break
-            filled += got
-        return bytes(out[:filled])
+        # Grow piece by piece: a header may declare gigabytes that are not there.
+        pieces = []
+        while self._left > 0:
+            piece = bytearray(min(self._left, _PIECE_BYTES))
+            got = self.readinto(piece)
+            pieces.append(piece[:got] if got < len(piece) else piece)
+        return b"".join(pieces)
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:

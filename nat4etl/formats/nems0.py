@@ -67,6 +67,7 @@ _DATA_KIND: dict[SignalType, DataKind] = {
 }
 _UNNAMED = re.compile(r"^(|Unnamed: \d+)$")
 _MAX_DTYPE_BYTES = 1024  # an __ndarray__ dtype bigger than this is not numpy-encoder output
+_MAX_SIDECAR_BYTES = 256 << 20  # JSON / epoch members are kB to a few MB
 
 
 # --- what the reader returns ---------------------------------------------------------------
@@ -319,6 +320,9 @@ class _Builder:
             self.skipped.append(Skipped(member.name, member.size_bytes, role))
             return
         self.dirs.add(str(PurePosixPath(member.name).parent))
+        if role.role != "data" and member.size_bytes > _MAX_SIDECAR_BYTES:
+            msg = f"{member.size_bytes} bytes is too big for a {role.role} member"
+            raise FormatError(msg, path=member.path, member=member.qualname)
         if role.role == "meta":
             self._once(self.meta_member, member, "recording meta")
             self.meta_member = member

@@ -43,6 +43,7 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 _BLOCK_BYTES = 1 << 20  # cache-sized unit of vectorised work
 _PAD_BYTES = 64  # zeros after the data so 8-byte loads past a field never leave the buffer
 _FIELD_WIDTH = 25  # len('1.000000000000000000e+00,')
+_MAX_LINE_BYTES = 64 << 20  # ~2.7 M channels; a longer "line" is not this format
 
 _COMMA, _NEWLINE, _MINUS, _PLUS, _DOT, _E = (ord(c) for c in ",\n-+.e")
 
@@ -157,11 +158,12 @@ def iter_raster_blocks(
         raise FormatError(f"n_chans must be >= 1, got {n_chans}", path=path, member=member)
     state = _State(n_chans=n_chans, path=path, member=member)
     depth = 2
-    chunks = _prefetch(_read_chunks(stream, chunk_bytes, n_buffers=depth + 3), depth=depth)
+    reader = _read_chunks(stream, chunk_bytes, n_buffers=depth + 3, state=state)
+    chunks = _prefetch(reader, depth=depth)
     if threads <= 1:
         for buf, n_bytes in chunks:
             for lo, hi in _block_ranges(buf, n_bytes):
-                yield _run_block(buf, lo, hi, state, _parse_block(buf, lo, hi, state))
+                yield _take(state, _parse_block(buf, lo, hi, state))
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nems0csv") as pool:
         for buf, n_bytes in chunks:
@@ -169,10 +171,10 @@ def iter_raster_blocks(
             if state.n_chans is None and ranges:
                 # the first block fixes the column count the others check against
                 lo, hi = ranges.pop(0)
-                yield _run_block(buf, lo, hi, state, _parse_block(buf, lo, hi, state))
+                yield _take(state, _parse_block(buf, lo, hi, state))
             futures = [pool.submit(_parse_block, buf, lo, hi, state) for lo, hi in ranges]
-            for (lo, hi), fut in zip(ranges, futures, strict=True):
-                yield _run_block(buf, lo, hi, state, fut.result())
+            for fut in futures:
+                yield _take(state, fut.result())
 
 
 # --- chunking ------------------------------------------------------------------------------
@@ -210,7 +212,7 @@ def _read_exact(stream: BinaryIO, view: memoryview) -> int:
 
 
 def _read_chunks(
-    stream: BinaryIO, chunk_bytes: int, n_buffers: int
+    stream: BinaryIO, chunk_bytes: int, n_buffers: int, state: _State
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Yield (buffer, n_bytes): whole lines, zero padded; a partial last line carries over.
 
@@ -220,6 +222,7 @@ def _read_chunks(
     chunk_bytes = max(chunk_bytes, 1 << 16)
     pool: list[np.ndarray | None] = [None] * n_buffers
     carry = b""
+    offset = 0  # bytes of the stream before buf[0]
     for turn in itertools.count():
         need = len(carry) + chunk_bytes + _PAD_BYTES
         buf = pool[turn % n_buffers]
@@ -236,9 +239,13 @@ def _read_chunks(
             return
         cut = _rfind_newline(buf, n)
         if cut < 0:  # no line end yet: a very long line, keep reading
+            if n > _MAX_LINE_BYTES:
+                msg = f"no line end within {_MAX_LINE_BYTES} bytes after byte {offset}"
+                raise state.error(msg)
             carry = buf[:n].tobytes()
             continue
         carry = buf[cut + 1 : n].tobytes()
+        offset += cut + 1
         buf[cut + 1 : cut + 1 + _PAD_BYTES] = 0
         yield buf, cut + 1
 
@@ -334,7 +341,8 @@ class _Parsed:
         self.bad_msg = bad_msg
 
 
-def _run_block(buf: np.ndarray, lo: int, hi: int, state: _State, parsed: _Parsed) -> np.ndarray:
+def _take(state: _State, parsed: _Parsed) -> np.ndarray:
+    """Consume a parsed block in file order: raise its error or advance the line count."""
     if parsed.bad_msg is not None:
         raise state.error(parsed.bad_msg, state.line + parsed.bad_line)
     state.line += parsed.n_lines
@@ -434,11 +442,7 @@ def _parse_general(buf: np.ndarray, lo: int, hi: int, n_chans: int) -> _Parsed:
     _decode_special(buf, starts, ends, values, ok)
     if not ok.all():
         _fallback(buf, starts, ends, ~ok, values)
-    try:
-        values = values.reshape(-1, n_chans)
-    except ValueError:  # only if blank handling left a partial row, which cannot happen
-        return _Parsed(bad_line=0, bad_msg=f"expected {n_chans} columns")
-    return _Parsed(values, n_lines=len(line_ends))
+    return _Parsed(values.reshape(-1, n_chans), n_lines=len(line_ends))
 
 
 class _Scratch(threading.local):

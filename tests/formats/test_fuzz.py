@@ -29,7 +29,7 @@ from nems0_build import (
 from nat4etl.errors import FormatError
 from nat4etl.formats import archive, nems0, nems0_csv, nems0_h5, pred_correlation, wav
 
-N = int(os.environ.get("FUZZ_EXAMPLES", "60"))
+N = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
     max_examples=N,
     deadline=None,

@@ -182,3 +182,9 @@ def test_bad_n_chans_argument():
 
 def test_block_size_is_cache_sized():
     assert nems0_csv._BLOCK_BYTES <= 4 << 20
+
+
+def test_a_line_without_end_is_bounded(monkeypatch):
+    monkeypatch.setattr(nems0_csv, "_MAX_LINE_BYTES", 1 << 18)
+    with pytest.raises(FormatError, match="no line end within 262144 bytes"):
+        read_raster(io.BytesIO(b"1," * (1 << 18)), chunk_bytes=1 << 16)
