@@ -403,7 +403,7 @@ class _Builder:
         if _DATA_KIND[header.signal_type] != kind:
             msg = f"signal_type {header.signal_type} needs a .{_DATA_KIND[header.signal_type]} data member"
             raise FormatError(msg, **where)
-        if check_default_data:
+        if check_default_data or _is_raster(data):
             data = _check_default_data(header, data, where)
         epochs = group.epochs
         return Signal(
@@ -447,8 +447,15 @@ def _load_default(threads: int) -> DataHandler:
     return load
 
 
+def _is_raster(data: Any) -> bool:
+    """A handler result we can check against the JSON chans: a C x T array."""
+    return isinstance(data, np.ndarray) and data.ndim == 2
+
+
 def _check_default_data(header: SignalHeader, data: Any, where: dict) -> Any:
     if header.signal_type == "rasterized":
+        if not _is_raster(data):
+            return data
         n_chans = data.shape[0]
         if header.chans is not None and len(header.chans) != n_chans and data.shape[1]:
             msg = f"{n_chans} columns per row, but the JSON chans lists {len(header.chans)}"

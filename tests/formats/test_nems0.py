@@ -320,6 +320,21 @@ def test_width_mismatch_with_json_chans_names_the_csv_member():
     )
 
 
+def test_width_checked_against_chans_for_a_handler_returning_an_array():
+    members = [
+        ("R/R.resp.csv", raster_csv(np.zeros((2, 5)))),
+        ("R/R.resp.json", signal_json("resp", chans=["a", "b", "c"])),
+    ]
+
+    def handler(member, stream):
+        return np.concatenate(list(iter_raster_blocks(stream))).T
+
+    with pytest.raises(
+        FormatError, match="R/R.resp.csv: 2 columns per row, but the JSON chans lists 3"
+    ):
+        read_recording(tar_bytes(members), on_data=handler)
+
+
 def test_ragged_csv_row_reports_line():
     csv_text = raster_csv(np.zeros((2, 5))) + b"1.0\n"
     members = [("R/R.resp.csv", csv_text), ("R/R.resp.json", signal_json("resp"))]
