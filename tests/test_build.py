@@ -202,6 +202,7 @@ def test_rerun_with_nothing_changed_does_nothing_at_all(built):
     manifest = (out / "manifest.json").read_bytes()
     result = run(out, mirror)
     assert result.up_to_date and CALLS == []
+    assert result.files_hashed == 0, "no-op reads no file, only stats"
     assert out.stat().st_ino == inode, "no new generation published"
     assert (out / "manifest.json").read_bytes() == manifest
     assert not [p for p in out.parent.iterdir() if ".staging-" in p.name]

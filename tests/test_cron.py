@@ -269,7 +269,7 @@ def test_real_noop_rebuild_publishes_nothing(real):
     seconds = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     last = json.loads(r.stderr.splitlines()[-1])
-    assert last["up_to_date"] and last["ran"] == []
+    assert last["up_to_date"] and last["ran"] == [] and last["files_hashed"] == 0
     assert reference.stat().st_ino == inode
     assert seconds < 3, f"no-op build took {seconds:.2f} s"
 

@@ -317,6 +317,7 @@ class BuildResult:
     skipped: list[str] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     seconds: float = 0.0
+    files_hashed: int = 0  # files read to check them (0 on a no-op with intact states)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -325,6 +326,7 @@ class BuildResult:
             "ran": self.ran,
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
+            "files_hashed": self.files_hashed,
         }
 
 
@@ -384,12 +386,14 @@ def build(
         if not any(d.run for d in plan) and not stale_manifest:
             result = BuildResult(out, True, [], [d.stage for d in plan], plan)
             result.seconds = time.monotonic() - t0
+            result.files_hashed = len(ctx.cache.hashed)
             progress.log(f"{out}: up to date ({result.seconds:.2f} s)", **result.as_dict())
             return result
         for problem in stale_manifest:
             progress.log(f"manifest: {problem}; rewriting it")
         result = _run_staged(out, chosen, ctx, forced, progress, started=_now_iso())
     result.seconds = time.monotonic() - t0
+    result.files_hashed = len(ctx.cache.hashed)
     progress.log(
         f"{out}: published ({', '.join(result.ran) or 'manifest only'}; {result.seconds:.1f} s)",
         **result.as_dict(),
