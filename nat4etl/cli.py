@@ -27,13 +27,23 @@ def _progress(json_mode: bool, quiet: bool):
 
 
 def _fail(err: Exception, code: int, json_mode: bool) -> None:
+    """The last line on stderr, where the log lines go (in --json mode one more object)."""
     if json_mode:
-        import json
-
-        click.echo(json.dumps({"level": "error", "error": type(err).__name__, "msg": str(err)}))
+        click.echo(
+            _json_line("error", str(err), error=type(err).__name__, exit_code=code), err=True
+        )
     else:
         click.echo(f"error: {err}", err=True)
     sys.exit(code)
+
+
+def _json_line(level: str, msg: str, **fields) -> str:
+    """A log line in the shape of nat4etl.progress's JSON lines."""
+    import json
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    return json.dumps({"time": now, "event": "log", "level": level, "msg": msg, **fields})
 
 
 def handle_errors(fn):
@@ -419,15 +429,13 @@ def _render_status(report: dict) -> str:
 @handle_errors
 def verify_cmd(out, json_mode, quiet):
     """Re-hash every table and raw file against the manifest; exit 6 naming each difference."""
-    import json
-
     from nat4etl.errors import VerificationError
     from nat4etl.stages.build import verify
 
     problems = verify(out)
-    for problem in problems:
+    for problem in problems:  # on stderr with the other log lines; the exit code is the verdict
         if json_mode:
-            click.echo(json.dumps({"level": "error", "event": "difference", "msg": problem}))
+            click.echo(_json_line("error", problem, difference=True), err=True)
         else:
             click.echo(f"difference: {problem}", err=True)
     if problems:
@@ -435,10 +443,11 @@ def verify_cmd(out, json_mode, quiet):
             f"{len(problems)} difference(s) in {out}; Hint: `nat4etl build --out {out}` "
             "rebuilds what changed"
         )
+    msg = f"{out}: every table and raw file matches the manifest"
     if json_mode:
-        click.echo(json.dumps({"level": "info", "event": "verified", "out": str(out)}))
+        click.echo(_json_line("info", msg, verified=True), err=True)
     elif not quiet:
-        click.echo(f"{out}: every table and raw file matches the manifest")
+        click.echo(msg, err=True)
 
 
 @cli.command("sample")

@@ -195,6 +195,10 @@ def test_cli_json_quiet_verify_and_repair(tmp_path, cli_on_fakes):
     result = cli_on_fakes("verify", "--out", out)
     assert result.exit_code == EXIT_CODES["verification"] == 6
     assert "trials/area=PEG/part-0.parquet" in result.stderr
+    result = cli_on_fakes("verify", "--out", out, "--json")
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert lines[0]["difference"] and "trials/area=PEG" in lines[0]["msg"]
+    assert lines[-1]["exit_code"] == 6 and result.stdout == ""
 
     assert cli_on_fakes("build", *args).exit_code == 0
     assert cli_on_fakes("verify", "--out", out).exit_code == 0
@@ -208,8 +212,10 @@ def test_cli_lock_held_exit_code(tmp_path, cli_on_fakes):
     wait_for_lock(out)
     result = cli_on_fakes("build", "--out", out, "--source", mirror, "--no-wav", "--json")
     assert result.exit_code == 5
-    err = json.loads(result.output.strip().splitlines()[-1])
+    assert result.stdout == ""
+    err = json.loads(result.stderr.strip().splitlines()[-1])
     assert err["error"] == "StoreLocked" and f"pid {first.pid}" in err["msg"]
+    assert err["exit_code"] == 5 and err["level"] == "error"
     gate.touch()
     assert finish(first)[0] == 0
 
