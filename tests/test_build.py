@@ -388,3 +388,13 @@ def test_declared_reads_multi_line_annotated_and_commented_literals(tmp_path, mo
     }
     (tmp_path / "fake_dynamic.py").write_text("BASE = ('a',)\nWRITES = BASE + ('b',)\n")
     assert declared("fake_dynamic", ("WRITES",)) is None  # not a literal: caller imports
+
+
+def test_a_copied_store_is_read_once_then_free_again(built, tmp_path):
+    out, mirror = built
+    copy = shutil.copytree(out, tmp_path / "copy", copy_function=shutil.copyfile)  # new mtimes
+    first = run(copy, mirror)
+    assert CALLS == [] and first.files_hashed > 0 and not first.up_to_date
+    again = run(copy, mirror)
+    assert again.up_to_date and again.files_hashed == 0
+    assert table_bytes(copy) == table_bytes(out) and verify(copy) == []

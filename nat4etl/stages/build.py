@@ -8,6 +8,8 @@ copy of the store and walks the stages again, deciding each one against the stag
 just before it would run: a stage whose upstream reran but produced identical files is still
 skipped (early cut-off). Every stage that ran gets a record in ``_stages/``; then
 ``manifest.json`` is written and the copy is published (:func:`nat4etl.store.staging`).
+A store whose files were copied (new mtimes, same bytes) is read once and its records
+refreshed, so the next no-op build reads nothing again.
 
 ``status`` and ``verify`` live here too: the same decisions, reported instead of acted on,
 and a full re-hash of the store against its manifest.
@@ -25,7 +27,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -383,7 +385,8 @@ def build(
         ctx = Context(settings, out, [s.name for s in chosen])
         plan = [decide(out, s, ctx, forced=forced.get(s.name)) for s in chosen]
         stale_manifest = [] if not ctx.records else manifest_problems(out, ctx)
-        if not any(d.run for d in plan) and not stale_manifest:
+        moved = stale_states(ctx)
+        if not any(d.run for d in plan) and not stale_manifest and not moved:
             result = BuildResult(out, True, [], [d.stage for d in plan], plan)
             result.seconds = time.monotonic() - t0
             result.files_hashed = len(ctx.cache.hashed)
@@ -391,6 +394,11 @@ def build(
             return result
         for problem in stale_manifest:
             progress.log(f"manifest: {problem}; rewriting it")
+        if moved:
+            progress.log(
+                f"{len(moved)} files have new mtimes but the same content (copied or touched); "
+                "recording their new state so the next build need not read them"
+            )
         result = _run_staged(out, chosen, ctx, forced, progress, started=_now_iso())
     result.seconds = time.monotonic() - t0
     result.files_hashed = len(ctx.cache.hashed)
@@ -430,8 +438,9 @@ def _run_staged(
     result = BuildResult(out, False)
 
     def manifest(store: Store) -> dict:
+        _refresh_states(store, ctx, skip=result.ran)
         written = [rel for name in result.ran for rel in ctx.records[name]["outputs"]]
-        settle(store.root, written)
+        settle(store.root, written + stale_states(ctx))
         return _write_build_manifest(store, ctx, result, started)
 
     with staging(out, manifest=manifest) as store:
@@ -487,6 +496,33 @@ def _run_one(store: Store, stage: Stage, fp: Fingerprint, ctx: Context, progress
         action="done",
         seconds=round(seconds, 3),
     )
+
+
+def stale_states(ctx: Context) -> list[str]:
+    """Recorded outputs that had to be re-read because their stat changed, though their
+    content did not (a ``cp -r``, a ``touch``): worth recording anew, once."""
+    outputs = {rel for r in ctx.records.values() for rel in (r.get("outputs") or {})}
+    return sorted(
+        rel
+        for rel in set(ctx.cache.hashed) & outputs
+        if any(
+            (r.get("outputs") or {}).get(rel, {}).get("digest") == ctx.cache.states[rel].digest
+            for r in ctx.records.values()
+        )
+    )
+
+
+def _refresh_states(store: Store, ctx: Context, *, skip: Sequence[str]) -> None:
+    """Rewrite the records of stages that did not run whose outputs' stats changed."""
+    moved = set(stale_states(ctx))
+    for name, record in list(ctx.records.items()):
+        outputs = record.get("outputs") or {}
+        if name in skip or not moved & set(outputs):
+            continue
+        fresh = {rel: asdict(ctx.cache.state(store.root, rel)) for rel in outputs}
+        record = {**record, "outputs": fresh}
+        store.write_json(store.stage_record_path(name), record)
+        ctx.records[name] = record
 
 
 def _fetch_json_md5s(root: Path) -> dict[str, str]:
