@@ -315,11 +315,15 @@ def read_population(path: Path, rows: RawRows, progress) -> pa.Table:
         pop_signal_table(name, sig.data, sig.header.chans)
         for name, sig in sorted(rec.signals.items())
     ]
+    n_values = sum(sig.data.size for sig in rec.signals.values())
     del rec
     if not parts:
         return _empty(schema.POP_SIGNALS)
-    # Already in key order and one chunk: the store's sort then has the least to move.
-    return pa.concat_tables(parts).combine_chunks()
+    table = pa.concat_tables(parts)
+    if n_values <= _MAX_LIST_VALUES:
+        # Already in key order and one chunk: the store's sort then has the least to move.
+        table = table.combine_chunks()
+    return table
 
 
 def _check_population(rec: nems0.Recording, path: Path) -> None:
@@ -382,6 +386,10 @@ def read_sites(path: Path, rows: RawRows, sites: SiteData, progress) -> None:
             site = site_id(rec, m.name)
             add_recording(rows, rec, kind="site", site=site, file=path.name, member=m.name)
             _add_spikes(sites, rec, site)
+            for sig in rec.signals.values():
+                if sig.signal_type != "point_process":
+                    msg = f"{m.name}: {sig.signal_type} signal {sig.name!r}: only metadata and epochs stored"
+                    progress.log(msg, level="warning")
             progress.advance(task, 1)
     finally:
         progress.done(task)
