@@ -188,3 +188,12 @@ def test_a_line_without_end_is_bounded(monkeypatch):
     monkeypatch.setattr(nems0_csv, "_MAX_LINE_BYTES", 1 << 18)
     with pytest.raises(FormatError, match="no line end within 262144 bytes"):
         read_raster(io.BytesIO(b"1," * (1 << 18)), chunk_bytes=1 << 16)
+
+
+def test_many_small_chunks_reuse_buffers_safely():
+    rng = np.random.default_rng(5)
+    data = rng.poisson(0.5, size=(849, 400)).astype(float)
+    data[::7, ::11] = np.nan
+    text = raster_csv(data)
+    got = read_raster(io.BytesIO(text), chunk_bytes=1 << 16, threads=2)
+    assert same_bits(got, data.astype(np.float32))
