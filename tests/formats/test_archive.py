@@ -349,3 +349,13 @@ def test_missing_file_is_an_archive_error(tmp_path):
 def test_isal_is_used_when_installed():
     pytest.importorskip("isal")
     assert archive._gzip.__name__ == "isal.igzip"
+
+
+def test_works_with_the_standard_gzip_module(monkeypatch):
+    import gzip
+
+    monkeypatch.setattr(archive, "_gzip", gzip)
+    data = tar_bytes(MEMBERS)
+    assert contents(data) == dict(MEMBERS)
+    with pytest.raises(ArchiveError):
+        contents(data[: len(data) // 2])
