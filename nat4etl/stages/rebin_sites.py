@@ -145,6 +145,40 @@ def pop_starts(stims: pa.Table, pop_fs_hz: float) -> np.ndarray:
     return binning.epoch_samples(stims.column("pop_start_s").to_numpy(), pop_fs_hz)
 
 
+def population_keep(
+    resp: np.ndarray, stims: pa.Table, plan: BinPlan, *, skip_pairs: np.ndarray | None = None
+) -> np.ndarray:
+    """(stims, cells) mask of the population pairs that become rows.
+
+    A pair whose whole epoch is NaN (unit not recorded for the sound) is left out, as are
+    ``skip_pairs`` (``stim * n_cells + cell``).
+    """
+    stim_ids = stims.column("stim").to_numpy()
+    keep = np.zeros((len(stim_ids), resp.shape[0]), dtype=bool)
+    for i, start in enumerate(pop_starts(stims, plan.pop_fs_hz)):
+        keep[i] = ~np.all(np.isnan(binning.cut_frames(resp, int(start), plan.pop_frames)), axis=1)
+    if skip_pairs is not None and len(skip_pairs):
+        pairs = stim_ids.astype(np.int64)[:, None] * resp.shape[0] + np.arange(resp.shape[0])
+        keep &= ~np.isin(pairs, skip_pairs)
+    return keep
+
+
+def population_keys(stims: pa.Table, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(stim, cell) of the rows ``keep`` selects, stim-major: the order of the blocks."""
+    stim_ids = stims.column("stim").to_numpy()
+    return np.repeat(stim_ids, keep.sum(axis=1)), np.nonzero(keep)[1]
+
+
+def population_blocks(resp: np.ndarray, stims: pa.Table, plan: BinPlan, keep: np.ndarray):
+    """Per stim, the kept cells' epochs with frames summed to the bin width, in key order."""
+    k = plan.frames_per_bin
+    if k is None:
+        raise ConfigError(plan.spectrogram_unavailable or "bin width is not whole frames")
+    for i, start in enumerate(pop_starts(stims, plan.pop_fs_hz)):
+        block = binning.cut_frames(resp, int(start), plan.pop_frames)[keep[i]]
+        yield binning.sum_frames(block, k)
+
+
 def population_responses(
     resp: np.ndarray,
     stims: pa.Table,
@@ -158,25 +192,13 @@ def population_responses(
     ``resp`` is (cells, samples) in cell id order. Frames are summed to the bin width.
     ``skip_pairs`` (``stim * n_cells + cell``) are left out too.
     """
-    k = plan.frames_per_bin
-    if k is None:
-        raise ConfigError(plan.spectrogram_unavailable or "bin width is not whole frames")
-    stim_ids = stims.column("stim").to_numpy()
-    starts = pop_starts(stims, plan.pop_fs_hz)
-    keep = np.zeros((len(stim_ids), resp.shape[0]), dtype=bool)
-    for i, start in enumerate(starts):
-        keep[i] = ~np.all(np.isnan(binning.cut_frames(resp, int(start), plan.pop_frames)), axis=1)
-    if skip_pairs is not None and len(skip_pairs):
-        pairs = stim_ids.astype(np.int64)[:, None] * resp.shape[0] + np.arange(resp.shape[0])
-        keep &= ~np.isin(pairs, skip_pairs)
-    counts = np.empty((int(keep.sum()), plan.n_bins), dtype=np.float32)
+    keep = population_keep(resp, stims, plan, skip_pairs=skip_pairs)
+    stim_col, cell_col = population_keys(stims, keep)
+    counts = np.empty((len(stim_col), plan.n_bins), dtype=np.float32)
     row = 0
-    for i, start in enumerate(starts):
-        block = binning.cut_frames(resp, int(start), plan.pop_frames)[keep[i]]
-        counts[row : row + len(block)] = binning.sum_frames(block, k)
+    for block in population_blocks(resp, stims, plan, keep):
+        counts[row : row + len(block)] = block
         row += len(block)
-    stim_col = np.repeat(stim_ids, keep.sum(axis=1))
-    cell_col = np.nonzero(keep)[1]
     return responses_table(stim_col, cell_col, np.zeros(len(cell_col)), source, counts)
 
 
@@ -228,35 +250,59 @@ class Site:
     cells: pa.Table  # cell, site_unit_id (matched cells of this site)
 
 
+class SiteJob:
+    """One site's rows for some stims: keys known up front, counts binned on demand.
+
+    Rows are unit-major, then the site's presentations in table order; ``keys`` and
+    ``counts`` agree on that order.
+    """
+
+    def __init__(self, site: Site, stim_ids: np.ndarray, *, dt_ms: float, n_bins: int):
+        self.site, self.dt_ms, self.n_bins = site, dt_ms, n_bins
+        self.group = binning.samples_per_bin(dt_ms, site.fs_hz)
+        trials = site.trials.filter(
+            pc.is_in(site.trials.column("stim"), pa.array(stim_ids, pa.int32()))
+        )
+        start_s = trials.column("start_s").to_numpy()
+        end_s = trials.column("end_s").to_numpy()
+        usable = np.isfinite(start_s) & np.isfinite(end_s) & (start_s >= 0)  # NEMS0: >= 0
+        self.trials = trials.filter(pa.array(usable))
+        units = pa.array(site.spikes.column("unit_id").to_pylist(), pa.string())
+        self.cells = site.cells.filter(pc.is_in(site.cells.column("site_unit_id"), units))
+
+    @property
+    def n_rows(self) -> int:
+        return self.cells.num_rows * self.trials.num_rows
+
+    def keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(stim, cell, trial) per row."""
+        n_cells, n_windows = self.cells.num_rows, self.trials.num_rows
+        return (
+            np.tile(self.trials.column("stim").to_numpy(), n_cells),
+            np.repeat(self.cells.column("cell").to_numpy(), n_windows),
+            np.tile(self.trials.column("trial").to_numpy(), n_cells),
+        )
+
+    def counts(self) -> np.ndarray:
+        """float32 (rows, n_bins), by the NEMS0 route."""
+        by_unit = _spike_samples_by_unit(self.site.spikes, self.site.fs_hz)
+        samples = [by_unit[u] for u in self.cells.column("site_unit_id").to_pylist()]
+        counts = binning.count_windows(
+            samples,
+            binning.epoch_samples(self.trials.column("start_s").to_numpy(), self.site.fs_hz),
+            binning.epoch_samples(self.trials.column("end_s").to_numpy(), self.site.fs_hz),
+            n_bins=self.n_bins,
+            group=self.group,
+        )
+        return counts.reshape(self.n_rows, self.n_bins)
+
+    def table(self) -> pa.Table:
+        return responses_table(*self.keys(), SOURCE_SITE, self.counts())
+
+
 def site_responses(site: Site, stim_ids: np.ndarray, *, dt_ms: float, n_bins: int) -> pa.Table:
     """Rows (stim, cell, trial) binned from one site's spike times, for ``stim_ids`` only."""
-    group = binning.samples_per_bin(dt_ms, site.fs_hz)
-    trials = site.trials.filter(
-        pc.is_in(site.trials.column("stim"), pa.array(stim_ids, pa.int32()))
-    )
-    start_s = trials.column("start_s").to_numpy()
-    end_s = trials.column("end_s").to_numpy()
-    usable = np.isfinite(start_s) & np.isfinite(end_s) & (start_s >= 0)  # NEMS0 excludes <0
-    trials = trials.filter(pa.array(usable))
-    by_unit = _spike_samples_by_unit(site.spikes, site.fs_hz)
-    cells = site.cells.filter(pc.is_in(site.cells.column("site_unit_id"), pa.array(list(by_unit))))
-    cell_ids = cells.column("cell").to_numpy()
-    samples = [by_unit[u] for u in cells.column("site_unit_id").to_pylist()]
-    counts = binning.count_windows(
-        samples,
-        binning.epoch_samples(trials.column("start_s").to_numpy(), site.fs_hz),
-        binning.epoch_samples(trials.column("end_s").to_numpy(), site.fs_hz),
-        n_bins=n_bins,
-        group=group,
-    )
-    n_windows = trials.num_rows
-    return responses_table(
-        np.tile(trials.column("stim").to_numpy(), len(cell_ids)),
-        np.repeat(cell_ids, n_windows),
-        np.tile(trials.column("trial").to_numpy(), len(cell_ids)),
-        SOURCE_SITE,
-        counts.reshape(len(cell_ids) * n_windows, n_bins),
-    )
+    return SiteJob(site, stim_ids, dt_ms=dt_ms, n_bins=n_bins).table()
 
 
 def _spike_samples_by_unit(spikes: pa.Table, fs_hz: float) -> dict[str, np.ndarray]:
@@ -280,7 +326,7 @@ def split_sites(
             Site(
                 site=name,
                 fs_hz=site_fs_hz[name],
-                spikes=_where(site_spikes, "site", name).select(["unit_id", "spike_times_s"]),
+                spikes=_rows_of(site_spikes, "site", name).select(["unit_id", "spike_times_s"]),
                 trials=_where(trials, "site", name).select(["stim", "trial", "start_s", "end_s"]),
                 cells=matched.filter(
                     pc.or_kleene(
@@ -290,6 +336,15 @@ def split_sites(
             )
         )
     return sites
+
+
+def _rows_of(table: pa.Table, column: str, value) -> pa.Table:
+    """Rows with ``column == value``: a zero-copy slice when they are contiguous (the store
+    writes tables sorted by key), else a filtered copy."""
+    rows = np.flatnonzero(pc.equal(table.column(column), value).to_numpy(zero_copy_only=False))
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return table.slice(int(rows[0]), len(rows))
+    return table.take(pa.array(rows))
 
 
 def qc_val(site: Site, val_rows: pa.Table, means: pa.Table, val_ids: np.ndarray) -> list[dict]:
@@ -401,11 +456,6 @@ def _where(table: pa.Table, column: str, value) -> pa.Table:
     return table.filter(pc.equal(table.column(column), value))
 
 
-def _concat(tables: list[pa.Table], like: pa.Table) -> pa.Table:
-    tables = [t for t in tables if t.num_rows] or [like]
-    return pa.concat_tables(tables)
-
-
 # ============================================================================ one area
 @dataclass
 class AreaInputs:
@@ -429,6 +479,60 @@ class AreaOutputs:
     counts: dict
 
 
+class _SortedRows:
+    """Rows from several sources written straight into one array in key order.
+
+    Every source declares its keys first; the array is then allocated once and each
+    source's counts land at their final place, so the table reaches the store already
+    sorted (no copy there) and no source's rows are held twice.
+    """
+
+    SOURCES = (SOURCE_POPULATION, SOURCE_SITE)
+
+    def __init__(self, n_bins: int):
+        self.n_bins = n_bins
+        self._keys: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
+        self._dest: list[np.ndarray] = []
+
+    def declare(self, stim, cell, trial, source: str) -> int:
+        """Register a block of rows; returns its handle for :meth:`fill`."""
+        self._keys.append((stim, cell, trial, self.SOURCES.index(source)))
+        return len(self._keys) - 1
+
+    def allocate(self) -> None:
+        sizes = [len(k[0]) for k in self._keys]
+        cat = [np.concatenate([k[i] for k in self._keys]) for i in range(3)] if sizes else []
+        stim, cell, trial = (
+            [c.astype(np.int64) for c in cat] if sizes else [np.empty(0, np.int64)] * 3
+        )
+        source = np.repeat([k[3] for k in self._keys], sizes).astype(np.int64)
+        order = np.lexsort((trial, cell, stim))
+        dest = np.empty_like(order)
+        dest[order] = np.arange(len(order))
+        bounds = np.r_[0, np.cumsum(sizes)]
+        self._dest = [dest[bounds[i] : bounds[i + 1]] for i in range(len(sizes))]
+        self.stim, self.cell, self.trial = stim[order], cell[order], trial[order]
+        self.source = source[order]
+        self.counts = np.empty((len(order), self.n_bins), dtype=np.float32)
+
+    def fill(self, handle: int, start: int, rows: np.ndarray) -> None:
+        """Rows ``start:start+len(rows)`` of block ``handle``."""
+        self.counts[self._dest[handle][start : start + len(rows)]] = rows
+
+    def table(self) -> pa.Table:
+        names = pa.array(list(self.SOURCES), pa.string())
+        return _vectors_table(
+            {
+                "stim": self.stim.astype(np.int32),
+                "cell": self.cell.astype(np.int32),
+                "trial": self.trial.astype(np.int32),
+                "source": names.take(pa.array(self.source)),
+            },
+            "counts",
+            self.counts,
+        )
+
+
 def rebin_area(
     inputs: AreaInputs, *, dt_ms: float, progress=None, release_population: bool = False
 ) -> AreaOutputs:
@@ -448,41 +552,66 @@ def rebin_area(
     val_stims, other_stims = stims.filter(is_val), stims.filter(pc.invert(is_val))
     val_ids = val_stims.column("stim").to_numpy()
     site_ids = val_ids
-    parts = []
-    if plan.est_from_population:
-        parts.append(population_responses(inputs.pop_resp, other_stims, plan))
-    else:
+    if not plan.est_from_population:
         site_ids = np.concatenate([other_stims.column("stim").to_numpy(), val_ids])
+    sites = split_sites(inputs.site_spikes, inputs.trials, inputs.cells, inputs.site_fs_hz)
+    jobs = [SiteJob(site, site_ids, dt_ms=dt_ms, n_bins=plan.n_bins) for site in sites]
 
+    # 1. every row's key
+    rows = _SortedRows(plan.n_bins)
+    pop_keep = None
+    if plan.est_from_population:
+        pop_keep = population_keep(inputs.pop_resp, other_stims, plan)
+    elif plan.frames_per_bin is not None:  # units without site data keep est rows
+        n_cells = inputs.pop_resp.shape[0]
+        covered = [j.keys() for j in jobs]
+        covered = np.concatenate([s.astype(np.int64) * n_cells + c for s, c, _ in covered] or [[]])
+        pop_keep = population_keep(
+            inputs.pop_resp, other_stims, plan, skip_pairs=covered.astype(np.int64)
+        )
+    pop_handle = None
+    if pop_keep is not None:
+        stim_col, cell_col = population_keys(other_stims, pop_keep)
+        pop_handle = rows.declare(stim_col, cell_col, np.zeros_like(cell_col), SOURCE_POPULATION)
+    site_handles = [rows.declare(*j.keys(), SOURCE_SITE) for j in jobs]
+    rows.allocate()
+
+    # 2. population rows, val averages and spectrograms; then the population can go
+    n_pop_rows = 0
+    if pop_handle is not None:
+        for block in population_blocks(inputs.pop_resp, other_stims, plan, pop_keep):
+            rows.fill(pop_handle, n_pop_rows, block)
+            n_pop_rows += len(block)
     means, means_dt_ms = val_means(inputs.pop_resp, val_stims, plan)
     frame_plan = _at_frames(plan, 1)
     qc_means = val_means(inputs.pop_resp, val_stims, frame_plan)[0]
     specs = spectrograms(inputs.pop_stim, stims, plan)
     n_bands = int(inputs.pop_stim.shape[0])
-    fallback_needed = not plan.est_from_population and plan.frames_per_bin is not None
-    if release_population and not fallback_needed:
+    if release_population:
         inputs.pop_resp = inputs.pop_stim = None
-    sites = split_sites(inputs.site_spikes, inputs.trials, inputs.cells, inputs.site_fs_hz)
+
+    # 3. site rows, with the QC of each site's val trials at the population frame width
     qc_rows = []
-    for site in sites:
-        rows = site_responses(site, site_ids, dt_ms=dt_ms, n_bins=plan.n_bins)
-        parts.append(rows)
+    for job, handle in zip(jobs, site_handles, strict=True):
+        counts = job.counts()
+        rows.fill(handle, 0, counts)
         if dt_ms == frame_plan.dt_ms:
-            val_rows = rows.filter(pc.is_in(rows.column("stim"), pa.array(val_ids, pa.int32())))
+            keys = job.keys()
+            is_val_row = np.isin(keys[0], val_ids)
+            stim_col, cell_col, trial_col = (k[is_val_row] for k in keys)
+            val_rows = responses_table(
+                stim_col, cell_col, trial_col, SOURCE_SITE, counts[is_val_row]
+            )
         else:
             val_rows = site_responses(
-                site, val_ids, dt_ms=frame_plan.dt_ms, n_bins=frame_plan.n_bins
+                job.site, val_ids, dt_ms=frame_plan.dt_ms, n_bins=frame_plan.n_bins
             )
-        qc_rows += qc_val(site, val_rows, qc_means, val_ids)
+        del counts
+        qc_rows += qc_val(job.site, val_rows, qc_means, val_ids)
         if progress is not None:
             progress.advance("rebin-sites", 1)
-    n_fallback = 0
-    if fallback_needed:
-        fallback = _population_fallback(inputs.pop_resp, other_stims, plan, parts)
-        n_fallback = fallback.num_rows
-        parts.append(fallback)
-    empty = responses_table([], [], [], SOURCE_SITE, np.empty((0, plan.n_bins), np.float32))
-    responses = _concat(parts, empty)
+    responses = rows.table()
+
     common = {"dt_ms": plan.dt_ms, "n_bins": plan.n_bins, "window_s": plan.window_s}
     metadata = {
         "responses": {
@@ -511,30 +640,11 @@ def rebin_area(
         "sites": len(sites),
         "val_means": means.num_rows,
         "spectrograms": specs.num_rows,
-        "est_rows_from_population": n_fallback,
+        "est_rows_from_population": 0 if plan.est_from_population else n_pop_rows,
         "qc_max_abs_diff": max(diffs, default=None),
     }
     qc = pa.Table.from_pylist(qc_rows, schema=schema.QC_VAL.schema)
     return AreaOutputs(responses, means, qc, specs, metadata, counts)
-
-
-def _population_fallback(
-    resp: np.ndarray, est_stims: pa.Table, plan: BinPlan, site_parts: list[pa.Table]
-) -> pa.Table:
-    """Population est rows, summed to dt_ms, for (stim, unit) pairs no site file covers.
-
-    At a whole number of population frames the two routes give the same counts (the
-    population est trial is the site's presentation binned at 10 ms from the same first
-    sample), so a unit with no site data (``match`` none) keeps its est responses instead of
-    turning NaN; ``source`` says which route each row took.
-    """
-    n_cells = resp.shape[0]
-    covered = [
-        part.column("stim").to_numpy().astype(np.int64) * n_cells + part.column("cell").to_numpy()
-        for part in site_parts
-    ]
-    covered = np.unique(np.concatenate(covered)) if covered else np.empty(0, np.int64)
-    return population_responses(resp, est_stims, plan, skip_pairs=covered)
 
 
 # ============================================================================ stage
@@ -547,17 +657,7 @@ def read_population_signals(
     transient Parquet buffers (levels, pages) for A1; batches of a few channels keep the
     peak near the arrays themselves.
     """
-    import pyarrow.parquet as pq
-
-    from nat4etl.store import check_file_metadata
-
-    path = store.table_file("pop_signals", area)
-    if not path.is_file():
-        raise MissingTableError(
-            f"no pop_signals for {area} in {store.published_at}; run `nat4etl unpack` first"
-        )
-    pf = pq.ParquetFile(path, memory_map=True)
-    check_file_metadata("pop_signals", pf.schema_arrow, path)
+    pf = _parquet_file(store, "pop_signals", area)
     keys = pf.read(columns=["signal", "channel"])
     names = np.asarray(keys.column("signal").to_pylist(), dtype=object)
     channels = keys.column("channel").to_numpy()
@@ -586,7 +686,34 @@ def read_population_signals(
     missing = [s for s in signals if s not in out]
     if missing:
         raise InputMismatch(f"population recording of {area} lacks signals {missing}")
+    pa.default_memory_pool().release_unused()  # decode buffers back to the OS
     return out
+
+
+def read_in_batches(store, name: str, area: str, *, batch_rows: int = 64) -> pa.Table:
+    """A table read a few rows at a time (list columns decode with ~3x transient memory)."""
+    pf = _parquet_file(store, name, area)
+    batches = list(pf.iter_batches(batch_size=batch_rows, use_threads=False))
+    table = pa.Table.from_batches(batches, schema=pf.schema_arrow.remove_metadata())
+    pa.default_memory_pool().release_unused()
+    return table
+
+
+def _parquet_file(store, name: str, area: str):
+    """A table's Parquet file, schema version checked (the path comes from the store)."""
+    import pyarrow.parquet as pq
+
+    from nat4etl.store import check_file_metadata
+
+    path = store.table_file(name, area)
+    if not path.is_file():
+        raise MissingTableError(
+            f"table {name!r} for {area} not found in {store.published_at}; run the stage "
+            f"that writes it (`nat4etl build --out {store.published_at}`)"
+        )
+    pf = pq.ParquetFile(path, memory_map=True)
+    check_file_metadata(name, pf.schema_arrow, path)
+    return pf
 
 
 def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
@@ -610,7 +737,7 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
         raise InputMismatch(f"area {area}: population resp and stim differ in fs ({pop_fs})")
     site_fs_hz = {}
     if sites:
-        site_spikes = store.read_table("site_spikes", area=area)
+        site_spikes = read_in_batches(store, "site_spikes", area)
         site_spikes = site_spikes.filter(pc.equal(site_spikes.column("signal"), RESP))
         for site, rec in zip(
             site_spikes.column("site").to_pylist(),
