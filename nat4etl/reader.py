@@ -20,6 +20,7 @@ Sounds are in stim id order (est, then val, then other), units in cell id order
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,7 @@ class Nat4Store:
             constants = self._constants(area, preset, "responses", self._n_cells(area))
         return _dense_responses(
             self._parquet("responses", area),
+            self._require("responses", area),
             stim_ids,
             cell_ids,
             n_bins,
@@ -437,14 +439,51 @@ def _column_rows(column, width: int) -> np.ndarray:
     return np.concatenate([_fixed_size_values(c, width) for c in column.chunks])
 
 
-def _accumulate(sums: np.ndarray, counts: np.ndarray, slot: np.ndarray, rows: np.ndarray) -> None:
-    """Add each row's finite values into ``sums[slot]`` and count them in ``counts[slot]``."""
-    order = np.argsort(slot, kind="stable")
-    slot, rows = slot[order], rows[order]
+def _group_sums(slot: np.ndarray, rows: np.ndarray):
+    """((slots, sums), counts): per distinct slot, the sum and count of finite values.
+
+    The table is sorted by (stim, cell, trial), so a row group's slots usually come in
+    runs already; only a caller-chosen stim/cell order needs the sort.
+    """
+    if np.any(slot[1:] < slot[:-1]):
+        order = np.argsort(slot, kind="stable")
+        slot, rows = slot[order], rows[order]
     first = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
+    if not np.isnan(rows).any():  # the common case: no NaN, counts are run lengths
+        sizes = np.diff(np.r_[first, len(slot)]).astype(np.float32)
+        return (slot[first], np.add.reduceat(rows, first, axis=0)), sizes[:, None]
     finite = np.isfinite(rows)
-    sums[slot[first]] += np.add.reduceat(np.where(finite, rows, 0), first, axis=0)
-    counts[slot[first]] += np.add.reduceat(finite, first, axis=0, dtype=np.float32)
+    sums = np.add.reduceat(np.where(finite, rows, 0), first, axis=0)
+    return (slot[first], sums), np.add.reduceat(finite, first, axis=0, dtype=np.float32)
+
+
+def _read_group(path: Path, metadata, g: int, column: str):
+    """One column of one row group, through a ParquetFile of this thread's own.
+
+    A ParquetFile must not be read from two threads at once (it crashes), so each call
+    opens the file again, reusing the already parsed footer.
+    """
+    import pyarrow.parquet as pq
+
+    own = pq.ParquetFile(path, metadata=metadata, memory_map=True)
+    try:
+        return own.read_row_group(g, columns=[column], use_threads=False).column(column)
+    finally:
+        own.close()
+
+
+def _run_threaded(fn, args: list[tuple]) -> None:
+    """``fn(*a)`` for each ``a`` on a few threads (Parquet decoding releases the GIL)."""
+    workers = min(len(args), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        for a in args:
+            fn(*a)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(fn, *a) for a in args]:
+            future.result()
 
 
 def _resolve(
@@ -515,6 +554,7 @@ def _position_lookup(ids: np.ndarray, size: int) -> np.ndarray:
 
 def _dense_responses(
     pf,
+    path: Path,
     stim_ids: np.ndarray,
     cell_ids: np.ndarray,
     n_bins: int,
@@ -550,28 +590,36 @@ def _dense_responses(
         cell_lo, cell_hi = lo[cell_ids].astype(np.float32), hi[cell_ids].astype(np.float32)
     if trials == "all":
         out = np.full((n_s * n_n * n_r, n_bins), np.nan, dtype=np.float32)
+        counts = None
     else:
         out = np.zeros((n_s * n_n, n_bins), dtype=np.float32)
         counts = np.zeros((n_s * n_n, n_bins), dtype=np.float32)
-    start = 0
-    for g in sel.row_groups:
-        rows = _column_rows(pf.read_row_group(g, columns=["counts"]).column("counts"), n_bins)
-        slot = sel.slot[start : start + len(rows)]
-        trial = sel.trial[start : start + len(rows)]
-        start += len(rows)
+    lock = threading.Lock()
+
+    def one_group(g: int, start: int) -> None:
+        """Decode one row group and put its selected rows in place (runs in a thread)."""
+        n_rows = pf.metadata.row_group(g).num_rows
+        slot = sel.slot[start : start + n_rows]
         keep = slot >= 0
         if not keep.any():
-            continue
-        all_kept = bool(keep.all())
-        slot, trial = (slot, trial) if all_kept else (slot[keep], trial[keep])
-        rows = rows if all_kept else rows[keep]
+            return
+        rows = _column_rows(_read_group(path, pf.metadata, g, "counts"), n_bins)
+        trial = sel.trial[start : start + n_rows]
+        if not keep.all():
+            slot, trial, rows = slot[keep], trial[keep], rows[keep]
         if constants is not None:
             unit = slot % n_n
             rows = _scale(rows, offset, cell_lo[unit, None], cell_hi[unit, None], in_place=False)
-        if trials == "all":
-            out[slot * n_r + trial] = rows
+        if counts is None:
+            out[slot * n_r + trial] = rows  # distinct slots per group: no lock needed
         else:
-            _accumulate(out, counts, slot, rows)
+            sums, n = _group_sums(slot, rows)
+            with lock:  # a (stim, cell) may straddle two row groups
+                out[sums[0]] += sums[1]
+                counts[sums[0]] += n
+
+    starts = np.r_[0, np.cumsum([pf.metadata.row_group(g).num_rows for g in sel.row_groups])]
+    _run_threaded(one_group, list(zip(sel.row_groups, starts[:-1].tolist(), strict=True)))
     if trials == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
             np.divide(out, counts, out=out)  # 0/0 -> NaN: no repetition recorded
