@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from nat4etl.errors import MissingTableError, Nat4EtlError, SchemaError, StoreError
+from nat4etl.errors import (
+    ConfigError,
+    MissingTableError,
+    Nat4EtlError,
+    SchemaError,
+    StoreError,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -158,7 +164,7 @@ class Nat4Store:
         """
         md = self.metadata("spectrograms", area)
         if md.get("unavailable"):
-            raise SchemaError(f"no spectrograms in {self.path} for {area}: {md['unavailable']}")
+            raise ConfigError(f"no spectrograms in {self.path} for {area}: {md['unavailable']}")
         ids = self._stim_ids(area, subset)
         n_bands, n_bins = int(md["n_bands"]), int(md["n_bins"])
         values = self._vectors("spectrograms", area, "values", ids)

@@ -520,3 +520,33 @@ def test_many_row_groups_read_on_threads_give_the_same_arrays(tmp_path):
             np.testing.assert_array_equal(s.responses("A1", trials=t, norm="nems"), arr)
         got = s.responses("A1", stims=[4, 0, 3], cells=[2, 0], trials="mean")
         np.testing.assert_array_equal(got, picked)
+
+
+@pytest.mark.parametrize("dt_ms", [20, 5])
+def test_other_bin_widths_follow_the_reference_route(mini_quirks_sample, tmp_path, dt_ms):
+    """dt 20: everything re-binned; dt 5: responses only, spectrograms a clear error."""
+    from nat4etl.errors import ConfigError
+
+    audio_fs_hz = 44_100 if dt_ms == 20 else 48_000  # 5 ms at 44.1 kHz is not whole samples
+    out = build_store(
+        mini_quirks_sample.dir, tmp_path / "nat4", dt_ms=float(dt_ms), audio_fs_hz=audio_fs_hz
+    )
+    ref = Reference(mini_quirks_sample.dir, "A1", group=dt_ms)
+    n_est, n_bins = ref.subsets.count("est"), 1500 // dt_ms
+    with nat4etl.open(out) as reader:
+        val = reader.responses("A1", subset="val")
+        np.testing.assert_array_equal(val, ref.val_trials.astype(np.float32))
+        est = reader.responses("A1", subset="est")
+        assert est.shape == (n_est, len(ref.cell_ids), 1, n_bins)
+        if dt_ms == 20:
+            pop = ref.resp[:n_est].reshape(n_est, len(ref.cell_ids), n_bins, 2).sum(axis=-1)
+            np.testing.assert_array_equal(est[:, :, 0], pop.astype(np.float32))
+            spec = ref.spec.reshape(*ref.spec.shape[:2], n_bins, 2).mean(axis=-1)
+            np.testing.assert_allclose(reader.spectrograms("A1"), spec, rtol=1e-6)
+            assert reader.waveforms("A1").shape == (len(ref.names), n_bins * 882)
+        else:
+            with pytest.raises(ConfigError, match="not a whole number of the population"):
+                reader.spectrograms("A1")
+            assert reader.waveforms("A1").shape == (len(ref.names), n_bins * 240)
+        norm = reader.responses("A1", subset="est", norm="nems")
+        assert np.nanmax(norm) == pytest.approx(1.0) and np.nanmin(norm) == 0.0
