@@ -13,7 +13,6 @@ fails the stage, listing every missing name at once.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from nat4etl import nat4
-from nat4etl.errors import ConfigError, FormatError, InputMismatch, MissingMember
+from nat4etl.errors import ConfigError, InputMismatch, MissingMember
 from nat4etl.stages import rebin_sites as rs
 
 READS = ("raw", "stims")
@@ -102,15 +101,12 @@ def match_wavs(stims: pa.Table, members: list[str]) -> WavMatch:
 
 
 # ============================================================================ audio
-def decode_wav(data: bytes, *, name: str = "") -> tuple[np.ndarray, int]:
+def decode_wav(data: bytes, *, name: str = "", path: Path | None = None) -> tuple[np.ndarray, int]:
     """Wav bytes -> float32 (frames, channels) in [-1, 1] and the sample rate in Hz."""
-    import soundfile
+    from nat4etl.formats.wav import read_wav
 
-    try:
-        samples, fs_hz = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError) as err:
-        raise FormatError(f"not a readable wav: {err}", member=name) from err
-    return samples, int(fs_hz)
+    wav = read_wav(data, path=path, member=name, always_2d=True)
+    return wav.samples, int(wav.sample_rate_hz)
 
 
 def place(samples: np.ndarray, fs_hz: int, *, prestim_s: float, grid: AudioGrid) -> np.ndarray:
@@ -168,7 +164,7 @@ def read_wavs(path: Path, wanted: set[str], progress) -> dict[str, tuple[np.ndar
     try:
         for member in iter_members(path):
             if member.name in wanted:
-                out[member.name] = decode_wav(member.read(), name=member.name)
+                out[member.name] = decode_wav(member.read(), name=member.name, path=path)
                 progress.advance("align-wav", 1)
     finally:
         progress.done("align-wav")
