@@ -678,9 +678,8 @@ def read_population_signals(
                 target = out.get(name)
                 if target is None:
                     n_chans = int(np.sum(names == name))
-                    target = out[name] = np.empty(
-                        (n_chans, lengths[i]), np.float32
-                    )  # every row is written below
+                    # no NaN prefill: every row of the signal is written below
+                    target = out[name] = np.empty((n_chans, lengths[i]), np.float32)
                 if lengths[i] != target.shape[1]:
                     raise InputMismatch(f"population {name!r} channels differ in length")
                 target[rank[row + i]] = flat[starts[i] : starts[i + 1]]
