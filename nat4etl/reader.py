@@ -72,7 +72,7 @@ def open_store(path: str | os.PathLike) -> Nat4Store:
     """Open a built store for reading (see :func:`nat4etl.open`)."""
     from nat4etl.store import open_snapshot
 
-    return Nat4Store(open_snapshot(path))
+    return Nat4Store(open_snapshot(Path(path).expanduser()))
 
 
 class Nat4Store:

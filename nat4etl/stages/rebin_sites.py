@@ -117,29 +117,6 @@ def plan_bins(stims: pa.Table, *, dt_ms: float, pop_fs_hz: float) -> BinPlan:
 
 
 # ============================================================================ population
-def channel_matrix(pop_signals: pa.Table, signal: str) -> np.ndarray:
-    """One population signal as a (channels, samples) float32 array, channel order.
-
-    A view of the table's buffer when the signal's rows are contiguous and in channel order
-    (as the store writes them): the A1 ``resp`` is 300 MB, copying it would double that.
-    """
-    rows = np.flatnonzero(pc.equal(pop_signals.column("signal"), signal).to_numpy(False))
-    if len(rows) == 0:
-        raise InputMismatch(f"population recording has no {signal!r} signal; rerun unpack")
-    channels = pop_signals.column("channel").to_numpy()[rows]
-    if np.all(np.diff(rows) == 1) and np.all(np.diff(channels) > 0):
-        values = pop_signals.column("values").slice(int(rows[0]), len(rows))
-    else:
-        order = rows[np.argsort(channels, kind="stable")]
-        values = pop_signals.column("values").take(pa.array(order))
-    values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
-    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-    if np.any(lengths != lengths[0]):
-        raise InputMismatch(f"population {signal!r} channels differ in length")
-    flat = values.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(len(rows), int(lengths[0]))
-
-
 def pop_starts(stims: pa.Table, pop_fs_hz: float) -> np.ndarray:
     """First population frame of each stim (round half to even, as NEMS0)."""
     return binning.epoch_samples(stims.column("pop_start_s").to_numpy(), pop_fs_hz)
@@ -327,7 +304,7 @@ def split_sites(
                 site=name,
                 fs_hz=site_fs_hz[name],
                 spikes=_rows_of(site_spikes, "site", name).select(["unit_id", "spike_times_s"]),
-                trials=_where(trials, "site", name).select(["stim", "trial", "start_s", "end_s"]),
+                trials=_rows_of(trials, "site", name).select(["stim", "trial", "start_s", "end_s"]),
                 cells=matched.filter(
                     pc.or_kleene(
                         pc.equal(matched.column("site"), name), pc.is_null(matched.column("site"))
@@ -450,10 +427,6 @@ def _vector_index(table: pa.Table, name: str) -> dict[tuple[int, int], np.ndarra
     values = _vectors(table, name)
     keys = zip(table.column("stim").to_pylist(), table.column("cell").to_pylist(), strict=True)
     return {k: values[i] for i, k in enumerate(keys)}
-
-
-def _where(table: pa.Table, column: str, value) -> pa.Table:
-    return table.filter(pc.equal(table.column(column), value))
 
 
 # ============================================================================ one area
