@@ -210,7 +210,7 @@ def read_recording(
     on_data: DataHandler | None = None,
     load_data: bool = True,
     limits: archive.Limits | None = None,
-    threads: int = 2,
+    threads: int = 1,
 ) -> Recording:
     """Read a NEMS0 recording archive (gzip or plain tar) in one pass.
 
@@ -232,7 +232,7 @@ def read_recording(
     limits
         Archive size/ratio bounds.
     threads
-        CSV parser threads for the default loader.
+        CSV parser threads for the default loader (see `nems0_csv.read_raster`).
 
     Raises
     ------
