@@ -18,6 +18,8 @@ import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+#: bump when a table's schema changes incompatibly (readers refuse other versions)
+SCHEMA_VERSION = 1
 __all__ = ["Nat4Store", "__version__", "open"]
 
 if TYPE_CHECKING:

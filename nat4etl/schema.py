@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from nat4etl import SCHEMA_VERSION  # noqa: F401  (re-exported; lives in the light package root)
 from nat4etl.errors import SchemaError
-
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)

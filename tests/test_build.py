@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ import pytest
 from nat4etl.config import load_settings
 from nat4etl.errors import ConfigError, StoreError
 from nat4etl.progress import NullProgress
-from nat4etl.stages.build import build, declared, status, verify
+from nat4etl.stages.build import build, status, verify
 from nat4etl.store import Store
 
 CALLS: list[str] = []
@@ -348,12 +347,14 @@ def test_refuses_to_replace_a_directory_that_is_not_a_store(tmp_path):
     assert (home / "thesis.tex").read_text() == "precious"
 
 
-def test_contracts_are_read_without_importing_the_stage():
-    name = "nat4etl.stages.parse_epochs"
-    sys.modules.pop(name, None)
-    values = declared(name, ("READS", "WRITES", "PARAMS"))
-    assert name not in sys.modules
-    assert values is not None and "stims" in values["WRITES"]
+def test_contracts_cover_every_stage_and_known_tables():
+    from nat4etl import schema
+    from nat4etl.stages import CONTRACTS, STAGES
+
+    assert tuple(CONTRACTS) == STAGES
+    for spec in CONTRACTS.values():
+        for table in (*spec.reads, *spec.writes):
+            assert table == "raw" or table in schema.TABLES, (spec.name, table)
 
 
 def test_verify_reports_missing_and_extra_files(built):
@@ -373,21 +374,6 @@ def test_unreadable_manifest_is_reported_and_rewritten(built):
     assert verify(out)[0].startswith("manifest.json: not valid JSON")
     assert not run(out, mirror).up_to_date and CALLS == []
     assert verify(out) == []
-
-
-def test_declared_reads_multi_line_annotated_and_commented_literals(tmp_path, monkeypatch):
-    (tmp_path / "fake_contract.py").write_text(
-        'READS: tuple[str, ...] = ()\nWRITES = (\n    "a",  # the a table\n    "b",\n)\n'
-        'PARAMS = ("dt_ms",)  # why\n'
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert declared("fake_contract", ("READS", "WRITES", "PARAMS")) == {
-        "READS": (),
-        "WRITES": ("a", "b"),
-        "PARAMS": ("dt_ms",),
-    }
-    (tmp_path / "fake_dynamic.py").write_text("BASE = ('a',)\nWRITES = BASE + ('b',)\n")
-    assert declared("fake_dynamic", ("WRITES",)) is None  # not a literal: caller imports
 
 
 def test_a_copied_store_is_read_once_then_free_again(built, tmp_path):

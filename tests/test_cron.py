@@ -221,19 +221,6 @@ def test_cli_lock_held_exit_code(tmp_path, cli_on_fakes):
 
 
 # ----------------------------------------------------------------------- real stages, mini sample
-def _real_stages_ready() -> bool:
-    import importlib.util
-
-    from nat4etl.stages import STAGES
-
-    for name in STAGES:
-        spec = importlib.util.find_spec(f"nat4etl.stages.{name.replace('-', '_')}")
-        if spec is None or "\ndef run(" not in Path(spec.origin).read_text():
-            return False
-    return True
-
-
-needs_real = pytest.mark.skipif(not _real_stages_ready(), reason="a stage has not landed yet")
 
 
 #: one area keeps these tests fast; the other area takes the same code paths
@@ -266,7 +253,6 @@ def real(tmp_path_factory, mini_sample, mini_quirks_sample):
     return previous, reference, mini_sample.dir
 
 
-@needs_real
 def test_real_noop_rebuild_publishes_nothing(real):
     _, reference, mirror = real
     inode = reference.stat().st_ino
@@ -280,7 +266,6 @@ def test_real_noop_rebuild_publishes_nothing(real):
     assert seconds < 3, f"no-op build took {seconds:.2f} s"
 
 
-@needs_real
 @pytest.mark.parametrize("point", ["write:epochs", "write:responses", "publish"])
 def test_real_sigkill_at_each_point(real, tmp_path, point):
     import shutil
@@ -298,7 +283,6 @@ def test_real_sigkill_at_each_point(real, tmp_path, point):
     assert leftovers(out) == []
 
 
-@needs_real
 def test_real_two_builds_at_once(real, tmp_path):
     _, reference, mirror = real
     out = tmp_path / "nat4"
@@ -319,7 +303,6 @@ def test_real_two_builds_at_once(real, tmp_path):
     assert verify(out) == [] and table_bytes(out) == table_bytes(reference)
 
 
-@needs_real
 def test_real_corrupt_table_verify_names_it_and_build_repairs_it(real, tmp_path):
     import shutil
 
@@ -339,7 +322,6 @@ def test_real_corrupt_table_verify_names_it_and_build_repairs_it(real, tmp_path)
     assert table_bytes(out) == table_bytes(reference)
 
 
-@needs_real
 def test_real_two_builds_give_identical_tables(real, tmp_path):
     _, reference, mirror = real
     r = nat4("build", "--source", mirror, "--out", tmp_path / "again", "--quiet")

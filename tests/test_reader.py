@@ -365,29 +365,36 @@ class Reference:
 
 
 def build_store(mirror: Path, out: Path, **overrides) -> Path:
-    """`build --source mirror` into ``out`` (skips while an upstream stage is missing)."""
+    """`build --source mirror` into ``out``."""
     import dataclasses
 
     from nat4etl.config import load_settings
-    from nat4etl.errors import NotImplementedYet
     from nat4etl.progress import NullProgress
     from nat4etl.stages.build import build
 
     settings = dataclasses.replace(load_settings(), source_dir=mirror, wav=True, **overrides)
-    try:
-        build(out, settings, NullProgress())
-    except NotImplementedYet as err:
-        pytest.skip(str(err))
+    build(out, settings, NullProgress())
     return out
+
+
+def _built(mirror, tmp_path_factory):
+    out = build_store(mirror.dir, tmp_path_factory.mktemp("built") / "nat4")
+    refs = {area: Reference(mirror.dir, area) for area in ("A1", "PEG")}
+    return nat4etl.open(out), mirror, refs
 
 
 @pytest.fixture(scope="module", params=["mini_sample", "mini_quirks_sample"])
 def built(request, tmp_path_factory):
     """(reader, mirror, {area: Reference}) for a store built from each mini mirror."""
-    mirror = request.getfixturevalue(request.param)
-    out = build_store(mirror.dir, tmp_path_factory.mktemp("built") / "nat4")
-    refs = {area: Reference(mirror.dir, area) for area in ("A1", "PEG")}
-    with nat4etl.open(out) as reader:
+    reader, mirror, refs = _built(request.getfixturevalue(request.param), tmp_path_factory)
+    with reader:
+        yield reader, mirror, refs
+
+
+@pytest.fixture(scope="module")
+def built_quirks(mini_quirks_sample, tmp_path_factory):
+    reader, mirror, refs = _built(mini_quirks_sample, tmp_path_factory)
+    with reader:
         yield reader, mirror, refs
 
 
@@ -459,12 +466,11 @@ def test_reader_matches_the_sample_files(built, area):
     check_waveforms(reader, ref, area)
 
 
-def test_quirks_are_visible_in_the_arrays(built):
+def test_quirks_are_visible_in_the_arrays(built_quirks):
     """TNC units present via canonical matching; a 19-repetition site has a NaN 20th trial."""
-    reader, mirror, refs = built
+    reader, mirror, refs = built_quirks
     quirks = mirror.info.quirks_applied
-    if not mirror.info.quirks:
-        pytest.skip("clean sample")
+    assert mirror.info.quirks
     cells = reader.cells("A1")
     tnc = cells.filter(pl.col("site") == "TNC015a")
     assert set(tnc["match"].to_list()) == {"canonical"}

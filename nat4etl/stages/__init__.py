@@ -1,14 +1,12 @@
 """NAT4 interpretation, one module per CLI stage.
 
-Each stage module defines::
+Each stage module defines ``run(store, settings, progress) -> dict`` (a summary) and keeps
+its real work in pure functions from tables/files to tables; ``run`` only loads and saves
+through :class:`nat4etl.store.Store`.
 
-    READS: tuple[str, ...]    # "raw" and/or table names it reads
-    WRITES: tuple[str, ...]   # table names it writes
-    PARAMS: tuple[str, ...]   # Settings fields its output depends on (fingerprints)
-    def run(store: Store, settings: Settings, progress: Progress) -> dict   # summary
-
-and keeps its real work in pure functions from tables/files to tables; ``run`` only loads
-and saves through :class:`nat4etl.store.Store`.
+What each stage reads, writes and depends on is declared here, in :data:`CONTRACTS`, not
+in the stage modules: `build` decides what is up to date from these alone, so a no-op build
+never imports numpy, h5py or pyarrow.
 """
 
 from __future__ import annotations
@@ -17,9 +15,74 @@ import importlib
 from types import ModuleType
 
 from nat4etl.errors import NotImplementedYet
+from nat4etl.fingerprint import StageSpec
 
 #: CLI names, in build order
 STAGES = ("fetch", "unpack", "parse-epochs", "rebin-sites", "align-wav", "normalize")
+
+#: reads: "raw" and/or tables; writes: tables ("raw" for fetch); params: Settings fields the
+#: output depends on (part of the stage's fingerprint)
+CONTRACTS: dict[str, StageSpec] = {
+    s.name: s
+    for s in (
+        StageSpec(
+            "fetch", reads=(), writes=("raw",), params=("record_id", "zenodo_url", "areas", "wav")
+        ),
+        StageSpec(
+            "unpack",
+            reads=("raw",),
+            writes=(
+                "recordings",
+                "signals",
+                "pop_signals",
+                "site_spikes",
+                "epochs",
+                "pred_correlation",
+                "source_members",
+            ),
+            params=("areas", "source_dir"),
+        ),
+        StageSpec(
+            "parse-epochs",
+            reads=(
+                "recordings",
+                "signals",
+                "epochs",
+                "site_spikes",
+                "pred_correlation",
+                "source_members",
+            ),
+            writes=("stims", "cells", "trials", "report"),
+            params=("areas",),
+        ),
+        StageSpec(
+            "rebin-sites",
+            reads=(
+                "recordings",
+                "signals",
+                "stims",
+                "cells",
+                "trials",
+                "site_spikes",
+                "pop_signals",
+            ),
+            writes=("responses", "val_means", "qc_val", "spectrograms"),
+            params=("areas", "dt_ms"),
+        ),
+        StageSpec(
+            "align-wav",
+            reads=("raw", "stims"),
+            writes=("waveforms",),
+            params=("areas", "dt_ms", "audio_fs_hz"),
+        ),
+        StageSpec(
+            "normalize",
+            reads=("recordings", "signals", "stims", "pop_signals", "responses", "spectrograms"),
+            writes=("norm_constants",),
+            params=("areas", "dt_ms", "norm"),
+        ),
+    )
+}
 
 
 def stage_module(name: str) -> ModuleType:

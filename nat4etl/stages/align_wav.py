@@ -23,10 +23,6 @@ from nat4etl import nat4
 from nat4etl.errors import ConfigError, InputMismatch, MissingMember
 from nat4etl.stages import rebin_sites as rs
 
-READS = ("raw", "stims")
-WRITES = ("waveforms",)
-PARAMS = ("areas", "dt_ms", "audio_fs_hz")
-
 
 # ============================================================================ grid
 @dataclass(frozen=True)

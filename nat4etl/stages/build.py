@@ -17,20 +17,18 @@ and a full re-hash of the store against its manifest.
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib
 import importlib.util
 import os
 import platform
-import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from nat4etl import SCHEMA_VERSION
 from nat4etl.config import Settings
 from nat4etl.errors import ConfigError, NotImplementedYet
 from nat4etl.fingerprint import (
@@ -49,7 +47,7 @@ from nat4etl.fingerprint import (
     table_files,
     why_stale,
 )
-from nat4etl.stages import STAGES
+from nat4etl.stages import CONTRACTS, STAGES
 from nat4etl.store import (
     MANIFEST,
     RAW,
@@ -92,19 +90,22 @@ def stages_for(settings: Settings) -> tuple[str, ...]:
 
 
 def default_stages(names: Sequence[str], *, tolerant: bool = False) -> list[Stage]:
-    """The real stages, their contracts read without importing them (see :func:`declared`).
+    """The real stages: contracts from :data:`nat4etl.stages.CONTRACTS`, modules imported
+    only when a stage runs.
 
     ``tolerant``: a stage that is not implemented is returned with ``missing`` set instead
     of raising (for ``status``).
     """
     out = []
     for name in names:
-        try:
-            out.append(Stage(_spec_of(name), _runner(name)))
-        except NotImplementedYet as err:
+        missing = None
+        if importlib.util.find_spec(_module_name(name)) is None:
             if not tolerant:
-                raise
-            out.append(Stage(StageSpec(name), _runner(name), missing=str(err)))
+                raise NotImplementedYet(
+                    f"stage `{name}` is not implemented yet; nothing was written"
+                )
+            missing = f"stage `{name}` is not implemented yet"
+        out.append(Stage(CONTRACTS[name], _runner(name), missing=missing))
     return out
 
 
@@ -115,20 +116,6 @@ def stages_from_modules(modules: Mapping[str, Any]) -> list[Stage]:
 
 def _module_name(stage: str) -> str:
     return f"nat4etl.stages.{stage.replace('-', '_')}"
-
-
-def _spec_of(name: str) -> StageSpec:
-    values = declared(_module_name(name), ("READS", "WRITES", "PARAMS"))
-    if values is None:
-        from nat4etl.stages import stage_module
-
-        return _spec_from(name, stage_module(name))
-    return StageSpec(
-        name,
-        tuple(values.get("READS", ())),
-        tuple(values.get("WRITES", ())),
-        tuple(values.get("PARAMS", ())),
-    )
 
 
 def _spec_from(name: str, module: Any) -> StageSpec:
@@ -147,63 +134,6 @@ def _runner(name: str) -> Callable[[], Callable[..., Any]]:
         return stage_module(name).run
 
     return load
-
-
-def declared(module: str, names: Sequence[str]) -> dict[str, Any] | None:
-    """Module-level literal constants, read from the source without running it.
-
-    A no-op build must not import the stages (numpy, h5py, pyarrow: about 0.5 s) just to
-    learn their READS/WRITES/PARAMS, nor parse whole modules (0.1 s): each ``NAME = ...``
-    statement at column 0 is evaluated alone as a literal. Returns None when the module is
-    already imported (use it), is not plain source, or a constant is missing or not a
-    literal: then the caller imports. Raises :class:`NotImplementedYet` when a stage module
-    does not exist.
-    """
-    if module in sys.modules:
-        return None
-    spec = importlib.util.find_spec(module)
-    if spec is None:
-        stage = module.rsplit(".", 1)[1].replace("_", "-")
-        raise NotImplementedYet(f"stage `{stage}` is not implemented yet; nothing was written")
-    if not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    lines = Path(spec.origin).read_text().splitlines()
-    found: dict[str, Any] = {}
-    for i, line in enumerate(lines):
-        m = _CONSTANT.match(line)
-        if m and m["name"] in names:
-            value = _literal_from(m["rest"], lines[i + 1 : i + 200])
-            if value is _NOT_LITERAL:
-                return None
-            found[m["name"]] = value
-    return found if set(found) == set(names) else None
-
-
-_CONSTANT = re.compile(r"^(?P<name>[A-Z_][A-Z0-9_]*)\s*(?::[^=]*)?=\s*(?P<rest>.*)$")
-_NOT_LITERAL = object()
-
-
-def _literal_from(first: str, following: Sequence[str]) -> Any:
-    """The literal that starts with ``first`` and may continue over ``following`` lines."""
-    text = first
-    for line in [None, *following]:
-        if line is not None:
-            text += "\n" + line
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-    return _NOT_LITERAL
-
-
-def schema_version() -> int:
-    """nat4etl.schema.SCHEMA_VERSION without importing pyarrow (see :func:`declared`)."""
-    values = declared("nat4etl.schema", ("SCHEMA_VERSION",))
-    if values is None or "SCHEMA_VERSION" not in values:
-        from nat4etl.schema import SCHEMA_VERSION
-
-        return SCHEMA_VERSION
-    return int(values["SCHEMA_VERSION"])
 
 
 def forced_reasons(
@@ -236,7 +166,7 @@ class Context:
         self.settings = settings
         self.after_fetch = replace(settings, source_dir=None) if FETCH in stages else settings
         self.cache = DigestCache()
-        self.schema_version = schema_version()
+        self.schema_version = SCHEMA_VERSION
         self.records = read_records(root)
         for record in self.records.values():
             self.cache.learn(record.get("outputs") or {})

@@ -65,9 +65,6 @@ STALE_PART_AGE_S = 24 * 3600  # older temp files are leftovers of a killed run
 Action = Literal["up-to-date", "copy-from-cache", "copy-from-source", "download"]
 
 # the stage contract (nat4etl.stages): fetch writes the store's raw area, reads no table
-READS: tuple[str, ...] = ()
-WRITES = ("raw",)
-PARAMS = ("record_id", "zenodo_url", "areas", "wav")
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,6 @@ from nat4etl import binning, schema
 from nat4etl.errors import MissingTableError
 from nat4etl.stages import rebin_sites as rs
 
-READS = ("recordings", "signals", "stims", "pop_signals", "responses", "spectrograms")
-WRITES = ("norm_constants",)
-PARAMS = ("areas", "dt_ms", "norm")
-
 Preset = Literal["deepstrf", "nems"]
 PRESETS: tuple[Preset, ...] = ("deepstrf", "nems")
 SPECTROGRAM, RESPONSES = "spectrogram", "responses"

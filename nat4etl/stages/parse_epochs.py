@@ -25,10 +25,7 @@ import pyarrow as pa
 
 from nat4etl import nat4, schema
 from nat4etl.errors import InputMismatch, MissingTableError
-
-READS = ("recordings", "signals", "epochs", "site_spikes", "pred_correlation", "source_members")
-WRITES = ("stims", "cells", "trials", "report")
-PARAMS = ("areas",)
+from nat4etl.stages import CONTRACTS
 
 #: cells columns that a carried-through pred_correlation column must not overwrite
 _PRED_PREFIX = "pred_"
@@ -528,7 +525,7 @@ def run(store, settings, progress) -> dict:
             area=area,
         )
         parsed = parse_area(inputs)
-        for name in WRITES:
+        for name in CONTRACTS["parse-epochs"].writes:
             store.write_table(name, getattr(parsed, name), area=area)
         _log_report(progress, area, parsed)
         summary[area] = {k: v for k, v in parsed.counts.items() if k != "report"}

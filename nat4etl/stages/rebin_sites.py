@@ -31,10 +31,7 @@ import pyarrow.compute as pc
 
 from nat4etl import binning, schema
 from nat4etl.errors import ConfigError, InputMismatch, MissingTableError
-
-READS = ("recordings", "signals", "stims", "cells", "trials", "site_spikes", "pop_signals")
-WRITES = ("responses", "val_means", "qc_val", "spectrograms")
-PARAMS = ("areas", "dt_ms")
+from nat4etl.stages import CONTRACTS
 
 SOURCE_POPULATION = "population"
 SOURCE_SITE = "site"
@@ -749,7 +746,7 @@ def run(store, settings, progress) -> dict:
         finally:
             progress.done("rebin-sites")
         del inputs  # the population matrices: free them before the writer's sorted copy
-        for name in WRITES:
+        for name in CONTRACTS["rebin-sites"].writes:
             store.write_table(name, getattr(out, name), area=area, metadata=out.metadata[name])
         if out.metadata["spectrograms"]["unavailable"]:
             progress.log(

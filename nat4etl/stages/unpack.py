@@ -29,18 +29,6 @@ from nat4etl.errors import FormatError, MissingMember
 from nat4etl.formats import archive, nems0, nems0_csv
 from nat4etl.formats.pred_correlation import read_pred_correlation
 
-READS = ("raw",)
-WRITES = (
-    "recordings",
-    "signals",
-    "pop_signals",
-    "site_spikes",
-    "epochs",
-    "pred_correlation",
-    "source_members",
-)
-PARAMS = ("areas", "source_dir")
-
 _MAX_LIST_VALUES = 2**31 - 1  # list<float32> offsets are int32
 #: the raw pred_correlation table cannot hold ``area``: the store's partition column
 PRED_AREA_COLUMN = "pred_area"

@@ -768,7 +768,8 @@ def test_rich_progress_and_mode_choice(server: FakeZenodo, tmp_path: Path, cache
 
 
 def test_serves_a_sample_mirror(tmp_path: Path, cache: Path) -> None:
-    sample = pytest.importorskip("nat4etl.sample")
+    from nat4etl import sample
+
     mirror = tmp_path / "mirror"
     sample.write_sample(mirror, scale="mini")
     with FakeZenodo.from_dir(mirror, ZENODO_NAMES) as srv:
