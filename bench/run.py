@@ -110,13 +110,19 @@ def build_args(mirror: Path, out: Path, *extra: str) -> list[str]:
 # ------------------------------------------------------------------------------- floor
 
 
-def _inflate_gzip(data: bytes, decompressobj) -> int:
-    """Inflate a (possibly multi-member) gzip stream, return decompressed bytes."""
-    n = 0
-    while data:
+def _inflate_gzip(data: bytes, decompressobj, chunk_bytes: int = 1 << 18) -> int:
+    """Inflate a (possibly multi-member) gzip stream, discarding the output as it comes (no
+    giant buffers: the floor is inflate alone), return decompressed bytes."""
+    n, view = 0, memoryview(data)
+    while len(view):
         d = decompressobj(31)
-        n += len(d.decompress(data, 0)) + len(d.flush())
-        data = d.unused_data
+        pos = 0
+        while pos < len(view) and not d.eof:
+            n += len(d.decompress(view[pos : pos + chunk_bytes]))
+            pos += chunk_bytes
+        n += len(d.flush())
+        # the next gzip member starts in the unused tail of the last chunk
+        view = memoryview(d.unused_data + bytes(view[pos:])) if d.eof else view[len(view) :]
     return n
 
 
@@ -132,7 +138,7 @@ def _inflate_all(mirror: Path, decompressobj) -> int:
                     raw = _raw_member(path, info)
                     if info.compress_type == zipfile.ZIP_DEFLATED:
                         d = decompressobj(-15)
-                        member = d.decompress(raw) + d.flush()
+                        member = d.decompress(raw) + d.flush()  # small: a site tgz or a wav
                     else:
                         member = raw
                     total += len(member)
