@@ -375,6 +375,22 @@ def build_cmd(out, wait_s, area, from_stage, config_file, json_mode, quiet, **fl
     settings = _build_settings(config_file, area, flags)
     with _progress(json_mode, quiet) as progress:
         build(out, settings, progress, wait_s=wait_s, force=_forced(), from_stage=from_stage)
+    _echo_summary(out, json_mode, quiet)
+
+
+def _echo_summary(out: Path, json_mode: bool, quiet: bool) -> None:
+    """The result of a build on stdout: counts and missing pairs, taken from the tables."""
+    if quiet:
+        return
+    from nat4etl import summary
+
+    summaries = summary.summarize(out)
+    if json_mode:
+        import json
+
+        click.echo(json.dumps({"event": "summary", "areas": summary.as_dicts(summaries)}))
+    else:
+        click.echo("\n".join(summary.render(out, summaries)))
 
 
 @cli.command("status")

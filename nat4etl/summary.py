@@ -1,0 +1,99 @@
+"""What a finished build holds, in a few lines: counts and missing pairs, all from the tables.
+
+Used by `nat4etl build` (and so `make run`) to end with something a person can check at a
+glance. Every number is counted from the store; the published dataset sizes are checks,
+never sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AreaSummary:
+    area: str
+    n_cells: int
+    n_auditory: int
+    n_stims_est: int
+    n_stims_val: int
+    n_stims_other: int
+    n_sites: int
+    match_counts: dict[str, int]
+    #: (stim, cell) pairs with no response at all, per subset
+    missing_pairs: dict[str, int]
+    #: cells with no val trial for any val sound
+    cells_without_val: int
+    n_report_rows: int
+
+
+def summarize(out: str | Path) -> list[AreaSummary]:
+    import polars as pl
+
+    from nat4etl.store import open_snapshot
+
+    store = open_snapshot(Path(out))
+    try:
+        result = []
+        for area in store.areas("cells"):
+            cells = pl.from_arrow(store.read_table("cells", area=area))
+            stims = pl.from_arrow(store.read_table("stims", area=area))
+            pairs = pl.from_arrow(
+                store.read_table("responses", area=area, columns=["stim", "cell"])
+            ).unique()
+            report = store.read_table("report", area=area)
+            trials = pl.from_arrow(store.read_table("trials", area=area, columns=["site"]))
+            result.append(_area_summary(area, cells, stims, pairs, report.num_rows, trials))
+        return result
+    finally:
+        store.close()
+
+
+def _area_summary(area, cells, stims, pairs, n_report_rows, trials) -> AreaSummary:
+    import polars as pl
+
+    by_subset = {s: stims.filter(pl.col("subset") == s) for s in ("est", "val", "other")}
+    missing = {}
+    for subset, these in by_subset.items():
+        present = pairs.join(these.select("stim"), on="stim").height
+        missing[subset] = these.height * cells.height - present
+    val_pairs = pairs.join(by_subset["val"].select("stim"), on="stim")
+    cells_with_val = val_pairs["cell"].n_unique()
+    matches = cells.group_by("match").len().sort("match")
+    return AreaSummary(
+        area=area,
+        n_cells=cells.height,
+        n_auditory=int(cells["auditory"].fill_null(False).sum()),
+        n_stims_est=by_subset["est"].height,
+        n_stims_val=by_subset["val"].height,
+        n_stims_other=by_subset["other"].height,
+        n_sites=trials["site"].n_unique(),
+        match_counts=dict(zip(matches["match"], matches["len"], strict=True)),
+        missing_pairs=missing,
+        cells_without_val=cells.height - cells_with_val,
+        n_report_rows=n_report_rows,
+    )
+
+
+def render(out: str | Path, summaries: list[AreaSummary]) -> list[str]:
+    lines = []
+    for s in summaries:
+        matched = ", ".join(f"{n} {kind}" for kind, n in s.match_counts.items())
+        lines.append(
+            f"{s.area}: {s.n_cells} units ({s.n_auditory} auditory; matched to site files: "
+            f"{matched}), {s.n_stims_est} est + {s.n_stims_val} val sounds"
+            + (f" + {s.n_stims_other} other" if s.n_stims_other else "")
+            + f", {s.n_sites} sites"
+        )
+        lines.append(
+            f"{s.area}: missing (sound, unit) pairs: {s.missing_pairs['est']} est, "
+            f"{s.missing_pairs['val']} val; units with no val trial: {s.cells_without_val}; "
+            f"{s.n_report_rows} report rows (see the `report` table)"
+        )
+    lines.append(f"tables: {Path(out)}/<table>/area=<AREA>/part-0.parquet; read with nat4etl.open")
+    return lines
+
+
+def as_dicts(summaries: list[AreaSummary]) -> list[dict]:
+    return [asdict(s) for s in summaries]
