@@ -66,7 +66,9 @@ def handle_errors(fn):
 
 def common_options(fn):
     """Options every store command shares."""
-    fn = click.option("--quiet", is_flag=True, help="Only errors.")(fn)
+    fn = click.option(
+        "--quiet", is_flag=True, help="Only warnings and errors; no progress, no summary."
+    )(fn)
     fn = click.option(
         "--json", "json_mode", is_flag=True, help="One JSON object per log line (for cron/CI)."
     )(fn)
