@@ -9,9 +9,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from nat4etl.errors import ConfigError
+from nat4etl.nat4 import AREAS
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
-AREAS = ("A1", "PEG")
 NORMS = ("deepstrf", "nems")
 
 

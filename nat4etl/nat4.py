@@ -12,6 +12,7 @@ from typing import Literal
 
 Subset = Literal["est", "val", "other"]
 
+AREAS = ("A1", "PEG")
 #: the Zenodo file holding the source sounds, shared by both areas
 WAV_ZIP = "wav.zip"
 STIM_PREFIX = "STIM_"
@@ -41,6 +42,10 @@ class AreaFiles:
     single_sites: str
     pred_correlation: str
 
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return (self.population, self.single_sites, self.pred_correlation)
+
 
 def area_files(area: str) -> AreaFiles:
     """File names as published on Zenodo (``nat4-dataset.md``, "The record")."""
@@ -49,6 +54,13 @@ def area_files(area: str) -> AreaFiles:
         single_sites=f"{area}_single_sites.zip",
         pred_correlation=f"{area}_pred_correlation.csv",
     )
+
+
+#: every file of the Zenodo record, in the record's order
+ZENODO_FILES = (
+    *(name for area in AREAS for name in area_files(area).names),
+    WAV_ZIP,
+)
 
 
 def is_stim(name: str | None) -> bool:

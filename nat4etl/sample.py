@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from nat4etl.errors import ConfigError
+from nat4etl.nat4 import ZENODO_FILES
 
 __all__ = [
     "AREAS",
@@ -1228,15 +1229,7 @@ def _waveform(spec: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return 0.5 * wave / np.abs(wave).max()
 
 
-_RECORD_FILES = (
-    "A1_NAT4_ozgf.fs100.ch18.tgz",
-    "A1_single_sites.zip",
-    "A1_pred_correlation.csv",
-    "PEG_NAT4_ozgf.fs100.ch18.tgz",
-    "PEG_single_sites.zip",
-    "PEG_pred_correlation.csv",
-    "wav.zip",
-)
+_RECORD_FILES = ZENODO_FILES
 
 
 def _write_record_json(out_dir: Path, label: str, seed: int, quirks: bool) -> dict[str, FileInfo]:

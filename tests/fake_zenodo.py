@@ -39,17 +39,11 @@ from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
+from nat4etl.nat4 import ZENODO_FILES
+
 RECORD = "<record>"  # fault key for the record endpoint
 RECORD_ID = 8044773
-ZENODO_NAMES = [
-    "A1_NAT4_ozgf.fs100.ch18.tgz",
-    "A1_single_sites.zip",
-    "A1_pred_correlation.csv",
-    "PEG_NAT4_ozgf.fs100.ch18.tgz",
-    "PEG_single_sites.zip",
-    "PEG_pred_correlation.csv",
-    "wav.zip",
-]
+ZENODO_NAMES = list(ZENODO_FILES)
 Shape = Literal["legacy", "new", "export"]
 FaultKind = Literal[
     "status", "drop", "wrong_bytes", "length_high", "length_low", "slow", "ignore_range"

@@ -46,13 +46,11 @@ from nat4etl import net
 from nat4etl.errors import ChecksumMismatch, ConfigError, FetchError, InputMismatch
 from nat4etl.formats.zenodo import RemoteFile, parse_record_bytes, record_url
 from nat4etl.hashing import CHUNK_BYTES, md5_file, mismatch
+from nat4etl.nat4 import AREAS, WAV_ZIP, area_files
 from nat4etl.progress import NullProgress, Progress
 
-AREA_FILES: dict[str, list[str]] = {
-    "A1": ["A1_NAT4_ozgf.fs100.ch18.tgz", "A1_single_sites.zip", "A1_pred_correlation.csv"],
-    "PEG": ["PEG_NAT4_ozgf.fs100.ch18.tgz", "PEG_single_sites.zip", "PEG_pred_correlation.csv"],
-}
-WAV_FILE = "wav.zip"
+AREA_FILES: dict[str, list[str]] = {area: list(area_files(area).names) for area in AREAS}
+WAV_FILE = WAV_ZIP
 RECORD_JSON = "record.json"
 FETCH_JSON = "fetch.json"
 DEFAULT_RECORD_ID = 8044773
