@@ -8,7 +8,8 @@ knows how they are shown:
 - ``json``: one JSON object per line, for machines;
 - ``quiet``: only warnings and errors, as plain lines.
 
-:func:`make_progress` picks ``rich`` when the stream is a TTY and ``plain`` otherwise.
+:func:`make_progress` picks ``rich`` when both stdout and the stream are TTYs, ``plain``
+otherwise.
 Every implementation is a context manager (the caller owns the lifetime, so several
 stages can share one display) and is safe to call from worker threads.
 """
@@ -290,14 +291,16 @@ def format_amount(n: int | None, unit: str = "B") -> str:
 
 
 def make_progress(mode: Mode = "auto", *, stream: TextIO | None = None) -> Progress:
-    """The progress renderer for ``mode``; ``auto`` is rich on a TTY, plain otherwise.
+    """The progress renderer for ``mode``; ``auto`` is rich when stdout and ``stream`` are
+    TTYs, plain otherwise.
 
     Output goes to ``stream`` (default ``sys.stderr``, keeping stdout for results).
     Use the result as a context manager: ``with make_progress() as progress: ...``.
     """
     stream = stream if stream is not None else sys.stderr
     if mode == "auto":
-        mode = "rich" if _isatty(stream) else "plain"
+        # bars only for a person at a terminal: under cron, CI or `> log` stdout is not one
+        mode = "rich" if _isatty(stream) and _isatty(sys.stdout) else "plain"
     if mode == "rich":
         return RichProgress(stream)
     if mode == "plain":

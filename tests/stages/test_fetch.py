@@ -751,7 +751,7 @@ def test_rich_progress_and_mode_choice(server: FakeZenodo, tmp_path: Path, cache
         def isatty(self) -> bool:
             return True
 
-    assert isinstance(make_progress(stream=Tty()), RichProgress)
+    assert isinstance(make_progress("rich", stream=Tty()), RichProgress)
     assert isinstance(make_progress(stream=io.StringIO()), PlainProgress)
     assert isinstance(make_progress("json", stream=io.StringIO()), JsonProgress)
     quiet = io.StringIO()
@@ -795,3 +795,17 @@ def _remote(server: FakeZenodo, name: str) -> RemoteFile:
 def _flipped(data: bytes) -> bytes:
     i = len(data) // 2
     return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+
+
+def test_auto_progress_is_plain_unless_stdout_and_stderr_are_terminals(monkeypatch) -> None:
+    from nat4etl.progress import PlainProgress, RichProgress, make_progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # e.g. `nat4etl build > log`
+    assert isinstance(make_progress("auto", stream=Tty()), PlainProgress)
+    monkeypatch.setattr("sys.stdout", Tty())
+    assert isinstance(make_progress("auto", stream=Tty()), RichProgress)
+    assert isinstance(make_progress("auto", stream=io.StringIO()), PlainProgress)
