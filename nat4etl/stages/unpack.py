@@ -8,7 +8,8 @@ when present, the listing of ``wav.zip``, and writes ``recordings``, ``signals``
 
 Memory: the population CSVs stream from the tar into one float32 (C, T) array per signal
 (``nems0_csv.iter_raster_blocks``), which Arrow then wraps without copying; the
-population is written and dropped before the site files are read.
+population goes to the background writer (:mod:`nat4etl.stages.background`) and is
+dropped once written, while the site files are decoded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import mmap
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -28,8 +30,10 @@ from nat4etl import nat4, schema
 from nat4etl.errors import FormatError, MissingMember
 from nat4etl.formats import archive, nems0, nems0_csv
 from nat4etl.formats.pred_correlation import read_pred_correlation
+from nat4etl.stages.background import WriteBehind
 
 _MAX_LIST_VALUES = 2**31 - 1  # list<float32> offsets are int32
+_CHUNK_VALUES = 1 << 22  # population values per Arrow chunk (16 MB of float32)
 #: the raw pred_correlation table cannot hold ``area``: the store's partition column
 PRED_AREA_COLUMN = "pred_area"
 
@@ -145,10 +149,12 @@ def stream_rasters(progress, file_name: str) -> nems0.DataHandler:
 
 def channel_lists(values: np.ndarray) -> pa.ChunkedArray:
     """(C, T) float32 -> one list<float32> per channel, zero-copy; chunked so that no
-    chunk's int32 offsets overflow."""
+    chunk's int32 offsets overflow, and into pieces of at most ``_CHUNK_VALUES`` values:
+    the Parquet writer builds its level buffers (4 bytes per value) one chunk at a time,
+    so one 300 MB chunk would cost another 300 MB while it is written."""
     n_chans, n_samples = values.shape
     flat = values.reshape(-1)
-    per_chunk = max(1, _MAX_LIST_VALUES // max(n_samples, 1))
+    per_chunk = max(1, min(_MAX_LIST_VALUES, _CHUNK_VALUES) // max(n_samples, 1))
     chunks = []
     for lo in range(0, n_chans, per_chunk):
         hi = min(n_chans, lo + per_chunk)
@@ -303,15 +309,11 @@ def read_population(path: Path, rows: RawRows, progress) -> pa.Table:
         pop_signal_table(name, sig.data, sig.header.chans)
         for name, sig in sorted(rec.signals.items())
     ]
-    n_values = sum(sig.data.size for sig in rec.signals.values())
     del rec
     if not parts:
         return _empty(schema.POP_SIGNALS)
-    table = pa.concat_tables(parts)
-    if n_values <= _MAX_LIST_VALUES:
-        # Already in key order and one chunk: the store's sort then has the least to move.
-        table = table.combine_chunks()
-    return table
+    # Already in key order: the store's sort moves nothing. Left in chunks (no copy).
+    return pa.concat_tables(parts)
 
 
 def _check_population(rec: nems0.Recording, path: Path) -> None:
@@ -501,23 +503,26 @@ def _required(src: Path, name: str) -> Path:
 
 
 def run(store, settings, progress) -> dict:
+    """Every area's raw tables. Writes go to a background thread (:class:`WriteBehind`),
+    so A1's population is encoded to Parquet while its site files and PEG are decoded."""
     src = source_dir(store, settings)
-    summary = {}
-    for area in settings.areas:
-        summary[area] = unpack_area(store, src, area, progress)
-    return summary
+    with WriteBehind(store) as writer:
+        written = {area: unpack_area(writer, src, area, progress) for area in settings.areas}
+    return {area: {name: f.result().rows for name, f in w.items()} for area, w in written.items()}
 
 
-def unpack_area(store, src: Path, area: str, progress) -> dict:
-    """Read one area's files and write its raw tables; the population goes first and is
-    released before the site files are decoded (peak memory)."""
+def unpack_area(writer: WriteBehind, src: Path, area: str, progress) -> dict[str, Future]:
+    """Read one area's files and queue its raw tables for writing; returns the pending
+    writes by table. The population is handed to the writer before the site files are
+    decoded, and released as soon as it is written (peak memory)."""
     files = nat4.area_files(area)
     pop_path = _required(src, files.population)
     sites_path = _required(src, files.single_sites)
     pred_path = _required(src, files.pred_correlation)
     rows = RawRows()
     pop = read_population(pop_path, rows, progress)
-    pop_info = store.write_table("pop_signals", pop, area=area)
+    written = {"pop_signals": writer.submit("pop_signals", pop, area=area)}
+    n_chans = pop.num_rows
     del pop
     sites = SiteData()
     read_sites(sites_path, rows, sites, progress)
@@ -525,14 +530,15 @@ def unpack_area(store, src: Path, area: str, progress) -> dict:
     if (src / nat4.WAV_ZIP).is_file():
         rows.members += list_wavs(src / nat4.WAV_ZIP)
     spikes = spikes_table(sites)
-    written = {"pop_signals": pop_info.rows}
+    del sites
     for name, table in {**rows.tables(), "site_spikes": spikes, "pred_correlation": pred}.items():
-        written[name] = store.write_table(name, table, area=area).rows
-    _log_summary(progress, area, rows, spikes, written)
+        written[name] = writer.submit(name, table, area=area)
+    counts = {"pop_signals": n_chans, "epochs": len(rows.epochs["row"]), "pred": pred.num_rows}
+    _log_summary(progress, area, rows, spikes, counts)
     return written
 
 
-def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, written: dict) -> None:
+def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, counts: dict) -> None:
     n_sites = sum(1 for r in rows.recordings if r["kind"] == "site")
     skipped = [m for m in rows.members if m["kind"] == "skipped"]
     skipped += [
@@ -541,9 +547,9 @@ def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, written: 
         for s in r["skipped_members"]
     ]
     progress.log(
-        f"{area}: {written['pop_signals']} population channels, {n_sites} site files, "
-        f"{spikes.num_rows} site units, {written['epochs']} epochs, "
-        f"{written['pred_correlation']} pred_correlation rows"
+        f"{area}: {counts['pop_signals']} population channels, {n_sites} site files, "
+        f"{spikes.num_rows} site units, {counts['epochs']} epochs, "
+        f"{counts['pred']} pred_correlation rows"
     )
     for m in skipped:
         progress.log(
