@@ -22,6 +22,7 @@ import pyarrow as pa
 from nat4etl import nat4
 from nat4etl.errors import ConfigError, InputMismatch, MissingMember
 from nat4etl.stages import rebin_sites as rs
+from nat4etl.stages.background import WriteBehind
 
 
 # ============================================================================ grid
@@ -190,29 +191,32 @@ def run(store, settings, progress) -> dict:
             progress.log(f"{a}: {name} matched {member} ignoring letter case")
     decoded = read_wavs(path, {m for a in areas for m in matches[a].member_of.values()}, progress)
     summary = {}
-    for area in areas:
-        match, grid = matches[area], grids[area]
-        wavs = {stim: decoded[member] for stim, member in match.member_of.items()}
-        table = waveforms(stims[area], wavs, grid)
-        rates = sorted({fs for _, fs in wavs.values()})
-        store.write_table(
-            "waveforms",
-            table,
-            area=area,
-            metadata={
-                "audio_fs_hz": grid.audio_fs_hz,
-                "dt_ms": grid.dt_ms,
+    # Each area's table is encoded to Parquet on a second core while the next is placed.
+    with WriteBehind(store, max_pending=1) as writer:
+        for area in areas:
+            match, grid = matches[area], grids[area]
+            wavs = {stim: decoded[member] for stim, member in match.member_of.items()}
+            table = waveforms(stims[area], wavs, grid)
+            rates = sorted({fs for _, fs in wavs.values()})
+            writer.submit(
+                "waveforms",
+                table,
+                area=area,
+                metadata={
+                    "audio_fs_hz": grid.audio_fs_hz,
+                    "dt_ms": grid.dt_ms,
+                    "hop": grid.hop,
+                    "n_bins": grid.n_bins,
+                    "n_samples": grid.n_samples,
+                    "source_fs_hz": rates,
+                    "resampled": rates != [grid.audio_fs_hz],
+                    "case_only_matches": [list(x) for x in match.case_only],
+                },
+            )
+            summary[area] = {
+                "waveforms": table.num_rows,
+                "case_only_matches": len(match.case_only),
                 "hop": grid.hop,
-                "n_bins": grid.n_bins,
-                "n_samples": grid.n_samples,
-                "source_fs_hz": rates,
-                "resampled": rates != [grid.audio_fs_hz],
-                "case_only_matches": [list(x) for x in match.case_only],
-            },
-        )
-        summary[area] = {
-            "waveforms": table.num_rows,
-            "case_only_matches": len(match.case_only),
-            "hop": grid.hop,
-        }
+            }
+            del table
     return summary

@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 
 from nat4etl import binning, schema
 from nat4etl.errors import ConfigError, InputMismatch, MissingTableError
-from nat4etl.stages import CONTRACTS
+from nat4etl.stages import CONTRACTS, handoff
+from nat4etl.stages.background import WriteBehind, release_free_memory
 
 SOURCE_POPULATION = "population"
 SOURCE_SITE = "site"
@@ -627,6 +628,9 @@ def read_population_signals(
     transient Parquet buffers (levels, pages) for A1; batches of a few channels keep the
     peak near the arrays themselves.
     """
+    kept = handoff.take(store, "pop_signals", area)  # unpack ran in this build: no read
+    if kept is not None and all(s in kept for s in signals):
+        return {s: kept[s] for s in signals}
     pf = _parquet_file(store, "pop_signals", area)
     keys = pf.read(columns=["signal", "channel"])
     names = np.asarray(keys.column("signal").to_pylist(), dtype=object)
@@ -734,28 +738,48 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
 
 
 def run(store, settings, progress) -> dict:
+    """Every area's tables. An area's inputs are read while the previous area's tables are
+    still being written (:class:`WriteBehind`); its rows are allocated only once those
+    writes are done, so two areas' responses are never in memory together."""
     summary = {}
-    for area in _areas(store, settings):
-        inputs = load_area(store, area)
-        n_sites = len(set(inputs.site_fs_hz))
-        progress.start("rebin-sites", total=n_sites, unit="sites")
-        try:
-            out = rebin_area(
-                inputs, dt_ms=settings.dt_ms, progress=progress, release_population=True
-            )
-        finally:
-            progress.done("rebin-sites")
-        del inputs  # the population matrices: free them before the writer's sorted copy
-        for name in CONTRACTS["rebin-sites"].writes:
-            store.write_table(name, getattr(out, name), area=area, metadata=out.metadata[name])
-        if out.metadata["spectrograms"]["unavailable"]:
-            progress.log(
-                f"{area}: no spectrograms: {out.metadata['spectrograms']['unavailable']}",
-                level="warning",
-            )
-        progress.log(f"{area}: rebin-sites at {settings.dt_ms:g} ms: {json.dumps(out.counts)}")
-        summary[area] = out.counts
-    return summary
+    areas = _areas(store, settings)
+    with WriteBehind(store) as writer:
+        # Smallest population first: an area's population handed over by unpack waits in
+        # memory until its turn, and the small one waiting through A1's peak costs more.
+        for area in sorted(areas, key=lambda a: _file_size(store.table_file("pop_signals", a))):
+            inputs = load_area(store, area)
+            writer.wait()
+            release_free_memory()
+            progress.start("rebin-sites", total=len(set(inputs.site_fs_hz)), unit="sites")
+            try:
+                out = rebin_area(
+                    inputs, dt_ms=settings.dt_ms, progress=progress, release_population=True
+                )
+            finally:
+                progress.done("rebin-sites")
+            del inputs  # the site spikes: free them before the next area is read
+            summary[area] = _queue_writes(writer, area, out, settings, progress)
+    return {area: summary[area] for area in areas}
+
+
+def _queue_writes(writer: WriteBehind, area: str, out: AreaOutputs, settings, progress) -> dict:
+    """Hand one area's tables to the writer and log what was made; returns its counts."""
+    for name in CONTRACTS["rebin-sites"].writes:
+        writer.submit(name, getattr(out, name), area=area, metadata=out.metadata[name])
+    if out.metadata["spectrograms"]["unavailable"]:
+        progress.log(
+            f"{area}: no spectrograms: {out.metadata['spectrograms']['unavailable']}",
+            level="warning",
+        )
+    progress.log(f"{area}: rebin-sites at {settings.dt_ms:g} ms: {json.dumps(out.counts)}")
+    return out.counts
+
+
+def _file_size(path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # load_area says what is missing
 
 
 def _areas(store, settings) -> list[str]:

@@ -30,6 +30,7 @@ from nat4etl import nat4, schema
 from nat4etl.errors import FormatError, MissingMember
 from nat4etl.formats import archive, nems0, nems0_csv
 from nat4etl.formats.pred_correlation import read_pred_correlation
+from nat4etl.stages import handoff
 from nat4etl.stages.background import WriteBehind
 
 _MAX_LIST_VALUES = 2**31 - 1  # list<float32> offsets are int32
@@ -300,20 +301,22 @@ def _numpy_default(obj: Any) -> Any:
 
 
 # ============================================================================ population file
-def read_population(path: Path, rows: RawRows, progress) -> pa.Table:
-    """Rows of the population recording into ``rows``; returns the pop_signals table."""
+def read_population(path: Path, rows: RawRows, progress) -> tuple[pa.Table, dict]:
+    """Rows of the population recording into ``rows``; returns the pop_signals table and
+    the (C, T) arrays it wraps, by signal name."""
     rec = nems0.read_recording(path, on_data=stream_rasters(progress, path.name))
     _check_population(rec, path)
     add_recording(rows, rec, kind="population", site=None, file=path.name, member=None)
+    arrays = {name: sig.data for name, sig in rec.signals.items()}
     parts = [
         pop_signal_table(name, sig.data, sig.header.chans)
         for name, sig in sorted(rec.signals.items())
     ]
     del rec
     if not parts:
-        return _empty(schema.POP_SIGNALS)
+        return _empty(schema.POP_SIGNALS), arrays
     # Already in key order: the store's sort moves nothing. Left in chunks (no copy).
-    return pa.concat_tables(parts)
+    return pa.concat_tables(parts), arrays
 
 
 def _check_population(rec: nems0.Recording, path: Path) -> None:
@@ -507,20 +510,30 @@ def run(store, settings, progress) -> dict:
     so A1's population is encoded to Parquet while its site files and PEG are decoded."""
     src = source_dir(store, settings)
     with WriteBehind(store) as writer:
-        written = {area: unpack_area(writer, src, area, progress) for area in settings.areas}
-    return {area: {name: f.result().rows for name, f in w.items()} for area, w in written.items()}
+        done = {area: unpack_area(writer, src, area, progress) for area in settings.areas}
+    for area, (_, population) in done.items():
+        handoff.keep(store, "pop_signals", area, population)  # for rebin-sites, same build
+    return {area: {name: f.result().rows for name, f in w.items()} for area, (w, _) in done.items()}
 
 
-def unpack_area(writer: WriteBehind, src: Path, area: str, progress) -> dict[str, Future]:
+#: population signals rebin-sites reads; the others are not kept after unpack
+HANDED_OFF = ("resp", "stim")
+
+
+def unpack_area(
+    writer: WriteBehind, src: Path, area: str, progress
+) -> tuple[dict[str, Future], dict[str, np.ndarray]]:
     """Read one area's files and queue its raw tables for writing; returns the pending
-    writes by table. The population is handed to the writer before the site files are
-    decoded, and released as soon as it is written (peak memory)."""
+    writes by table and the population arrays rebin-sites needs. The population is handed
+    to the writer before the site files are decoded."""
     files = nat4.area_files(area)
     pop_path = _required(src, files.population)
     sites_path = _required(src, files.single_sites)
     pred_path = _required(src, files.pred_correlation)
     rows = RawRows()
-    pop = read_population(pop_path, rows, progress)
+    pop, arrays = read_population(pop_path, rows, progress)
+    population = {name: arrays[name] for name in HANDED_OFF if name in arrays}
+    del arrays
     written = {"pop_signals": writer.submit("pop_signals", pop, area=area)}
     n_chans = pop.num_rows
     del pop
@@ -535,7 +548,7 @@ def unpack_area(writer: WriteBehind, src: Path, area: str, progress) -> dict[str
         written[name] = writer.submit(name, table, area=area)
     counts = {"pop_signals": n_chans, "epochs": len(rows.epochs["row"]), "pred": pred.num_rows}
     _log_summary(progress, area, rows, spikes, counts)
-    return written
+    return written, population
 
 
 def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, counts: dict) -> None:
