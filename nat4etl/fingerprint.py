@@ -5,10 +5,12 @@ After a stage runs, `build` writes ``OUT/_stages/<stage>.json``::
     stage, fingerprint       sha256 of the canonical JSON of the four parts below
     inputs                   {"raw/<file>": "md5:<hex>", "<table>/area=A1/part-0.parquet":
                               "sha256:<hex>", "raw/record.json#record": "<id>@<version>", ...}
+                             (Parquet files only: a table's Arrow sidecar holds the same rows)
     params                   {Settings field: value} for the stage's PARAMS
     nat4etl_version, schema_version
     outputs                  {path: {size_bytes, mtime_ns, digest}} of every file
-                             the stage owns (its tables; raw/ for fetch)
+                             the stage owns (its tables and their Arrow sidecars; raw/ for
+                             fetch)
     ran_at, seconds, summary
 
 A stage is up to date when its fingerprint, computed from the files now present, equals the
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from nat4etl import __version__
-from nat4etl.store import PART, RAW, table_areas
+from nat4etl.store import PART, RAW, SIDECAR, table_areas
 
 #: publish no sooner than this after the last write (one tick of the coarse file-system
 #: clock is <= 10 ms on Linux; 30 ms leaves room)
@@ -175,8 +177,14 @@ def raw_files(root: Path) -> list[str]:
     return sorted(f"{RAW}/{p.name}" for p in raw.iterdir() if _is_plain_file(p))
 
 
-def table_files(root: Path, table: str) -> list[str]:
-    return [f"{table}/area={a}/{PART}" for a in table_areas(root / table)]
+def table_files(root: Path, table: str, *, sidecars: bool = True) -> list[str]:
+    """A table's files: each area's Parquet file and, where present, its Arrow sidecar."""
+    rels = []
+    for a in table_areas(root / table):
+        rels.append(f"{table}/area={a}/{PART}")
+        if sidecars and (root / table / f"area={a}" / SIDECAR).is_file():
+            rels.append(f"{table}/area={a}/{SIDECAR}")
+    return rels
 
 
 def output_files(root: Path, spec: StageSpec) -> list[str]:
@@ -236,7 +244,8 @@ def fingerprint(
             if not spec.writes_raw:
                 inputs.update(raw_inputs(root, settings, cache))
         else:
-            inputs.update({rel: cache.digest(root, rel) for rel in table_files(root, name)})
+            rels = table_files(root, name, sidecars=False)  # a sidecar adds no information
+            inputs.update({rel: cache.digest(root, rel) for rel in rels})
     return Fingerprint(spec.name, inputs, param_values(spec, settings), __version__, schema_version)
 
 

@@ -6,6 +6,8 @@ Layout of an output directory ``OUT``::
     OUT/raw/                              Zenodo files, record.json, fetch.json
     OUT/_stages/<stage>.json              what each stage ran on (fingerprints)
     OUT/<table>/area=<AREA>/part-0.parquet
+    OUT/<table>/area=<AREA>/part-0.arrow  tables with vector columns: the same rows as an
+                                          uncompressed Arrow IPC file, for zero-copy reads
 
 Beside it, never read by readers::
 
@@ -67,6 +69,10 @@ MANIFEST = "manifest.json"
 RAW = "raw"
 STAGES = "_stages"
 PART = "part-0.parquet"
+#: beside the Parquet file of a table with ``vectors``: the same rows, schema and metadata as
+#: one uncompressed Arrow IPC record batch, which the reader memory-maps (zero-copy numpy
+#: views); Parquet stays the interchange format (polars, DuckDB, Spark)
+SIDECAR = "part-0.arrow"
 #: rows per Parquet row group: fixed so that two builds give byte-identical files
 ROW_GROUP_ROWS = 65_536
 META_KEY = b"nat4etl"
@@ -135,6 +141,10 @@ class Store:
     def table_file(self, name: str, area: str) -> Path:
         return self.table_dir(name) / f"area={area}" / PART
 
+    def sidecar_file(self, name: str, area: str) -> Path:
+        """The Arrow IPC copy of a table with vector columns (see :data:`SIDECAR`)."""
+        return self.table_dir(name) / f"area={area}" / SIDECAR
+
     def stage_record_path(self, stage: str) -> Path:
         return self.root / STAGES / f"{stage}.json"
 
@@ -155,7 +165,14 @@ class Store:
     def write_table(
         self, name: str, table: pa.Table, *, area: str, metadata: dict | None = None
     ) -> TableInfo:
-        """Validate, sort by key, refuse duplicate keys, then write via temp file + rename."""
+        """Validate, sort by key, refuse duplicate keys, then write via temp file + rename.
+
+        A table with vector columns also gets its Arrow IPC sidecar (:data:`SIDECAR`),
+        written on a second thread while the Parquet file is encoded and renamed into place
+        just before it.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         import pyarrow.parquet as pq
 
         schema = _schema()
@@ -176,15 +193,24 @@ class Store:
         target = self.table_file(name, area)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            row_group_size=ROW_GROUP_ROWS,
-            write_statistics=True,
-        )
-        _fsync(tmp)
+        side_target = self.sidecar_file(name, area)
+        with ThreadPoolExecutor(1) as pool:
+            side = pool.submit(_write_ipc_sidecar, table, side_target) if s.vectors else None
+            pq.write_table(
+                table,
+                tmp,
+                compression="zstd",
+                row_group_size=ROW_GROUP_ROWS,
+                write_statistics=True,
+            )
+            _fsync(tmp)
         kill_point(f"write:{name}")
+        if side is not None:
+            side_tmp, side_sha256 = side.result()
+            os.replace(side_tmp, side_target)
+            self.written[str(side_target.relative_to(self.root))] = side_sha256
+        elif side_target.exists():  # never left stale beside a rewritten table
+            side_target.unlink()
         os.replace(tmp, target)
         rel = str(target.relative_to(self.root))
         self.written[rel] = file_sha256(target)
@@ -238,11 +264,13 @@ class Store:
         os.replace(tmp, path)
 
     def table_files(self) -> list[tuple[str, str, Path]]:
-        """Every (table, area, file) present, in a stable order."""
+        """Every (table, area, file) present, Parquet file then sidecar, in a stable order."""
         out = []
         for name in _schema().TABLES:
             for a in self.areas(name):
                 out.append((name, a, self.table_file(name, a)))
+                if self.sidecar_file(name, a).is_file():
+                    out.append((name, a, self.sidecar_file(name, a)))
         return out
 
 
@@ -255,6 +283,58 @@ def table_areas(table_dir: Path) -> list[str]:
         for p in table_dir.iterdir()
         if p.name.startswith("area=") and (p / PART).is_file()
     )
+
+
+def table_file_rows(path: Path) -> int:
+    """Row count of a table file from its footer: Parquet, or an Arrow IPC sidecar."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.name.endswith(".arrow"):
+        with pa.memory_map(str(path)) as f:
+            return pa.ipc.open_file(f).count_rows()
+    return pq.read_metadata(path).num_rows
+
+
+class _HashingSink:
+    """A write-only file object that feeds sha256 on the way (no second read of the file)."""
+
+    closed = False
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)  # releases the GIL on large buffers
+        return self.f.write(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _write_ipc_sidecar(table: pa.Table, target: Path) -> tuple[Path, str]:
+    """Write ``table`` as one uncompressed Arrow IPC record batch to a temp file beside
+    ``target``, fsynced; returns (temp path, sha256). One batch, whatever the chunking of
+    ``table``, so the bytes depend only on the rows (two builds write the same file) and
+    every vector column is one contiguous buffer in the file."""
+    import pyarrow as pa
+
+    if any(col.num_chunks > 1 for col in table.columns):
+        table = table.combine_chunks()
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb", buffering=0) as f:
+        sink = _HashingSink(f)
+        with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), table.schema) as writer:
+            writer.write_table(table)
+        os.fsync(f.fileno())
+    return tmp, sink.sha256.hexdigest()
 
 
 def check_file_metadata(name: str, file_schema: pa.Schema, path: Path) -> None:
@@ -618,8 +698,6 @@ def write_manifest(
 
     ``sha256(path)`` may supply known digests (build's cache) instead of re-hashing.
     """
-    import pyarrow.parquet as pq
-
     sha256 = sha256 or file_sha256
     try:
         previous = store.read_manifest() or {}
@@ -627,13 +705,12 @@ def write_manifest(
         previous = {}
     tables = []
     for name, area, path in store.table_files():
-        md = pq.read_metadata(path)
         tables.append(
             {
                 "table": name,
                 "area": area,
                 "path": str(path.relative_to(store.root)),
-                "rows": md.num_rows,
+                "rows": table_file_rows(path),
                 "size_bytes": path.stat().st_size,
                 "sha256": sha256(path),
             }

@@ -16,6 +16,7 @@ import pytest
 import soundfile
 
 import nat4etl
+import nat4etl.store
 from nat4etl.errors import MissingTableError, SchemaError
 from nat4etl.reader import ResultTooLarge
 from nat4etl.stages import normalize as nz
@@ -250,6 +251,224 @@ def test_fixed_size_view_respects_slices():
     arr = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(12, dtype=np.float32)), 3)
     view = _fixed_size_values(arr.slice(1, 2), 3)
     np.testing.assert_array_equal(view, [[3, 4, 5], [6, 7, 8]])
+
+
+# ============================================================================ sidecar
+# Tables with vector columns also have an uncompressed Arrow IPC copy, part-0.arrow, which
+# the reader maps copy-on-write: results are views of it where the layout allows.
+VECTOR_TABLES = ("responses", "spectrograms", "waveforms")
+
+
+def _all_results(s) -> dict[str, np.ndarray]:
+    """Every kind of reader call, including selections out of table order."""
+    out = {}
+    for subset in ("all", "est", "val"):
+        out[f"spec {subset}"] = s.spectrograms("A1", subset=subset)
+        out[f"wave {subset}"] = s.waveforms("A1", subset=subset)
+        for norm in (None, "nems", "deepstrf"):
+            out[f"spec {subset} {norm}"] = s.spectrograms("A1", subset=subset, norm=norm)
+            for trials in ("all", "mean"):
+                out[f"resp {subset} {norm} {trials}"] = s.responses(
+                    "A1", subset=subset, norm=norm, trials=trials
+                )
+    for trials in ("all", "mean"):
+        for norm in (None, "nems"):
+            out[f"picked {trials} {norm}"] = s.responses(
+                "A1", stims=[4, 0, 3], cells=[2, 0, 3], trials=trials, norm=norm
+            )
+    out["one stim"] = s.responses("A1", stims=[0])
+    out["no cells"] = s.responses("A1", cells=[])
+    return out
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, arr in want.items():
+        assert got[name].dtype == arr.dtype and got[name].shape == arr.shape, name
+        # bit for bit, NaN where NaN
+        np.testing.assert_array_equal(got[name].view(np.uint32), arr.view(np.uint32), name)
+
+
+def _mapped_file(arr: np.ndarray) -> str | None:
+    """The file mapped at ``arr``'s first byte, from /proc/self/maps (None: anonymous)."""
+    address = arr.__array_interface__["data"][0]
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+def test_sidecar_holds_the_parquet_rows_schema_and_metadata(tmp_path):
+    import pyarrow.parquet as pq
+
+    store = _write_store(tmp_path / "nat4")
+    for name in ("stims", "cells", "norm_constants"):
+        assert not store.sidecar_file(name, "A1").exists()
+    for name in VECTOR_TABLES:
+        with pa.memory_map(str(store.sidecar_file(name, "A1"))) as f:
+            reader = pa.ipc.open_file(f)
+            assert reader.num_record_batches == 1  # one contiguous buffer per column
+            arrow = reader.read_all()
+        parquet = pq.read_table(store.table_file(name, "A1"))
+        assert arrow.schema.metadata == parquet.schema.metadata
+        # the same types; only the list's child is named "item" in Arrow, "element" in Parquet
+        arrow = arrow.cast(parquet.schema)
+        assert arrow.schema.equals(parquet.schema, check_metadata=True)
+        for a, b in zip(arrow.columns, parquet.columns, strict=True):
+            if pa.types.is_fixed_size_list(a.type):  # bit for bit (NaN != NaN for equals)
+                a, b = (c.combine_chunks().flatten().to_numpy().view(np.uint32) for c in (a, b))
+                np.testing.assert_array_equal(a, b)
+            else:
+                assert a.equals(b)
+    manifest = json.loads((tmp_path / "nat4" / "manifest.json").read_text())
+    listed = {t["path"]: t for t in manifest["tables"]}
+    for name in VECTOR_TABLES:
+        entry = listed[f"{name}/area=A1/part-0.arrow"]
+        assert entry["rows"] == listed[f"{name}/area=A1/part-0.parquet"]["rows"]
+        assert entry["sha256"] == store.written[f"{name}/area=A1/part-0.arrow"]
+
+
+def test_sidecar_bytes_do_not_depend_on_chunking(tmp_path):
+    keys, counts = _rows()
+    k = np.array(keys)
+    table = rs.responses_table(k[:, 0], k[:, 1], k[:, 2], "site", counts)
+    chunked = pa.concat_tables([table.slice(0, 5), table.slice(5, 7), table.slice(12)])
+    assert chunked.column("counts").num_chunks == 3
+    shifted = pa.concat_tables([table.slice(0, 1), table]).slice(1)  # offsets into buffers
+    digests = set()
+    for i, t in enumerate((table, chunked, shifted, table)):
+        store = Store(tmp_path / str(i))
+        store.write_table("responses", t, area="A1", metadata={"dt_ms": 10.0, "n_bins": T})
+        digests.add(nat4etl.store.file_sha256(store.sidecar_file("responses", "A1")))
+    assert len(digests) == 1
+
+
+def test_reader_gives_the_same_bits_with_and_without_sidecars(tmp_path):
+    store = _write_store(tmp_path / "nat4")
+    with nat4etl.open(tmp_path / "nat4") as s:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the sidecar is used, silently
+            mapped = _all_results(s)
+    for name in VECTOR_TABLES:
+        store.sidecar_file(name, "A1").unlink()
+    with nat4etl.open(tmp_path / "nat4") as s:
+        decoded = _all_results(s)
+    _assert_same(mapped, decoded)
+    assert np.isnan(mapped["no cells"]).all() and mapped["no cells"].shape == (5, 0, 1, T)
+
+
+def test_normalization_is_bit_identical_to_normalize_scale(store):
+    raw = store.responses("A1")
+    for preset in ("nems", "deepstrf"):
+        c = store._constants("A1", preset, "responses", N_CELLS)
+        want = nz.scale(raw, c[0], c[1][None, :, None, None], c[2][None, :, None, None])
+        np.testing.assert_array_equal(
+            store.responses("A1", norm=preset).view(np.uint32), want.view(np.uint32)
+        )
+        spec = store.spectrograms("A1")
+        c = store._constants("A1", preset, "spectrogram", F)
+        want = nz.scale(spec, c[0], c[1][None, :, None], c[2][None, :, None])
+        np.testing.assert_array_equal(store.spectrograms("A1", norm=preset), want)
+
+
+def test_raw_results_are_private_views_of_the_sidecar(store, tmp_path):
+    sidecar = store._store.sidecar_file("spectrograms", "A1")
+    before = sidecar.read_bytes()
+    results = {
+        "spectrograms": store.spectrograms("A1", subset="val"),
+        "waveforms": store.waveforms("A1"),
+        "responses": store.responses("A1", stims=[0]),  # every unit, its one trial: dense
+    }
+    for name, arr in results.items():
+        assert _mapped_file(arr).endswith(f"{name}/area=A1/part-0.arrow"), name  # no copy
+        assert arr.flags.writeable and arr.flags.c_contiguous, name
+    np.testing.assert_array_equal(
+        results["responses"][0, :, 0], np.stack([_counts(0, c, 0) for c in range(N_CELLS)])
+    )
+    again = store.spectrograms("A1", subset="val")
+    spec = results["spectrograms"]
+    spec[:] = -1  # copy-on-write: the store and other results keep their values
+    assert sidecar.read_bytes() == before
+    np.testing.assert_array_equal(
+        again.reshape(2, -1), np.arange(3 * F * T, 5 * F * T).reshape(2, -1)
+    )
+    assert np.shares_memory(store.spectrograms("A1"), store.spectrograms("A1")) is False
+    # a result that is not the dense grid is one fresh array, not in the file
+    est = store.responses("A1", subset="est")
+    assert est.flags.owndata or est.base.flags.owndata
+    assert _mapped_file(est) is None or not _mapped_file(est).endswith(".arrow")
+
+
+def test_unusable_sidecar_falls_back_to_parquet_with_a_warning(tmp_path):
+    store = _write_store(tmp_path / "nat4")
+    with nat4etl.open(tmp_path / "nat4") as s:
+        want = s.responses("A1", norm="nems")
+    side = store.sidecar_file("responses", "A1")
+    data = side.read_bytes()
+    side.write_bytes(data[: len(data) // 2])  # truncated
+    with nat4etl.open(tmp_path / "nat4") as s:
+        with pytest.warns(RuntimeWarning, match="part-0.arrow unreadable"):
+            np.testing.assert_array_equal(s.responses("A1", norm="nems"), want)
+    other = Store(tmp_path / "other")  # the same rows written by another run: other metadata
+    keys, counts = _rows()
+    k = np.array(keys)
+    t = rs.responses_table(k[:, 0], k[:, 1], k[:, 2], "site", counts)
+    other.write_table("responses", t, area="A1", metadata={"dt_ms": 10.0, "n_bins": T, "x": 1})
+    side.write_bytes(other.sidecar_file("responses", "A1").read_bytes())
+    with nat4etl.open(tmp_path / "nat4") as s:
+        with pytest.warns(RuntimeWarning, match="does not match part-0.parquet"):
+            np.testing.assert_array_equal(s.responses("A1", norm="nems"), want)
+
+
+def test_verify_reports_a_damaged_sidecar_and_build_repairs_it(built_quirks, tmp_path):
+    import shutil
+
+    from nat4etl.stages.build import verify
+
+    reader, mirror, _ = built_quirks
+    out = tmp_path / "nat4"
+    shutil.copytree(reader.path, out, symlinks=True)
+    assert verify(out) == []
+    side = out / "responses/area=A1/part-0.arrow"
+    data = bytearray(side.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the counts: same size, same footer
+    side.write_bytes(bytes(data))
+    problems = verify(out)
+    assert problems and all("responses/area=A1/part-0.arrow" in p for p in problems)
+    build_store(mirror.dir, out)
+    assert verify(out) == []
+    with nat4etl.open(out) as fixed:
+        np.testing.assert_array_equal(
+            fixed.responses("A1", subset="val"), reader.responses("A1", subset="val")
+        )
+
+
+def test_built_store_reads_the_same_without_sidecars(built_quirks, tmp_path):
+    import shutil
+
+    reader, _, _ = built_quirks
+    out = tmp_path / "nat4"
+    shutil.copytree(reader.path, out, symlinks=True)
+    for side in out.glob("*/area=*/part-0.arrow"):
+        side.unlink()
+    with nat4etl.open(out) as decoded:
+        for area in ("A1", "PEG"):
+            for subset in ("est", "val", "all"):
+                for trials in ("all", "mean"):
+                    for norm in (None, "nems"):
+                        np.testing.assert_array_equal(
+                            reader.responses(area, subset=subset, trials=trials, norm=norm),
+                            decoded.responses(area, subset=subset, trials=trials, norm=norm),
+                        )
+                np.testing.assert_array_equal(
+                    reader.spectrograms(area, subset=subset, norm="deepstrf"),
+                    decoded.spectrograms(area, subset=subset, norm="deepstrf"),
+                )
+                np.testing.assert_array_equal(
+                    reader.waveforms(area, subset=subset), decoded.waveforms(area, subset=subset)
+                )
 
 
 # ============================================================================ acceptance
@@ -520,6 +739,7 @@ def test_many_row_groups_read_on_threads_give_the_same_arrays(tmp_path):
     path = store.table_file("responses", "A1")
     table = pq.read_table(path)
     pq.write_table(table, path, row_group_size=4, compression="zstd")
+    store.sidecar_file("responses", "A1").unlink()  # this test is about the Parquet route
     assert pq.ParquetFile(path).metadata.num_row_groups > 5
     with nat4etl.open(tmp_path / "nat4") as s:
         for t, arr in want.items():

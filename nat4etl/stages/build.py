@@ -226,7 +226,8 @@ def manifest_problems(root: Path, ctx: Context) -> list[str]:
 
 
 def all_table_files(root: Path) -> list[str]:
-    """Every ``<table>/area=*/part-0.parquet`` in the store, without the schema module."""
+    """Every ``<table>/area=*/part-0.parquet`` (and ``part-0.arrow`` sidecar) in the store,
+    without the schema module."""
     if not root.is_dir():
         return []
     rels: list[str] = []
@@ -584,7 +585,7 @@ def status(
             written_at=manifest.get("written_at"),
             record=manifest.get("record") or record_info(root / RAW),
             sources=manifest.get("sources", []),
-            tables=len(manifest.get("tables", [])),
+            tables=len({(t.get("table"), t.get("area")) for t in manifest.get("tables", [])}),
         )
         report["stages"] = _stage_states(root, chosen, ctx, forced)
         report["manifest"] = manifest_problems(root, ctx) if ctx.records else []
@@ -717,18 +718,19 @@ def _verify_file(root: Path, rel: str, claims: dict[str, str], size: int | None)
 
 
 def _verify_rows(root: Path, manifest: dict) -> list[str]:
-    """Row counts from each Parquet footer (after the digests, so the files are intact)."""
+    """Row counts from each file's footer (after the digests, so the files are intact)."""
     tables = [t for t in manifest.get("tables", []) if (root / t["path"]).is_file()]
     if not tables:
         return []
-    import pyarrow.parquet as pq
+    from nat4etl.store import table_file_rows
 
     problems = []
     for t in tables:
         try:
-            rows = pq.read_metadata(root / t["path"]).num_rows
+            rows = table_file_rows(root / t["path"])
         except Exception as err:  # a corrupt footer: name the file, whatever pyarrow says
-            problems.append(f"{t['path']}: unreadable Parquet ({err})")
+            kind = "Arrow IPC" if t["path"].endswith(".arrow") else "Parquet"
+            problems.append(f"{t['path']}: unreadable {kind} ({err})")
             continue
         if rows != t.get("rows"):
             problems.append(f"{t['path']}: {rows} rows, {MANIFEST} says {t.get('rows')}")
