@@ -261,7 +261,5 @@ def _write_area(store, area: str, table: pa.Table, metadata: dict, settings, pro
             f"{area}: no normalization constants (all NaN) for channels {units}",
             level="warning",
         )
-    progress.log(
-        f"{area}: normalization constants ({metadata['source']}), default {settings.norm}"
-    )
+    progress.log(f"{area}: normalization constants ({metadata['source']}), default {settings.norm}")
     return {"rows": table.num_rows, "default_norm": settings.norm}

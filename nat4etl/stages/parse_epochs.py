@@ -82,26 +82,31 @@ class Report:
         )
 
 
-def recording_epochs(rows: Iterable[dict]) -> list[Epoch]:
+def recording_epochs(rows: Iterable[tuple]) -> list[Epoch]:
     """One recording's epochs: union over signals, exact duplicates dropped, time order.
 
-    ``rows`` are epochs-table rows (signal, row, name, start_s, end_s); rows without a
-    name or finite times cannot be interpreted and are left out (they stay in ``epochs``).
+    ``rows`` are (name, start_s, end_s) of epochs-table rows in table order; rows without
+    a name or finite times cannot be interpreted and are left out (they stay in
+    ``epochs``).
     """
-    usable = [r for r in rows if r["name"] is not None and _finite(r["start_s"], r["end_s"])]
-    ordered = sorted(usable, key=lambda r: r["start_s"])
+    isfinite = math.isfinite
+    usable = [
+        r
+        for r in rows
+        if r[0] is not None
+        and r[1] is not None
+        and r[2] is not None
+        and isfinite(r[1])
+        and isfinite(r[2])
+    ]
+    ordered = sorted(usable, key=lambda r: r[1])
     seen: set[tuple] = set()
     out = []
-    for r in ordered:
-        key = (r["name"], r["start_s"], r["end_s"])
+    for key in ordered:
         if key not in seen:
             seen.add(key)
             out.append(Epoch(*key))
     return out
-
-
-def _finite(*values: float | None) -> bool:
-    return all(v is not None and math.isfinite(v) for v in values)
 
 
 # ============================================================================ stims
@@ -475,9 +480,11 @@ def area_inputs(
     if resp is None or stim is None or not resp["chans"]:
         msg = f"area {area}: population recording {pop_name!r} lacks resp chans or stim"
         raise InputMismatch(msg)
-    by_recording: dict[str, list[dict]] = {}
-    for r in epochs.select(["recording", "signal", "row", "name", "start_s", "end_s"]).to_pylist():
-        by_recording.setdefault(r["recording"], []).append(r)
+    # Column lists and tuples, not to_pylist() dicts: ~100k rows per area.
+    by_recording: dict[str, list[tuple]] = {}
+    columns = [epochs.column(c).to_pylist() for c in ("recording", "name", "start_s", "end_s")]
+    for recording, *row in zip(*columns, strict=True):
+        by_recording.setdefault(recording, []).append(tuple(row))
     site_epochs = {
         r["site"]: recording_epochs(by_recording.get(r["recording"], []))
         for r in recs
