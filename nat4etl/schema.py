@@ -8,7 +8,10 @@ Schemas below therefore list the in-file columns; ``area`` is added on read.
 Vectors (counts per bin, spectrogram frames, audio samples) are fixed-size lists of
 float32 so a whole column converts to one contiguous numpy array without copying. Their
 length depends on parameters (``dt_ms``, ``audio_fs_hz``), so a spec names them in
-``vectors`` and :func:`validate` accepts any length.
+``vectors`` and :func:`validate` accepts any length. A table with ``vectors`` is also
+written as an uncompressed Arrow IPC file beside its Parquet file (``part-0.arrow``, the
+same rows, schema and metadata: :data:`nat4etl.store.SIDECAR`), which the reader
+memory-maps so that these columns reach numpy without being decoded or copied.
 """
 
 from __future__ import annotations
