@@ -795,6 +795,8 @@ class _Mapped:
         if col.num_chunks != 1:
             return _column_rows(col, width)
         chunk = col.chunk(0)
+        if len(chunk) == 0:
+            return np.empty((0, width), dtype=np.float32)
         values = chunk.values
         if values.null_count:
             raise StoreError("a fixed_size_list<float32> column holds nulls; rebuild the store")

@@ -422,6 +422,19 @@ def test_unusable_sidecar_falls_back_to_parquet_with_a_warning(tmp_path):
             np.testing.assert_array_equal(s.responses("A1", norm="nems"), want)
 
 
+def test_an_empty_responses_table_reads_as_nan_with_or_without_sidecar(tmp_path):
+    store = _write_store(tmp_path / "nat4")
+    none = np.empty(0, np.int32)
+    empty = rs.responses_table(none, none, none, "site", np.empty((0, T), np.float32))
+    store.write_table("responses", empty, area="A1", metadata={"dt_ms": 10.0, "n_bins": T})
+    write_manifest(store)
+    for _ in ("sidecar", "parquet"):
+        with nat4etl.open(tmp_path / "nat4") as s:
+            assert np.isnan(s.responses("A1", norm="nems")).all()
+            assert s.responses("A1", trials="mean").shape == (5, N_CELLS, T)
+        store.sidecar_file("responses", "A1").unlink(missing_ok=True)
+
+
 def test_verify_reports_a_damaged_sidecar_and_build_repairs_it(built_quirks, tmp_path):
     import shutil
 
