@@ -23,6 +23,7 @@ Choices, each stated once:
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,8 @@ from nat4etl.errors import ConfigError, InputMismatch, MissingTableError
 from nat4etl.stages import CONTRACTS, handoff
 from nat4etl.stages.background import WriteBehind, release_free_memory
 
+#: sites binned at once (two cores here; more only adds transient memory)
+SITE_THREADS = 2
 SOURCE_POPULATION = "population"
 SOURCE_SITE = "site"
 #: signal names in the NEMS0 recordings
@@ -504,6 +507,32 @@ class _SortedRows:
         )
 
 
+def _site_rows(
+    job: SiteJob,
+    handle: int,
+    rows: _SortedRows,
+    val_ids: np.ndarray,
+    qc_means: pa.Table,
+    frame_plan: BinPlan,
+    *,
+    dt_ms: float,
+) -> list[dict]:
+    """Bin one site into its rows of ``rows``; returns the QC rows of its val trials."""
+    counts = job.counts()
+    rows.fill(handle, 0, counts)
+    if dt_ms == frame_plan.dt_ms:
+        keys = job.keys()
+        is_val_row = np.isin(keys[0], val_ids)
+        stim_col, cell_col, trial_col = (k[is_val_row] for k in keys)
+        val_rows = responses_table(stim_col, cell_col, trial_col, SOURCE_SITE, counts[is_val_row])
+    else:
+        val_rows = site_responses(
+            job.site, val_ids, dt_ms=frame_plan.dt_ms, n_bins=frame_plan.n_bins
+        )
+    del counts
+    return qc_val(job.site, val_rows, qc_means, val_ids)
+
+
 def rebin_area(
     inputs: AreaInputs, *, dt_ms: float, progress=None, release_population: bool = False
 ) -> AreaOutputs:
@@ -561,26 +590,18 @@ def rebin_area(
     if release_population:
         inputs.pop_resp = inputs.pop_stim = None
 
-    # 3. site rows, with the QC of each site's val trials at the population frame width
+    # 3. site rows, with the QC of each site's val trials at the population frame width.
+    # Sites are independent and their work is long numpy calls (bincount, gathers) that
+    # release the GIL, so two run at once; each fills its own rows of ``rows``.
+    def one_site(job: SiteJob, handle: int) -> list[dict]:
+        return _site_rows(job, handle, rows, val_ids, qc_means, frame_plan, dt_ms=dt_ms)
+
     qc_rows = []
-    for job, handle in zip(jobs, site_handles, strict=True):
-        counts = job.counts()
-        rows.fill(handle, 0, counts)
-        if dt_ms == frame_plan.dt_ms:
-            keys = job.keys()
-            is_val_row = np.isin(keys[0], val_ids)
-            stim_col, cell_col, trial_col = (k[is_val_row] for k in keys)
-            val_rows = responses_table(
-                stim_col, cell_col, trial_col, SOURCE_SITE, counts[is_val_row]
-            )
-        else:
-            val_rows = site_responses(
-                job.site, val_ids, dt_ms=frame_plan.dt_ms, n_bins=frame_plan.n_bins
-            )
-        del counts
-        qc_rows += qc_val(job.site, val_rows, qc_means, val_ids)
-        if progress is not None:
-            progress.advance("rebin-sites", 1)
+    with ThreadPoolExecutor(SITE_THREADS, thread_name_prefix="nat4etl-sites") as pool:
+        for qc in pool.map(one_site, jobs, site_handles):  # in site order
+            qc_rows += qc
+            if progress is not None:
+                progress.advance("rebin-sites", 1)
     responses = rows.table()
 
     common = {"dt_ms": plan.dt_ms, "n_bins": plan.n_bins, "window_s": plan.window_s}
