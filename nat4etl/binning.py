@@ -139,18 +139,22 @@ def _non_overlapping_layers(starts: np.ndarray, stops: np.ndarray) -> list[np.nd
 
 
 def _bin_lookup(starts: np.ndarray, stops: np.ndarray, n_bins: int, group: int) -> np.ndarray:
-    """Array over samples: the flat (window, bin) index each sample adds to, or -1."""
+    """Array over samples: the flat (window, bin) index each sample adds to, or -1.
+
+    Filled window by window (a few hundred slices per site): building the same map with
+    whole-session index arrays held five int64 copies of every sample at once, which with
+    two sites binned in parallel was the largest transient of rebin-sites.
+    """
     length = np.maximum(stops - starts, 0)
     size = int(max(stops.max(initial=0), 0))
     lookup = np.full(size, -1, dtype=np.int64)
-    total = int(length.sum())
-    if total == 0:
+    if int(length.sum()) == 0:
         return lookup
-    window = np.repeat(np.arange(len(starts)), length)
-    offset = np.arange(total) - np.repeat(np.cumsum(length) - length, length)
-    sample = np.repeat(starts, length) + offset
-    keep = sample >= 0  # NEMS0 excludes epochs that start before 0; never index backwards
-    lookup[sample[keep]] = window[keep] * n_bins + offset[keep] // group
+    bin_of = np.arange(int(length.max())) // group  # offset in a window -> its bin
+    for w, (start, n) in enumerate(zip(starts.tolist(), length.tolist(), strict=True)):
+        lo = max(start, 0)  # NEMS0 excludes epochs that start before 0; never index backwards
+        if start + n > lo:
+            lookup[lo : start + n] = w * n_bins + bin_of[lo - start : n]
     return lookup
 
 

@@ -780,6 +780,8 @@ def run(store, settings, progress) -> dict:
                 progress.done("rebin-sites")
             del inputs  # the site spikes: free them before the next area is read
             summary[area] = _queue_writes(writer, area, out, settings, progress)
+            del out  # held only by the writer now: gone once written, not through the next area
+    release_free_memory()  # the next stage starts from what is live, not from A1's peak
     return {area: summary[area] for area in areas}
 
 
