@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from nat4etl import binning, schema
 from nat4etl.errors import ConfigError, InputMismatch, MissingTableError
 from nat4etl.stages import CONTRACTS, handoff
-from nat4etl.stages.background import WriteBehind, release_free_memory
+from nat4etl.stages.background import WriteBehind, large_blocks_unmapped, release_free_memory
 
 #: sites binned at once (two cores here; more only adds transient memory)
 SITE_THREADS = 2
@@ -589,6 +589,7 @@ def rebin_area(
     n_bands = int(inputs.pop_stim.shape[0])
     if release_population:
         inputs.pop_resp = inputs.pop_stim = None
+        release_free_memory()  # the population pass's scraps, before the site rows fill in
 
     # 3. site rows, with the QC of each site's val trials at the population frame width.
     # Sites are independent and their work is long numpy calls (bincount, gathers) that
@@ -764,7 +765,7 @@ def run(store, settings, progress) -> dict:
     writes are done, so two areas' responses are never in memory together."""
     summary = {}
     areas = _areas(store, settings)
-    with WriteBehind(store) as writer:
+    with large_blocks_unmapped(), WriteBehind(store) as writer:
         # Smallest population first: an area's population handed over by unpack waits in
         # memory until its turn, and the small one waiting through A1's peak costs more.
         for area in sorted(areas, key=lambda a: _file_size(store.table_file("pop_signals", a))):
@@ -779,6 +780,9 @@ def run(store, settings, progress) -> dict:
             finally:
                 progress.done("rebin-sites")
             del inputs  # the site spikes: free them before the next area is read
+            # what the site pass freed (Arrow's pool, the site threads' heaps) goes back
+            # before the responses are encoded, whose buffers come on top of them
+            release_free_memory()
             summary[area] = _queue_writes(writer, area, out, settings, progress)
             del out  # held only by the writer now: gone once written, not through the next area
     release_free_memory()  # the next stage starts from what is live, not from A1's peak
