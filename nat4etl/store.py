@@ -115,6 +115,9 @@ class Store:
         self.provenance: dict = {}
         #: sha256 of every table written through this Store, by path relative to the root
         self.written: dict[str, str] = {}
+        #: stages this build may still run on this Store (set by `build`): a stage leaves
+        #: arrays for a later one (:mod:`nat4etl.stages.handoff`) only if that one is here
+        self.stages_planned: frozenset[str] = frozenset()
         self._dir_fd: int | None = None
 
     def close(self) -> None:

@@ -375,6 +375,7 @@ def _run_staged(
         return _write_build_manifest(store, ctx, result, started)
 
     with staging(out, manifest=manifest) as store:
+        store.stages_planned = frozenset(stage.name for stage in chosen)
         for stage in chosen:
             d = decide(store.root, stage, ctx, forced=forced.get(stage.name))
             result.decisions.append(d)

@@ -509,10 +509,19 @@ def run(store, settings, progress) -> dict:
     """Every area's raw tables. Writes go to a background thread (:class:`WriteBehind`),
     so A1's population is encoded to Parquet while its site files and PEG are decoded."""
     src = source_dir(store, settings)
+    # The population arrays are kept for rebin-sites only when this build runs it next;
+    # otherwise (e.g. `nat4etl unpack` alone) each area's are dropped once
+    # written instead of sitting through the later areas (~300 MB for A1).
+    hand_off = "rebin-sites" in store.stages_planned
+    done = {}
     with WriteBehind(store) as writer:
-        done = {area: unpack_area(writer, src, area, progress) for area in settings.areas}
+        for area in settings.areas:
+            writes, population = unpack_area(writer, src, area, progress)
+            done[area] = (writes, population if hand_off else None)
+            del population
     for area, (_, population) in done.items():
-        handoff.keep(store, "pop_signals", area, population)  # for rebin-sites, same build
+        if population is not None:
+            handoff.keep(store, "pop_signals", area, population)  # for rebin-sites
     return {area: {name: f.result().rows for name, f in w.items()} for area, (w, _) in done.items()}
 
 
