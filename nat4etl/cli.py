@@ -135,6 +135,17 @@ def _areas(area, config_file):
     return parse_areas(area, load_settings(config_file))
 
 
+def source_option(help_text: str):
+    """`--source DIR`: a directory holding the Zenodo files (a mirror, a USB copy)."""
+    return click.option(
+        "--source",
+        "source_dir",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        default=None,
+        help=help_text,
+    )
+
+
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=f"Exit codes:\n\n{EXIT_CODE_HELP}",
@@ -165,13 +176,7 @@ def _run_stage_command(
 @click.option("--wav/--no-wav", default=None, help="Also fetch wav.zip [default: from config].")
 @click.option("--record", "record_id", type=int, default=None, help="Zenodo record id.")
 @click.option("--zenodo-url", default=None, help="Zenodo base URL.")
-@click.option(
-    "--source",
-    "source_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Take the files from a local mirror.",
-)
+@source_option("Take the files from a local mirror.")
 @click.option(
     "--cache",
     "cache_dir",
@@ -217,13 +222,7 @@ def fetch_cmd(
 @cli.command("unpack")
 @out_options
 @area_option
-@click.option(
-    "--source",
-    "source_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Read the Zenodo files from DIR, not OUT/raw.",
-)
+@source_option("Read the Zenodo files from DIR, not OUT/raw.")
 @common_options
 @handle_errors
 def unpack_cmd(out, wait_s, area, source_dir, config_file, json_mode, quiet):
@@ -297,13 +296,7 @@ def build_settings_options(fn):
     for option in reversed(
         [
             area_option,
-            click.option(
-                "--source",
-                "source_dir",
-                type=click.Path(exists=True, file_okay=False, path_type=Path),
-                default=None,
-                help="Use a local mirror instead of Zenodo.",
-            ),
+            source_option("Use a local mirror instead of Zenodo."),
             click.option("--zenodo-url", default=None, help="Zenodo base URL."),
             click.option("--record", "record_id", type=int, default=None, help="Zenodo record id."),
             click.option(
