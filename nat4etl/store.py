@@ -46,7 +46,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -218,6 +218,18 @@ class Store:
         rel = str(target.relative_to(self.root))
         self.written[rel] = file_sha256(target)
         return TableInfo(name, area, rel, table.num_rows, self.written[rel])
+
+    def areas_with(self, name: str, wanted: Iterable[str], *, made_by: str) -> list[str]:
+        """The areas of ``wanted`` that have table ``name``; none at all is an error naming
+        the stage (``made_by``) to run first."""
+        wanted = list(wanted)
+        areas = [a for a in wanted if self.has(name, a)]
+        if not areas:
+            raise MissingTableError(
+                f"no {name} table for {', '.join(wanted)} in {self.published_at}; "
+                f"run `nat4etl {made_by} --out {self.published_at}` first"
+            )
+        return areas
 
     def read_table(
         self, name: str, *, area: str | None = None, columns: list[str] | None = None

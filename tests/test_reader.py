@@ -86,14 +86,14 @@ def _write_store(root, *, norm="nems"):
     spec = np.arange(5 * F * T, dtype=np.float32).reshape(5, F * T)
     store.write_table(
         "spectrograms",
-        rs._vectors_table({"stim": np.arange(5, dtype=np.int32)}, "values", spec),
+        rs.vectors_table({"stim": np.arange(5, dtype=np.int32)}, "values", spec),
         area="A1",
         metadata={"dt_ms": 10.0, "n_bins": T, "n_bands": F, "unavailable": None},
     )
     wave = np.linspace(-1, 1, 5 * 4 * T, dtype=np.float32).reshape(5, 4 * T)
     store.write_table(
         "waveforms",
-        rs._vectors_table({"stim": np.arange(5, dtype=np.int32)}, "samples", wave),
+        rs.vectors_table({"stim": np.arange(5, dtype=np.int32)}, "samples", wave),
         area="A1",
         metadata={"audio_fs_hz": 400, "hop": 4},
     )

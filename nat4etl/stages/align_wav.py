@@ -133,7 +133,7 @@ def waveforms(
     for i, stim in enumerate(ids):
         data, fs_hz = wavs[stim]
         samples[i] = place(data, fs_hz, prestim_s=prestim[stim], grid=grid)
-    return rs._vectors_table({"stim": np.asarray(ids, dtype=np.int32)}, "samples", samples)
+    return rs.vectors_table({"stim": np.asarray(ids, dtype=np.int32)}, "samples", samples)
 
 
 # ============================================================================ stage
@@ -173,7 +173,7 @@ def run(store, settings, progress) -> dict:
 
     path = wav_zip_path(store, settings)
     names = [m.name for m in iter_members(path) if m.name.lower().endswith(".wav")]
-    areas = rs._areas(store, settings)
+    areas = store.areas_with("stims", settings.areas, made_by="parse-epochs")
     stims = {a: store.read_table("stims", area=a).drop_columns(["area"]) for a in areas}
     grids = {
         a: audio_grid(stims[a], dt_ms=settings.dt_ms, audio_fs_hz=settings.audio_fs_hz)

@@ -182,7 +182,7 @@ def responses_as_recording(responses: pa.Table, n_cells: int) -> Rows:
     recording cannot be re-binned to. ``responses`` must be sorted by (stim, cell, trial),
     as the store writes it.
     """
-    counts = rs._vectors(responses, "counts")
+    counts = rs.vector_view(responses, "counts")
     stim = responses.column("stim").to_numpy().astype(np.int64)
     cell = responses.column("cell").to_numpy().astype(np.int64)
     if len(counts) == 0:
@@ -235,7 +235,7 @@ def run(store, settings, progress) -> dict:
     """Constants of every area. The areas are read and reduced on two threads (Parquet
     decoding and numpy reductions release the GIL), so PEG's population is decoded while
     A1's is; results are written in area order."""
-    areas = rs._areas(store, settings)
+    areas = store.areas_with("stims", settings.areas, made_by="parse-epochs")
     for area in areas:
         if not store.has("responses", area):
             raise MissingTableError(

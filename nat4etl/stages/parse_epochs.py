@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from nat4etl import nat4, schema
-from nat4etl.errors import InputMismatch, MissingTableError
+from nat4etl.errors import InputMismatch
 from nat4etl.stages import CONTRACTS
 
 #: cells columns that a carried-through pred_correlation column must not overwrite
@@ -519,7 +519,7 @@ def area_inputs(
 # ============================================================================ stage
 def run(store, settings, progress) -> dict:
     summary = {}
-    for area in _areas_to_parse(store, settings):
+    for area in store.areas_with("epochs", settings.areas, made_by="unpack"):
         inputs = area_inputs(
             store.read_table("recordings", area=area),
             store.read_table("signals", area=area),
@@ -537,16 +537,6 @@ def run(store, settings, progress) -> dict:
         _log_report(progress, area, parsed)
         summary[area] = {k: v for k, v in parsed.counts.items() if k != "report"}
     return summary
-
-
-def _areas_to_parse(store, settings) -> list[str]:
-    areas = [a for a in settings.areas if store.has("epochs", a)]
-    if not areas:
-        raise MissingTableError(
-            f"no raw tables for {', '.join(settings.areas)} in {store.published_at}; "
-            f"run `nat4etl unpack --out {store.published_at}` first"
-        )
-    return areas
 
 
 def _optional(store, name: str, area: str) -> pa.Table | None:

@@ -207,13 +207,13 @@ def spectrograms(stim: np.ndarray, stims: pa.Table, plan: BinPlan) -> pa.Table:
     k = plan.frames_per_bin
     stim_ids = stims.column("stim").to_numpy().astype(np.int32)
     if k is None:
-        return _vectors_table({"stim": stim_ids[:0]}, "values", np.empty((0, 0), np.float32))
+        return vectors_table({"stim": stim_ids[:0]}, "values", np.empty((0, 0), np.float32))
     n_bands = stim.shape[0]
     values = np.empty((len(stim_ids), n_bands * plan.n_bins), dtype=np.float32)
     for i, start in enumerate(pop_starts(stims, plan.pop_fs_hz)):
         frames = binning.cut_frames(stim, int(start), plan.pop_frames)
         values[i] = binning.mean_frames(frames, k).reshape(-1)
-    return _vectors_table({"stim": stim_ids}, "values", values)
+    return vectors_table({"stim": stim_ids}, "values", values)
 
 
 # ============================================================================ sites
@@ -334,13 +334,13 @@ def qc_val(site: Site, val_rows: pa.Table, means: pa.Table, val_ids: np.ndarray)
     trial_stims = site.trials.column("stim").to_numpy()
     stims_here = np.intersect1d(val_ids, trial_stims)
     n_cells = 1 + max(int(pc.max(means["cell"]).as_py() or 0), _max_int(val_rows, "cell"))
-    uniq, trial_means = _pair_means(_pairs(val_rows, n_cells), _vectors(val_rows, "counts"))
+    uniq, trial_means = _pair_means(_pairs(val_rows, n_cells), vector_view(val_rows, "counts"))
     mean_pairs = _pairs(means, n_cells)
     order = np.argsort(mean_pairs, kind="stable")
     mean_pairs = mean_pairs[order]
     pos = np.searchsorted(mean_pairs, uniq)
     found = (pos < len(mean_pairs)) & (mean_pairs[np.minimum(pos, len(mean_pairs) - 1)] == uniq)
-    pop = _vectors(means, "mean_counts")
+    pop = vector_view(means, "mean_counts")
     diff = np.abs(trial_means[found] - pop[order[pos[found]]])
     diff_stim = uniq[found] // n_cells
     out = []
@@ -389,7 +389,7 @@ def _max_int(table: pa.Table, column: str) -> int:
 # ============================================================================ tables
 def responses_table(stim, cell, trial, source: str, counts: np.ndarray) -> pa.Table:
     n = len(counts)
-    return _vectors_table(
+    return vectors_table(
         {
             "stim": np.asarray(stim, dtype=np.int32),
             "cell": np.asarray(cell, dtype=np.int32),
@@ -401,7 +401,7 @@ def responses_table(stim, cell, trial, source: str, counts: np.ndarray) -> pa.Ta
     )
 
 
-def _vectors_table(keys: dict, name: str, values: np.ndarray) -> pa.Table:
+def vectors_table(keys: dict, name: str, values: np.ndarray) -> pa.Table:
     """Key columns plus one fixed_size_list<float32> column, without copying ``values``."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     width = values.shape[1] if values.ndim == 2 else 0
@@ -414,7 +414,7 @@ def _vectors_table(keys: dict, name: str, values: np.ndarray) -> pa.Table:
     return pa.table({**keys, name: column})
 
 
-def _vectors(table: pa.Table, name: str) -> np.ndarray:
+def vector_view(table: pa.Table, name: str) -> np.ndarray:
     """A fixed_size_list column as a (rows, width) numpy view."""
     col = table.column(name)
     width = col.type.list_size
@@ -425,7 +425,7 @@ def _vectors(table: pa.Table, name: str) -> np.ndarray:
 
 
 def _vector_index(table: pa.Table, name: str) -> dict[tuple[int, int], np.ndarray]:
-    values = _vectors(table, name)
+    values = vector_view(table, name)
     keys = zip(table.column("stim").to_pylist(), table.column("cell").to_pylist(), strict=True)
     return {k: values[i] for i, k in enumerate(keys)}
 
@@ -495,7 +495,7 @@ class _SortedRows:
 
     def table(self) -> pa.Table:
         names = pa.array(list(self.SOURCES), pa.string())
-        return _vectors_table(
+        return vectors_table(
             {
                 "stim": self.stim.astype(np.int32),
                 "cell": self.cell.astype(np.int32),
@@ -764,7 +764,7 @@ def run(store, settings, progress) -> dict:
     still being written (:class:`WriteBehind`); its rows are allocated only once those
     writes are done, so two areas' responses are never in memory together."""
     summary = {}
-    areas = _areas(store, settings)
+    areas = store.areas_with("stims", settings.areas, made_by="parse-epochs")
     with large_blocks_unmapped(), WriteBehind(store) as writer:
         # Smallest population first: an area's population handed over by unpack waits in
         # memory until its turn, and the small one waiting through A1's peak costs more.
@@ -807,13 +807,3 @@ def _file_size(path) -> int:
         return path.stat().st_size
     except OSError:
         return 0  # load_area says what is missing
-
-
-def _areas(store, settings) -> list[str]:
-    areas = [a for a in settings.areas if store.has("stims", a)]
-    if not areas:
-        raise MissingTableError(
-            f"no stims table for {', '.join(settings.areas)} in {store.published_at}; "
-            f"run `nat4etl parse-epochs --out {store.published_at}` first"
-        )
-    return areas

@@ -122,7 +122,7 @@ def test_stage_writes_waveforms_and_logs_case_matches(tmp_path):
     assert summary["A1"]["waveforms"] == 3 and summary["A1"]["case_only_matches"] == 1
     assert any("STIM_cat1_Bird.wav" in line and "letter case" in line for line in logs)
     table = store.read_table("waveforms", area="A1")
-    values = rs._vectors(table, "samples")
+    values = rs.vector_view(table, "samples")
     assert values.shape == (3, 66_150)
     md = store.table_metadata("waveforms", "A1")
     assert md["hop"] == 441 and md["audio_fs_hz"] == 44_100 and md["resampled"]

@@ -110,7 +110,7 @@ def _area(rng):
 
 
 def _rows(table, column):
-    vecs = rs._vectors(table, column)
+    vecs = rs.vector_view(table, column)
     keys = zip(*(table.column(k).to_pylist() for k in ("stim", "cell", "trial")), strict=True)
     return {k: vecs[i] for i, k in enumerate(keys)}
 
@@ -170,7 +170,7 @@ def test_val_means_and_qc(area):
 def test_spectrogram_rows_are_population_stim_cut_at_each_epoch(area):
     inputs, _, _ = area
     out = rs.rebin_area(inputs, dt_ms=10)
-    values = rs._vectors(out.spectrograms, "values").reshape(3, 4, 150)
+    values = rs.vector_view(out.spectrograms, "values").reshape(3, 4, 150)
     np.testing.assert_array_equal(values[1], inputs.pop_stim[:, 150:300])
     assert out.metadata["spectrograms"]["n_bands"] == 4
 
@@ -190,7 +190,7 @@ def test_dt20_est_from_sites_equals_population_summed(area):
     assert sources["source"].to_pylist() == ["population"]
     np.testing.assert_array_equal(rows[(0, 3, 0)], inputs.pop_resp[3, :150].reshape(75, 2).sum(1))
     assert out.counts["est_rows_from_population"] == 1
-    values = rs._vectors(out.spectrograms, "values").reshape(3, 4, 75)
+    values = rs.vector_view(out.spectrograms, "values").reshape(3, 4, 75)
     np.testing.assert_allclose(
         values[0], inputs.pop_stim[:, :150].reshape(4, 75, 2).mean(axis=2), rtol=1e-6
     )
