@@ -95,7 +95,34 @@ class _Task:
         self.started_s = time.monotonic()
 
 
-class PlainProgress(_Base):
+class _Counting(_Base):
+    """Task bookkeeping shared by the line-oriented renderings (thread-safe)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self._tasks: dict[str, _Task] = {}
+        self._lock = threading.Lock()
+
+    def _begin(self, task: str, total: int | None, unit: str) -> None:
+        with self._lock:
+            self._tasks[task] = _Task(total, unit)
+
+    def advance(self, task: str, n: int) -> None:
+        with self._lock:
+            if task in self._tasks:
+                self._tasks[task].completed += n
+
+    def _zero(self, task: str) -> None:
+        with self._lock:
+            if task in self._tasks:
+                self._tasks[task].completed = 0
+
+    def _end(self, task: str) -> _Task | None:
+        with self._lock:
+            return self._tasks.pop(task, None)
+
+
+class PlainProgress(_Counting):
     """Line-oriented output: ``start``/``done`` per task and every log line, with a time.
 
     ``min_level`` drops lower log levels (quiet mode is ``min_level="warning"`` with
@@ -107,32 +134,21 @@ class PlainProgress(_Base):
     def __init__(
         self, stream: TextIO | None = None, *, min_level: Level = "info", tasks: bool = True
     ) -> None:
-        self.stream = stream if stream is not None else sys.stderr
+        super().__init__(stream)
         self.min_level = min_level
         self.show_tasks = tasks
-        self._tasks: dict[str, _Task] = {}
-        self._lock = threading.Lock()
 
     def start(self, task: str, *, total: int | None = None, unit: str = "B") -> None:
-        with self._lock:
-            self._tasks[task] = _Task(total, unit)
+        self._begin(task, total, unit)
         if self.show_tasks:
             size = f" ({format_amount(total, unit)})" if total is not None else ""
             self._write(f"start {task}{size}")
 
-    def advance(self, task: str, n: int) -> None:
-        with self._lock:
-            if task in self._tasks:
-                self._tasks[task].completed += n
-
     def reset(self, task: str) -> None:
-        with self._lock:
-            if task in self._tasks:
-                self._tasks[task].completed = 0
+        self._zero(task)
 
     def done(self, task: str) -> None:
-        with self._lock:
-            state = self._tasks.pop(task, None)
+        state = self._end(task)
         if self.show_tasks and state is not None:
             elapsed_s = time.monotonic() - state.started_s
             self._write(
@@ -152,36 +168,25 @@ class PlainProgress(_Base):
             self.stream.flush()
 
 
-class JsonProgress(_Base):
+class JsonProgress(_Counting):
     """One JSON object per line: ``{"time", "event", ...}``; events are start, done, log.
 
     ``advance`` is not emitted (it would flood the stream); ``done`` carries the amount.
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self._tasks: dict[str, _Task] = {}
-        self._lock = threading.Lock()
+        super().__init__(stream)
 
     def start(self, task: str, *, total: int | None = None, unit: str = "B") -> None:
-        with self._lock:
-            self._tasks[task] = _Task(total, unit)
+        self._begin(task, total, unit)
         self._emit({"event": "start", "task": task, "total": total, "unit": unit})
 
-    def advance(self, task: str, n: int) -> None:
-        with self._lock:
-            if task in self._tasks:
-                self._tasks[task].completed += n
-
     def reset(self, task: str) -> None:
-        with self._lock:
-            if task in self._tasks:
-                self._tasks[task].completed = 0
+        self._zero(task)
         self._emit({"event": "reset", "task": task})
 
     def done(self, task: str) -> None:
-        with self._lock:
-            state = self._tasks.pop(task, None)
+        state = self._end(task)
         if state is not None:
             elapsed_s = round(time.monotonic() - state.started_s, 3)
             self._emit(

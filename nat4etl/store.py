@@ -647,11 +647,12 @@ def publish(staging_dir: Path, out: Path) -> None:
             kill_point("exchanged")
             os.rename(staging_dir, out)
             marker.unlink()
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the renames durable (a power cut after publish keeps the new store)."""
+def fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (a power cut afterwards keeps the new names); a no-op
+    where directories cannot be opened (the rename itself is still atomic)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:

@@ -48,6 +48,7 @@ from nat4etl.formats.zenodo import RemoteFile, parse_record_bytes, record_url
 from nat4etl.hashing import CHUNK_BYTES, md5_file, mismatch
 from nat4etl.nat4 import AREAS, WAV_ZIP, area_files
 from nat4etl.progress import NullProgress, Progress
+from nat4etl.store import fsync_dir
 
 AREA_FILES: dict[str, list[str]] = {area: list(area_files(area).names) for area in AREAS}
 WAV_FILE = WAV_ZIP
@@ -713,20 +714,7 @@ def _link_or_copy(source: Path, part: Path, *, link: bool, on_bytes: Callable[[i
 def _publish(part: Path, final: Path) -> None:
     """Rename a verified part to its final name and make the rename durable."""
     os.replace(part, final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported here (e.g. Windows): the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
 
 
 def _remove_stale_parts(steps: list[FetchStep], *, older_than_s: float = STALE_PART_AGE_S) -> None:
