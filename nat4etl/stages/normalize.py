@@ -187,14 +187,8 @@ def responses_as_recording(responses: pa.Table, n_cells: int) -> Rows:
     cell = responses.column("cell").to_numpy().astype(np.int64)
     if len(counts) == 0:
         return Rows(np.empty((0, counts.shape[1])), cell, n_cells)
-    pair = stim * n_cells + cell
-    first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
-    finite = np.isfinite(counts)
-    sums = np.add.reduceat(np.where(finite, counts, 0).astype(np.float64), first, axis=0)
-    n = np.add.reduceat(finite.astype(np.int64), first, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = np.where(n > 0, sums / np.maximum(n, 1), np.nan)
-    return Rows(means, cell[first], n_cells)
+    pairs, means = rs.pair_means(stim * n_cells + cell, counts)
+    return Rows(means, pairs % n_cells, n_cells)
 
 
 # ============================================================================ stage

@@ -334,7 +334,7 @@ def qc_val(site: Site, val_rows: pa.Table, means: pa.Table, val_ids: np.ndarray)
     trial_stims = site.trials.column("stim").to_numpy()
     stims_here = np.intersect1d(val_ids, trial_stims)
     n_cells = 1 + max(int(pc.max(means["cell"]).as_py() or 0), _max_int(val_rows, "cell"))
-    uniq, trial_means = _pair_means(_pairs(val_rows, n_cells), vector_view(val_rows, "counts"))
+    uniq, trial_means = pair_means(_pairs(val_rows, n_cells), vector_view(val_rows, "counts"))
     mean_pairs = _pairs(means, n_cells)
     order = np.argsort(mean_pairs, kind="stable")
     mean_pairs = mean_pairs[order]
@@ -361,18 +361,25 @@ def qc_val(site: Site, val_rows: pa.Table, means: pa.Table, val_ids: np.ndarray)
     return out
 
 
-def _pair_means(pair: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique pair keys and the NaN-aware mean of their rows (float64)."""
-    order = np.argsort(pair, kind="stable")
-    pair, counts = pair[order], counts[order].astype(np.float64)
+def pair_means(pair: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique pair keys and the NaN-aware mean of their rows (float64).
+
+    Rows usually come grouped by pair already: then nothing is sorted or copied, and the
+    float32 counts are summed in float64 without a float64 copy of them (same sums, same
+    order, half the memory traffic: this ran for every val trial of every site).
+    """
+    if len(pair) and np.any(pair[1:] < pair[:-1]):
+        order = np.argsort(pair, kind="stable")
+        pair, counts = pair[order], counts[order]
     first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]]) if len(pair) else np.empty(0, int)
     if len(first) == 0:
         return pair, np.empty((0, counts.shape[1]))
     finite = np.isfinite(counts)
-    sums = np.add.reduceat(np.where(finite, counts, 0.0), first, axis=0)
-    n = np.add.reduceat(finite.astype(np.float64), first, axis=0)
+    zeroed = np.where(finite, counts, np.float32(0))
+    sums = np.add.reduceat(zeroed, first, axis=0, dtype=np.float64)
+    n = np.add.reduceat(finite, first, axis=0, dtype=np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return pair[first], sums / n
+        return pair[first], sums / n  # 0 / 0: no finite value, NaN
 
 
 def _pairs(table: pa.Table, n_cells: int) -> np.ndarray:
