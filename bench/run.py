@@ -4,6 +4,10 @@ Every figure is the median of ``--runs`` runs and every ratio is taken against a
 measured in the same run of this script, on the same machine. Results are printed as one
 table and written to ``bench/results/<UTC time>.json`` so runs can be compared over time.
 
+Besides the targets, the table times the two largest parts of a cold build alone (the
+population CSVs and the site recordings, decoded without writing anything), so where the
+time goes beyond the floor is read off the same run.
+
 Targets (2-core machine): cold build <= 1.0x the single-threaded zlib floor, peak RSS <= 1 GB,
 no-op rebuild <= 0.5 s, each reader call <= 1.5x ``np.load`` of the same array, time per
 unit-sound pair at 4x units within 1.1x of 1x.
@@ -194,6 +198,48 @@ def measure_floor(mirror: Path, runs: int) -> dict[str, Figure]:
     return figures
 
 
+# --------------------------------------------------------------------------- components
+# Parts of the cold build timed alone, each in its own process like the build, so the
+# table can say where the time beyond the floor goes with figures from the same run.
+
+COMPONENTS = {
+    "pop-csv": "  population CSVs alone: inflate + parse to float32, no writes",
+    "sites": "  site recordings alone: HDF5 spike times + epochs, no writes",
+}
+
+
+def run_component(name: str, mirror: Path) -> None:
+    """The work of one component on every area (called in a child process)."""
+    from nat4etl.formats import archive, nems0, nems0_csv
+    from nat4etl.stages.unpack import is_recording_member
+
+    if name == "pop-csv":
+        for path in sorted(mirror.glob("*_NAT4_*.tgz")):
+            for member in archive.iter_members(path):
+                if member.name.endswith(".csv") and not member.name.endswith("epoch.csv"):
+                    for _ in nems0_csv.iter_raster_blocks(member.open()):
+                        pass
+    elif name == "sites":
+        for path in sorted(mirror.glob("*_single_sites.zip")):
+            for member in archive.iter_members(path):
+                if is_recording_member(member.name):
+                    nems0.read_recording(member)
+    else:
+        raise SystemExit(f"unknown component {name!r}")
+
+
+def measure_components(mirror: Path, runs: int) -> list[Figure]:
+    figures = []
+    for name, label in COMPONENTS.items():
+        args = [sys.executable, __file__, "--component", name, "--mirror", str(mirror)]
+        results = [run_measured(args) for _ in range(runs)]
+        m = median_run(results)
+        figures.append(
+            Figure(label, m.wall_s, m.cpu_s, m.max_rss_mb, runs=[r.wall_s for r in results])
+        )
+    return figures
+
+
 # -------------------------------------------------------------------------------- build
 
 
@@ -377,8 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     p.add_argument("--scaling-runs", type=int, default=1, help="runs per scaling point")
     p.add_argument("--scales", default="1,2,4", help="unit multipliers for the scaling test")
-    p.add_argument("--skip", default="", help="comma list of: stages,scaling,reader")
+    p.add_argument("--skip", default="", help="comma list of: stages,components,scaling,reader")
+    p.add_argument("--component", choices=COMPONENTS, help=argparse.SUPPRESS)
+    p.add_argument("--mirror", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.component:  # a child process of measure_components
+        run_component(args.component, args.mirror)
+        return 0
     skip = set(filter(None, args.skip.split(",")))
 
     mirror = sample_mirror("full")
@@ -394,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         cold.target = "<= 1.0x floor, RSS <= 1024 MB"
         cold.met = cold.ratio <= 1.0 and cold.max_rss_mb <= 1024
         figures.append(cold)
+        if "components" not in skip:
+            for part in measure_components(mirror, args.runs):
+                part.ratio, part.ratio_to = part.wall_s / zlib_floor, "zlib floor"
+                figures.append(part)
         if "stages" not in skip:
             figures += measure_stages(mirror, args.runs, work)
 
