@@ -215,3 +215,22 @@ def test_dt5_responses_but_no_spectrograms(area):
 def test_bad_bin_widths_are_config_errors(area, dt_ms, match):
     with pytest.raises(ConfigError, match=match):
         rs.rebin_area(area[0], dt_ms=dt_ms)
+
+
+def test_pair_means_same_for_grouped_and_shuffled_rows():
+    """The grouped fast path (no sort, float32 summed in float64) and the sorting path
+    agree, and NaN counts are left out of each mean (all-NaN pairs give NaN)."""
+    rng = np.random.default_rng(7)
+    pair = np.repeat(np.array([3, 5, 8, 13], np.int64), 20)
+    counts = (rng.poisson(0.4, (len(pair), 6)) / 3).astype(np.float32)
+    counts[::7, 2] = np.nan  # a missing bin here and there
+    counts[pair == 13] = np.nan  # a pair with no data at all
+    keys, means = rs.pair_means(pair, counts)
+    np.testing.assert_array_equal(keys, [3, 5, 8, 13])
+    want = np.array([np.nanmean(counts[pair == k].astype(np.float64), axis=0) for k in (3, 5, 8)])
+    np.testing.assert_allclose(means[:3], want, rtol=1e-15)
+    assert np.isnan(means[3]).all()
+    shuffle = rng.permutation(len(pair))
+    keys2, means2 = rs.pair_means(pair[shuffle], counts[shuffle])
+    np.testing.assert_array_equal(keys2, keys)
+    np.testing.assert_allclose(means2, means, rtol=1e-15, equal_nan=True)
