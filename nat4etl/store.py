@@ -219,6 +219,39 @@ class Store:
         self.written[rel] = file_sha256(target)
         return TableInfo(name, area, rel, table.num_rows, self.written[rel])
 
+    def link_table(self, name: str, *, from_area: str, area: str) -> TableInfo:
+        """Give ``area`` the very files ``from_area``'s table has (hard links, else copies).
+
+        For a table two areas share byte for byte (the waveforms of one wav.zip): no second
+        encoding, no second 300 MB on disk. The files hold nothing area-specific (the area
+        is the directory name). Each file appears under its new name by rename, as in
+        `write_table`; a later rewrite of either area replaces its own link only.
+        """
+        pairs = [(self.table_file(name, from_area), self.table_file(name, area))]
+        pairs.append((self.sidecar_file(name, from_area), self.sidecar_file(name, area)))
+        for src, dst in pairs:
+            rel = str(dst.relative_to(self.root))
+            if not src.is_file():
+                dst.unlink(missing_ok=True)  # no stale sidecar beside the new table
+                self.written.pop(rel, None)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:  # no hard links here: an ordinary copy
+                shutil.copyfile(src, tmp)
+                _fsync(tmp)
+            os.replace(tmp, dst)
+            src_rel = str(src.relative_to(self.root))
+            self.written[rel] = self.written.get(src_rel) or file_sha256(dst)
+        fsync_dir(self.table_file(name, area).parent)
+        rel = str(self.table_file(name, area).relative_to(self.root))
+        return TableInfo(
+            name, area, rel, table_file_rows(self.table_file(name, area)), self.written[rel]
+        )
+
     def areas_with(self, name: str, wanted: Iterable[str], *, made_by: str) -> list[str]:
         """The areas of ``wanted`` that have table ``name``; none at all is an error naming
         the stage (``made_by``) to run first."""

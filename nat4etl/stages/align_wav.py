@@ -13,6 +13,7 @@ fails the stage, listing every missing name at once.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -191,32 +192,48 @@ def run(store, settings, progress) -> dict:
             progress.log(f"{a}: {name} matched {member} ignoring letter case")
     decoded = read_wavs(path, {m for a in areas for m in matches[a].member_of.values()}, progress)
     summary = {}
+    made: dict[tuple, str] = {}  # recipe -> area whose table was made from it
     # Each area's table is encoded to Parquet on a second core while the next is placed.
     with WriteBehind(store, max_pending=1) as writer:
         for area in areas:
             match, grid = matches[area], grids[area]
             wavs = {stim: decoded[member] for stim, member in match.member_of.items()}
-            table = waveforms(stims[area], wavs, grid)
             rates = sorted({fs for _, fs in wavs.values()})
-            writer.submit(
-                "waveforms",
-                table,
-                area=area,
-                metadata={
-                    "audio_fs_hz": grid.audio_fs_hz,
-                    "dt_ms": grid.dt_ms,
-                    "hop": grid.hop,
-                    "n_bins": grid.n_bins,
-                    "n_samples": grid.n_samples,
-                    "source_fs_hz": rates,
-                    "resampled": rates != [grid.audio_fs_hz],
-                    "case_only_matches": [list(x) for x in match.case_only],
-                },
-            )
+            metadata = {
+                "audio_fs_hz": grid.audio_fs_hz,
+                "dt_ms": grid.dt_ms,
+                "hop": grid.hop,
+                "n_bins": grid.n_bins,
+                "n_samples": grid.n_samples,
+                "source_fs_hz": rates,
+                "resampled": rates != [grid.audio_fs_hz],
+                "case_only_matches": [list(x) for x in match.case_only],
+            }
+            recipe = (table_recipe(stims[area], match, grid), json.dumps(metadata, sort_keys=True))
+            if recipe in made:  # the same sounds the same way: the same bytes
+                writer.link("waveforms", from_area=made[recipe], area=area)
+                n_rows = len(recipe[0][1])
+                progress.log(f"{area}: waveforms identical to {made[recipe]}'s, files shared")
+            else:
+                table = waveforms(stims[area], wavs, grid)
+                n_rows = table.num_rows
+                writer.submit("waveforms", table, area=area, metadata=metadata)
+                made[recipe] = area
+                del table
             summary[area] = {
-                "waveforms": table.num_rows,
+                "waveforms": n_rows,
                 "case_only_matches": len(match.case_only),
                 "hop": grid.hop,
             }
-            del table
     return summary
+
+
+def table_recipe(stims: pa.Table, match, grid: AudioGrid) -> tuple:
+    """Everything `waveforms` computes an area's table from: the grid, then per row (in
+    table order) the stim id, its wav member and its PreStimSilence. Areas with equal
+    recipes (A1 and PEG play the same sounds) get byte-identical tables."""
+    prestim = dict(
+        zip(stims.column("stim").to_pylist(), stims.column("prestim_s").to_pylist(), strict=True)
+    )
+    ids = [s for s in stims.column("stim").to_pylist() if s in match.member_of]
+    return grid, tuple((s, match.member_of[s], prestim[s]) for s in ids)

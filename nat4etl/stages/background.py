@@ -36,10 +36,18 @@ class WriteBehind:
 
     def submit(self, name: str, table, **kwargs: Any) -> Future:
         """Queue ``store.write_table(name, table, **kwargs)``; its TableInfo comes later."""
+        return self._queue(self.store.write_table, name, table, **kwargs)
+
+    def link(self, name: str, *, from_area: str, area: str) -> Future:
+        """Queue ``store.link_table``: after the writes queued before it, so ``from_area``'s
+        files exist by then."""
+        return self._queue(self.store.link_table, name, from_area=from_area, area=area)
+
+    def _queue(self, fn, *args: Any, **kwargs: Any) -> Future:
         self._raise_failed()
         self._slots.acquire()
         try:
-            future = self._pool.submit(self.store.write_table, name, table, **kwargs)
+            future = self._pool.submit(fn, *args, **kwargs)
         except BaseException:
             self._slots.release()
             raise

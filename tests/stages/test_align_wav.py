@@ -101,12 +101,16 @@ def test_placement_downmix_resample_crop():
     np.testing.assert_array_equal(out[11_025:], long[: 66_150 - 11_025])
 
 
-def _run(tmp_path, sounds):
+def _run(tmp_path, sounds, stims_by_area=None):
     store = Store(tmp_path / "store")
     store.raw_dir.mkdir(parents=True)
     _zip(store.raw_dir / "wav.zip", sounds)
-    store.write_table("stims", _stims(), area="A1")
-    settings = dataclasses.replace(load_settings(), areas=("A1",), dt_ms=10.0, audio_fs_hz=44_100)
+    stims_by_area = stims_by_area or {"A1": _stims()}
+    for area, stims in stims_by_area.items():
+        store.write_table("stims", stims, area=area)
+    settings = dataclasses.replace(
+        load_settings(), areas=tuple(stims_by_area), dt_ms=10.0, audio_fs_hz=44_100
+    )
     logs = []
 
     class Progress(NullProgress):
@@ -133,3 +137,29 @@ def test_stage_missing_wavs_is_an_input_mismatch(tmp_path):
     del sounds["wav/cat2.wav"], sounds["wav/00cat3.wav"]
     with pytest.raises(InputMismatch, match="2 sounds.*A1: STIM_cat2.wav, A1: STIM_00cat3.wav"):
         _run(tmp_path, sounds)
+
+
+def test_areas_playing_the_same_sounds_share_the_files(tmp_path):
+    """PEG's recipe equals A1's: its files are A1's (one encoding), read back the same."""
+    store, summary, logs = _run(tmp_path, _sounds(), {"A1": _stims(), "PEG": _stims()})
+    assert summary["PEG"] == summary["A1"]
+    assert any("PEG: waveforms identical to A1's" in line for line in logs)
+    for file in (store.table_file, store.sidecar_file):
+        assert file("waveforms", "PEG").stat().st_ino == file("waveforms", "A1").stat().st_ino
+        rel = str(file("waveforms", "PEG").relative_to(store.root))
+        assert store.written[rel] == store.written[rel.replace("PEG", "A1")]
+    a1, peg = (store.read_table("waveforms", area=a).drop_columns(["area"]) for a in ("A1", "PEG"))
+    assert peg.equals(a1)
+    assert store.table_metadata("waveforms", "PEG") == store.table_metadata("waveforms", "A1")
+
+
+def test_areas_with_other_onsets_get_their_own_tables(tmp_path):
+    later = _stims().set_column(5, "prestim_s", pa.array([0.5] * len(NAMES)))
+    store, _, _ = _run(tmp_path, _sounds(), {"A1": _stims(), "PEG": later})
+    a1, peg = (store.table_file("waveforms", a).stat().st_ino for a in ("A1", "PEG"))
+    assert a1 != peg
+    first, second = (
+        rs.vector_view(store.read_table("waveforms", area=a), "samples") for a in ("A1", "PEG")
+    )
+    # same sound, placed 0.25 s (11 025 samples) later in PEG's window
+    np.testing.assert_array_equal(second[0, 22_050:], first[0, 11_025:-11_025])
