@@ -234,3 +234,9 @@ def test_pair_means_same_for_grouped_and_shuffled_rows():
     keys2, means2 = rs.pair_means(pair[shuffle], counts[shuffle])
     np.testing.assert_array_equal(keys2, keys)
     np.testing.assert_allclose(means2, means, rtol=1e-15, equal_nan=True)
+    # one pair short of a trial (the 19-repetition sound): the general route, same sums
+    keys3, means3 = rs.pair_means(pair[1:], counts[1:])
+    np.testing.assert_array_equal(keys3, keys)
+    want3 = np.nanmean(counts[1:20].astype(np.float64), axis=0)
+    np.testing.assert_allclose(means3[0], want3, rtol=1e-15)
+    np.testing.assert_array_equal(means3[1:], means[1:])  # bit for bit across the routes
