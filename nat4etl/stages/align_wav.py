@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -122,19 +123,32 @@ def place(samples: np.ndarray, fs_hz: int, *, prestim_s: float, grid: AudioGrid)
     return out
 
 
-def waveforms(
-    stims: pa.Table, wavs: dict[int, tuple[np.ndarray, int]], grid: AudioGrid
-) -> pa.Table:
-    """The waveforms table: one row per stim that has a decoded wav."""
-    ids = [s for s in stims.column("stim").to_pylist() if s in wavs]
+class Recipe(NamedTuple):
+    """Everything an area's waveforms table is made from: the grid, then per row (in stims
+    table order) the stim id, its wav member and its PreStimSilence. Equal recipes give
+    byte-identical tables (A1 and PEG play the same sounds)."""
+
+    grid: AudioGrid
+    rows: tuple[tuple[int, str, float], ...]
+
+
+def table_recipe(stims: pa.Table, match: WavMatch, grid: AudioGrid) -> Recipe:
     prestim = dict(
         zip(stims.column("stim").to_pylist(), stims.column("prestim_s").to_pylist(), strict=True)
     )
-    samples = np.empty((len(ids), grid.n_samples), dtype=np.float32)
-    for i, stim in enumerate(ids):
-        data, fs_hz = wavs[stim]
-        samples[i] = place(data, fs_hz, prestim_s=prestim[stim], grid=grid)
-    return rs.vectors_table({"stim": np.asarray(ids, dtype=np.int32)}, "samples", samples)
+    ids = [s for s in stims.column("stim").to_pylist() if s in match.member_of]
+    return Recipe(grid, tuple((s, match.member_of[s], prestim[s]) for s in ids))
+
+
+def waveforms(recipe: Recipe, decoded: dict[str, tuple[np.ndarray, int]]) -> pa.Table:
+    """The waveforms table: one row per stim of ``recipe``, from its decoded wav member."""
+    grid = recipe.grid
+    samples = np.empty((len(recipe.rows), grid.n_samples), dtype=np.float32)
+    for i, (_, member, prestim_s) in enumerate(recipe.rows):
+        data, fs_hz = decoded[member]
+        samples[i] = place(data, fs_hz, prestim_s=prestim_s, grid=grid)
+    ids = np.asarray([stim for stim, _, _ in recipe.rows], dtype=np.int32)
+    return rs.vectors_table({"stim": ids}, "samples", samples)
 
 
 # ============================================================================ stage
@@ -192,13 +206,12 @@ def run(store, settings, progress) -> dict:
             progress.log(f"{a}: {name} matched {member} ignoring letter case")
     decoded = read_wavs(path, {m for a in areas for m in matches[a].member_of.values()}, progress)
     summary = {}
-    made: dict[tuple, str] = {}  # recipe -> area whose table was made from it
+    made: dict[tuple, str] = {}  # (recipe, metadata) -> area whose table was made from it
     # Each area's table is encoded to Parquet on a second core while the next is placed.
     with WriteBehind(store, max_pending=1) as writer:
         for area in areas:
             match, grid = matches[area], grids[area]
-            wavs = {stim: decoded[member] for stim, member in match.member_of.items()}
-            rates = sorted({fs for _, fs in wavs.values()})
+            rates = sorted({decoded[member][1] for member in match.member_of.values()})
             metadata = {
                 "audio_fs_hz": grid.audio_fs_hz,
                 "dt_ms": grid.dt_ms,
@@ -209,31 +222,19 @@ def run(store, settings, progress) -> dict:
                 "resampled": rates != [grid.audio_fs_hz],
                 "case_only_matches": [list(x) for x in match.case_only],
             }
-            recipe = (table_recipe(stims[area], match, grid), json.dumps(metadata, sort_keys=True))
-            if recipe in made:  # the same sounds the same way: the same bytes
-                writer.link("waveforms", from_area=made[recipe], area=area)
-                n_rows = len(recipe[0][1])
-                progress.log(f"{area}: waveforms identical to {made[recipe]}'s, files shared")
+            recipe = table_recipe(stims[area], match, grid)
+            key = (recipe, json.dumps(metadata, sort_keys=True))
+            if key in made:  # the same sounds placed the same way: the same bytes
+                writer.link("waveforms", from_area=made[key], area=area)
+                progress.log(f"{area}: waveforms identical to {made[key]}'s, files shared")
             else:
-                table = waveforms(stims[area], wavs, grid)
-                n_rows = table.num_rows
+                table = waveforms(recipe, decoded)
                 writer.submit("waveforms", table, area=area, metadata=metadata)
-                made[recipe] = area
+                made[key] = area
                 del table
             summary[area] = {
-                "waveforms": n_rows,
+                "waveforms": len(recipe.rows),
                 "case_only_matches": len(match.case_only),
                 "hop": grid.hop,
             }
     return summary
-
-
-def table_recipe(stims: pa.Table, match, grid: AudioGrid) -> tuple:
-    """Everything `waveforms` computes an area's table from: the grid, then per row (in
-    table order) the stim id, its wav member and its PreStimSilence. Areas with equal
-    recipes (A1 and PEG play the same sounds) get byte-identical tables."""
-    prestim = dict(
-        zip(stims.column("stim").to_pylist(), stims.column("prestim_s").to_pylist(), strict=True)
-    )
-    ids = [s for s in stims.column("stim").to_pylist() if s in match.member_of]
-    return grid, tuple((s, match.member_of[s], prestim[s]) for s in ids)

@@ -364,9 +364,10 @@ def qc_val(site: Site, val_rows: pa.Table, means: pa.Table, val_ids: np.ndarray)
 def pair_means(pair: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique pair keys and the NaN-aware mean of their rows (float64).
 
-    Rows usually come grouped by pair already: then nothing is sorted or copied, and the
-    float32 counts are summed in float64 without a float64 copy of them (same sums, same
-    order, half the memory traffic: this ran for every val trial of every site).
+    Rows usually come grouped by pair (then nothing is sorted), each pair with as many
+    rows (trials; then the sums are a reshape and a sum). Every route adds the same rows in
+    the same order, so the means are bit for bit the same; this runs for every val trial
+    of every site.
     """
     if len(pair) and np.any(pair[1:] < pair[:-1]):
         order = np.argsort(pair, kind="stable")
@@ -378,8 +379,7 @@ def pair_means(pair: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nda
     zeroed = np.where(finite, counts, np.float32(0))
     size = len(pair) // len(first)
     if len(pair) == size * len(first) and np.all(np.diff(first) == size):
-        # every pair has as many rows (trials): a reshape, and a sum 4x faster than reduceat
-        # that adds the same rows in the same order (numpy sums axis 1 row by row here)
+        # 4x faster than reduceat; numpy sums axis 1 row by row, as reduceat does
         shape = (len(first), size, counts.shape[1])
         sums = zeroed.reshape(shape).astype(np.float64).sum(axis=1)
         n = finite.reshape(shape).sum(axis=1, dtype=np.int64)
