@@ -59,6 +59,7 @@ from nat4etl.errors import (
     StoreError,
     StoreLocked,
 )
+from nat4etl.hashing import CHUNK_BYTES
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -238,11 +239,7 @@ class Store:
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
             tmp.unlink(missing_ok=True)
-            try:
-                os.link(src, tmp)
-            except OSError:  # no hard links here: an ordinary copy
-                shutil.copyfile(src, tmp)
-                _fsync(tmp)
+            link_or_copy(src, tmp)
             os.replace(tmp, dst)
             src_rel = str(src.relative_to(self.root))
             self.written[rel] = self.written.get(src_rel) or file_sha256(dst)
@@ -464,6 +461,28 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
         while block := f.read(chunk_bytes):
             h.update(block)
     return h.hexdigest()
+
+
+def link_or_copy(
+    source: Path, target: Path, *, link: bool = True, on_bytes: Callable[[int], None] | None = None
+) -> None:
+    """Hardlink ``source`` to ``target`` when asked and the filesystem allows (no copy, no
+    extra space), else a streamed, fsynced copy; ``on_bytes`` counts what was placed."""
+    count = on_bytes or (lambda n: None)
+    if link:
+        try:
+            os.link(source, target)
+        except OSError:
+            pass  # another filesystem, or no hardlinks there: copy
+        else:
+            count(target.stat().st_size)
+            return
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while block := src.read(CHUNK_BYTES):
+            dst.write(block)
+            count(len(block))
+        dst.flush()
+        os.fsync(dst.fileno())
 
 
 def _fsync(path: Path) -> None:

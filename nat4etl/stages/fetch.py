@@ -45,10 +45,10 @@ import platformdirs
 from nat4etl import net
 from nat4etl.errors import ChecksumMismatch, ConfigError, FetchError, InputMismatch
 from nat4etl.formats.zenodo import RemoteFile, parse_record_bytes, record_url
-from nat4etl.hashing import CHUNK_BYTES, md5_file, mismatch
+from nat4etl.hashing import md5_file, mismatch
 from nat4etl.nat4 import AREAS, WAV_ZIP, area_files
 from nat4etl.progress import NullProgress, Progress
-from nat4etl.store import fsync_dir
+from nat4etl.store import fsync_dir, link_or_copy
 
 AREA_FILES: dict[str, list[str]] = {area: list(area_files(area).names) for area in AREAS}
 WAV_FILE = WAV_ZIP
@@ -658,7 +658,7 @@ class _Executor:
         try:
             # a copy right after a download is not shown again: its bytes were counted
             shown = rf.name if count_progress else None
-            _link_or_copy(source, part, link=link, on_bytes=lambda n: self._advance(shown, n))
+            link_or_copy(source, part, link=link, on_bytes=lambda n: self._advance(shown, n))
             why = mismatch(part, size_bytes=rf.size_bytes, md5=rf.md5)
             if why is None:
                 _publish(part, target)
@@ -690,25 +690,6 @@ class _Executor:
 def _part_path(final: Path) -> Path:
     """``<name>.part-<random>`` beside ``final``: same filesystem, so the rename is atomic."""
     return final.with_name(f"{final.name}.part-{secrets.token_hex(6)}")
-
-
-def _link_or_copy(source: Path, part: Path, *, link: bool, on_bytes: Callable[[int], None]) -> None:
-    """Hardlink when asked and the filesystem allows (no copy, no extra space), else a
-    streamed, fsynced copy."""
-    if link:
-        try:
-            os.link(source, part)
-        except OSError:
-            pass  # another filesystem, or no hardlinks there: copy
-        else:
-            on_bytes(part.stat().st_size)
-            return
-    with open(source, "rb") as src, open(part, "wb") as dst:
-        while block := src.read(CHUNK_BYTES):
-            dst.write(block)
-            on_bytes(len(block))
-        dst.flush()
-        os.fsync(dst.fileno())
 
 
 def _publish(part: Path, final: Path) -> None:
