@@ -100,7 +100,7 @@ class SignalHeader:
     fs_hz: float
     recording: str
     signal_type: SignalType
-    chans: tuple[str, ...] | None
+    chans: tuple[str, ...] | None  # as written; may not match the data's rows (a mask)
     segments: np.ndarray | None  # (n, 2) float64, or None when absent / null
     meta: Any
     signal_type_raw: str | None  # the JSON string, None when the key is absent
@@ -403,7 +403,7 @@ class _Builder:
         if _DATA_KIND[header.signal_type] != kind:
             msg = f"signal_type {header.signal_type} needs a .{_DATA_KIND[header.signal_type]} data member"
             raise FormatError(msg, **where)
-        if check_default_data or _is_raster(data):
+        if check_default_data:
             data = _check_default_data(header, data, where)
         epochs = group.epochs
         return Signal(
@@ -433,33 +433,29 @@ class _Builder:
 
 
 def _load_default(threads: int) -> DataHandler:
-    """Parse data into memory: rasterized C x T float32, HDF5 key -> array (sorted)."""
+    """Parse data into memory: rasterized C x T float32, HDF5 key -> array (sorted).
+
+    The CSV width comes from its first row, never from the JSON chans (see
+    `_check_default_data`).
+    """
 
     def load(member: DataMember, stream: BinaryIO) -> Any:
         where = {"path": member.path, "member": member.qualname}
         if member.kind == "csv":
-            chans = member.header.chans if member.header is not None else None
-            return nems0_csv.read_raster(
-                stream, n_chans=len(chans) if chans else None, threads=threads, **where
-            )
+            return nems0_csv.read_raster(stream, threads=threads, **where)
         return nems0_h5.read_h5_datasets(stream.read(), **where)
 
     return load
 
 
-def _is_raster(data: Any) -> bool:
-    """A handler result we can check against the JSON chans: a C x T array."""
-    return isinstance(data, np.ndarray) and data.ndim == 2
-
-
 def _check_default_data(header: SignalHeader, data: Any, where: dict) -> Any:
+    """PointProcess and TiledSignal shapes.
+
+    A raster's width is not checked against the JSON chans: NEMS0 never compares them, and
+    ``Recording.create_mask`` gives the one-row mask the chans of the signal it was made
+    from, so a real ``R.mask.json`` may list every unit of ``resp``.
+    """
     if header.signal_type == "rasterized":
-        if not _is_raster(data):
-            return data
-        n_chans = data.shape[0]
-        if header.chans is not None and len(header.chans) != n_chans and data.shape[1]:
-            msg = f"{n_chans} columns per row, but the JSON chans lists {len(header.chans)}"
-            raise FormatError(msg, **where)
         return data
     if header.signal_type == "point_process":
         return nems0_h5.check_point_process(data, **where)
