@@ -563,7 +563,11 @@ def parse_meta_json(
 
 
 def _ndarray_hook(obj: dict) -> Any:
-    """The ndarray part of NEMS0 ``json_numpy_obj_hook`` (list or base64 payloads)."""
+    """The ndarray part of NEMS0 ``json_numpy_obj_hook`` (list or base64 payloads).
+
+    dtype ``object`` is allowed with a list payload: NumpyEncoder writes any array with
+    ``tolist()``, and meta arrays of strings taken from pandas (``.values``) are object.
+    """
     if "__ndarray__" not in obj:
         return obj
     try:
@@ -572,12 +576,14 @@ def _ndarray_hook(obj: dict) -> Any:
     except (KeyError, TypeError, ValueError) as err:
         raise _HookError(f"bad __ndarray__ dtype/shape: {err}") from err
     if (
-        dtype.kind not in "biufcUSMm?"
+        dtype.kind not in "biufcUSMm?O"
         or dtype.itemsize > _MAX_DTYPE_BYTES
         or any(n < 0 for n in shape)
     ):
         raise _HookError(f"refused __ndarray__ dtype {dtype} / shape {shape}")
     payload = obj["__ndarray__"]
+    if dtype.kind == "O" and isinstance(payload, str):
+        raise _HookError("refused base64 __ndarray__ of dtype object")
     try:
         if isinstance(payload, str):
             arr = np.frombuffer(base64.b64decode(payload, validate=True), dtype=dtype)

@@ -231,6 +231,8 @@ def test_meta_ndarray_numpy_encoder_and_base64():
         {"__ndarray__": ["x"], "dtype": "float64", "shape": [1]},
         {"__ndarray__": [1], "dtype": "float64"},
         {"__ndarray__": "!!", "dtype": "float64", "shape": [1]},
+        {"__ndarray__": "AAAAAAAAAAA=", "dtype": "object", "shape": [1]},
+        {"__ndarray__": [[1, 2], [3, 4]], "dtype": "object", "shape": [2]},
     ],
 )
 def test_meta_bad_ndarray(bad):

@@ -374,3 +374,36 @@ def test_jackknife_views_from_as_targz():
         assert_matches_members(rec, members, view=k)
         np.testing.assert_array_equal(rec.views[k]["mask"].data, views[k]["mask"].data)
         assert rec.views[k]["resp"] is rec.views[0]["resp"]
+
+
+def test_meta_numpy_encoder_arrays_of_every_dtype_it_can_write():
+    """NumpyEncoder writes ``tolist()`` with ``str(dtype)``: pandas ``.values`` columns
+    are dtype object, strings ``<U..``; NaN goes out as the NaN token."""
+    meta = {
+        "cellid": np.array(["TNC015a-01-1", "TNC015a-02-1"], dtype=object),
+        "mixed": np.array([1, "a", None, 2.5], dtype=object),
+        "grid": np.array([["a", 1], ["b", 2]], dtype=object),
+        "names": np.array(["x", "yy"]),
+        "flags": np.array([True, False]),
+        "gain": np.array(1.5),
+        "rates": np.array([[np.nan, 1.0]], dtype=np.float32),
+        "nested": {"files": ["/a/b.m"], "rawid": np.arange(3, dtype=np.int32)},
+    }
+    sig = Sig("raster", "x", np.ones((1, 3)))
+    archive = as_targz("R", meta, [{"x": sig}])
+    got = read_recording(archive).meta
+
+    def decode(obj):  # what json_numpy_obj_hook does with an encoded array
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], obj["dtype"]).reshape(obj["shape"])
+        return obj
+
+    want = json.loads(tar_members(archive)["R/R.meta.json"], object_hook=decode)
+    assert set(got) == set(want)
+    for key in ("cellid", "mixed", "grid", "names", "flags", "gain", "rates"):
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape
+        np.testing.assert_array_equal(got[key], want[key])
+    assert got["cellid"].tolist() == ["TNC015a-01-1", "TNC015a-02-1"]
+    assert got["mixed"].tolist() == [1, "a", None, 2.5]
+    assert got["nested"]["files"] == ["/a/b.m"]
+    assert got["nested"]["rawid"].dtype == np.int32
