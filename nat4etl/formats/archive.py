@@ -1,5 +1,8 @@
 """Safe, streaming iteration over tar (plain or gzip) and zip members, without extracting.
 
+A directory is read as an archive of its regular files (a recording saved unpacked, as
+NEMS0's ``Recording.save_dir`` writes it), so callers need not care which they were given.
+
 Knows nothing about NEMS0 or NAT4. What it guarantees to the layers above:
 
 - only regular files come out; absolute names, ``..`` components, symlinks, hard links,
@@ -160,7 +163,8 @@ def iter_members(
     ----------
     source
         A path, the archive bytes, or a binary file object (tar may be unseekable; zip
-        needs seek).
+        needs seek). A path to a directory yields its regular files, named by their
+        path below it, in sorted order.
     path
         Name used in errors when ``source`` is not a path.
     limits
@@ -180,6 +184,9 @@ def iter_members(
     if path is None and isinstance(source, str | os.PathLike):
         path = source
     where = _Where(str(path) if path is not None else None, parent)
+    if isinstance(source, str | os.PathLike) and os.path.isdir(source):
+        yield from _iter_dir(Path(source), where, limits)
+        return
     reopen = _reopener(source, where)
     with contextlib.ExitStack() as stack:
         raw = _open_source(source, where, stack)
@@ -681,6 +688,57 @@ def _check_tar_end(tar: tarfile.TarFile, stream: _Inflated, where: _Where) -> No
         raise where.error(ArchiveError, "tar ends without its end-of-archive marker (truncated?)")
     if block.count(0) != len(block):
         raise where.error(ArchiveError, f"bad tar header at byte {tar.offset}")
+
+
+# --- directory -----------------------------------------------------------------------------
+
+
+def _iter_dir(root: Path, where: _Where, limits: Limits) -> Iterator[Member]:
+    """The regular files below ``root``; links and special files refused as in a tar."""
+    budget = _Budget(limits, where)
+    with _damage_as_archive_error(where.path, where.qual(None)):
+        names = sorted(_walk(root))
+    for name in names:
+        _check_name(name, where)
+        file = root.joinpath(*name.split("/"))
+        with _damage_as_archive_error(where.path, where.qual(name)):
+            st = file.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            raise where.error(UnsafeMember, "symlink refused", name)
+        if not stat.S_ISREG(st.st_mode):
+            raise where.error(UnsafeMember, f"special file (mode {oct(st.st_mode)}) refused", name)
+        budget.admit(name, st.st_size)
+        yield Member(
+            name=name,
+            size_bytes=st.st_size,
+            path=where.path,
+            qualname=where.qual(name) or name,
+            _opener=_file_opener(file, st.st_size, where, name),
+            _limits=limits,
+        )
+
+
+def _walk(root: Path) -> Iterator[str]:
+    """Relative '/'-joined names of everything below ``root`` but directories (not
+    followed through links)."""
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
+        base = Path(dirpath).relative_to(root)
+        for entry in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            yield (base / entry).as_posix()
+
+
+def _raise(err: OSError) -> None:
+    raise err
+
+
+def _file_opener(file: Path, size: int, where: _Where, name: str) -> Callable[[], BinaryIO]:
+    def opener() -> BinaryIO:
+        raw = open(file, "rb")
+        return io.BufferedReader(
+            _MemberStream(raw.readinto, size, where, name, raw.close), buffer_size=1 << 16
+        )
+
+    return opener
 
 
 # --- zip -----------------------------------------------------------------------------------

@@ -218,7 +218,8 @@ def read_recording(
     ----------
     source
         Path, bytes, binary stream, or an `archive.Member` holding the tgz (a per-site
-        recording inside a zip).
+        recording inside a zip). A path may also be a directory holding the files (what
+        ``Recording.save_dir`` writes).
     path
         Name used in errors when ``source`` is not a path.
     on_data

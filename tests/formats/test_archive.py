@@ -359,3 +359,37 @@ def test_works_with_the_standard_gzip_module(monkeypatch):
     assert contents(data) == dict(MEMBERS)
     with pytest.raises(ArchiveError):
         contents(data[: len(data) // 2])
+
+
+def test_directory_read_as_an_archive_of_its_files(tmp_path):
+    root = tmp_path / "rec"
+    for name, data in [*MEMBERS, ("R/sub/x.h5", b"\x89HDF"), ("top.json", b"[]")]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "R" / "emptydir").mkdir()
+    want = {**dict(MEMBERS), "R/sub/x.h5": b"\x89HDF", "top.json": b"[]"}
+    for source in (root, str(root)):
+        members = list(iter_members(source))
+        assert [m.name for m in members] == sorted(want)  # sorted, directories left out
+        assert [m.size_bytes for m in members] == [len(want[m.name]) for m in members]
+        assert {m.name: m.read() for m in members} == want  # opened after iteration
+    with open_member(root, "R/R.resp.csv") as f:
+        assert f.read(4) == b"1,2\n"
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_directory_with_a_symlink_is_refused(tmp_path, kind):
+    root = tmp_path / "rec"
+    root.mkdir()
+    (root / "a.json").write_bytes(b"{}")
+    target = tmp_path / "outside"
+    target.mkdir() if kind == "dir" else target.write_bytes(b"secret")
+    (root / "link").symlink_to(target)
+    with pytest.raises(UnsafeMember, match="link: symlink refused"):
+        contents(root, path="rec")
+
+
+def test_directory_files_bounded_by_the_limits(tmp_path):
+    (tmp_path / "big.csv").write_bytes(b"x" * 100)
+    with pytest.raises(UnsafeMember, match="over the 50-byte limit"):
+        contents(tmp_path, limits=Limits(max_member_bytes=50))

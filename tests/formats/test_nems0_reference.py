@@ -13,7 +13,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from nems0_reference import Epochs, Sig, as_targz, file_streams, raster_csv, to_csv
+from nems0_reference import Epochs, Sig, as_targz, file_streams, raster_csv, save_dir, to_csv
 
 from nat4etl.formats.nems0 import read_epochs, read_recording
 
@@ -407,3 +407,22 @@ def test_meta_numpy_encoder_arrays_of_every_dtype_it_can_write():
     assert got["mixed"].tolist() == [1, "a", None, 2.5]
     assert got["nested"]["files"] == ["/a/b.m"]
     assert got["nested"]["rawid"].dtype == np.int32
+
+
+def test_save_dir_recording_read_from_the_directory(tmp_path):
+    """``Recording.save(uri, uncompressed=True)`` / ``save_dir``: the same files, flat in
+    one directory, with no R/ level."""
+    views = reference_views(np.random.default_rng(4))
+    meta = {"siteid": "TNC015a", "cells": np.array(RESP_CHANS, dtype=object)}
+    root = save_dir(tmp_path / "TNC015a_0a1b", "R", meta, views)
+    members = {p.name: p.read_bytes() for p in root.iterdir()}
+    assert sorted(members) == sorted(
+        ["R.meta.json"] + [f for s in views[0].values() for f, _ in file_streams(s)]
+    )
+    rec = read_recording(root)
+    assert rec.name == "R" and rec.skipped == [] and rec.path == str(root)
+    assert list(rec.signals) == ["mask", "resp", "spikes", "stim"]  # sorted file order
+    assert rec.meta["cells"].tolist() == RESP_CHANS
+    assert_matches_members(rec, members)
+    with rec.open_data("resp") as stream:
+        assert stream.read() == members["R.resp.csv"]
