@@ -7,6 +7,9 @@ Follows ``load_recording_from_targz_stream`` (nems0-format.md §1) but is more r
 - empty members, OS litter (``.DS_Store``, ``._*``) and unknown names are *skipped and
   listed* in `Recording.skipped` instead of failing;
 - the recording meta is ``R.meta.json`` exactly (NEMS0 takes any ``*meta.json``);
+- a later view's data member without its own JSON takes the sidecar (and epochs) of the
+  same signal in the nearest earlier view: ``Recording.save_dir`` writes ``01.R.S.csv``
+  but no ``01.R.S.json``;
 - epoch CSVs are read by header name, and names such as ``NA`` stay strings.
 
 Everything is returned in file units (seconds, Hz) with no NAT4 meaning. Data members are
@@ -369,7 +372,13 @@ class _Builder:
 
     def finish(self, *, check_default_data: bool) -> Recording:
         by_view: dict[int, dict[str, Signal]] = {}
+        described: dict[str, _Group] = {}  # key -> the latest group with a JSON
         for (view, key), group in sorted(self.groups.items(), key=lambda kv: kv[0][0]):
+            if group.json is None and group.data is not None and key in described:
+                group.json = described[key].json
+                group.epochs = group.epochs or described[key].epochs
+            if group.json is not None:
+                described[key] = group
             sig = self._signal(view, key, group, check_default_data)
             signals = by_view.setdefault(view, {})
             if sig.name in signals:

@@ -426,3 +426,36 @@ def test_save_dir_recording_read_from_the_directory(tmp_path):
     assert_matches_members(rec, members)
     with rec.open_data("resp") as stream:
         assert stream.read() == members["R.resp.csv"]
+
+
+def test_save_dir_with_jackknife_views(tmp_path):
+    """save_dir writes a later view's CSV as ``01.R.mask.csv`` but its JSON and epochs
+    over view 0's ``R.mask.json`` / ``R.mask.epoch.csv``: the view borrows the latest
+    sidecar of the same signal instead of failing for want of ``01.R.mask.json``."""
+    base = reference_views(np.random.default_rng(5))[0]
+    views = [base]
+    for k in (1, 2):
+        view = dict(views[-1])
+        mask = base["mask"].data.copy()
+        mask[0, 10 * k : 10 * k + 10] = False
+        view["mask"] = Sig("raster", "mask", mask, chans=RESP_CHANS, epochs=base["mask"].epochs)
+        views.append(view)
+    root = save_dir(tmp_path / "rec", "R", {}, views)
+    names = sorted(p.name for p in root.iterdir())
+    assert "01.R.mask.csv" in names and "02.R.mask.csv" in names
+    assert not [n for n in names if n.startswith("0") and not n.endswith(".mask.csv")]
+    members = {p.name: p.read_bytes() for p in root.iterdir()}
+    rec = read_recording(root)
+    assert len(rec.views) == 3 and rec.skipped == []
+    for k in range(3):
+        np.testing.assert_array_equal(rec.views[k]["mask"].data, views[k]["mask"].data)
+        assert rec.views[k]["mask"].json_member == "R.mask.json"
+        assert rec.views[k]["mask"].epoch_member == "R.mask.epoch.csv"
+        assert rec.views[k]["resp"] is rec.views[0]["resp"]
+        assert_matches_members(rec, members, view=k)
+    assert [rec.views[k]["mask"].data_member for k in range(3)] == [
+        "R.mask.csv",
+        "01.R.mask.csv",
+        "02.R.mask.csv",
+    ]
+    assert [rec.views[k]["mask"].view for k in range(3)] == [0, 1, 2]
