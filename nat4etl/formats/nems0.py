@@ -5,7 +5,8 @@ Follows ``load_recording_from_targz_stream`` (nems0-format.md §1) but is more r
 - members may come in any order; they are paired by ``(view, R.S)`` from the basename
   (``R.S.ext``, ``NN.R.S.ext`` for view NN, ``R.S.epoch.csv`` singular);
 - empty members, OS litter (``.DS_Store``, ``._*``) and unknown names are *skipped and
-  listed* in `Recording.skipped` instead of failing;
+  listed* in `Recording.skipped` instead of failing, except an empty CSV next to its
+  JSON: a rasterized signal with no samples (C x 0);
 - the recording meta is ``R.meta.json`` exactly (NEMS0 takes any ``*meta.json``);
 - a later view's data member without its own JSON takes the sidecar (and epochs) of the
   same signal in the nearest earlier view: ``Recording.save_dir`` writes ``01.R.S.csv``
@@ -258,7 +259,7 @@ def read_recording(
     builder = _Builder(shown)
     for member in archive.iter_members(source, path=shown, limits=limits, parent=parent):
         builder.add(member, handler)
-    rec = builder.finish(check_default_data=on_data is None and load_data)
+    rec = builder.finish(check_default_data=on_data is None and load_data, handler=handler)
     if isinstance(source, bytes | bytearray | memoryview | str | os.PathLike):
         rec._source = source
         rec._limits = limits
@@ -304,6 +305,7 @@ class _Group:
         self.json: tuple[archive.Member, SignalHeader] | None = None
         self.data: tuple[archive.Member, DataKind, Any] | None = None
         self.epochs: tuple[archive.Member, pa.Table] | None = None
+        self.empty: list[archive.Member] = []  # 0-byte CSVs: a raster with no samples?
 
 
 class _Builder:
@@ -317,7 +319,12 @@ class _Builder:
 
     def add(self, member: archive.Member, handler: DataHandler | None) -> None:
         if member.size_bytes == 0:
-            self.skipped.append(Skipped(member.name, 0, "empty member"))
+            role = classify_member(member.name)
+            if isinstance(role, MemberRole) and role.data_kind == "csv":
+                # np.savetxt writes nothing for a signal without samples: decided in finish
+                self.groups.setdefault((role.view, role.key), _Group()).empty.append(member)
+            else:
+                self.skipped.append(Skipped(member.name, 0, "empty member"))
             return
         role = classify_member(member.name)
         if isinstance(role, str):
@@ -354,7 +361,14 @@ class _Builder:
             msg = f"second {what} for the same signal (first: {first.name})"
             raise FormatError(msg, path=member.path, member=member.qualname)
 
-    def _data(self, member: archive.Member, role: MemberRole, group: _Group, handler) -> Any:
+    def _data(
+        self,
+        member: archive.Member,
+        role: MemberRole,
+        group: _Group,
+        handler,
+        stream: BinaryIO | None = None,
+    ) -> Any:
         if handler is None:
             return None
         info = DataMember(
@@ -367,16 +381,25 @@ class _Builder:
             path=member.path,
             qualname=member.qualname,
         )
-        with member.open() as stream:
+        with stream if stream is not None else member.open() as stream:
             return handler(info, stream)
 
-    def finish(self, *, check_default_data: bool) -> Recording:
+    def finish(self, *, check_default_data: bool, handler: DataHandler | None) -> Recording:
         by_view: dict[int, dict[str, Signal]] = {}
         described: dict[str, _Group] = {}  # key -> the latest group with a JSON
         for (view, key), group in sorted(self.groups.items(), key=lambda kv: kv[0][0]):
-            if group.json is None and group.data is not None and key in described:
+            has_data = group.data is not None or group.empty
+            if group.json is None and has_data and key in described:
                 group.json = described[key].json
                 group.epochs = group.epochs or described[key].epochs
+            if group.data is None and group.json is not None and group.empty:
+                member = group.empty.pop(0)
+                role = MemberRole("data", view, key, "csv")
+                data = self._data(member, role, group, handler, io.BytesIO())
+                group.data = (member, "csv", data)
+            self.skipped += [Skipped(m.name, 0, "empty member") for m in group.empty]
+            if group.json is None and group.data is None and group.epochs is None:
+                continue  # nothing but empty members
             if group.json is not None:
                 described[key] = group
             sig = self._signal(view, key, group, check_default_data)
@@ -452,6 +475,9 @@ def _load_default(threads: int) -> DataHandler:
     def load(member: DataMember, stream: BinaryIO) -> Any:
         where = {"path": member.path, "member": member.qualname}
         if member.kind == "csv":
+            if member.size_bytes == 0:  # no samples; the JSON chans are all we know
+                chans = member.header.chans if member.header is not None else None
+                return np.zeros((len(chans) if chans else 0, 0), np.float32)
             return nems0_csv.read_raster(stream, threads=threads, **where)
         return nems0_h5.read_h5_datasets(stream.read(), **where)
 

@@ -459,3 +459,35 @@ def test_save_dir_with_jackknife_views(tmp_path):
         "02.R.mask.csv",
     ]
     assert [rec.views[k]["mask"].view for k in range(3)] == [0, 1, 2]
+
+
+def test_signal_without_samples_is_an_empty_csv():
+    """np.savetxt of a (0, C) array writes nothing, so the member is 0 bytes (the
+    reference's own loader skips it and then fails): read as C x 0."""
+    sig = Sig("raster", "pred", np.zeros((3, 0)), chans=["a", "b", "c"])
+    views = [{"pred": sig, "stray": Sig("raster", "stray", np.ones((1, 4)))}]
+    members = tar_members(as_targz("R", {}, views))
+    assert members["R/R.pred.csv"] == b""
+    members["R/R.other.csv"] = b""  # an empty CSV with no JSON stays a skipped member
+    archive = rewrap(members, lambda n: n)
+    rec = read_recording(archive)
+    assert rec.signals["pred"].data.shape == (3, 0)
+    assert rec.signals["pred"].data.dtype == np.float32
+    assert rec.signals["pred"].epochs.to_pydict() == {
+        "name": ["SIGNAL"],
+        "start_s": [0.0],
+        "end_s": [0.0],
+    }
+    assert [(s.name, s.reason) for s in rec.skipped] == [("R/R.other.csv", "empty member")]
+
+    seen = []
+
+    def handler(member, stream):
+        header = member.header.name if member.header else None  # known late: the 0-byte one
+        seen.append((member.name, member.size_bytes, header, stream.read()))
+        return "handled"
+
+    rec = read_recording(archive, on_data=handler)
+    assert ("R/R.pred.csv", 0, "pred", b"") in seen
+    assert rec.signals["pred"].data == "handled"
+    assert read_recording(archive, load_data=False).signals["pred"].data is None
