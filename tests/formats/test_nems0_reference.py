@@ -188,11 +188,12 @@ def test_single_channel_and_single_sample_csv(shape, lines):
     "data",
     [
         np.array([[np.nan, np.inf, -np.inf, -0.0, 0.0, 1e300, -5e-324, 1.5e-310]]),
+        np.array([[np.nan, np.inf, -np.inf, -0.0, 0.0, 1e300, -5e-324, 1.5e-310]]).T,
         np.array([[True, False, True], [False, False, True]]),
         np.array([[3, -2, 0], [2**40, 7, -(2**53) + 1]], dtype=np.int64),
         np.array([[0.1, 1 / 3, 3.4e38, 1e-45]], dtype=np.float32),
     ],
-    ids=["specials", "bool", "int64", "float32"],
+    ids=["specials-one-channel", "specials-one-sample", "bool", "int64", "float32"],
 )
 def test_csv_values_and_dtypes_as_savetxt_spells_them(data):
     text = raster_csv(data)
@@ -491,3 +492,41 @@ def test_signal_without_samples_is_an_empty_csv():
     assert ("R/R.pred.csv", 0, "pred", b"") in seen
     assert rec.signals["pred"].data == "handled"
     assert read_recording(archive, load_data=False).signals["pred"].data is None
+
+
+@pytest.mark.parametrize(
+    "tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax-path", "gnu-longlink"]
+)
+def test_member_names_longer_than_a_tar_header_holds(tar_format):
+    """Over 100 bytes: PAX writes a path record, GNU a ././@LongLink member."""
+    name = "A1_TNC015a_" + "abf36" * 12
+    sig = Sig("raster", "population_response", np.ones((2, 3)), recording=name)
+    archive = as_targz(name, {}, [{"population_response": sig}], tar_format=tar_format)
+    members = tar_members(archive)
+    assert max(len(n) for n in members) > 100
+    rec = read_recording(archive)
+    assert rec.name == name and rec.skipped == []
+    assert_matches_members(rec, members)
+
+
+def test_save_dir_written_on_windows(tmp_path):
+    """Text-mode files on Windows: savetxt's rows end in CRLF, and to_csv's os.linesep
+    through a text handle ends epoch rows in CR CR LF."""
+    views = reference_views(np.random.default_rng(6))
+    unix = save_dir(tmp_path / "unix", "R", {}, views)
+    windows = tmp_path / "windows"
+    windows.mkdir()
+    for path in unix.iterdir():
+        body = path.read_bytes()
+        if path.name.endswith(".epoch.csv"):
+            body = body.replace(b"\n", b"\r\r\n")
+        elif path.name.endswith(".csv"):
+            body = body.replace(b"\n", b"\r\n")
+        (windows / path.name).write_bytes(body)
+    want, got = read_recording(unix), read_recording(windows)
+    assert list(got.signals) == list(want.signals) and got.skipped == []
+    assert b"\r\r\n" in (windows / "R.resp.epoch.csv").read_bytes()
+    for name, sig in want.signals.items():
+        if sig.data_kind == "csv":
+            np.testing.assert_array_equal(got.signals[name].data, sig.data)
+        assert got.signals[name].epochs.equals(sig.epochs)
