@@ -100,12 +100,20 @@ def check_point_process(
     path: str | os.PathLike | None = None,
     member: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every dataset must be 1-D (spike times); returns them as given."""
+    """Every dataset must hold a vector of spike times; returns them 1-D, in stored order.
+
+    A column ``(n, 1)`` (or row ``(1, n)``) is flattened: NEMS0 stores whatever array it
+    was given, and rasterizes a column as it does a vector (it iterates the rows).
+    """
+    out = {}
     for key, arr in datasets.items():
+        if arr.ndim == 2 and 1 in arr.shape:
+            arr = arr.reshape(-1)
         if arr.ndim != 1:
             msg = f"dataset {key!r}: spike times must be 1-D, got shape {arr.shape}"
             raise FormatError(msg, path=path, member=member)
-    return datasets
+        out[key] = arr
+    return out
 
 
 def check_tiled(

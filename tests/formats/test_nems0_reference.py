@@ -530,3 +530,19 @@ def test_save_dir_written_on_windows(tmp_path):
         if sig.data_kind == "csv":
             np.testing.assert_array_equal(got.signals[name].data, sig.data)
         assert got.signals[name].epochs.equals(sig.epochs)
+
+
+def test_point_process_spike_times_stored_as_a_column():
+    """The writer stores the arrays it holds; times loaded from MATLAB are often (n, 1),
+    which the reference rasterizes like a vector."""
+    spikes = {"u1": np.array([[0.1], [0.4], [0.2]]), "u2": np.array([[0.3, 0.5]]), "u3": []}
+    sig = Sig("point", "resp", spikes, fs=1000, epochs=Epochs.added("TRIAL", [(0, 1)]))
+    archive = as_targz("R", {}, [{"resp": sig}])
+    stored = h5py_datasets(tar_members(archive)["R/R.resp.h5"])
+    assert stored["u1"].shape == (3, 1) and stored["u2"].shape == (1, 2)
+    got = read_recording(archive).signals["resp"].data
+    assert {k: v.tolist() for k, v in got.items()} == {
+        "u1": [0.1, 0.4, 0.2],
+        "u2": [0.3, 0.5],
+        "u3": [],
+    }
