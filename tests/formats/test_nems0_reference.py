@@ -546,3 +546,20 @@ def test_point_process_spike_times_stored_as_a_column():
         "u2": [0.3, 0.5],
         "u3": [],
     }
+
+
+def test_gunzipped_reference_archive():
+    """The reference only writes gzip (and only reads it); a .tar someone gunzipped reads
+    the same."""
+    import gzip
+
+    views = reference_views(np.random.default_rng(7))
+    archive = as_targz("R", {"a": 1}, views)
+    want, got = read_recording(archive), read_recording(gzip.decompress(archive))
+    assert list(got.signals) == list(want.signals) and got.meta == want.meta
+    for name, sig in want.signals.items():
+        if sig.data_kind == "csv":
+            np.testing.assert_array_equal(got.signals[name].data, sig.data)
+        else:
+            assert got.signals[name].data.keys() == sig.data.keys()
+        assert got.signals[name].epochs.equals(sig.epochs)
