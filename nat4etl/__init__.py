@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 #: bump when a table's schema changes incompatibly (readers refuse other versions)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 __all__ = ["Nat4Store", "__version__", "open"]
 
 if TYPE_CHECKING:

@@ -104,12 +104,20 @@ POP_SIGNALS = _table(
             _f("signal", pa.string()),
             _f("channel", pa.int32()),
             _f("chan", pa.string(), True),
+            _f("min_value", pa.float32()),
+            _f("max_value", pa.float32()),
             _f("values", pa.list_(pa.float32())),
         ),
         key=("signal", "channel"),
         doc="Population recording's rasterized signals (resp, stim, mask_est), one row per "
-        "channel, every sample as float32.",
-        units={"values": "signal units at the signal's fs_hz"},
+        "channel, every sample as float32. min_value/max_value: the channel's extremes, NaN "
+        "ignored (NaN when it has no other value), so its range is known without decoding "
+        "values.",
+        units={
+            "values": "signal units at the signal's fs_hz",
+            "min_value": "signal units",
+            "max_value": "signal units",
+        },
     )
 )
 

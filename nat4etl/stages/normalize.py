@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nat4etl import binning, schema
-from nat4etl.errors import MissingTableError
+from nat4etl.errors import InputMismatch, MissingTableError
 from nat4etl.stages import rebin_sites as rs
 
 Preset = Literal["deepstrf", "nems"]
@@ -68,27 +68,18 @@ def log_compress(x: np.ndarray, offset: float) -> np.ndarray:
     return np.log1p(x / offset) if offset != 1 else np.log1p(x)
 
 
-def constants(
-    values: np.ndarray, rule: Rule, *, channel_of_row: np.ndarray | None = None, n_channels: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """(min, max) of the log-compressed ``values`` (rows, samples), NaN ignored.
-
-    Per channel or one pair over everything, as ``rule`` says. Rows are channels unless
-    ``channel_of_row`` maps each row to one of ``n_channels`` (several rows per channel).
-    A channel with no finite value gets NaN. The log is monotonic, so the extremes are
-    found on the raw values (no float64 copy of a 300 MB recording) and then compressed.
-    """
+def constants(rows: Rows, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of the log-compressed values, NaN ignored: per channel or one pair over
+    everything, as ``rule`` says. A channel with no finite extreme gets NaN. The log is
+    monotonic, so the extremes of the raw values are compressed, not every value."""
     if not rule.per_channel:
-        lo = np.fmin.reduce(values, axis=None, initial=np.inf)
-        hi = np.fmax.reduce(values, axis=None, initial=-np.inf)
-        lo, hi = np.array([lo], np.float64), np.array([hi], np.float64)
+        lo = np.array([np.fmin.reduce(rows.lo, initial=np.inf)], np.float64)
+        hi = np.array([np.fmax.reduce(rows.hi, initial=-np.inf)], np.float64)
     else:
-        if channel_of_row is None:
-            channel_of_row, n_channels = np.arange(len(values)), len(values)
-        lo = np.full(n_channels, np.inf)
-        hi = np.full(n_channels, -np.inf)
-        np.fmin.at(lo, channel_of_row, np.fmin.reduce(values, axis=1, initial=np.inf))
-        np.fmax.at(hi, channel_of_row, np.fmax.reduce(values, axis=1, initial=-np.inf))
+        lo = np.full(rows.n_channels, np.inf)
+        hi = np.full(rows.n_channels, -np.inf)
+        np.fmin.at(lo, rows.channel_of_row, rows.lo)
+        np.fmax.at(hi, rows.channel_of_row, rows.hi)
     empty = ~np.isfinite(lo)
     lo[empty], hi[empty] = np.nan, np.nan
     return log_compress(lo, rule.offset), log_compress(hi, rule.offset)
@@ -125,15 +116,25 @@ def scale(
 # ============================================================================ tables
 @dataclass
 class Rows:
-    """Raw values as rows of samples, each row belonging to one channel (band or cell)."""
+    """Rows of raw values, each belonging to one channel (band or cell), kept as each row's
+    extremes (NaN ignored; NaN for a row with no value): all the constants need, and what
+    ``pop_signals`` stores, so the population recording is not decoded to get them."""
 
-    values: np.ndarray  # (rows, samples)
+    lo: np.ndarray  # (rows,)
+    hi: np.ndarray
     channel_of_row: np.ndarray
     n_channels: int
 
     @classmethod
+    def of_values(cls, values: np.ndarray, channel_of_row: np.ndarray, n_channels: int) -> Rows:
+        lo = np.fmin.reduce(values, axis=1, initial=np.inf)
+        hi = np.fmax.reduce(values, axis=1, initial=-np.inf)
+        return cls(lo, hi, channel_of_row, n_channels)
+
+    @classmethod
     def of_matrix(cls, values: np.ndarray) -> Rows:
-        return cls(values, np.arange(len(values)), len(values))
+        """One row per channel."""
+        return cls.of_values(values, np.arange(len(values)), len(values))
 
 
 def constants_table(spectrogram: Rows | None, responses: Rows) -> pa.Table:
@@ -144,9 +145,7 @@ def constants_table(spectrogram: Rows | None, responses: Rows) -> pa.Table:
             if data is None:
                 continue
             rule = RULES[(method, signal)]
-            lo, hi = constants(
-                data.values, rule, channel_of_row=data.channel_of_row, n_channels=data.n_channels
-            )
+            lo, hi = constants(data, rule)
             channels = np.arange(len(lo)) if rule.per_channel else np.array([GLOBAL])
             rows["method"] += [method] * len(lo)
             rows["signal"] += [signal] * len(lo)
@@ -186,34 +185,51 @@ def responses_as_recording(responses: pa.Table, n_cells: int) -> Rows:
     stim = responses.column("stim").to_numpy().astype(np.int64)
     cell = responses.column("cell").to_numpy().astype(np.int64)
     if len(counts) == 0:
-        return Rows(np.empty((0, counts.shape[1])), cell, n_cells)
+        return Rows.of_values(np.empty((0, counts.shape[1])), cell, n_cells)
     pairs, means = rs.pair_means(stim * n_cells + cell, counts)
-    return Rows(means, pairs % n_cells, n_cells)
+    return Rows.of_values(means, pairs % n_cells, n_cells)
 
 
 # ============================================================================ stage
+def stored_extremes(store, area: str, signal: str) -> Rows:
+    """One population signal's per-channel extremes as unpack stored them (no decode)."""
+    table = store.read_table(
+        "pop_signals", area=area, columns=["signal", "channel", "min_value", "max_value"]
+    )
+    table = table.filter(pc.equal(table.column("signal"), signal))
+    if table.num_rows == 0:
+        raise InputMismatch(f"population recording of {area} lacks signal {signal!r}")
+    channel = table.column("channel").to_numpy()
+    order = np.argsort(channel, kind="stable")
+    lo, hi = (
+        table.column(c).to_numpy()[order].astype(np.float64) for c in ("min_value", "max_value")
+    )
+    return Rows(lo, hi, np.arange(len(order)), len(order))
+
+
 def load_and_compute(store, area: str) -> tuple[pa.Table, dict]:
     """One area's constants and the table metadata, read through the store."""
     responses_md = store.table_metadata("responses", area)
     dt_ms = float(responses_md["dt_ms"])
-    inputs = rs.load_area(store, area, sites=False)
-    plan = rs.plan_bins(inputs.stims, dt_ms=dt_ms, pop_fs_hz=inputs.pop_fs_hz)
+    stims = store.read_table("stims", area=area).drop_columns(["area"])
+    plan = rs.plan_bins(stims, dt_ms=dt_ms, pop_fs_hz=rs.population_fs_hz(store, area))
     if plan.frames_per_bin is None:
+        n_cells = store.read_table("cells", area=area, columns=["cell"]).num_rows
         responses = store.read_table("responses", area=area, columns=["stim", "cell", "counts"])
-        resp = responses_as_recording(responses, inputs.cells.num_rows)
+        resp = responses_as_recording(responses, n_cells)
         spec, source = None, "responses table (est rows + val trial means)"
+    elif plan.frames_per_bin == 1:
+        resp, spec = (stored_extremes(store, area, s) for s in (rs.RESP, rs.STIM))
+        source = "population recording, every sample"
     else:
+        inputs = rs.load_area(store, area, sites=False)
         resp = Rows.of_matrix(
             recording_at_bin_width(inputs.pop_resp, inputs.stims, plan, counts=True)
         )
         spec = Rows.of_matrix(
             recording_at_bin_width(inputs.pop_stim, inputs.stims, plan, counts=False)
         )
-        source = (
-            "population recording, every sample"
-            if plan.frames_per_bin == 1
-            else f"population recording, each sound re-binned to {dt_ms:g} ms"
-        )
+        source = f"population recording, each sound re-binned to {dt_ms:g} ms"
     table = constants_table(spec, resp)
     metadata = {
         "dt_ms": dt_ms,

@@ -734,19 +734,8 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
     ``sites=False`` leaves out the per-site spike times and trials (normalize needs only
     the population recording).
     """
-    recordings = store.read_table("recordings", area=area)
-    signals = store.read_table("signals", area=area)
-    fs = {
-        (r["recording"], r["signal"]): r["fs_hz"]
-        for r in signals.select(["recording", "signal", "fs_hz"]).to_pylist()
-    }
-    pop = [r for r in recordings.to_pylist() if r["kind"] == "population"]
-    if len(pop) != 1:
-        raise InputMismatch(f"area {area}: expected one population recording, found {len(pop)}")
-    pop_name = pop[0]["recording"]
-    pop_fs = {fs[(pop_name, s)] for s in (RESP, STIM)}
-    if len(pop_fs) != 1:
-        raise InputMismatch(f"area {area}: population resp and stim differ in fs ({pop_fs})")
+    fs = _fs_hz(store, area)
+    pop_fs_hz = population_fs_hz(store, area, fs)
     site_fs_hz = {}
     if sites:
         site_spikes = read_in_batches(store, "site_spikes", area)
@@ -769,9 +758,32 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
         site_spikes=site_spikes,
         pop_resp=population[RESP],
         pop_stim=population[STIM],
-        pop_fs_hz=float(pop_fs.pop()),
+        pop_fs_hz=pop_fs_hz,
         site_fs_hz=site_fs_hz,
     )
+
+
+def _fs_hz(store, area: str) -> dict[tuple[str, str], float]:
+    """(recording, signal) -> fs_hz, from the signals table."""
+    signals = store.read_table("signals", area=area)
+    return {
+        (r["recording"], r["signal"]): r["fs_hz"]
+        for r in signals.select(["recording", "signal", "fs_hz"]).to_pylist()
+    }
+
+
+def population_fs_hz(store, area: str, fs: dict | None = None) -> float:
+    """The population recording's one sampling rate (resp and stim must share it)."""
+    fs = _fs_hz(store, area) if fs is None else fs
+    recordings = store.read_table("recordings", area=area)
+    pop = [r for r in recordings.to_pylist() if r["kind"] == "population"]
+    if len(pop) != 1:
+        raise InputMismatch(f"area {area}: expected one population recording, found {len(pop)}")
+    pop_name = pop[0]["recording"]
+    pop_fs = {fs[(pop_name, s)] for s in (RESP, STIM)}
+    if len(pop_fs) != 1:
+        raise InputMismatch(f"area {area}: population resp and stim differ in fs ({pop_fs})")
+    return float(pop_fs.pop())
 
 
 def run(store, settings, progress) -> dict:

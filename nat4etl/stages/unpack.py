@@ -170,14 +170,28 @@ def channel_lists(values: np.ndarray) -> pa.ChunkedArray:
 
 def pop_signal_table(signal: str, values: np.ndarray, chans: tuple[str, ...] | None) -> pa.Table:
     n = values.shape[0]
+    lo, hi = channel_extremes(values)
     return pa.table(
         {
             "signal": pa.array([signal] * n, pa.string()),
             "channel": pa.array(np.arange(n, dtype=np.int32)),
             "chan": pa.array(list(chans) if chans else [None] * n, pa.string()),
+            "min_value": pa.array(lo),
+            "max_value": pa.array(hi),
             "values": channel_lists(values),
         }
     )
+
+
+def channel_extremes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the min and max with NaN ignored; NaN for a row with no other value.
+
+    Taken while the arrays are in memory, so normalize needs no decode of the values."""
+    lo = np.fmin.reduce(values, axis=1, initial=np.inf)
+    hi = np.fmax.reduce(values, axis=1, initial=-np.inf)
+    nothing = lo > hi  # only when every value is NaN (or there are none)
+    lo[nothing], hi[nothing] = np.nan, np.nan
+    return lo.astype(np.float32), hi.astype(np.float32)
 
 
 # ============================================================================ rows

@@ -6,9 +6,13 @@ import warnings
 
 import numpy as np
 import pyarrow as pa
+import pytest
+from click.testing import CliRunner
 
+from nat4etl.cli import cli
 from nat4etl.stages import normalize as nz
 from nat4etl.stages import rebin_sites as rs
+from nat4etl.store import Store
 
 
 def _nems_minmax(m):
@@ -103,9 +107,51 @@ def test_responses_as_recording_averages_val_trials():
     counts = np.array([[1, 2], [3, 4], [5, np.nan], [7, 8]], np.float32)
     table = rs.responses_table([0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 0], "site", counts)
     rows = nz.responses_as_recording(table, n_cells=3)
-    np.testing.assert_array_equal(rows.values, [[1, 2], [4, 4], [7, 8]])
+    # per (stim, cell) the est trial or the trials' mean: [[1, 2], [4, 4], [7, 8]]
+    np.testing.assert_array_equal(rows.lo, [1, 4, 7])
+    np.testing.assert_array_equal(rows.hi, [2, 4, 8])
     assert rows.channel_of_row.tolist() == [0, 0, 1]
     _, _, lo, hi = _constants(nz.constants_table(None, rows), "nems", "responses")
     np.testing.assert_array_equal(lo[:2], [1, 7])
     np.testing.assert_array_equal(hi[:2], [4, 8])
     assert np.isnan(lo[2])
+
+
+@pytest.mark.parametrize("dt_ms", [10, 20])
+def test_constants_from_stored_extremes_equal_the_decoded_recording(
+    tmp_path, mini_quirks_sample, dt_ms
+):
+    """At 10 ms the constants come from pop_signals' min_value/max_value columns (no decode
+    of the values); at 20 ms from the decoded, re-binned recording. Both must equal the
+    constants of the decoded recording computed here."""
+    out = tmp_path / "store"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--out",
+            str(out),
+            "--source",
+            str(mini_quirks_sample.dir),
+            "--dt-ms",
+            str(dt_ms),
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    store = Store(out)
+    for area in store.areas("norm_constants"):
+        inputs = rs.load_area(store, area, sites=False)
+        plan = rs.plan_bins(inputs.stims, dt_ms=dt_ms, pop_fs_hz=inputs.pop_fs_hz)
+        resp, spec = (
+            nz.Rows.of_matrix(nz.recording_at_bin_width(x, inputs.stims, plan, counts=c))
+            for x, c in ((inputs.pop_resp, True), (inputs.pop_stim, False))
+        )
+        want = nz.constants_table(spec, resp)
+        got = store.read_table("norm_constants", area=area).drop_columns(["area"])
+        assert got.num_rows == want.num_rows > 0
+        for method in nz.PRESETS:
+            for signal in (nz.SPECTROGRAM, nz.RESPONSES):
+                g, w = _constants(got, method, signal), _constants(want, method, signal)
+                for a, b in zip(g, w, strict=True):
+                    np.testing.assert_array_equal(a, b)  # exact, NaN where no value

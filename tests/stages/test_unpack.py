@@ -109,6 +109,11 @@ def test_population_values_equal_an_independent_parse(case, area):
             row = rows.pop((signal, channel))
             got = np.asarray(row["values"], np.float32)
             np.testing.assert_array_equal(got, want)  # NaN == NaN here
+            finite = want[~np.isnan(want)]  # the stored extremes ignore NaN, else are NaN
+            want_min, want_max = (f(finite) if finite.size else np.nan for f in (np.min, np.max))
+            np.testing.assert_array_equal(
+                [row["min_value"], row["max_value"]], [want_min, want_max]
+            )
             assert row["chan"] == (header["chans"][channel] if header["chans"] else None)
     assert not rows, f"unexpected pop_signals rows {list(rows)[:3]}"
 
