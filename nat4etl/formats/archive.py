@@ -1,7 +1,7 @@
 """Safe, streaming iteration over tar (plain or gzip) and zip members, without extracting.
 
-A directory is read as an archive of its regular files (a recording saved unpacked, as
-NEMS0's ``Recording.save_dir`` writes it), so callers need not care which they were given.
+A directory is read as an archive of its regular files (a data set saved unpacked), so
+callers need not care which of the two they were given.
 
 Knows nothing about NEMS0 or NAT4. What it guarantees to the layers above:
 
