@@ -240,6 +240,56 @@ def measure_components(mirror: Path, runs: int) -> list[Figure]:
     return figures
 
 
+# ------------------------------------------------------------------------------ machine
+# What new memory costs on this machine, so the table can say how much of the build is
+# the VM rather than nat4etl. Here memory freed for ~2 s goes back to the host (virtio
+# free page reporting), and the next first touch of it costs a host fault per page: the
+# build's peak working set and every page of the files it writes pay that.
+
+_PROBE_BYTES = 512 << 20
+_IDLE_S = 3.0  # longer than the host's reporting delay
+
+
+def _touch_s(n_bytes: int):
+    """Seconds to allocate and fill ``n_bytes``, and the filled buffer."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    buf = np.empty(n_bytes, np.uint8)
+    buf.fill(1)
+    return time.perf_counter() - t0, buf
+
+
+def measure_machine(work: Path, runs: int) -> list[Figure]:
+    fresh, reused, written = [], [], []
+    for _ in range(runs):
+        time.sleep(_IDLE_S)
+        t, buf = _touch_s(_PROBE_BYTES)
+        fresh.append(t)
+        del buf
+        t, buf = _touch_s(_PROBE_BYTES)  # the pages just freed, at once
+        reused.append(t)
+        time.sleep(_IDLE_S)
+        path = work / "probe.bin"
+        t0 = time.perf_counter()
+        with open(path, "wb") as f:
+            f.write(buf)
+        written.append(time.perf_counter() - t0)
+        path.unlink()
+    gb = _PROBE_BYTES / 1e9
+    per_gb = [[t / gb for t in ts] for ts in (fresh, reused, written)]
+    reused_s = statistics.median(per_gb[1])
+    figures = [
+        Figure("machine: first touch of memory idle > 2 s, s per GB", statistics.median(per_gb[0])),
+        Figure("machine: touch of memory freed just before, s per GB", reused_s),
+        Figure("machine: write new file data (page cache), s per GB", statistics.median(per_gb[2])),
+    ]
+    for f, ts in zip(figures, per_gb, strict=True):
+        f.runs = ts
+        f.ratio, f.ratio_to = f.wall_s / reused_s, "reused memory"
+    return figures
+
+
 # -------------------------------------------------------------------------------- build
 
 
@@ -423,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     p.add_argument("--scaling-runs", type=int, default=1, help="runs per scaling point")
     p.add_argument("--scales", default="1,2,4", help="unit multipliers for the scaling test")
-    p.add_argument("--skip", default="", help="comma list of: stages,components,scaling,reader")
+    p.add_argument(
+        "--skip", default="", help="comma list of: stages,components,machine,scaling,reader"
+    )
     p.add_argument("--component", choices=COMPONENTS, help=argparse.SUPPRESS)
     p.add_argument("--mirror", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -445,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         cold.target = "<= 1.0x floor, RSS <= 1024 MB"
         cold.met = cold.ratio <= 1.0 and cold.max_rss_mb <= 1024
         figures.append(cold)
+        if "machine" not in skip:
+            figures += measure_machine(work, args.runs)
         if "components" not in skip:
             for part in measure_components(mirror, args.runs):
                 part.ratio, part.ratio_to = part.wall_s / zlib_floor, "zlib floor"
