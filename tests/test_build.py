@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from nat4etl import SCHEMA_VERSION
 from nat4etl.config import load_settings
 from nat4etl.errors import ConfigError, StoreError
 from nat4etl.progress import NullProgress
@@ -164,7 +165,7 @@ def test_first_build_runs_every_stage_and_records_fingerprints(built):
     for stage in FAKES:
         record = json.loads((out / "_stages" / f"{stage}.json").read_text())
         assert record["fingerprint"].startswith("sha256:")
-        assert record["nat4etl_version"] and record["schema_version"] == 1
+        assert record["nat4etl_version"] and record["schema_version"] == SCHEMA_VERSION
         assert record["outputs"]
     unpack = json.loads((out / "_stages/unpack.json").read_text())
     assert unpack["inputs"]["raw/A1.txt"].startswith("md5:")
@@ -181,7 +182,7 @@ def test_manifest_and_table_metadata_carry_provenance(built):
     assert {s["name"] for s in m["sources"]} == {"A1.txt", "PEG.txt"}
     assert all(len(s["md5"]) == 32 and s["size_bytes"] > 0 for s in m["sources"])
     assert set(m["libraries"]) >= {"pyarrow", "polars", "h5py", "numpy", "soxr"}
-    assert m["parameters"]["dt_ms"] == 10.0 and m["schema_version"] == 1
+    assert m["parameters"]["dt_ms"] == 10.0 and m["schema_version"] == SCHEMA_VERSION
     assert m["written_at"] and m["build"]["started_at"]
     assert {t["table"]: t["rows"] for t in m["tables"] if t["area"] == "A1"} == {
         "recordings": 3,

@@ -125,25 +125,25 @@ def stream_rasters(progress, file_name: str) -> nems0.DataHandler:
     def handle(member: nems0.DataMember, stream: BinaryIO) -> Any:
         if member.kind != "csv":
             return None  # no HDF5 in a population recording; reported by the caller
-        chans = member.header.chans if member.header is not None else None
         task = f"{file_name}:{member.name}"
         progress.start(task, total=member.size_bytes, unit="B")
         try:
             counted = _Counted(stream, lambda n: progress.advance(task, n))
             buffer = None
+            # the width comes from the CSV's first row: the JSON chans need not match it
+            # (see _check_population)
             for block in nems0_csv.iter_raster_blocks(
-                counted,
-                n_chans=len(chans) if chans else None,
-                path=member.path,
-                member=member.qualname,
+                counted, path=member.path, member=member.qualname
             ):
                 if buffer is None:
                     buffer = ChannelBuffer(block.shape[1], member.size_bytes)
                 buffer.append(block)
         finally:
             progress.done(task)
-        n_chans = len(chans) if chans else 0
-        return buffer.finish() if buffer is not None else np.zeros((n_chans, 0), np.float32)
+        if buffer is not None:
+            return buffer.finish()
+        chans = member.header.chans if member.header is not None else None
+        return np.zeros((len(chans) if chans else 0, 0), np.float32)  # no rows: no width
 
     return handle
 
@@ -175,7 +175,8 @@ def pop_signal_table(signal: str, values: np.ndarray, chans: tuple[str, ...] | N
         {
             "signal": pa.array([signal] * n, pa.string()),
             "channel": pa.array(np.arange(n, dtype=np.int32)),
-            "chan": pa.array(list(chans) if chans else [None] * n, pa.string()),
+            # chans that do not describe the rows (a mask's) label none of them
+            "chan": pa.array(list(chans) if chans and len(chans) == n else [None] * n, pa.string()),
             "min_value": pa.array(lo),
             "max_value": pa.array(hi),
             "values": channel_lists(values),
@@ -333,9 +334,16 @@ def read_population(path: Path, rows: RawRows, progress) -> tuple[pa.Table, dict
     return pa.concat_tables(parts), arrays
 
 
+#: signals whose JSON chans must name their rows: resp's chans are the cell ids
+#: parse-epochs matches. Elsewhere NEMS0 never ties chans to the data, and a mask made by
+#: ``Recording.create_mask`` keeps the chans of the signal it came from (one row, every
+#: unit listed); those rows are stored unlabelled and the chans as written.
+ROWS_NAMED_BY_CHANS = ("resp",)
+
+
 def _check_population(rec: nems0.Recording, path: Path) -> None:
-    """Every signal rasterized, and as many CSV columns as JSON chans (the JSON may come
-    after the CSV in the tar, so the streaming parser cannot always check it)."""
+    """Every signal rasterized, and resp with as many CSV columns as JSON chans (the JSON
+    may come after the CSV in the tar, so the streaming parser cannot check it)."""
     if rec.name is None:
         raise FormatError("no signal names a recording", path=path)
     for sig in rec.signals.values():
@@ -345,7 +353,8 @@ def _check_population(rec: nems0.Recording, path: Path) -> None:
             raise FormatError(msg, **where)
         chans = sig.header.chans
         n_chans, n_samples = sig.data.shape
-        if chans is not None and n_samples and len(chans) != n_chans:
+        named = sig.name in ROWS_NAMED_BY_CHANS and chans is not None
+        if named and n_samples and len(chans) != n_chans:
             msg = f"CSV has {n_chans} columns, the JSON chans lists {len(chans)}; nothing written"
             raise FormatError(msg, **where)
 

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import h5py
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from click.testing import CliRunner
 
@@ -398,3 +399,29 @@ def test_missing_source_file_names_it(tmp_path, mini_sample):
     assert result.exit_code != 0
     assert "PEG_pred_correlation.csv" in result.output
     assert not out.exists() or not (out / "pop_signals").exists()
+
+
+def test_mask_chans_of_the_signal_it_came_from_unpack(tmp_path, mini_sample):
+    """``Recording.create_mask`` gives the one-row mask the chans of resp: NEMS0 reads
+    that file, so unpack must too. The rows are stored unlabelled, the chans as written."""
+    src = tmp_path / "src"
+    shutil.copytree(mini_sample.dir, src)
+    inherited = ["unit-a", "unit-b", "unit-c"]
+
+    def add_chans(b: bytes) -> bytes:
+        header = json.loads(b)
+        return json.dumps({**header, "chans": inherited}).encode()
+
+    _edit_population(src, "A1", ".mask_est.json", add_chans)
+    out = tmp_path / "store"
+    result = _run("unpack", "--out", str(out), "--source", str(src))
+    assert result.exit_code == 0, result.output
+    store = Store(out)
+    pop = store.read_table("pop_signals", area="A1")
+    mask = pop.filter(pc.equal(pop.column("signal"), "mask_est"))
+    assert mask.num_rows == 1
+    assert mask.column("chan").to_pylist() == [None]
+    signals = store.read_table("signals", area="A1").to_pylist()
+    (row,) = [r for r in signals if r["signal"] == "mask_est"]
+    assert row["chans"] == inherited
+    assert row["n_chans"] == 1
