@@ -55,7 +55,9 @@ def read_h5_datasets(
     """
     import h5py
 
+    image = None
     if isinstance(source, bytes | bytearray | memoryview):
+        image = memoryview(source).cast("B")
         source = io.BytesIO(source)
     try:
         h5 = h5py.File(source, "r")
@@ -63,7 +65,7 @@ def read_h5_datasets(
         raise FormatError(f"not a readable HDF5 file ({err})", path=path, member=member) from err
     try:
         with h5:
-            return _read_root(h5, path=path, member=member, max_bytes=max_bytes)
+            return _read_root(h5, image, path=path, member=member, max_bytes=max_bytes)
     except FormatError:
         raise
     except Exception as err:  # damaged chunks surface as several exception types
@@ -135,7 +137,7 @@ def check_tiled(
     return datasets
 
 
-def _read_root(h5, *, path, member, max_bytes: int) -> dict[str, np.ndarray]:
+def _read_root(h5, image, *, path, member, max_bytes: int) -> dict[str, np.ndarray]:
     import h5py
 
     keys = sorted(h5.keys())
@@ -162,4 +164,62 @@ def _read_root(h5, *, path, member, max_bytes: int) -> dict[str, np.ndarray]:
             msg = f"datasets exceed the {max_bytes}-byte limit at {key!r}"
             raise FormatError(msg, path=path, member=member)
         datasets.append((key, obj))
-    return {key: np.asarray(obj[()], dtype=np.float64) for key, obj in datasets}
+    if image is not None and h5.id.get_create_plist().get_userblock() != 0:
+        image = None  # chunk addresses would be relative to the userblock's end
+    out = {}
+    for key, obj in datasets:
+        values = _inflate_deflated_vector(obj, image) if image is not None else None
+        out[key] = np.asarray(obj[()] if values is None else values, dtype=np.float64)
+    return out
+
+
+def _inflate_deflated_vector(ds, image: memoryview) -> np.ndarray | None:
+    """A 1-D dataset stored as deflated chunks, inflated straight from the file's bytes.
+
+    What NEMS0 writes for spike times (h5py ``compression='gzip'``, 8 KiB chunks): going
+    through libhdf5 costs a zlib call and chunk-cache work per chunk under h5py's lock;
+    isal inflates the same streams 1.7x faster here. Anything else (other filters, shapes,
+    unwritten chunks, an inflated size that is not one chunk) returns None and the caller
+    reads the dataset through h5py, which also reports damage.
+    """
+    if ds.ndim != 1 or ds.chunks is None or ds.size == 0:
+        return None
+    dcpl = ds.id.get_create_plist()
+    if dcpl.get_nfilters() != 1 or dcpl.get_filter(0)[0] != _H5Z_FILTER_DEFLATE:
+        return None
+    if not hasattr(ds.id, "chunk_iter") or ds.dtype.kind not in "fiu":
+        return None
+    chunk_len, n = ds.chunks[0], ds.shape[0]
+    chunk_bytes = chunk_len * ds.dtype.itemsize
+    raw = np.empty(-(-n // chunk_len) * chunk_bytes, np.uint8)  # whole chunks, cut below
+    seen = []
+
+    def inflate(info) -> None:
+        stored = image[info.byte_offset : info.byte_offset + info.size]
+        data = stored if info.filter_mask & 1 else _zlib_decompress(stored)  # bit 0: skipped
+        if len(data) != chunk_bytes or info.chunk_offset[0] % chunk_len:
+            raise _NotPlain
+        start = info.chunk_offset[0] * ds.dtype.itemsize
+        raw[start : start + chunk_bytes] = np.frombuffer(data, np.uint8)
+        seen.append(start)
+
+    try:
+        ds.id.chunk_iter(inflate)
+    except (_NotPlain, ValueError, OSError, _ZlibError):
+        return None
+    if len(set(seen)) != len(raw) // chunk_bytes:  # an unwritten chunk holds the fill value
+        return None
+    return raw.view(ds.dtype)[:n]
+
+
+class _NotPlain(Exception):
+    """A chunk the direct route does not cover (h5py reads the dataset instead)."""
+
+
+_H5Z_FILTER_DEFLATE = 1
+try:  # isal: the same zlib streams, inflated ~1.7x faster
+    from isal.isal_zlib import decompress as _zlib_decompress
+    from isal.isal_zlib import error as _ZlibError
+except ImportError:  # pragma: no cover - isal is a dependency; zlib still beats the detour
+    from zlib import decompress as _zlib_decompress
+    from zlib import error as _ZlibError

@@ -89,3 +89,72 @@ def test_truncated_hdf5():
     for cut in (len(data) // 4, len(data) // 2, len(data) - 100):
         with pytest.raises(FormatError):
             read_point_process(data[:cut])
+
+
+# ============================================================================ direct inflate
+def _vector_layouts():
+    rng = np.random.default_rng(1)
+    times = np.sort(rng.uniform(0, 3000, 5000))
+    return {
+        # (h5py create_dataset keywords, read without libhdf5's chunk pipeline?)
+        "gzip, auto chunks": ({"data": times, "compression": "gzip"}, True),
+        "gzip 9, partial last chunk": (
+            {"data": times, "compression": "gzip", "compression_opts": 9, "chunks": (333,)},
+            True,
+        ),
+        "float32": ({"data": times.astype(np.float32), "compression": "gzip"}, True),
+        "big-endian": ({"data": times.astype(">f8"), "compression": "gzip"}, True),
+        "int64": ({"data": np.arange(4000), "compression": "gzip", "chunks": (512,)}, True),
+        "one element": ({"data": times[:1], "compression": "gzip"}, True),
+        "shuffle": ({"data": times, "compression": "gzip", "shuffle": True}, False),
+        "fletcher32": ({"data": times, "compression": "gzip", "fletcher32": True}, False),
+        "lzf": ({"data": times, "compression": "lzf"}, False),
+        "contiguous": ({"data": times}, False),
+        "chunked, no filter": ({"data": times, "chunks": (1000,)}, False),
+    }
+
+
+@pytest.mark.parametrize("layout", list(_vector_layouts()))
+def test_deflated_vectors_inflated_directly_equal_libhdf5(layout):
+    from nat4etl.formats import nems0_h5
+
+    kwargs, direct = _vector_layouts()[layout]
+    data = h5_with(lambda h5: h5.create_dataset("u1", **kwargs))
+    got = read_h5_datasets(data)["u1"]
+    with h5py.File(io.BytesIO(data), "r") as h5:
+        want = np.asarray(h5["u1"][()], np.float64)
+        routed = nems0_h5._inflate_deflated_vector(h5["u1"], memoryview(data))
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.float64
+    assert (routed is not None) == direct
+    if direct:
+        np.testing.assert_array_equal(routed, h5py.File(io.BytesIO(data), "r")["u1"][()])
+
+
+def test_unwritten_chunks_read_as_the_fill_value():
+    def build(h5):
+        ds = h5.create_dataset(
+            "u1", shape=(3000,), dtype="f8", chunks=(500,), compression="gzip", fillvalue=-1.0
+        )
+        ds[:700] = np.arange(700.0)  # chunks 2..5 never written
+
+    got = read_h5_datasets(h5_with(build))["u1"]
+    np.testing.assert_array_equal(got[:700], np.arange(700.0))
+    assert np.all(got[700:] == -1.0)
+
+
+def test_damaged_deflate_chunk_is_a_format_error():
+    data = bytearray(
+        h5_with(
+            lambda h5: h5.create_dataset(
+                "u1", data=np.arange(5000.0), compression="gzip", chunks=(1000,)
+            )
+        )
+    )
+    with h5py.File(io.BytesIO(bytes(data)), "r") as h5:
+        chunks = []
+        h5["u1"].id.chunk_iter(lambda info: chunks.append((info.byte_offset, info.size)))
+    offset, size = chunks[2]
+    data[offset + 2 : offset + size] = bytes(size - 2)  # keep the zlib header, zero the rest
+    with pytest.raises(FormatError, match="unreadable HDF5"):
+        read_point_process(bytes(data), member="R/R.resp.h5")
