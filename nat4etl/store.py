@@ -424,6 +424,12 @@ def _drop_area(table: pa.Table, area: str, name: str) -> pa.Table:
     return table.drop_columns(["area"])
 
 
+def in_key_order(name: str, table: pa.Table, *, area: str) -> pa.Table:
+    """``table`` in the row order `Store.write_table` writes it (no copy when it already
+    is), for a stage that keeps what it wrote for a later stage (:mod:`.stages.handoff`)."""
+    return _sorted_unique(table, _schema().spec(name), name, area)
+
+
 def _sorted_unique(table: pa.Table, s: schema_mod.TableSpec, name: str, area: str) -> pa.Table:
     """Sort by key (stable), refusing repeated keys.
 

@@ -738,7 +738,9 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
     pop_fs_hz = population_fs_hz(store, area, fs)
     site_fs_hz = {}
     if sites:
-        site_spikes = read_in_batches(store, "site_spikes", area)
+        site_spikes = handoff.take(store, "site_spikes", area)  # unpack ran in this build
+        if site_spikes is None:
+            site_spikes = read_in_batches(store, "site_spikes", area)
         site_spikes = site_spikes.filter(pc.equal(site_spikes.column("signal"), RESP))
         for site, rec in zip(
             site_spikes.column("site").to_pylist(),

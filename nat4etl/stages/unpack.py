@@ -32,6 +32,7 @@ from nat4etl.formats import archive, nems0, nems0_csv
 from nat4etl.formats.pred_correlation import read_pred_correlation
 from nat4etl.stages import handoff
 from nat4etl.stages.background import WriteBehind
+from nat4etl.store import in_key_order
 
 _MAX_LIST_VALUES = 2**31 - 1  # list<float32> offsets are int32
 _CHUNK_VALUES = 1 << 22  # population values per Arrow chunk (16 MB of float32)
@@ -532,19 +533,19 @@ def run(store, settings, progress) -> dict:
     """Every area's raw tables. Writes go to a background thread (:class:`WriteBehind`),
     so A1's population is encoded to Parquet while its site files and PEG are decoded."""
     src = source_dir(store, settings)
-    # The population arrays are kept for rebin-sites only when this build runs it next;
-    # otherwise (e.g. `nat4etl unpack` alone) each area's are dropped once
-    # written instead of sitting through the later areas (~300 MB for A1).
+    # What rebin-sites reads is kept for it only when this build runs it next; otherwise
+    # (e.g. `nat4etl unpack` alone) each area's is dropped once written instead of
+    # sitting through the later areas (~400 MB for A1).
     hand_off = "rebin-sites" in store.stages_planned
     done = {}
     with WriteBehind(store) as writer:
         for area in settings.areas:
-            writes, population = unpack_area(writer, src, area, progress)
-            done[area] = (writes, population if hand_off else None)
-            del population
-    for area, (_, population) in done.items():
-        if population is not None:
-            handoff.keep(store, "pop_signals", area, population)  # for rebin-sites
+            writes, kept = unpack_area(writer, src, area, progress)
+            done[area] = (writes, kept if hand_off else {})
+            del kept
+    for area, (_, kept) in done.items():
+        for table, value in kept.items():
+            handoff.keep(store, table, area, value)  # for rebin-sites
     return {area: {name: f.result().rows for name, f in w.items()} for area, (w, _) in done.items()}
 
 
@@ -554,10 +555,11 @@ HANDED_OFF = ("resp", "stim")
 
 def unpack_area(
     writer: WriteBehind, src: Path, area: str, progress
-) -> tuple[dict[str, Future], dict[str, np.ndarray]]:
+) -> tuple[dict[str, Future], dict[str, object]]:
     """Read one area's files and queue its raw tables for writing; returns the pending
-    writes by table and the population arrays rebin-sites needs. The population is handed
-    to the writer before the site files are decoded."""
+    writes by table and, by table, what rebin-sites reads of them: the population arrays
+    and the site spikes as written. The population is handed to the writer before the
+    site files are decoded."""
     files = nat4.area_files(area)
     pop_path = _required(src, files.population)
     sites_path = _required(src, files.single_sites)
@@ -574,13 +576,13 @@ def unpack_area(
     pred = read_pred_table(pred_path)
     if (src / nat4.WAV_ZIP).is_file():
         rows.members += list_wavs(src / nat4.WAV_ZIP)
-    spikes = spikes_table(sites)
+    spikes = in_key_order("site_spikes", spikes_table(sites), area=area)
     del sites
     for name, table in {**rows.tables(), "site_spikes": spikes, "pred_correlation": pred}.items():
         written[name] = writer.submit(name, table, area=area)
     counts = {"pop_signals": n_chans, "epochs": len(rows.epochs["row"]), "pred": pred.num_rows}
     _log_summary(progress, area, rows, spikes, counts)
-    return written, population
+    return written, {"pop_signals": population, "site_spikes": spikes}
 
 
 def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, counts: dict) -> None:

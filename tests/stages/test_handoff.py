@@ -8,8 +8,8 @@ from nat4etl.stages import handoff
 from nat4etl.store import Store
 
 
-def _write(store: Store, text: str) -> None:
-    path = store.table_file("pop_signals", "A1")
+def _write(store: Store, text: str, table: str = "pop_signals") -> None:
+    path = store.table_file(table, "A1")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(".tmp")
     tmp.write_text(text)
@@ -46,13 +46,57 @@ def test_unpack_keeps_the_population_only_for_a_later_rebin_sites(tmp_path, monk
     from nat4etl.stages import unpack
 
     monkeypatch.setattr(unpack, "source_dir", lambda store, settings: tmp_path)
-    monkeypatch.setattr(unpack, "unpack_area", lambda writer, src, area, p: ({}, {"resp": 1}))
+    kept = {"pop_signals": {"resp": 1}, "site_spikes": "spikes"}
+    monkeypatch.setattr(unpack, "unpack_area", lambda writer, src, area, p: ({}, kept))
     settings = SimpleNamespace(areas=["A1"])
     alone = Store(tmp_path)
     _write(alone, "x")
     unpack.run(alone, settings, None)
     assert not handoff.has(alone, "pop_signals", "A1")  # `nat4etl unpack`: nothing held
+    _write(alone, "x", "site_spikes")
     build = Store(tmp_path)
     build.stages_planned = frozenset({"unpack", "rebin-sites"})
     unpack.run(build, settings, None)
     assert handoff.take(build, "pop_signals", "A1") == {"resp": 1}
+    assert handoff.take(build, "site_spikes", "A1") == "spikes"
+
+
+def test_build_with_handoffs_writes_what_stages_run_alone_write(
+    tmp_path, mini_quirks_sample, monkeypatch
+):
+    """In a build rebin-sites takes unpack's population arrays and site spikes from memory;
+    run alone it reads them from the files. The tables must not tell the difference."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from nat4etl.cli import cli
+
+    def run(*args: str) -> None:
+        result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+
+    from nat4etl.stages import rebin_sites
+
+    reads = []
+    read_in_batches = rebin_sites.read_in_batches
+    monkeypatch.setattr(
+        rebin_sites,
+        "read_in_batches",
+        lambda store, name, area, **kw: (
+            reads.append(name) or read_in_batches(store, name, area, **kw)
+        ),
+    )
+    built = tmp_path / "built"
+    run("build", "--out", str(built), "--source", str(mini_quirks_sample.dir), "--quiet")
+    assert "site_spikes" not in reads  # taken from unpack
+    alone = tmp_path / "alone"
+    shutil.copytree(built, alone)
+    run("rebin-sites", "--out", str(alone), "--force", "--quiet")
+    assert "site_spikes" in reads  # alone: read from the file
+    for name in ("responses", "val_means", "qc_val", "spectrograms"):
+        for area in Store(built).areas(name):
+            a, b = (pq.read_table(Store(root).table_file(name, area)) for root in (built, alone))
+            assert a.num_rows > 0 or name == "qc_val"
+            assert a.equals(b), (name, area)
