@@ -82,6 +82,30 @@ def median_run(runs: list[Run]) -> Run:
     )
 
 
+# Measurements made inside Python (the floor, the machine probe, the reader) run in a child
+# process: Linux starts a child's peak RSS at its parent's RSS when it forks, so a
+# bench process grown by them would raise every later build's peak RSS figure.
+
+
+def in_child(probe: str, **kwargs) -> list[Figure]:
+    """``PROBES[probe](**kwargs)`` in a fresh interpreter; its figures come back as JSON."""
+    args = [sys.executable, __file__, "--probe", probe, "--probe-args", json.dumps(kwargs)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"probe {probe} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return [Figure(**f) for f in json.loads(proc.stdout.splitlines()[-1])]
+
+
+def run_probe(probe: str, kwargs_json: str) -> None:
+    """The child side of `in_child`: figures as one JSON line on stdout."""
+    kwargs = {
+        k: Path(v) if k in ("mirror", "work", "out") else v
+        for k, v in json.loads(kwargs_json).items()
+    }
+    figures = PROBES[probe](**kwargs)
+    print(json.dumps([asdict(f) for f in figures]))
+
+
 def sample_mirror(scale: str) -> Path:
     """The synthetic mirror for ``scale``, generated once and cached under bench/.cache."""
     out = CACHE / f"sample-{scale}"
@@ -223,10 +247,10 @@ def _inflate_chunks(chunks: list[bytes], decompressobj) -> int:
     return n
 
 
-def measure_floor(mirror: Path, runs: int) -> dict[str, Figure]:
+def measure_floor(mirror: Path, runs: int) -> list[Figure]:
     """Inflate every compressed byte of the inputs once, every layer: the tgz, the zip
     members, the tgz inside the zips and the deflated chunks inside their HDF5 files."""
-    figures = {}
+    figures = []
     engines = {"zlib": zlib.decompressobj}
     try:
         from isal import isal_zlib
@@ -241,12 +265,14 @@ def measure_floor(mirror: Path, runs: int) -> dict[str, Figure]:
             t0 = time.perf_counter()
             n = _inflate_all(mirror, fn) + _inflate_chunks(chunks, fn)
             times.append(time.perf_counter() - t0)
-        figures[name] = Figure(
-            f"floor: inflate all inputs, 1 thread, {name} ({n / 1e9:.2f} GB out)",
-            statistics.median(times),
-            runs=times,
+        figures.append(
+            Figure(
+                f"floor: inflate all inputs, 1 thread, {name} ({n / 1e9:.2f} GB out)",
+                statistics.median(times),
+                runs=times,
+            )
         )
-    return figures
+    return figures  # zlib first
 
 
 # --------------------------------------------------------------------------- components
@@ -459,6 +485,9 @@ def measure_reader(out: Path, runs: int, work: Path) -> list[Figure]:
     return figures
 
 
+PROBES = {"floor": measure_floor, "machine": measure_machine, "reader": measure_reader}
+
+
 # ------------------------------------------------------------------------------ scaling
 
 
@@ -529,9 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--component", choices=COMPONENTS, help=argparse.SUPPRESS)
     p.add_argument("--mirror", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--probe", help=argparse.SUPPRESS)
+    p.add_argument("--probe-args", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.component:  # a child process of measure_components
         run_component(args.component, args.mirror)
+        return 0
+    if args.probe:  # a child process of in_child
+        run_probe(args.probe, args.probe_args)
         return 0
     skip = set(filter(None, args.skip.split(",")))
 
@@ -539,9 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="work-") as tmp:
         work = Path(tmp)
-        floor = measure_floor(mirror, args.runs)
-        figures += floor.values()
-        zlib_floor = floor["zlib"].wall_s
+        floor = in_child("floor", mirror=str(mirror), runs=args.runs)
+        figures += floor
+        zlib_floor = floor[0].wall_s
 
         cold = measure_cold_build(mirror, args.runs, work)
         cold.ratio, cold.ratio_to = cold.wall_s / zlib_floor, "zlib floor"
@@ -549,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         cold.met = cold.ratio <= 1.0 and cold.max_rss_mb <= 1024
         figures.append(cold)
         if "machine" not in skip:
-            figures += measure_machine(work, args.runs)
+            figures += in_child("machine", work=str(work), runs=args.runs)
         if "components" not in skip:
             for part in measure_components(mirror, args.runs):
                 part.ratio, part.ratio_to = part.wall_s / zlib_floor, "zlib floor"
@@ -560,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         built = work / "built"
         figures.append(measure_noop(mirror, args.runs, built))
         if "reader" not in skip:
-            figures += measure_reader(built, args.runs, work)
+            figures += in_child("reader", out=str(built), runs=args.runs, work=str(work))
         if "scaling" not in skip:
             scales = tuple(s.strip() for s in args.scales.split(","))
             figures += measure_scaling(args.scaling_runs, work, scales)
