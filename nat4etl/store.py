@@ -39,6 +39,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -119,6 +120,9 @@ class Store:
         #: stages this build may still run on this Store (set by `build`): a stage leaves
         #: arrays for a later one (:mod:`nat4etl.stages.handoff`) only if that one is here
         self.stages_planned: frozenset[str] = frozenset()
+        #: written files are made durable at publish (`staging`), not one by one
+        self.sync_at_publish = False
+        self._unsynced: list[Path] = []
         self._dir_fd: int | None = None
 
     def close(self) -> None:
@@ -199,7 +203,11 @@ class Store:
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         side_target = self.sidecar_file(name, area)
         with ThreadPoolExecutor(1) as pool:
-            side = pool.submit(_write_ipc_sidecar, table, side_target) if s.vectors else None
+            side = (
+                pool.submit(_write_ipc_sidecar, table, side_target, self._durable)
+                if s.vectors
+                else None
+            )
             pq.write_table(
                 table,
                 tmp,
@@ -207,7 +215,7 @@ class Store:
                 row_group_size=ROW_GROUP_ROWS,
                 **parquet_encoding(table.schema),
             )
-            _fsync(tmp)
+            self._durable(tmp, target)
         kill_point(f"write:{name}")
         if side is not None:
             side_tmp, side_sha256 = side.result()
@@ -305,8 +313,27 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        _fsync(tmp)
+        self._durable(tmp, path)
         os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ durability
+    def _durable(self, tmp: Path, final: Path) -> None:
+        """fsync ``tmp``, just written and about to be renamed to ``final``. In a staging
+        copy only its writeback starts here and `sync_written` fsyncs ``final`` before the
+        publish: writes do not wait for the disk one by one (the A1 responses' 0.5 GB
+        sidecar alone waited 0.2 s), and the publish still follows only durable files."""
+        if not self.sync_at_publish:
+            _fsync(tmp)
+            return
+        start_writeback(tmp)
+        self._unsynced.append(final)
+
+    def sync_written(self) -> None:
+        """fsync every file `_durable` deferred (their writeback mostly done by now)."""
+        paths, self._unsynced = self._unsynced, []
+        for path in dict.fromkeys(paths):
+            with contextlib.suppress(FileNotFoundError):  # removed since (a stale sidecar)
+                _fsync(path)
 
     def table_files(self) -> list[tuple[str, str, Path]]:
         """Every (table, area, file) present, Parquet file then sidecar, in a stable order."""
@@ -364,11 +391,13 @@ class _HashingSink:
         pass
 
 
-def _write_ipc_sidecar(table: pa.Table, target: Path) -> tuple[Path, str]:
+def _write_ipc_sidecar(
+    table: pa.Table, target: Path, durable: Callable[[Path, Path], None]
+) -> tuple[Path, str]:
     """Write ``table`` as one uncompressed Arrow IPC record batch to a temp file beside
-    ``target``, fsynced; returns (temp path, sha256). One batch, whatever the chunking of
-    ``table``, so the bytes depend only on the rows (two builds write the same file) and
-    every vector column is one contiguous buffer in the file."""
+    ``target``, made ``durable``; returns (temp path, sha256). One batch, whatever the
+    chunking of ``table``, so the bytes depend only on the rows (two builds write the same
+    file) and every vector column is one contiguous buffer in the file."""
     import pyarrow as pa
 
     if any(col.num_chunks > 1 for col in table.columns):
@@ -378,7 +407,7 @@ def _write_ipc_sidecar(table: pa.Table, target: Path) -> tuple[Path, str]:
         sink = _HashingSink(f)
         with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), table.schema) as writer:
             writer.write_table(table)
-        os.fsync(f.fileno())
+    durable(tmp, target)
     return tmp, sink.sha256.hexdigest()
 
 
@@ -497,6 +526,33 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(path: Path) -> None:
+    """Ask the kernel to start writing ``path``'s dirty pages to disk, without waiting
+    (Linux ``sync_file_range``); elsewhere a no-op: the later fsync does it all."""
+    fn = _sync_file_range()
+    if fn is None:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # failure only means the fsync does it later
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 # ====================================================================== publishing
@@ -761,10 +817,12 @@ def staging(
         staging_dir.mkdir()
     store = Store(staging_dir)
     store.published_at = out
+    store.sync_at_publish = True
     try:
         yield store
         kill_point("manifest")
         (manifest or write_manifest)(store)
+        store.sync_written()
         publish(staging_dir, out)
     except BaseException:
         shutil.rmtree(staging_dir, ignore_errors=True)

@@ -222,3 +222,48 @@ def test_a_symlinked_store_is_published_where_it_points(tmp_path):
     with open_for_write(link) as store:
         store.write_table("trials", _trials(4), area="A1")
     assert link.is_symlink() and Store(link).read_table("trials").num_rows == 4
+
+
+def test_staged_files_are_fsynced_before_publish_not_one_by_one(tmp_path, monkeypatch):
+    """In a staging copy a write only starts its file's writeback; every file written is
+    fsynced (under its final name) after the manifest and before the publish."""
+    from pathlib import Path
+
+    import numpy as np
+
+    import nat4etl.store as store_mod
+    from nat4etl.stages.rebin_sites import vectors_table
+
+    events: list[tuple[str, str]] = []
+    fsync = store_mod._fsync
+    monkeypatch.setattr(
+        store_mod, "_fsync", lambda p: events.append(("fsync", Path(p).name)) or fsync(p)
+    )
+    monkeypatch.setattr(
+        store_mod, "start_writeback", lambda p: events.append(("start", Path(p).name))
+    )
+    publish = store_mod.publish
+    monkeypatch.setattr(
+        store_mod, "publish", lambda a, b: events.append(("publish", "")) or publish(a, b)
+    )
+
+    out = tmp_path / "nat4"
+    spectra = vectors_table(
+        {"stim": np.arange(3, dtype=np.int32)}, "values", np.ones((3, 4), np.float32)
+    )
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(2), area="A1")
+        store.write_table("spectrograms", spectra, area="A1")
+        assert not [e for e in events if e[0] == "fsync"]  # nothing waited for the disk yet
+    names = ("part-0.parquet", "part-0.arrow", "manifest.json")
+    started = {name for kind, name in events if kind == "start"}
+    assert all(any(s.startswith(f".{n}.tmp-") for s in started) for n in names)
+    before_publish = events[: events.index(("publish", ""))]
+    synced = [name for kind, name in before_publish if kind == "fsync"]
+    assert synced.count("part-0.parquet") == 2 and synced.count("part-0.arrow") == 1
+    assert "manifest.json" in synced
+    assert Store(out).read_table("spectrograms").num_rows == 3
+
+    events.clear()  # a Store outside staging fsyncs each file as it is written
+    Store(tmp_path / "plain").write_table("trials", _trials(2), area="A1")
+    assert [kind for kind, _ in events] == ["fsync"]
