@@ -503,26 +503,29 @@ def unit_sound_pairs(out: Path) -> int:
 
 
 def measure_scaling(runs: int, work: Path, scales: tuple[str, ...]) -> list[Figure]:
+    """Cold builds at each scale, the scales interleaved run by run, so a machine that
+    speeds up or slows down during the minutes this takes moves every scale alike."""
+    mirrors = {scale: sample_mirror("full" if scale == "1" else scale) for scale in scales}
+    results: dict[str, list[Run]] = {scale: [] for scale in scales}
+    pairs: dict[str, int] = {}
+    for i in range(runs):
+        for scale in scales:
+            out = work / f"scale-{scale}-{i}"
+            results[scale].append(run_measured(build_args(mirrors[scale], out)))
+            pairs.setdefault(scale, unit_sound_pairs(out))
+            shutil.rmtree(out, ignore_errors=True)
     figures, per_pair = [], {}
     for scale in scales:
-        mirror = sample_mirror("full" if scale == "1" else scale)
-        results = []
-        for i in range(runs):
-            out = work / f"scale-{scale}-{i}"
-            results.append(run_measured(build_args(mirror, out)))
-            if i == runs - 1:
-                pairs = unit_sound_pairs(out)
-            shutil.rmtree(out, ignore_errors=True)
-        m = median_run(results)
-        per_pair[scale] = m.wall_s / pairs * 1e6
+        m = median_run(results[scale])
+        per_pair[scale] = m.wall_s / pairs[scale] * 1e6
         figures.append(
             Figure(
-                f"cold build at {scale}x units ({pairs} unit-sound pairs): "
+                f"cold build at {scale}x units ({pairs[scale]} unit-sound pairs): "
                 f"{per_pair[scale]:.2f} us/pair",
                 m.wall_s,
                 m.cpu_s,
                 m.max_rss_mb,
-                runs=[r.wall_s for r in results],
+                runs=[r.wall_s for r in results[scale]],
             )
         )
     if "1" in per_pair and scales[-1] != "1":
@@ -551,7 +554,7 @@ def print_table(figures: list[Figure]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
-    p.add_argument("--scaling-runs", type=int, default=1, help="runs per scaling point")
+    p.add_argument("--scaling-runs", type=int, default=3, help="runs per scaling point (median)")
     p.add_argument("--scales", default="1,2,4", help="unit multipliers for the scaling test")
     p.add_argument(
         "--skip", default="", help="comma list of: stages,components,machine,scaling,reader"
