@@ -376,14 +376,16 @@ def pair_means(pair: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nda
     if len(first) == 0:
         return pair, np.empty((0, counts.shape[1]))
     finite = np.isfinite(counts)
-    zeroed = np.where(finite, counts, np.float32(0))
     size = len(pair) // len(first)
     if len(pair) == size * len(first) and np.all(np.diff(first) == size):
-        # 4x faster than reduceat; numpy sums axis 1 row by row, as reduceat does
+        # 4x faster than reduceat; numpy sums axis 1 row by row, as reduceat does, and
+        # casts to float64 as it goes (no float64 copy; skipping a NaN adds what 0 would)
         shape = (len(first), size, counts.shape[1])
-        sums = zeroed.reshape(shape).astype(np.float64).sum(axis=1)
-        n = finite.reshape(shape).sum(axis=1, dtype=np.int64)
+        finite = finite.reshape(shape)
+        sums = np.sum(counts.reshape(shape), axis=1, dtype=np.float64, where=finite)
+        n = finite.sum(axis=1, dtype=np.int64)
     else:
+        zeroed = np.where(finite, counts, np.float32(0))
         sums = np.add.reduceat(zeroed, first, axis=0, dtype=np.float64)
         n = np.add.reduceat(finite, first, axis=0, dtype=np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -538,8 +540,9 @@ def _site_rows(
     if dt_ms == frame_plan.dt_ms:
         keys = job.keys()
         is_val_row = np.isin(keys[0], val_ids)
-        stim_col, cell_col, trial_col = (k[is_val_row] for k in keys)
-        val_rows = responses_table(stim_col, cell_col, trial_col, SOURCE_SITE, counts[is_val_row])
+        if not is_val_row.all():  # at 10 ms the sites give val rows only: no copy then
+            keys, counts = tuple(k[is_val_row] for k in keys), counts[is_val_row]
+        val_rows = responses_table(*keys, SOURCE_SITE, counts)
     else:
         val_rows = site_responses(
             job.site, val_ids, dt_ms=frame_plan.dt_ms, n_bins=frame_plan.n_bins
