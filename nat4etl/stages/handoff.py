@@ -1,10 +1,10 @@
 """Arrays one stage decoded, handed to a later stage of the same build instead of re-read.
 
 ``unpack`` decodes the population recording into (channels, samples) float32 arrays and
-writes them as ``pop_signals``; ``rebin-sites`` needs exactly those arrays. Reading them
-back means decoding ~450 MB of Parquet lists into freshly allocated memory (1-2 s here, much
-of it page faults). Within one build the Store object is shared by every stage, so unpack
-leaves the arrays here and rebin-sites takes them.
+writes them as ``pop_signals``, and the site files' spike times as ``site_spikes``;
+``rebin-sites`` needs exactly those. Reading them back means decoding ~550 MB of Parquet
+lists into freshly allocated memory (2 s here, much of it page faults). Within one build the
+Store object is shared by every stage, so unpack leaves them here and rebin-sites takes them.
 
 Safety: an entry is tied to the identity of the file it mirrors (inode, size, mtime), taken
 once the file is written. Files are never modified in place, only replaced by rename, so if
