@@ -5,8 +5,9 @@ measured in the same run of this script, on the same machine. Results are printe
 table and written to ``bench/results/<UTC time>.json`` so runs can be compared over time.
 
 Besides the targets, the table times the two largest parts of a cold build alone (the
-population CSVs and the site recordings, decoded without writing anything), so where the
-time goes beyond the floor is read off the same run.
+population CSVs and the site recordings, decoded without writing anything) and what new
+memory and new file pages cost on this machine, so where the time goes beyond the floor
+is read off the same run.
 
 Targets (2-core machine): cold build <= 1.0x the single-threaded zlib floor, peak RSS <= 1 GB,
 no-op rebuild <= 0.5 s, each reader call <= 1.5x ``np.load`` of the same array, time per
