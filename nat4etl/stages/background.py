@@ -13,9 +13,6 @@ the first error, so the build records and publishes only complete files.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -77,62 +74,3 @@ class WriteBehind:
             # On an error in the block, queued writes are dropped; a running one finishes
             # (the staging copy it writes into is discarded by the build).
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def release_free_memory() -> None:
-    """Give memory freed by the last area back to the OS before the next area's largest
-    allocation: Arrow's pool and glibc's heap keep freed blocks for reuse, which otherwise
-    sit on top of the next area's peak (~250 MB at full scale)."""
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _malloc_trim():
-    """glibc's ``malloc_trim`` or None (musl, macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-#: glibc's mallopt parameter number for the mmap threshold
-_M_MMAP_THRESHOLD = -3
-#: glibc's ceiling for its self-adjusting threshold (64-bit): what it settles at after the
-#: first large free, so restoring it leaves later stages as they were
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
-
-
-@contextlib.contextmanager
-def large_blocks_unmapped(threshold: int = 256 * 1024):
-    """Within the block, every malloc of ``threshold`` bytes or more is its own mapping,
-    returned to the OS the moment it is freed.
-
-    glibc raises its mmap threshold to the size of each large block freed (up to 32 MB),
-    so the per-site and per-stim arrays of rebin-sites (a few MB each, on three threads)
-    come from the heap arenas instead, and what they free stays in the process until the
-    next ``malloc_trim``, on top of A1's responses. Measured with the extra trims in
-    rebin-sites: build peak 1.08 GB -> 1.00 GB (without this, the trims alone: 1.07 GB),
-    wall time unchanged. Set for that one stage only: build-wide it costs ~1.4 s of
-    page faults (unpack, align-wav). Only the allocator's bookkeeping changes, no value.
-    """
-    mallopt = _mallopt()
-    if mallopt is None:
-        yield
-        return
-    mallopt(_M_MMAP_THRESHOLD, threshold)
-    try:
-        yield
-    finally:
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-
-
-def _mallopt():
-    """glibc's ``mallopt`` or None (musl, macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nat4etl import SCHEMA_VERSION
+from nat4etl import SCHEMA_VERSION, memory
 from nat4etl.config import Settings
 from nat4etl.errors import ConfigError, NotImplementedYet
 from nat4etl.fingerprint import (
@@ -374,7 +374,7 @@ def _run_staged(
         settle(store.root, written + stale_states(ctx))
         return _write_build_manifest(store, ctx, result, started)
 
-    with staging(out, manifest=manifest) as store:
+    with staging(out, manifest=manifest) as store, memory.arrow_on_system_allocator():
         store.stages_planned = frozenset(stage.name for stage in chosen)
         for stage in chosen:
             d = decide(store.root, stage, ctx, forced=forced.get(stage.name))
@@ -412,6 +412,7 @@ def _run_one(store: Store, stage: Stage, fp: Fingerprint, ctx: Context, progress
     kill_point(f"stage:{stage.name}")
     t0 = time.monotonic()
     summary = run(store, ctx.settings_for(stage.name), progress) or {}
+    memory.release_free_memory()  # the next stage's peak starts from what is live
     seconds = time.monotonic() - t0
     store.provenance = {}
     trusted = {rel: f"sha256:{hexdigest}" for rel, hexdigest in store.written.items()}

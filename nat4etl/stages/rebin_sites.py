@@ -30,10 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from nat4etl import binning, schema
+from nat4etl import binning, memory, schema
 from nat4etl.errors import ConfigError, InputMismatch, MissingTableError
+from nat4etl.memory import large_blocks_unmapped, release_free_memory
 from nat4etl.stages import CONTRACTS, handoff
-from nat4etl.stages.background import WriteBehind, large_blocks_unmapped, release_free_memory
+from nat4etl.stages.background import WriteBehind
 
 #: sites binned at once (two cores here; more only adds transient memory)
 SITE_THREADS = 2
@@ -147,14 +148,46 @@ def population_keys(stims: pa.Table, keep: np.ndarray) -> tuple[np.ndarray, np.n
     return np.repeat(stim_ids, keep.sum(axis=1)), np.nonzero(keep)[1]
 
 
-def population_blocks(resp: np.ndarray, stims: pa.Table, plan: BinPlan, keep: np.ndarray):
-    """Per stim, the kept cells' epochs with frames summed to the bin width, in key order."""
+def fill_population_rows(
+    out: np.ndarray,
+    dest: np.ndarray,
+    resp: np.ndarray,
+    stims: pa.Table,
+    plan: BinPlan,
+    keep: np.ndarray,
+    *,
+    give_back: bool = False,
+) -> None:
+    """The kept pairs' epochs, frames summed to the bin width, into rows ``dest`` of ``out``.
+
+    ``dest`` gives each kept pair's row in :func:`population_keys` order. The work goes
+    channel by channel so that, with ``give_back``, each channel's samples return to the
+    OS once its rows are written (:func:`nat4etl.memory.give_back`): A1's population
+    (300 MB) and its copy in the responses (280 MB) are then never both held whole. The
+    channel's values are zeros afterwards; only a caller done with ``resp`` asks for it.
+    """
     k = plan.frames_per_bin
     if k is None:
         raise ConfigError(plan.spectrogram_unavailable or "bin width is not whole frames")
-    for i, start in enumerate(pop_starts(stims, plan.pop_fs_hz)):
-        block = binning.cut_frames(resp, int(start), plan.pop_frames)[keep[i]]
-        yield binning.sum_frames(block, k)
+    n_cells, n_samples = resp.shape
+    row_of = np.full(keep.shape, -1, np.int64)
+    row_of[keep] = dest
+    window = pop_starts(stims, plan.pop_fs_hz)[:, None] + np.arange(plan.pop_frames)
+    # NEMS0 extract_epoch: an epoch starting before 0 is all NaN, one past the end NaN-padded
+    inside = (window[:, :1] >= 0) & (window < n_samples)
+    all_inside = bool(inside.all())
+    for cell in range(n_cells):
+        stims_here = keep[:, cell]
+        if stims_here.any():
+            if all_inside:
+                frames = resp[cell][window[stims_here]]
+            else:
+                frames = np.full((int(stims_here.sum()), plan.pop_frames), np.nan, resp.dtype)
+                where = inside[stims_here]
+                frames[where] = resp[cell][window[stims_here][where]]
+            out[row_of[stims_here, cell]] = binning.sum_frames(frames, k)
+        if give_back:
+            memory.give_back(resp, cell, cell + 1)
 
 
 def population_responses(
@@ -173,10 +206,7 @@ def population_responses(
     keep = population_keep(resp, stims, plan, skip_pairs=skip_pairs)
     stim_col, cell_col = population_keys(stims, keep)
     counts = np.empty((len(stim_col), plan.n_bins), dtype=np.float32)
-    row = 0
-    for block in population_blocks(resp, stims, plan, keep):
-        counts[row : row + len(block)] = block
-        row += len(block)
+    fill_population_rows(counts, np.arange(len(stim_col)), resp, stims, plan, keep)
     return responses_table(stim_col, cell_col, np.zeros(len(cell_col)), source, counts)
 
 
@@ -504,7 +534,13 @@ class _SortedRows:
         self._dest = [dest[bounds[i] : bounds[i + 1]] for i in range(len(sizes))]
         self.stim, self.cell, self.trial = stim[order], cell[order], trial[order]
         self.source = source[order]
-        self.counts = np.empty((len(order), self.n_bins), dtype=np.float32)
+        # filled a channel at a time, one row in every n_cells: 4 kB pages so that the
+        # rows become resident as they are written (see fill_population_rows)
+        self.counts = memory.paged_empty((len(order), self.n_bins), huge_pages=False)
+
+    def destination(self, handle: int) -> np.ndarray:
+        """Where block ``handle``'s rows go in :attr:`counts`, in their declared order."""
+        return self._dest[handle]
 
     def fill(self, handle: int, start: int, rows: np.ndarray) -> None:
         """Rows ``start:start+len(rows)`` of block ``handle``."""
@@ -552,12 +588,13 @@ def _site_rows(
 
 
 def rebin_area(
-    inputs: AreaInputs, *, dt_ms: float, progress=None, release_population: bool = False
+    inputs: AreaInputs, *, dt_ms: float, progress=None, release_inputs: bool = False
 ) -> AreaOutputs:
     """Every table rebin-sites writes for one area.
 
-    With ``release_population`` the population arrays are dropped from ``inputs`` as soon
-    as they are no longer needed, so the site pass does not hold 300 MB more (A1).
+    With ``release_inputs`` the population gives back each channel as soon as its est
+    rows are filled (A1: 300 MB of population and 280 MB of rows are never both held)
+    and is dropped before the site pass.
     """
     plan = plan_bins(inputs.stims, dt_ms=dt_ms, pop_fs_hz=inputs.pop_fs_hz)
     if inputs.pop_resp.shape[0] != inputs.cells.num_rows:
@@ -595,17 +632,24 @@ def rebin_area(
     rows.allocate()
 
     # 2. population rows, val averages and spectrograms; then the population can go
-    n_pop_rows = 0
-    if pop_handle is not None:
-        for block in population_blocks(inputs.pop_resp, other_stims, plan, pop_keep):
-            rows.fill(pop_handle, n_pop_rows, block)
-            n_pop_rows += len(block)
     means, means_dt_ms = val_means(inputs.pop_resp, val_stims, plan)
     frame_plan = _at_frames(plan, 1)
     qc_means = val_means(inputs.pop_resp, val_stims, frame_plan)[0]
     specs = spectrograms(inputs.pop_stim, stims, plan)
     n_bands = int(inputs.pop_stim.shape[0])
-    if release_population:
+    n_pop_rows = 0
+    if pop_handle is not None:
+        fill_population_rows(
+            rows.counts,
+            rows.destination(pop_handle),
+            inputs.pop_resp,
+            other_stims,
+            plan,
+            pop_keep,
+            give_back=release_inputs,
+        )
+        n_pop_rows = int(pop_keep.sum())
+    if release_inputs:
         inputs.pop_resp = inputs.pop_stim = None
         release_free_memory()  # the population pass's scraps, before the site rows fill in
 
@@ -693,7 +737,7 @@ def read_population_signals(
                 if target is None:
                     n_chans = int(np.sum(names == name))
                     # no NaN prefill: every row of the signal is written below
-                    target = out[name] = np.empty((n_chans, lengths[i]), np.float32)
+                    target = out[name] = memory.paged_empty((n_chans, lengths[i]))
                 if lengths[i] != target.shape[1]:
                     raise InputMismatch(f"population {name!r} channels differ in length")
                 target[rank[row + i]] = flat[starts[i] : starts[i + 1]]
@@ -744,7 +788,9 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
         site_spikes = handoff.take(store, "site_spikes", area)  # unpack ran in this build
         if site_spikes is None:
             site_spikes = read_in_batches(store, "site_spikes", area)
-        site_spikes = site_spikes.filter(pc.equal(site_spikes.column("signal"), RESP))
+        is_resp = pc.equal(site_spikes.column("signal"), RESP)
+        if not pc.all(is_resp).as_py():  # a filter copies every row, all 80 MB (A1)
+            site_spikes = site_spikes.filter(is_resp)
         for site, rec in zip(
             site_spikes.column("site").to_pylist(),
             site_spikes.column("recording").to_pylist(),
@@ -807,7 +853,7 @@ def run(store, settings, progress) -> dict:
             progress.start("rebin-sites", total=len(set(inputs.site_fs_hz)), unit="sites")
             try:
                 out = rebin_area(
-                    inputs, dt_ms=settings.dt_ms, progress=progress, release_population=True
+                    inputs, dt_ms=settings.dt_ms, progress=progress, release_inputs=True
                 )
             finally:
                 progress.done("rebin-sites")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import mmap
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow as pa
 
-from nat4etl import nat4, schema
+from nat4etl import memory, nat4, schema
 from nat4etl.errors import FormatError, MissingMember
 from nat4etl.formats import archive, nems0, nems0_csv
 from nat4etl.formats.pred_correlation import read_pred_correlation
@@ -55,12 +54,8 @@ class ChannelBuffer:
         self.n_chans = n_chans
         self.n_samples = 0
         self.capacity = size_bytes // (2 * n_chans) + 1
-        self._map = _reserve(n_chans * self.capacity * 4)
-        flat = np.frombuffer(self._map, np.float32) if self._map is not None else None
-        if flat is None:
-            flat = np.empty(n_chans * self.capacity, np.float32)
-        self._flat = flat
-        self._data = flat.reshape(n_chans, self.capacity)
+        self._flat = memory.paged_empty((n_chans * self.capacity,))
+        self._data = self._flat.reshape(n_chans, self.capacity)
 
     def append(self, block: np.ndarray) -> None:
         n = block.shape[0]
@@ -76,30 +71,8 @@ class ChannelBuffer:
         flat = self._flat
         for i in range(1, c):  # row i moves from [i*cap, i*cap+t) to [i*t, (i+1)*t)
             flat[i * t : (i + 1) * t] = self._data[i, :t]  # numpy buffers any overlap
-            self._release(max(i * cap, (i + 1) * t) * 4, (i * cap + t) * 4)
+            memory.give_back(flat, max(i * cap, (i + 1) * t), i * cap + t)  # its old place
         return flat[: c * t].reshape(c, t)
-
-    def _release(self, lo_bytes: int, hi_bytes: int) -> None:
-        """Give back the whole pages of [lo, hi): a row's old place, now unused."""
-        if self._map is None or not hasattr(self._map, "madvise"):
-            return
-        lo = -(-lo_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-        hi = hi_bytes // mmap.PAGESIZE * mmap.PAGESIZE
-        if hi > lo:
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-
-def _reserve(n_bytes: int) -> mmap.mmap | None:
-    """Anonymous private memory committed page by page on first write (None: fall back
-    to numpy, which on Linux behaves the same but cannot give pages back early)."""
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    flags |= getattr(mmap, "MAP_NORESERVE", 0)
-    if not flags or not hasattr(mmap, "MADV_DONTNEED"):
-        return None
-    try:
-        return mmap.mmap(-1, max(n_bytes, 1), flags=flags)
-    except (OSError, ValueError):
-        return None
 
 
 class _Counted(io.RawIOBase):

@@ -240,3 +240,32 @@ def test_pair_means_same_for_grouped_and_shuffled_rows():
     want3 = np.nanmean(counts[1:20].astype(np.float64), axis=0)
     np.testing.assert_allclose(means3[0], want3, rtol=1e-15)
     np.testing.assert_array_equal(means3[1:], means[1:])  # bit for bit across the routes
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_population_rows_are_epochs_cut_channel_by_channel(k):
+    """Filled a channel at a time (and given back after), the rows are each pair's epoch
+    as extract_epoch cuts it: an epoch running past the end is NaN-padded, one starting
+    before 0 is all NaN, pairs whose epoch is all NaN get no row."""
+    from nat4etl import binning, memory
+
+    rng = np.random.default_rng(3)
+    n_cells, n_samples, frames = 5, 40, 10
+    resp = memory.paged_empty((n_cells, n_samples))
+    resp[:] = rng.poisson(1.0, (n_cells, n_samples)).astype(np.float32)
+    resp[2, 0:10] = np.nan  # cell 2 not recorded for stim 0
+    reference = resp.copy()
+    start_s = [0.0, 0.12, 0.35, -0.05]  # stim 2 runs 5 frames past the end; stim 3 starts < 0
+    stims = pa.table({"stim": pa.array([0, 1, 2, 3], pa.int32()), "pop_start_s": pa.array(start_s)})
+    plan = rs.BinPlan(10.0 * k, frames // k, frames / 100, 100.0, frames, k, None)
+    keep = rs.population_keep(resp, stims, plan)
+    assert not keep[0, 2] and not keep[3].any() and keep[2].all()
+    stim_col, cell_col = rs.population_keys(stims, keep)
+    dest = rng.permutation(len(stim_col))  # rows may go anywhere in the output
+    out = np.full((len(stim_col), frames // k), -1.0, np.float32)
+    rs.fill_population_rows(out, dest, resp, stims, plan, keep, give_back=True)
+    starts = binning.epoch_samples(np.array(start_s), 100.0)
+    for row, (stim, cell) in enumerate(zip(stim_col, cell_col, strict=True)):
+        epoch = binning.cut_frames(reference[cell], int(starts[stim]), frames)
+        np.testing.assert_array_equal(out[dest[row]], binning.sum_frames(epoch, k))
+    assert np.isnan(out[dest[(stim_col == 2)]][:, -5 // k :]).all()
