@@ -415,7 +415,7 @@ class _Builder:
             views.append(current)
         return Recording(
             name=self._recording_name(by_view),
-            meta=self.meta,
+            meta=self.meta if self.meta_member is not None else {},  # NEMS0 starts from {}
             signals=views[0] if views else {},
             views=views,
             skipped=self.skipped,
@@ -594,8 +594,31 @@ class _HookError(Exception):
 def parse_meta_json(
     data: bytes, *, path: str | os.PathLike | None = None, member: str | None = None
 ) -> Any:
-    """Parse ``R.meta.json``; NumpyEncoder ``{"__ndarray__": ...}`` objects become arrays."""
-    return _load_json(data, path=path, member=member, object_hook=_ndarray_hook)
+    """Parse ``R.meta.json`` as NEMS0's ``json_numpy_obj_hook`` does: NumpyEncoder
+    ``{"__ndarray__": ...}`` objects become arrays, and so do the list values of a dict
+    holding one of the model-parameter keys (:data:`ARRAY_LIST_KEYS`). A ``_KWR_ARGS``
+    dict (a NEMS0 KeywordRegistry, which needs NEMS0 itself) stays a dict."""
+    return _load_json(data, path=path, member=member, object_hook=_meta_hook)
+
+
+#: a dict with any of these keys has its list values read as arrays (NEMS0 utils.py)
+ARRAY_LIST_KEYS = frozenset(
+    ("level", "coefficients", "amplitude", "kappa", "base", "shift", "mean", "sd", "u")
+    + ("tau", "offset")
+)
+
+
+def _meta_hook(obj: dict) -> Any:
+    if "__ndarray__" in obj:
+        return _ndarray_hook(obj)
+    if not ARRAY_LIST_KEYS.isdisjoint(obj):
+        for key, value in obj.items():
+            if type(value) is list:
+                try:
+                    obj[key] = np.asarray(value)
+                except ValueError:  # ragged: NEMS0 fails here; the list is kept as read
+                    pass
+    return obj
 
 
 def _ndarray_hook(obj: dict) -> Any:
@@ -604,8 +627,6 @@ def _ndarray_hook(obj: dict) -> Any:
     dtype ``object`` is allowed with a list payload: NumpyEncoder writes any array with
     ``tolist()``, and meta arrays of strings taken from pandas (``.values``) are object.
     """
-    if "__ndarray__" not in obj:
-        return obj
     try:
         dtype = np.dtype(obj["dtype"])
         shape = tuple(int(n) for n in obj["shape"])

@@ -563,3 +563,34 @@ def test_gunzipped_reference_archive():
         else:
             assert got.signals[name].data.keys() == sig.data.keys()
         assert got.signals[name].epochs.equals(sig.epochs)
+
+
+def test_meta_hook_reads_model_parameter_lists_as_arrays_as_nems0_does():
+    """json_numpy_obj_hook: in a dict holding a model-parameter key (mean, sd, tau, ...)
+    every list value becomes an array; lists elsewhere stay lists; a KeywordRegistry
+    (``_KWR_ARGS``) needs NEMS0 itself and stays a dict."""
+    meta = {
+        "prior": {
+            "mean": [0.5, 1.5],
+            "sd": [[1, 2], [3, 4]],
+            "name": "normal",
+            "ragged": [[1], [2, 3]],
+        },
+        "files": ["a.m", "b.m"],
+        "kw": {"_KWR_ARGS": {"name": "registry"}, "keywords": []},
+    }
+    views = [{"resp": Sig("raster", "resp", np.ones((2, 5)))}]
+    rec = read_recording(as_targz("R", meta, views))
+    prior = rec.meta["prior"]
+    assert isinstance(prior["mean"], np.ndarray) and prior["mean"].tolist() == [0.5, 1.5]
+    assert isinstance(prior["sd"], np.ndarray) and prior["sd"].shape == (2, 2)
+    assert prior["name"] == "normal" and prior["ragged"] == [[1], [2, 3]]  # NEMS0 fails here
+    assert rec.meta["files"] == ["a.m", "b.m"]
+    assert rec.meta["kw"] == {"_KWR_ARGS": {"name": "registry"}, "keywords": []}
+
+
+def test_recording_without_meta_member_has_empty_meta_as_nems0():
+    views = [{"resp": Sig("raster", "resp", np.ones((2, 5)))}]
+    members = {k: v for k, v in tar_members(as_targz("R", {}, views)).items() if "meta" not in k}
+    rec = read_recording(rewrap(members, lambda n: n))
+    assert rec.meta == {} and rec.signals["resp"].data.shape == (2, 5)
