@@ -9,8 +9,9 @@ population CSVs and the site recordings, decoded without writing anything) and w
 memory and new file pages cost on this machine, so where the time goes beyond the floor
 is read off the same run.
 
-Targets (2-core machine): cold build <= 1.0x the single-threaded zlib floor, peak RSS <= 1 GB,
-no-op rebuild <= 0.5 s, each reader call <= 1.5x ``np.load`` of the same array, time per
+Targets (2-core machine): cold build <= 1.0x the single-threaded zlib floor, peak RSS <= 1 GB
+(read as 1 GiB = 1024 MiB; the RSS column is MiB, ``ru_maxrss / 1024``, and the cold build's
+row also says whether it is within a decimal GB, 10^9 bytes = 954 MiB), no-op rebuild <= 0.5 s, each reader call <= 1.5x ``np.load`` of the same array, time per
 unit-sound pair at 4x units within 1.1x of 1x.
 """
 
@@ -542,7 +543,7 @@ def measure_scaling(runs: int, work: Path, scales: tuple[str, ...]) -> list[Figu
 
 def print_table(figures: list[Figure]) -> None:
     print()
-    print(f"{'figure':<66} {'wall s':>8} {'cpu s':>8} {'RSS MB':>8} {'ratio':>22} target")
+    print(f"{'figure':<66} {'wall s':>8} {'cpu s':>8} {'RSS MiB':>8} {'ratio':>22} target")
     print("-" * 132)
     for f in figures:
         cpu = f"{f.cpu_s:8.2f}" if f.cpu_s is not None else " " * 8
@@ -583,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cold = measure_cold_build(mirror, args.runs, work)
         cold.ratio, cold.ratio_to = cold.wall_s / zlib_floor, "zlib floor"
-        cold.target = "<= 1.0x floor, RSS <= 1024 MB"
+        decimal_gb = "within" if cold.max_rss_mb * 2**20 <= 1e9 else "over"
+        cold.target = f"<= 1.0x floor, RSS <= 1024 MiB ({decimal_gb} 10^9 B)"
         cold.met = cold.ratio <= 1.0 and cold.max_rss_mb <= 1024
         figures.append(cold)
         if "machine" not in skip:
@@ -614,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
         },
         "runs": args.runs,
+        "rss_unit": "MiB (max_rss_mb = ru_maxrss / 1024)",
         "figures": [asdict(f) for f in figures],
     }
     path = RESULTS / f"{stamp}.json"

@@ -27,9 +27,22 @@ _TOL = 1e-9
 _MAX_CELLS_PER_CHUNK = 1 << 24
 
 
-def spike_samples(spike_times_s: np.ndarray, fs_hz: float) -> np.ndarray:
-    """Sample index of each spike: ``floor(t * fs)`` in float64, as ``PointProcess.rasterize``."""
-    return np.floor(np.asarray(spike_times_s, dtype=np.float64) * float(fs_hz)).astype(np.int64)
+#: the sample given to a spike time that is NaN (no sample: never counted, as any < 0)
+NO_SAMPLE = -1
+
+
+def spike_samples(spike_times_s: np.ndarray, fs_hz: float, *, dtype=np.int64) -> np.ndarray:
+    """Sample index of each spike: ``floor(t * fs)`` in float64, as ``PointProcess.rasterize``.
+
+    A NaN time gets :data:`NO_SAMPLE`. With ``dtype=np.int32`` samples beyond its range
+    are clipped to it: no presentation window reaches 2**31 samples (25 days at 1 kHz),
+    so a clipped spike is still outside every window.
+    """
+    samples = np.floor(np.asarray(spike_times_s, dtype=np.float64) * float(fs_hz))
+    upper = min(float(np.iinfo(dtype).max), 2.0**62)  # a float64 that casts back exactly
+    np.clip(samples, NO_SAMPLE, upper, out=samples)
+    samples[np.isnan(samples)] = NO_SAMPLE
+    return samples.astype(dtype)
 
 
 def epoch_samples(times_s: np.ndarray, fs_hz: float) -> np.ndarray:

@@ -138,3 +138,12 @@ def test_cut_and_rebin_frames():
     assert np.isnan(padded[:, 2:]).all()
     np.testing.assert_array_equal(binning.sum_frames(v[:, :4], 2), [[1, 5], [21, 25]])
     np.testing.assert_array_equal(binning.mean_frames(v[:, :4], 2), [[0.5, 2.5], [10.5, 12.5]])
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_spike_samples_floor_and_the_times_no_window_reaches(dtype):
+    times = np.array([0.0, 0.0004999, 0.001, 2.5005, -0.2, np.nan, 1e7, -np.inf, np.inf])
+    got = binning.spike_samples(times, 1000.0, dtype=dtype)
+    assert got.dtype == dtype
+    big = np.iinfo(np.int32).max if dtype is np.int32 else 10_000_000_000
+    assert got.tolist() == [0, 0, 1, 2500, -1, -1, big, -1, min(np.iinfo(dtype).max, 2**62)]

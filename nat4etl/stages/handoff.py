@@ -2,7 +2,9 @@
 
 ``unpack`` decodes the population recording into (channels, samples) float32 arrays and
 writes them as ``pop_signals``, and the site files' spike times as ``site_spikes``;
-``rebin-sites`` needs exactly those. Reading them back means decoding ~550 MB of Parquet
+``rebin-sites`` needs exactly those (of the spike times, only their samples at the file's
+rate: unpack hands over ``rebin_sites.with_spike_samples`` of the table, which rebin-sites
+also makes of the file it reads, in half the memory). Reading them back means decoding ~550 MB of Parquet
 lists into freshly allocated memory (2 s here, much of it page faults). Within one build the
 Store object is shared by every stage, so unpack leaves them here and rebin-sites takes them.
 

@@ -31,6 +31,7 @@ from nat4etl.formats import archive, nems0, nems0_csv
 from nat4etl.formats.pred_correlation import read_pred_correlation
 from nat4etl.stages import handoff
 from nat4etl.stages.background import WriteBehind
+from nat4etl.stages.rebin_sites import with_spike_samples
 from nat4etl.store import in_key_order
 
 _MAX_LIST_VALUES = 2**31 - 1  # list<float32> offsets are int32
@@ -555,7 +556,8 @@ def unpack_area(
         written[name] = writer.submit(name, table, area=area)
     counts = {"pop_signals": n_chans, "epochs": len(rows.epochs["row"]), "pred": pred.num_rows}
     _log_summary(progress, area, rows, spikes, counts)
-    return written, {"pop_signals": population, "site_spikes": spikes}
+    fs_hz = {(r["recording"], r["signal"]): r["fs_hz"] for r in rows.signals}
+    return written, {"pop_signals": population, "site_spikes": with_spike_samples(spikes, fs_hz)}
 
 
 def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, counts: dict) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pytest
 
+from nat4etl import binning
 from nat4etl.errors import ConfigError
 from nat4etl.stages import rebin_sites as rs
 
@@ -247,7 +250,7 @@ def test_population_rows_are_epochs_cut_channel_by_channel(k):
     """Filled a channel at a time (and given back after), the rows are each pair's epoch
     as extract_epoch cuts it: an epoch running past the end is NaN-padded, one starting
     before 0 is all NaN, pairs whose epoch is all NaN get no row."""
-    from nat4etl import binning, memory
+    from nat4etl import memory
 
     rng = np.random.default_rng(3)
     n_cells, n_samples, frames = 5, 40, 10
@@ -269,3 +272,36 @@ def test_population_rows_are_epochs_cut_channel_by_channel(k):
         epoch = binning.cut_frames(reference[cell], int(starts[stim]), frames)
         np.testing.assert_array_equal(out[dest[row]], binning.sum_frames(epoch, k))
     assert np.isnan(out[dest[(stim_col == 2)]][:, -5 // k :]).all()
+
+
+def test_spike_samples_table_is_what_the_site_pass_derives_from_the_times(area):
+    """The handed-over form (int32 samples at each row's file rate, chunked as the times
+    were) bins to the same rows, bit for bit, as the spike times themselves."""
+    inputs = area[0]
+    spikes = inputs.site_spikes
+    spikes = pa.table(
+        {
+            "site": spikes["site"],
+            "recording": spikes["site"],
+            "signal": ["resp"] * (spikes.num_rows - 1) + ["other"],
+            "unit_id": spikes["unit_id"],
+            "spike_times_s": pa.chunked_array(  # two chunks: offsets restart per chunk
+                [
+                    spikes["spike_times_s"].combine_chunks()[:2],
+                    spikes["spike_times_s"].combine_chunks()[2:],
+                ]
+            ),
+        }
+    )
+    fs = {(s, "resp"): SITE_FS_HZ for s in ("AAA001a", "BBB002b")} | {("BBB002b", "other"): 30.0}
+    samples = rs.with_spike_samples(spikes, fs)
+    assert samples.column_names == ["site", "recording", "signal", "unit_id", "spike_samples"]
+    assert samples.column("spike_samples").type == pa.list_(pa.int32())
+    for row in range(spikes.num_rows):
+        rate = fs[(spikes["recording"][row].as_py(), spikes["signal"][row].as_py())]
+        want = binning.spike_samples(spikes["spike_times_s"][row].values.to_numpy(), rate)
+        assert samples["spike_samples"][row].values.to_numpy().tolist() == want.tolist()
+    by_times = rs.rebin_area(inputs, dt_ms=10)
+    by_samples = rs.rebin_area(dataclasses.replace(inputs, site_spikes=samples), dt_ms=10)
+    assert by_samples.responses.equals(by_times.responses)
+    assert by_samples.qc_val.equals(by_times.qc_val)
