@@ -2,11 +2,12 @@
 
 ``unpack`` decodes the population recording into (channels, samples) float32 arrays and
 writes them as ``pop_signals``, and the site files' spike times as ``site_spikes``;
-``rebin-sites`` needs exactly those (of the spike times, only their samples at the file's
-rate: unpack hands over ``rebin_sites.with_spike_samples`` of the table, which rebin-sites
-also makes of the file it reads, in half the memory). Reading them back means decoding ~550 MB of Parquet
-lists into freshly allocated memory (2 s here, much of it page faults). Within one build the
-Store object is shared by every stage, so unpack leaves them here and rebin-sites takes them.
+``rebin-sites`` needs exactly those. Of the spike times it needs only their sample at the
+file's rate, so unpack hands over ``rebin_sites.with_spike_samples`` of the table (half the
+memory), which is also what rebin-sites makes of the file when it reads it. Reading them
+back means decoding ~550 MB of Parquet lists into freshly allocated memory (2 s here, much
+of it page faults). Within one build the Store object is shared by every stage, so unpack
+leaves them here and rebin-sites takes them.
 
 Safety: an entry is tied to the identity of the file it mirrors (inode, size, mtime), taken
 once the file is written. Files are never modified in place, only replaced by rename, so if

@@ -32,7 +32,6 @@ import pyarrow.compute as pc
 
 from nat4etl import binning, memory, schema
 from nat4etl.errors import ConfigError, InputMismatch, MissingTableError
-from nat4etl.memory import large_blocks_unmapped, release_free_memory
 from nat4etl.stages import CONTRACTS, handoff
 from nat4etl.stages.background import WriteBehind
 
@@ -694,7 +693,7 @@ def rebin_area(
         n_pop_rows = int(pop_keep.sum())
     if release_inputs:
         inputs.pop_resp = inputs.pop_stim = None
-        release_free_memory()  # the population pass's scraps, before the site rows fill in
+        memory.release_free_memory()  # the population pass's scraps, before the site rows fill in
 
     # 3. site rows, with the QC of each site's val trials at the population frame width.
     # Sites are independent and their work is long numpy calls (bincount, gathers) that
@@ -833,7 +832,7 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
         if site_spikes is None:
             site_spikes = with_spike_samples(read_in_batches(store, "site_spikes", area), fs)
         is_resp = pc.equal(site_spikes.column("signal"), RESP)
-        if not pc.all(is_resp).as_py():  # a filter copies every row, all 80 MB (A1)
+        if not pc.all(is_resp).as_py():  # a filter would copy every row (A1: 40 MB)
             site_spikes = site_spikes.filter(is_resp)
         for site, rec in zip(
             site_spikes.column("site").to_pylist(),
@@ -887,13 +886,13 @@ def run(store, settings, progress) -> dict:
     writes are done, so two areas' responses are never in memory together."""
     summary = {}
     areas = store.areas_with("stims", settings.areas, made_by="parse-epochs")
-    with large_blocks_unmapped(), WriteBehind(store) as writer:
+    with memory.large_blocks_unmapped(), WriteBehind(store) as writer:
         # Smallest population first: an area's population handed over by unpack waits in
         # memory until its turn, and the small one waiting through A1's peak costs more.
         for area in sorted(areas, key=lambda a: _file_size(store.table_file("pop_signals", a))):
             inputs = load_area(store, area)
             writer.wait()
-            release_free_memory()
+            memory.release_free_memory()
             progress.start("rebin-sites", total=len(set(inputs.site_fs_hz)), unit="sites")
             try:
                 out = rebin_area(
@@ -904,10 +903,10 @@ def run(store, settings, progress) -> dict:
             del inputs  # the site spikes: free them before the next area is read
             # what the site pass freed (Arrow's pool, the site threads' heaps) goes back
             # before the responses are encoded, whose buffers come on top of them
-            release_free_memory()
+            memory.release_free_memory()
             summary[area] = _queue_writes(writer, area, out, settings, progress)
             del out  # held only by the writer now: gone once written, not through the next area
-    release_free_memory()  # the next stage starts from what is live, not from A1's peak
+    memory.release_free_memory()  # the next stage starts from what is live, not from A1's peak
     return {area: summary[area] for area in areas}
 
 
