@@ -145,11 +145,11 @@ def arrow_allocator_for_builds():
     the write-behind and site threads sit idle on them between tables (~40-60 MB at the
     build's peak: Parquet pages and levels). jemalloc reuses freed memory across threads
     and returns it after a second of disuse; malloc returns large blocks at once, but then
-    every Parquet page buffer is fresh memory, which this VM makes slow to touch. Measured
-    on full-scale builds, A/B interleaved, 6 runs each: peak RSS mimalloc 937-956 MiB,
-    jemalloc 912-924, malloc 897-922; median wall time jemalloc 12.0 s, malloc 12.8 s
-    (writing A1's responses alone: mimalloc and jemalloc 1.3-1.4 s, malloc 1.5-1.9 s).
-    Buffers made inside are freed by the pool that made them, whenever that happens.
+    every Parquet page buffer is fresh memory, which this VM makes slow to touch: writing
+    A1's responses alone takes 1.3-1.4 s with mimalloc or jemalloc, 1.5-1.9 s with malloc.
+    Full-scale builds, A/B interleaved: peak RSS mimalloc 937-956 MiB, jemalloc 900-937,
+    malloc 897-922; wall time the same within noise (jemalloc vs malloc, 5 pairs: medians
+    12.1 s both). Buffers made inside are freed by the pool that made them, whenever.
     """
     import pyarrow as pa
 
