@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 OUT     ?= ./nat4
 SAMPLE  ?= ./sample
 
-.PHONY: install test lint run bench clean readme
+.PHONY: install test lint run bench profile clean readme
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ run: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+profile: install
+	$(BIN)/python bench/profile.py
 
 readme: install
 	$(BIN)/python -m nat4etl.schema README.md

@@ -180,8 +180,10 @@ def fill_population_rows(
     for cell in range(n_cells):
         stims_here = keep[:, cell]
         if stims_here.any():
-            if all_inside:
-                frames = resp[cell][window[stims_here]]
+            if all_inside and stims_here.all():
+                frames = np.take(resp[cell], window)  # the usual case: no masked copies
+            elif all_inside:
+                frames = np.take(resp[cell], window[stims_here])
             else:
                 frames = np.full((int(stims_here.sum()), plan.pop_frames), np.nan, resp.dtype)
                 where = inside[stims_here]
