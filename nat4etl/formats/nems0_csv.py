@@ -59,6 +59,9 @@ _OCTS = _U8(0x00000000FFFFFFFF)
 _TAIL_MASK = _U8(0x0000_F0F0_00FF_F0F0)
 _TAIL_WANT = _U8(0x0000_3030_0065_3030)
 _TAIL_SIXES = _U8(0x0000_0606_0000_0606)
+# Bytes 18..23 of a one-digit field 'd.000000000000000000e+00', and the mask keeping them.
+_DIGIT_TAIL = _U8(int.from_bytes(b"00e+00", "little"))
+_SIX_BYTES = _U8(0x0000_FFFF_FFFF_FFFF)
 _NAN_U32 = int.from_bytes(b"nan", "little")
 _INF_U32 = int.from_bytes(b"inf", "little")
 _NEGINF_U32 = int.from_bytes(b"-inf", "little")
@@ -418,11 +421,42 @@ def _parse_fixed(buf: np.ndarray, lo: int, hi: int, n_chans: int) -> _Parsed | N
     delims = strided(_FIELD_WIDTH - 1, "u1").reshape(-1, n_chans)
     if not (np.all(delims[:, :-1] == _COMMA) and np.all(delims[:, -1] == _NEWLINE)):
         return None
-    values, ok = _decode_standard(column, n_fields)
-    if not ok.all():
-        starts = lo + np.arange(n_fields, dtype=np.int64) * _FIELD_WIDTH
-        _fallback(buf, starts, starts + _FIELD_WIDTH - 1, ~ok, values)
+    values = _decode_digits(strided, n_fields)
+    if values is None:
+        values, ok = _decode_standard(column, n_fields)
+        if not ok.all():
+            starts = lo + np.arange(n_fields, dtype=np.int64) * _FIELD_WIDTH
+            _fallback(buf, starts, starts + _FIELD_WIDTH - 1, ~ok, values)
     return _Parsed(values.reshape(-1, n_chans), n_lines=n_fields // n_chans)
+
+
+def _decode_digits(strided: Callable[[int, str], np.ndarray], n_fields: int) -> np.ndarray | None:
+    """The values of a block whose every field is ``d.000000000000000000e+00`` (one digit:
+    the population's spike counts mostly are), else None.
+
+    Three 8-byte equality tests and the lead digit replace the general decode, about 4x
+    faster; a digit is exact in float32, the value the general decode gives it. Any other
+    field (a fraction, an exponent, a sign) sends the whole block to the general decode,
+    usually after the first test.
+    """
+    w = _SCRATCH.take(n_fields)
+    ok, okt, tail, head = w["ok"], w["okt"], w["tmp"], w["head"]
+    for offset in (2, 10):  # the 16 fraction digits after 'd.'
+        np.equal(strided(offset, "<u8"), _ASCII_ZEROS, out=ok)
+        if not ok.all():
+            return None
+    np.bitwise_and(strided(18, "<u8"), _SIX_BYTES, out=tail)  # d17 d18 'e' '+' '0' '0'
+    np.equal(tail, _DIGIT_TAIL, out=ok)
+    np.copyto(head, strided(0, "<u2"))  # lead digit, '.'
+    np.equal(np.right_shift(head, np.uint16(8)), np.uint16(_DOT), out=okt)
+    ok &= okt
+    head &= np.uint16(0xFF)
+    head -= np.uint16(0x30)
+    np.less_equal(head, np.uint16(9), out=okt)
+    ok &= okt
+    if not ok.all():
+        return None
+    return head.astype(np.float32)
 
 
 def _parse_general(buf: np.ndarray, lo: int, hi: int, n_chans: int) -> _Parsed:

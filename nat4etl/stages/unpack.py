@@ -513,7 +513,12 @@ def run(store, settings, progress) -> dict:
     hand_off = "rebin-sites" in store.stages_planned
     done = {}
     with WriteBehind(store) as writer:
-        for area in settings.areas:
+        for i, area in enumerate(settings.areas):
+            if i:
+                # the last area's tables written and their buffers returned before the next
+                # population is decoded on top of them
+                writer.wait()
+                memory.release_free_memory()
             writes, kept = unpack_area(writer, src, area, progress)
             done[area] = (writes, kept if hand_off else {})
             del kept

@@ -67,6 +67,40 @@ def test_fixed_width_fast_path_and_mixed_rows_agree():
     assert same_bits(got, data.astype(np.float32))
 
 
+def test_one_digit_blocks_take_the_digit_path_and_agree(monkeypatch):
+    """Spike counts 0-9 (``d.000000000000000000e+00``) skip the general decode; any other
+    field in a block, even one differing in a single byte, sends that block to it."""
+    calls = {"standard": 0}
+    standard = nems0_csv._decode_standard
+
+    def counted(*args, **kwargs):
+        calls["standard"] += 1
+        return standard(*args, **kwargs)
+
+    monkeypatch.setattr(nems0_csv, "_decode_standard", counted)
+    counts = np.random.default_rng(2).integers(0, 10, size=(64, 400)).astype(float)
+    text = raster_csv(counts)
+    assert same_bits(read_raster(io.BytesIO(text)), counts.astype(np.float32))
+    assert calls["standard"] == 0
+    near = [10.0, 0.5, 1.0 + 2.0**-40, 3e-18, 7e20, -2.0]  # one field differs from 'd.0...0e+00'
+    for value in near:
+        changed = counts.copy()
+        changed[5, 7] = value
+        text = raster_csv(changed)
+        before = calls["standard"]
+        got = read_raster(io.BytesIO(text))
+        assert same_bits(got, reference(text, 64)), value
+        assert calls["standard"] > before, value
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 9, 17, 19, 20, 21, 22, 23])
+def test_a_corrupted_byte_in_a_digit_block_is_not_accepted(offset):
+    text = bytearray(raster_csv(np.ones((3, 4))))
+    text[25 + offset] = ord("x")  # second field of the first row
+    with pytest.raises(FormatError, match="line 1: not a number"):
+        parse_raster_bytes(bytes(text))
+
+
 def test_blocks_stream_in_file_order():
     data = np.arange(5 * 2000, dtype=float).reshape(5, 2000) / 7
     text = raster_csv(data)
