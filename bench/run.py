@@ -451,6 +451,10 @@ def measure_reader(out: Path, runs: int, work: Path) -> list[Figure]:
         npy = work / "reader.npy"
         np.save(npy, arr)
         del arr
+        # One untimed round of each first: np.save just took the freed pages for its file,
+        # so whichever side ran next would pay this VM's first touch of new memory alone.
+        call()
+        np.load(npy)
         reader_t, load_t = [], []
         for _ in range(runs):
             gc.collect()
