@@ -456,7 +456,9 @@ def measure_reader(out: Path, runs: int, work: Path) -> list[Figure]:
         call()
         np.load(npy)
         reader_t, load_t = [], []
-        for _ in range(runs):
+        # at least 5: a call here takes 0.03-0.06 s, and the first one after np.save is
+        # often 5-10x that (this VM's first touch of new memory), which 3 runs can't outvote
+        for _ in range(max(runs, 5)):
             gc.collect()
             t0 = time.perf_counter()
             a = call()
