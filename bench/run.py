@@ -451,10 +451,6 @@ def measure_reader(out: Path, runs: int, work: Path) -> list[Figure]:
         npy = work / "reader.npy"
         np.save(npy, arr)
         del arr
-        # One untimed round of each first: np.save just took the freed pages for its file,
-        # so whichever side ran next would pay this VM's first touch of new memory alone.
-        call()
-        np.load(npy)
         reader_t, load_t = [], []
         # at least 5: a call here takes 0.03-0.06 s, and the first one after np.save is
         # often 5-10x that (this VM's first touch of new memory), which 3 runs can't outvote
