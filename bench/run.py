@@ -452,8 +452,9 @@ def measure_reader(out: Path, runs: int, work: Path) -> list[Figure]:
         np.save(npy, arr)
         del arr
         reader_t, load_t = [], []
-        # at least 5: a call here takes 0.03-0.06 s, and the first one after np.save is
-        # often 5-10x that (this VM's first touch of new memory), which 3 runs can't outvote
+        # at least 5: a call takes 0.03-0.06 s and the first after np.save is often 5-10x
+        # that (this VM's first touch of new memory); of 3, the median is then whichever of
+        # two warm calls was noisier
         for _ in range(max(runs, 5)):
             gc.collect()
             t0 = time.perf_counter()
