@@ -434,10 +434,10 @@ def _decode_digits(strided: Callable[[int, str], np.ndarray], n_fields: int) -> 
     """The values of a block whose every field is ``d.000000000000000000e+00`` (one digit:
     the population's spike counts mostly are), else None.
 
-    Three 8-byte equality tests and the lead digit replace the general decode, about 4x
-    faster; a digit is exact in float32, the value the general decode gives it. Any other
-    field (a fraction, an exponent, a sign) sends the whole block to the general decode,
-    usually after the first test.
+    Three 8-byte equality tests and the lead digit replace the general decode's ~40
+    array passes (build 1.7-2.2 s faster); a digit is exact in float32, the value the
+    general decode gives it. Any other field (a fraction, an exponent, a sign) sends the
+    whole block to the general decode, usually after the first test.
     """
     w = _SCRATCH.take(n_fields)
     ok, okt, tail, head = w["ok"], w["okt"], w["tmp"], w["head"]

@@ -505,7 +505,7 @@ def _required(src: Path, name: str) -> Path:
 
 def run(store, settings, progress) -> dict:
     """Every area's raw tables. Writes go to a background thread (:class:`WriteBehind`),
-    so A1's population is encoded to Parquet while its site files and PEG are decoded."""
+    so an area's population is encoded to Parquet while its site files are decoded."""
     src = source_dir(store, settings)
     # What rebin-sites reads is kept for it only when this build runs it next; otherwise
     # (e.g. `nat4etl unpack` alone) each area's is dropped once written instead of
@@ -519,9 +519,7 @@ def run(store, settings, progress) -> dict:
                 # population is decoded on top of them
                 writer.wait()
                 memory.release_free_memory()
-            writes, kept = unpack_area(writer, src, area, progress)
-            done[area] = (writes, kept if hand_off else {})
-            del kept
+            done[area] = unpack_area(writer, src, area, progress, hand_off=hand_off)
     for area, (_, kept) in done.items():
         for table, value in kept.items():
             handoff.keep(store, table, area, value)  # for rebin-sites
@@ -533,12 +531,12 @@ HANDED_OFF = ("resp", "stim")
 
 
 def unpack_area(
-    writer: WriteBehind, src: Path, area: str, progress
+    writer: WriteBehind, src: Path, area: str, progress, *, hand_off: bool = False
 ) -> tuple[dict[str, Future], dict[str, object]]:
     """Read one area's files and queue its raw tables for writing; returns the pending
-    writes by table and, by table, what rebin-sites reads of them: the population arrays
-    and the site spikes as written. The population is handed to the writer before the
-    site files are decoded."""
+    writes by table and, with ``hand_off``, by table what rebin-sites reads of them: the
+    population arrays and the site spikes as sample indices (``with_spike_samples``).
+    The population is handed to the writer before the site files are decoded."""
     files = nat4.area_files(area)
     pop_path = _required(src, files.population)
     sites_path = _required(src, files.single_sites)
@@ -561,6 +559,8 @@ def unpack_area(
         written[name] = writer.submit(name, table, area=area)
     counts = {"pop_signals": n_chans, "epochs": len(rows.epochs["row"]), "pred": pred.num_rows}
     _log_summary(progress, area, rows, spikes, counts)
+    if not hand_off:
+        return written, {}
     fs_hz = {(r["recording"], r["signal"]): r["fs_hz"] for r in rows.signals}
     return written, {"pop_signals": population, "site_spikes": with_spike_samples(spikes, fs_hz)}
 
