@@ -47,7 +47,11 @@ def test_unpack_keeps_the_population_only_for_a_later_rebin_sites(tmp_path, monk
 
     monkeypatch.setattr(unpack, "source_dir", lambda store, settings: tmp_path)
     kept = {"pop_signals": {"resp": 1}, "site_spikes": "spikes"}
-    monkeypatch.setattr(unpack, "unpack_area", lambda writer, src, area, p: ({}, kept))
+    monkeypatch.setattr(
+        unpack,
+        "unpack_area",
+        lambda writer, src, area, p, *, hand_off: ({}, kept if hand_off else {}),
+    )
     settings = SimpleNamespace(areas=["A1"])
     alone = Store(tmp_path)
     _write(alone, "x")
