@@ -109,6 +109,36 @@ def test_fuzz_raster_csv_values_exact(values, n_chans):
     assert same.all()
 
 
+@FUZZ
+@given(
+    st.lists(
+        st.one_of(
+            st.integers(0, 9).map(float),  # spike counts: the digit path
+            st.integers(0, 9).map(float),
+            st.integers(0, 9).map(float),
+            st.floats(allow_nan=True, allow_infinity=True, width=64),
+        ),
+        min_size=1,
+        max_size=400,
+    ),
+    st.integers(1, 8),
+    st.integers(0, 1),
+)
+def test_fuzz_mostly_digit_blocks_exact(values, n_chans, threads):
+    """Blocks of one-digit counts with now and then any other float: whichever decode a
+    block takes, every value is float32(float64(text))."""
+    arr = np.array(values[: len(values) // n_chans * n_chans] or [0.0] * n_chans).reshape(
+        n_chans, -1
+    )
+    got = nems0_csv.read_raster(
+        io.BytesIO(raster_csv(arr)), n_chans=n_chans, chunk_bytes=1 << 10, threads=1 + threads
+    )
+    with np.errstate(over="ignore"):
+        want = arr.astype(np.float32)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all()
+
+
 # --- JSON and epochs -----------------------------------------------------------------------
 
 JSON_SCALARS = st.one_of(
