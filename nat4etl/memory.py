@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import mmap
 
 import numpy as np
@@ -89,12 +90,18 @@ def release_free_memory() -> None:
         trim(0)
 
 
+@functools.cache
+def _libc():
+    """The C library (looked up once: ``find_library`` runs a subprocess), or None."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _malloc_trim():
     """glibc's ``malloc_trim`` or None (musl, macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
+    return getattr(_libc(), "malloc_trim", None)
 
 
 #: glibc's mallopt parameter number for the mmap threshold
@@ -130,10 +137,7 @@ def large_blocks_unmapped(threshold: int = 256 * 1024):
 
 def _mallopt():
     """glibc's ``mallopt`` or None (musl, macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
+    return getattr(_libc(), "mallopt", None)
 
 
 @contextlib.contextmanager

@@ -908,7 +908,6 @@ def run(store, settings, progress) -> dict:
             memory.release_free_memory()
             summary[area] = _queue_writes(writer, area, out, settings, progress)
             del out  # held only by the writer now: gone once written, not through the next area
-    memory.release_free_memory()  # the next stage starts from what is live, not from A1's peak
     return {area: summary[area] for area in areas}
 
 
