@@ -238,8 +238,10 @@ TRIALS = _table(
             _f("end_s", pa.float64()),
         ),
         key=("site", "stim", "trial"),
-        doc="Every presentation of every sound in every site file; trial = repetition index "
-        "within the site (0-based, presentation order), order = index in the session.",
+        doc="Every presentation of every sound in every site file that NEMS0's extract_epoch "
+        "returns (one starting before 0 on the sample grid, or overlapping an earlier one of "
+        "the same sound, is left out and reported); trial = repetition index within the "
+        "site (0-based, time order), order = index in the session.",
         units={"start_s": "s", "end_s": "s"},
     )
 )
@@ -254,7 +256,8 @@ REPORT = _table(
         ),
         key=("kind", "subject"),
         doc="Mismatches found while interpreting the data: unmatched units and sites, odd "
-        "repetition counts, case-only wav matches, unclassified STIM_ epochs.",
+        "repetition counts, case-only wav matches, unclassified STIM_ epochs, site "
+        "presentations left out as extract_epoch leaves them out.",
     )
 )
 

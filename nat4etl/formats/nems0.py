@@ -28,7 +28,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO, Literal
@@ -698,24 +698,33 @@ def read_epochs(
         missing = [c for c in ("name", "start", "end") if c not in names]
         if missing:
             raise bad(f"columns {missing} missing; header is {names}", 1)
-        columns: list[list[str]] = [[] for _ in names]
-        lines: list[int] = []  # line of each row, for messages
+        rows = []
         for row in reader:
             if not row:
                 continue  # blank line, skipped as pandas does
             if len(row) != len(header):
                 raise bad(f"expected {len(header)} fields, got {len(row)}", reader.line_num)
-            lines.append(reader.line_num)
-            for col, value in zip(columns, row[1:] if drop_first else row, strict=True):
-                col.append(value)
+            rows.append(row)
     except csv.Error as err:
         raise bad(f"bad CSV: {err}", reader.line_num) from err
 
-    by_name = dict(zip(names, columns, strict=True))
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in header]
+    by_name = dict(zip(names, columns[1:] if drop_first else columns, strict=True))
+
+    def line_of(row: int) -> int:
+        """The file line of data row ``row``: counted again, only for a message."""
+        again = csv.reader(io.StringIO(text, newline=""), strict=True)
+        seen = -1  # the header row
+        for fields in again:
+            seen += bool(fields)
+            if seen == row + 1 and fields:
+                break
+        return again.line_num
+
     out = {
         "name": pa.array(by_name["name"], pa.string()),
-        "start_s": _float_column(by_name["start"], "start", lines, bad),
-        "end_s": _float_column(by_name["end"], "end", lines, bad),
+        "start_s": _float_column(by_name["start"], "start", line_of, bad),
+        "end_s": _float_column(by_name["end"], "end", line_of, bad),
     }
     for col_name, values in by_name.items():
         if col_name in ("name", "start", "end"):
@@ -726,7 +735,15 @@ def read_epochs(
     return pa.table(out)
 
 
-def _float_column(values: list[str], column: str, lines: list[int], bad) -> pa.Array:
+def _float_column(
+    values: Sequence[str], column: str, line_of: Callable[[int], int], bad
+) -> pa.Array:
+    """Python's ``float`` of each field ("" is NaN; no digit-group underscores)."""
+    if "_" not in "".join(values):
+        try:  # every field a number: one pass in C (0.2 s per build in the row loop)
+            return pa.array(np.fromiter(map(float, values), np.float64, len(values)))
+        except ValueError:
+            pass  # an empty field, or a bad one to name: field by field below
     out = np.empty(len(values), np.float64)
     for i, text in enumerate(values):
         if text == "":
@@ -737,5 +754,5 @@ def _float_column(values: list[str], column: str, lines: list[int], bad) -> pa.A
                 raise ValueError(text)
             out[i] = float(text)
         except ValueError:
-            raise bad(f"{column} is not a number: {text[:40]!r}", lines[i]) from None
+            raise bad(f"{column} is not a number: {text[:40]!r}", line_of(i)) from None
     return pa.array(out, pa.float64())

@@ -9,7 +9,10 @@ Choices, each stated once:
   first appearance in the population recording; ids count from 0 in that order.
 - ``cells``: population ``resp`` channel order; units match the per-site ids exactly, else
   on the parsed (site, electrode, unit) numbers (``canonical``), else ``none``.
-- ``trials``: every ``STIM_`` presentation in every site file, est ones included.
+- ``trials``: the ``STIM_`` presentations of every site file (est ones included) that
+  NEMS0's ``extract_epoch`` returns, as the old loader extracted them: bounds snapped to
+  the site's sample grid, those starting before 0 left out, then overlapping repeats of
+  one sound dropped (``fix_overlap='first'``). Each one left out is a report row.
 - Anything that does not line up becomes a ``report`` row, never a silent drop.
 """
 
@@ -55,6 +58,8 @@ class AreaInputs:
     site_epochs: dict[str, list[Epoch]]
     #: (site, unit id as written) of every per-site unit
     site_units: list[tuple[str, str]]
+    #: site -> sampling rate of its spike times (its resp signal); bounds snap to it
+    site_fs_hz: dict[str, float] = field(default_factory=dict)
     pred_correlation: pa.Table | None = None
     #: base names in wav.zip; None when wav.zip was not in the source
     wav_names: list[str] | None = None
@@ -190,14 +195,21 @@ class Trial:
 
 
 def build_trials(
-    site_epochs: dict[str, list[Epoch]], stims: list[Stim], *, report: Report
+    site_epochs: dict[str, list[Epoch]],
+    stims: list[Stim],
+    *,
+    report: Report,
+    fs_hz: dict[str, float] | None = None,
 ) -> list[Trial]:
-    """Every STIM_ presentation per site: ``order`` counts all of them, ``trial`` per stim."""
+    """The STIM_ presentations per site that ``extract_epoch`` returns (`extracted`):
+    ``order`` counts every presentation of the site, ``trial`` the kept ones per stim."""
     ids = {s.name: s.stim for s in stims}
     trials = []
     for site in sorted(site_epochs):
-        seen: Counter = Counter()
         presentations = [e for e in site_epochs[site] if nat4.is_stim(e.name)]
+        fs = (fs_hz or {}).get(site)
+        odd = _names_to_extract(presentations, fs)
+        seen: Counter = Counter()
         for order, e in enumerate(presentations):
             if e.name not in ids:
                 report.add(
@@ -205,10 +217,93 @@ def build_trials(
                     f"{site}/{e.name}",
                     "STIM_ epoch in the site file but not in the population recording",
                 )
-                continue
-            trials.append(Trial(site, ids[e.name], seen[e.name], order, e.start_s, e.end_s))
-            seen[e.name] += 1
+            elif e.name not in odd:  # kept as it is: extract_epoch would return it
+                trials.append(Trial(site, ids[e.name], seen[e.name], order, e.start_s, e.end_s))
+                seen[e.name] += 1
+        if not odd & ids.keys():
+            continue
+        order_of = {e: i for i, e in enumerate(presentations)}
+        first_at = {}  # (name, start) -> order, for an interval sorting paired anew
+        for i, e in enumerate(presentations):
+            first_at.setdefault((e.name, e.start_s), i)
+        for name in sorted(odd & ids.keys()):
+            occurrences = [e for e in presentations if e.name == name]
+            for trial, e in enumerate(extracted(occurrences, fs, site=site, report=report)):
+                order = order_of.get(e, first_at.get((name, e.start_s), len(presentations)))
+                trials.append(Trial(site, ids[name], trial, order, e.start_s, e.end_s))
+        trials.sort(key=lambda t: (t.site, t.start_s, t.order))  # time order, as before
     return trials
+
+
+def _names_to_extract(presentations: list[Epoch], fs_hz: float | None) -> set[str]:
+    """Names whose presentations `extracted` would change: one starts before 0 on the
+    sample grid, or overlaps an earlier one, or ends before it (sorting would re-pair
+    them). Checked for all names at once; usually none (a site has ~4 k presentations)."""
+    import numpy as np
+
+    if not presentations:
+        return set()
+    codes: dict[str, int] = {}
+    code = np.array([codes.setdefault(e.name, len(codes)) for e in presentations])
+    bounds = np.array([(e.start_s, e.end_s) for e in presentations], dtype=np.float64)
+    if fs_hz:
+        bounds = np.round(bounds * fs_hz) / fs_hz
+    by_name = np.lexsort((bounds[:, 0], code))  # stable: file order among equal starts
+    code, start, end = code[by_name], bounds[by_name, 0], bounds[by_name, 1]
+    same = code[1:] == code[:-1]
+    odd = start < 0
+    odd[1:] |= same & ((start[1:] < end[:-1]) | (end[1:] < end[:-1]))
+    names = list(codes)
+    return {names[c] for c in np.unique(code[odd])}
+
+
+def extracted(
+    occurrences: list[Epoch], fs_hz: float | None, *, site: str, report: Report
+) -> list[Epoch]:
+    """What ``RasterizedSignal.extract_epoch(name)`` keeps of one sound's presentations,
+    in time order (nems0-format.md section 4).
+
+    Bounds snap to the sample grid (``np.round(b * fs) / fs``, half to even); 'exclude'
+    drops a presentation that then starts before 0; ``fix_overlap='first'`` sorts the
+    starts and the ends separately and keeps each interval that starts at or after the
+    end of the last one kept (identical repeats go, abutting ones stay). A kept interval
+    keeps its presentation's own times; one that sorting paired anew (only when repeats
+    of unequal length overlap out of order) gets the snapped bounds. Without a sampling
+    rate nothing is snapped.
+    """
+    import numpy as np
+
+    bounds = np.array([(e.start_s, e.end_s) for e in occurrences], dtype=np.float64)
+    if fs_hz:
+        bounds = np.round(bounds * fs_hz) / fs_hz
+    raw_of: dict[tuple[float, float], list[Epoch]] = {}
+    for e, (start, end) in zip(occurrences, bounds.tolist(), strict=True):
+        if start < 0:
+            report.add(
+                "presentation_before_recording",
+                f"{site}/{e.name}@{e.start_s:g}",
+                f"starts at {start:g} s on the site's sample grid, before the recording; "
+                "left out, as extract_epoch's boundary_mode='exclude' does",
+            )
+            continue
+        raw_of.setdefault((start, end), []).append(e)
+    inside = bounds[bounds[:, 0] >= 0]
+    kept: list[Epoch] = []
+    last_end = -math.inf
+    for start, end in np.sort(inside, axis=0).tolist():
+        same = raw_of.get((start, end))
+        if start < last_end:
+            dropped = same.pop(0) if same else Epoch(occurrences[0].name, start, end)
+            report.add(
+                "overlapping_presentation",
+                f"{site}/{dropped.name}@{dropped.start_s:g}",
+                f"starts before the previous presentation ends ({last_end:g} s); left out, "
+                "as extract_epoch's fix_overlap='first' does",
+            )
+            continue
+        kept.append(same.pop(0) if same else Epoch(occurrences[0].name, start, end))
+        last_end = end
+    return kept
 
 
 def report_repetitions(trials: list[Trial], stims: list[Stim], *, report: Report) -> None:
@@ -435,7 +530,7 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     for skipped in inputs.skipped_members:
         report.add("skipped_member", skipped, "not part of a NEMS0 recording; not read")
     stims = build_stims(inputs.pop_epochs, stim_fs_hz=inputs.stim_fs_hz, report=report)
-    trials = build_trials(inputs.site_epochs, stims, report=report)
+    trials = build_trials(inputs.site_epochs, stims, report=report, fs_hz=inputs.site_fs_hz)
     report_repetitions(trials, stims, report=report)
     report_wavs(stims, inputs.wav_names, report=report)
     cells = build_cells(
@@ -513,6 +608,11 @@ def area_inputs(
         site_units=[
             (r["site"], r["unit_id"]) for r in site_spikes.select(["site", "unit_id"]).to_pylist()
         ],
+        site_fs_hz={
+            r["site"]: float(sig[(r["recording"], "resp")]["fs_hz"])
+            for r in recs
+            if r["kind"] == _SITE and (r["recording"], "resp") in sig
+        },
         pred_correlation=pred_correlation,
         wav_names=wav_names,
         skipped_members=skipped,

@@ -276,7 +276,9 @@ class SiteJob:
         )
         start_s = trials.column("start_s").to_numpy()
         end_s = trials.column("end_s").to_numpy()
-        usable = np.isfinite(start_s) & np.isfinite(end_s) & (start_s >= 0)  # NEMS0: >= 0
+        usable = np.isfinite(start_s) & np.isfinite(end_s)
+        # NEMS0 ('exclude'): the start snapped to the sample grid, not as written, >= 0
+        usable[usable] &= binning.epoch_samples(start_s[usable], site.fs_hz) >= 0
         self.trials = trials.filter(pa.array(usable))
         units = pa.array(site.spikes.column("unit_id").to_pylist(), pa.string())
         self.cells = site.cells.filter(pc.is_in(site.cells.column("site_unit_id"), units))

@@ -278,6 +278,9 @@ def test_epoch_csv_missing_column_names_member(missing):
         (b"name,start,end\nA,0,1,2\n", "line 2: expected 3 fields"),
         (b"name,start,end\nA,zero,1\n", "line 2: start is not a number"),
         (b"name,start,end\nA,0,1\nB,0,1_0\n", "line 3: end is not a number"),
+        # blank lines and a quoted two-line name before it: still the file's line
+        (b'\nname,start,end\n\n"A\nB",0,1\n\nC,x,2\n', "line 7: start is not a number"),
+        (b"name,start,end\nA,0,\nB,,1\nC,1,e\n", "line 4: end is not a number"),
         (b'name,start,end\n"A,0,1\n', "bad CSV"),
         (b"name,start,end,start\nA,0,1,2\n", "repeated"),
         (b"", "no header"),

@@ -224,6 +224,89 @@ def test_duplicate_epochs_count_once():
     assert _parse(raw).trials.num_rows == _parse(_raw()).trials.num_rows
 
 
+# ---------------------------------------------------------------- extract_epoch semantics
+def _nems0_extract(rows: list[tuple[float, float]], fs_hz: float) -> list[tuple[float, float]]:
+    """nems0-format.md section 4, written out: snap, 'exclude', then remove_overlap."""
+    import numpy as np
+
+    bounds = np.round(np.array(rows, dtype=np.float64) * fs_hz) / fs_hz
+    bounds = bounds[bounds[:, 0] >= 0]
+    bounds.sort(axis=0)
+    kept = [bounds[0]] if len(bounds) else []
+    for start, end in bounds[1:]:
+        if start >= kept[-1][1]:
+            kept.append((start, end))
+    return [(float(a), float(b)) for a, b in kept]
+
+
+def _trials_of(rows: list[tuple[float, float]], fs_hz: float | None = 1000.0):
+    name = "STIM_00catA_rec1.wav"
+    stims = pe.build_stims([pe.Epoch(name, 0.0, 1.5)], stim_fs_hz=100.0, report=pe.Report())
+    report = pe.Report()
+    epochs = pe.recording_epochs((name, a, b) for a, b in rows)
+    fs = None if fs_hz is None else {"S": fs_hz}
+    return pe.build_trials({"S": epochs}, stims, report=report, fs_hz=fs), report
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [(0.0, 1.5), (1.0, 2.5), (3.0, 4.5)],  # the second overlaps the first
+        [(0.0, 1.5), (1.5, 3.0), (3.0, 4.5)],  # abutting: all kept
+        [(2.0, 2.0), (2.0, 3.0), (3.0, 3.0)],  # zero-length ones abut: all kept
+        [(0.0, 3.0), (1.0, 1.5), (4.0, 5.0)],  # a short one inside a long one
+        [(-0.0004, 1.4996), (2.0, 3.5)],  # starts before 0, but 0 on the 1 kHz grid
+        [(-0.0006, 1.4994), (2.0, 3.5)],  # -1 sample on the grid: before the recording
+        [(1.0, 2.5004), (2.5, 4.0)],  # overlaps as written, abuts on the grid
+    ],
+)
+def test_trials_are_what_extract_epoch_returns(rows):
+    trials, _ = _trials_of(rows)
+    want = _nems0_extract(rows, 1000.0)
+    got = [(round(t.start_s * 1000) / 1000, round(t.end_s * 1000) / 1000) for t in trials]
+    assert got == want
+    assert [t.trial for t in trials] == list(range(len(want)))
+
+
+def test_left_out_presentations_are_reported_and_kept_ones_keep_their_times():
+    trials, report = _trials_of([(-0.0006, 1.4994), (2.0, 3.5), (3.0, 4.5), (5.0004, 6.5)])
+    assert [(t.start_s, t.end_s) for t in trials] == [(2.0, 3.5), (5.0004, 6.5)]
+    assert [t.order for t in trials] == [1, 3]  # order still counts every presentation
+    assert set(report.kinds()) == {"presentation_before_recording", "overlapping_presentation"}
+    subjects = {subject for _, subject in report.rows}
+    assert subjects == {"S/STIM_00catA_rec1.wav@-0.0006", "S/STIM_00catA_rec1.wav@3"}
+
+
+def test_without_a_sampling_rate_bounds_are_taken_as_written():
+    trials, report = _trials_of([(-0.0004, 1.4996), (2.0, 3.5)], fs_hz=None)
+    assert [t.start_s for t in trials] == [2.0]
+    assert report.kinds() == {"presentation_before_recording": 1}
+
+
+def test_site_sampling_rate_comes_from_its_resp_signal():
+    raw = _raw()
+    signals = raw["signals"].to_pylist() + [
+        {"recording": "ARM001a_rec", "signal": "resp", "signal_type": "point_process",
+         "fs_hz": 1000.0, "n_chans": 2, "n_samples": None, "chans": None,
+         "segments_json": None, "meta_json": None},
+    ]  # fmt: skip
+    raw["signals"] = pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema)
+    rows = raw["epochs"].to_pylist()
+    # ARM001a's first VAL_A ends 0.4 ms into the second: it overlaps as written, but
+    # both are whole samples apart on the 1 kHz grid only after snapping
+    first = next(r for r in rows if r["recording"] == "ARM001a_rec" and r["name"] == VAL_A)
+    first["end_s"] = 5.0004
+    raw["epochs"] = pa.Table.from_pylist(rows, schema=schema.EPOCHS.schema)
+    inputs = pe.area_inputs(
+        raw["recordings"], raw["signals"], raw["epochs"], raw["site_spikes"], area="A1"
+    )
+    assert inputs.site_fs_hz == {"ARM001a": 1000.0}
+    parsed = pe.parse_area(inputs)
+    arm = [r for r in parsed.trials.to_pylist() if r["site"] == "ARM001a"]
+    assert len(arm) == len(SITE_ARM)  # snapped to 5.0: abuts the next VAL_A at 5.0
+    assert [r["order"] for r in arm] == list(range(len(SITE_ARM)))
+
+
 def test_missing_population_is_an_input_mismatch():
     raw = _raw()
     raw["recordings"] = raw["recordings"].filter(

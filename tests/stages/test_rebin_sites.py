@@ -305,3 +305,33 @@ def test_spike_samples_table_is_what_the_site_pass_derives_from_the_times(area):
     by_samples = rs.rebin_area(dataclasses.replace(inputs, site_spikes=samples), dt_ms=10)
     assert by_samples.responses.equals(by_times.responses)
     assert by_samples.qc_val.equals(by_times.qc_val)
+
+
+def test_a_start_before_0_that_snaps_to_0_is_binned_from_sample_0():
+    """NEMS0 tests 'exclude' on bounds snapped to the grid: -0.4 ms at 1 kHz is sample 0
+    and is kept; -0.6 ms is sample -1 and is left out."""
+    site = rs.Site(
+        site="AAA001a",
+        fs_hz=SITE_FS_HZ,
+        spikes=pa.table(
+            {
+                "unit_id": ["AAA001a-01-1"],
+                "spike_times_s": pa.array([[0.0, 0.005, 0.012]], pa.list_(pa.float64())),
+            }
+        ),
+        trials=pa.table(
+            {
+                "stim": pa.array([0, 0], pa.int32()),
+                "trial": pa.array([0, 1], pa.int32()),
+                "start_s": [-0.0004, -0.0006],
+                "end_s": [1.4996, 1.4994],
+            }
+        ),
+        cells=pa.table({"cell": pa.array([0], pa.int32()), "site_unit_id": ["AAA001a-01-1"]}),
+    )
+    job = rs.SiteJob(site, np.array([0], np.int32), dt_ms=10, n_bins=150)
+    assert job.trials.column("trial").to_pylist() == [0]
+    counts = job.counts()
+    assert counts.shape == (1, 150)
+    assert counts[0, :2].tolist() == [2.0, 1.0]  # samples 0 and 5 in bin 0, 12 in bin 1
+    assert counts[0, 2:].sum() == 0
