@@ -19,6 +19,7 @@ Choices, each stated once:
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -60,6 +61,8 @@ class AreaInputs:
     site_units: list[tuple[str, str]]
     #: site -> sampling rate of its spike times (its resp signal); bounds snap to it
     site_fs_hz: dict[str, float] = field(default_factory=dict)
+    #: (recording/signal, segments as written) whose segments are not one row from 0
+    segmented: list[tuple[str, str]] = field(default_factory=list)
     pred_correlation: pa.Table | None = None
     #: base names in wav.zip; None when wav.zip was not in the source
     wav_names: list[str] | None = None
@@ -529,6 +532,13 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     report = Report()
     for skipped in inputs.skipped_members:
         report.add("skipped_member", skipped, "not part of a NEMS0 recording; not read")
+    for subject, segments in inputs.segmented:
+        report.add(
+            "segments_not_applied",
+            subject,
+            f"JSON segments {segments}: the data is a concatenation of these spans, which "
+            "nat4etl does not map; epochs were placed as if the data started at 0",
+        )
     stims = build_stims(inputs.pop_epochs, stim_fs_hz=inputs.stim_fs_hz, report=report)
     trials = build_trials(inputs.site_epochs, stims, report=report, fs_hz=inputs.site_fs_hz)
     report_repetitions(trials, stims, report=report)
@@ -600,7 +610,13 @@ def area_inputs(
                 for m in source_members.to_pylist()
                 if m["kind"] == "wav"
             ]
+    segmented = [
+        (f"{r['recording']}/{r['signal']}", r["segments_json"])
+        for r in signals.to_pylist()
+        if not _from_zero(r["segments_json"])
+    ]
     return AreaInputs(
+        segmented=segmented,
         pop_epochs=recording_epochs(by_recording.get(pop_name, [])),
         stim_fs_hz=float(stim["fs_hz"]),
         resp_chans=list(resp["chans"]),
@@ -617,6 +633,15 @@ def area_inputs(
         wav_names=wav_names,
         skipped_members=skipped,
     )
+
+
+def _from_zero(segments_json: str | None) -> bool:
+    """No segments, or one span from 0: NEMS0's default ``[[0, ntimes]]``, which
+    restricts nothing (its end, a sample count, is read as seconds)."""
+    if segments_json is None:
+        return True
+    segments = json.loads(segments_json)
+    return segments is None or (len(segments) == 1 and segments[0][0] == 0)
 
 
 # ============================================================================ stage

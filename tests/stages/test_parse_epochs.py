@@ -441,3 +441,20 @@ def test_report_matches_the_sample(built, area):
         else:
             assert "repetition_count" in kinds  # the 19-repetition sound
             assert ("unit_without_site_data", "DRX006b-124-1") in report
+
+
+@pytest.mark.parametrize(
+    ("segments", "reported"),
+    [(None, False), ("null", False), ("[[0, 750]]", False), ("[[0.0, 7.5]]", False),
+     ("[[0, 5.0], [10.0, 20.0]]", True), ("[[2.0, 7.5]]", True), ("[]", True)],
+)  # fmt: skip
+def test_segments_that_are_not_one_span_from_0_are_reported(segments, reported):
+    raw = _raw()
+    signals = raw["signals"].to_pylist()
+    signals[0]["segments_json"] = segments
+    raw["signals"] = pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema)
+    rows = _report(_parse(raw))
+    key = ("segments_not_applied", f"{POP}/resp")
+    assert (key in rows) is reported
+    if reported:
+        assert segments in rows[key]
