@@ -163,3 +163,26 @@ def test_areas_with_other_onsets_get_their_own_tables(tmp_path):
     )
     # same sound, placed 0.25 s (11 025 samples) later in PEG's window
     np.testing.assert_array_equal(second[0, 22_050:], first[0, 11_025:-11_025])
+
+
+def test_a_bad_wav_fails_the_stage_naming_zip_and_member(tmp_path):
+    """Decoding runs on worker threads; the error still reaches the caller, whole."""
+    from nat4etl.errors import FormatError
+
+    sounds = _sounds()
+    path = tmp_path / "wav.zip"
+    with pytest.raises(FormatError) as info:
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("wav/cat1_bird.wav", _wav_bytes(*sounds["wav/cat1_bird.wav"]))
+            zf.writestr("wav/cat2.wav", b"RIFF\x00\x00\x00\x00WAVEnot a wav at all")
+            zf.writestr("wav/00cat3.wav", _wav_bytes(*sounds["wav/00cat3.wav"]))
+        recipe = aw.table_recipe(
+            _stims(),
+            aw.match_wavs(
+                _stims(), [f"wav/{n}" for n in ("cat1_bird.wav", "cat2.wav", "00cat3.wav")]
+            ),
+            aw.audio_grid(_stims(), dt_ms=10, audio_fs_hz=44_100),
+        )
+        aw.waveforms(recipe, path, NullProgress(), {})
+    message = str(info.value)
+    assert "wav.zip" in message and "wav/cat2.wav" in message and "\n" not in message
