@@ -588,6 +588,15 @@ def area_inputs(
     if resp is None or stim is None or not resp["chans"]:
         msg = f"area {area}: population recording {pop_name!r} lacks resp chans or stim"
         raise InputMismatch(msg)
+    # Of the site files only STIM_ epochs are interpreted (trials): the rest, three in four
+    # rows, never become Python objects (parse-epochs 0.5 -> 0.3 s at full scale).
+    import pyarrow.compute as pc
+
+    needed = pc.or_(
+        pc.equal(epochs.column("recording"), pop_name),
+        pc.starts_with(epochs.column("name"), nat4.STIM_PREFIX),
+    )
+    epochs = epochs.filter(needed)  # a null name is not a STIM_ one: dropped with them
     # Column lists and tuples, not to_pylist() dicts: ~100k rows per area.
     by_recording: dict[str, list[tuple]] = {}
     columns = [epochs.column(c).to_pylist() for c in ("recording", "name", "start_s", "end_s")]
