@@ -164,7 +164,19 @@ def test_width_mismatch_deep_in_a_big_file_reports_the_right_line():
         read_raster(io.BytesIO(text), chunk_bytes=1 << 16, threads=2)
 
 
-@pytest.mark.parametrize("bad", [b"abc", b"1_000", b"1.0.0", b"0x10", b"--1"])
+@pytest.mark.parametrize(
+    "na", [b"NA", b"N/A", b"NULL", b"null", b"#N/A", b"<NA>", b"None", b"-1.#IND", b"NaN"]
+)
+def test_pandas_na_spellings_are_nan_as_nems0_reads_them(na):
+    """NEMS0 reads the data with pd.read_csv, whose default na_values these are."""
+    text = b"1.0,2.0\n3.0," + na + b"\n" + b"5.000000000000000000e+00,6.0\n"
+    got = parse_raster_bytes(text, member="R/R.resp.csv")
+    assert got.shape == (2, 3)
+    assert np.isnan(got[1, 1]) and np.count_nonzero(np.isnan(got)) == 1
+    np.testing.assert_array_equal(got[:, [0, 2]], [[1.0, 5.0], [2.0, 6.0]])
+
+
+@pytest.mark.parametrize("bad", [b"abc", b"1_000", b"1.0.0", b"0x10", b"--1", b"na", b"N/A N"])
 def test_non_numbers_are_format_errors(bad):
     text = b"1.0,2.0\n3.0," + bad + b"\n"
     with pytest.raises(FormatError, match="line 2: not a number"):
