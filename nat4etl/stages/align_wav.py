@@ -142,10 +142,10 @@ def table_recipe(stims: pa.Table, match: WavMatch, grid: AudioGrid) -> Recipe:
     return Recipe(grid, tuple((s, match.member_of[s], prestim[s]) for s in ids))
 
 
-def waveforms(recipe: Recipe, path: Path, progress, rates: dict[str, int]) -> pa.Table:
-    """The waveforms table: one row per stim of ``recipe``, each wav member of ``path``
-    decoded once and placed straight into its rows; ``rates`` gets each member's sample
-    rate.
+def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str, int]]:
+    """The waveforms table, one row per stim of ``recipe``, and the sample rate of each
+    wav member of ``path`` it used; each member is decoded once and placed straight into
+    its rows.
 
     The main thread inflates members in archive order while two workers decode and place
     them (libsndfile, soxr and numpy's copies release the GIL): align-wav alone went from
@@ -158,6 +158,7 @@ def waveforms(recipe: Recipe, path: Path, progress, rates: dict[str, int]) -> pa
     for i, (_, member, prestim_s) in enumerate(recipe.rows):
         rows_of.setdefault(member, []).append((i, prestim_s))
     samples = np.empty((len(recipe.rows), grid.n_samples), dtype=np.float32)
+    rates: dict[str, int] = {}
 
     def decode_and_place(name: str, data: bytes) -> None:
         wav, fs_hz = decode_wav(data, name=name, path=path)
@@ -180,7 +181,7 @@ def waveforms(recipe: Recipe, path: Path, progress, rates: dict[str, int]) -> pa
     finally:
         progress.done("align-wav")
     ids = np.asarray([stim for stim, _, _ in recipe.rows], dtype=np.int32)
-    return rs.vectors_table({"stim": ids}, "samples", samples)
+    return rs.vectors_table({"stim": ids}, "samples", samples), rates
 
 
 # ============================================================================ stage
@@ -244,7 +245,8 @@ def run(store, settings, progress) -> dict:
             members = set(match.member_of.values())
             table = None
             if not members <= rates.keys():  # sounds not decoded yet: decode them now
-                table = waveforms(recipe, path, progress, rates)
+                table, decoded = waveforms(recipe, path, progress)
+                rates.update(decoded)
             metadata = _metadata(grid, sorted({rates[m] for m in members}), match)
             key = (recipe, json.dumps(metadata, sort_keys=True))
             if key in made:  # the same sounds placed the same way: the same bytes
@@ -252,7 +254,7 @@ def run(store, settings, progress) -> dict:
                 progress.log(f"{area}: waveforms identical to {made[key]}'s, files shared")
             else:
                 if table is None:
-                    table = waveforms(recipe, path, progress, rates)
+                    table, _ = waveforms(recipe, path, progress)
                 writer.submit("waveforms", table, area=area, metadata=metadata)
                 made[key] = area
             del table

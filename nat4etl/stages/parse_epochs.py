@@ -26,7 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from nat4etl import nat4, schema
 from nat4etl.errors import InputMismatch
@@ -242,15 +244,11 @@ def _names_to_extract(presentations: list[Epoch], fs_hz: float | None) -> set[st
     """Names whose presentations `extracted` would change: one starts before 0 on the
     sample grid, or overlaps an earlier one, or ends before it (sorting would re-pair
     them). Checked for all names at once; usually none (a site has ~4 k presentations)."""
-    import numpy as np
-
     if not presentations:
         return set()
     codes: dict[str, int] = {}
     code = np.array([codes.setdefault(e.name, len(codes)) for e in presentations])
-    bounds = np.array([(e.start_s, e.end_s) for e in presentations], dtype=np.float64)
-    if fs_hz:
-        bounds = np.round(bounds * fs_hz) / fs_hz
+    bounds = _snapped(presentations, fs_hz)
     by_name = np.lexsort((bounds[:, 0], code))  # stable: file order among equal starts
     code, start, end = code[by_name], bounds[by_name, 0], bounds[by_name, 1]
     same = code[1:] == code[:-1]
@@ -258,6 +256,13 @@ def _names_to_extract(presentations: list[Epoch], fs_hz: float | None) -> set[st
     odd[1:] |= same & ((start[1:] < end[:-1]) | (end[1:] < end[:-1]))
     names = list(codes)
     return {names[c] for c in np.unique(code[odd])}
+
+
+def _snapped(epochs: list[Epoch], fs_hz: float | None) -> np.ndarray:
+    """(n, 2) start and end seconds on the sample grid, as NEMS0's ``get_epoch_bounds``
+    puts them: ``np.round(b * fs) / fs`` (half to even); as written without a rate."""
+    bounds = np.array([(e.start_s, e.end_s) for e in epochs], dtype=np.float64).reshape(-1, 2)
+    return np.round(bounds * fs_hz) / fs_hz if fs_hz else bounds
 
 
 def extracted(
@@ -274,11 +279,7 @@ def extracted(
     of unequal length overlap out of order) gets the snapped bounds. Without a sampling
     rate nothing is snapped.
     """
-    import numpy as np
-
-    bounds = np.array([(e.start_s, e.end_s) for e in occurrences], dtype=np.float64)
-    if fs_hz:
-        bounds = np.round(bounds * fs_hz) / fs_hz
+    bounds = _snapped(occurrences, fs_hz)
     raw_of: dict[tuple[float, float], list[Epoch]] = {}
     for e, (start, end) in zip(occurrences, bounds.tolist(), strict=True):
         if start < 0:
@@ -590,8 +591,6 @@ def area_inputs(
         raise InputMismatch(msg)
     # Of the site files only STIM_ epochs are interpreted (trials): the rest, three in four
     # rows, never become Python objects (parse-epochs 0.5 -> 0.3 s at full scale).
-    import pyarrow.compute as pc
-
     needed = pc.or_(
         pc.equal(epochs.column("recording"), pop_name),
         pc.starts_with(epochs.column("name"), nat4.STIM_PREFIX),

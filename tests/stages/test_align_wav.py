@@ -183,6 +183,6 @@ def test_a_bad_wav_fails_the_stage_naming_zip_and_member(tmp_path):
             ),
             aw.audio_grid(_stims(), dt_ms=10, audio_fs_hz=44_100),
         )
-        aw.waveforms(recipe, path, NullProgress(), {})
+        aw.waveforms(recipe, path, NullProgress())
     message = str(info.value)
     assert "wav.zip" in message and "wav/cat2.wav" in message and "\n" not in message
