@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -267,3 +268,59 @@ def test_staged_files_are_fsynced_before_publish_not_one_by_one(tmp_path, monkey
     events.clear()  # a Store outside staging fsyncs each file as it is written
     Store(tmp_path / "plain").write_table("trials", _trials(2), area="A1")
     assert [kind for kind, _ in events] == ["fsync"]
+
+
+def _responses(n=200):
+    from nat4etl.stages.rebin_sites import SOURCE_SITE, responses_table
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(0.3, (n, 150)).astype(np.float32)
+    counts[3, 5:] = np.nan
+    ids = np.arange(n, dtype=np.int32)
+    return responses_table(ids % 7, ids // 7, np.zeros(n, np.int32), SOURCE_SITE, counts)
+
+
+def test_fixed_size_vector_tables_are_encoded_by_polars_and_read_back_as_written(tmp_path):
+    import pyarrow.parquet as pq
+
+    store = Store(tmp_path)
+    table = _responses()
+    store.write_table("responses", table, area="A1", metadata={"dt_ms": 10.0})
+    path = store.table_file("responses", "A1")
+    assert pq.read_metadata(path).created_by.startswith("Polars")
+    back = store.read_table("responses", area="A1").drop_columns(["area"])
+    assert back.schema.field("source").type == pa.string()  # not polars' large_string
+    assert back.column("counts").type == table.column("counts").type
+    sort = [("stim", "ascending"), ("cell", "ascending"), ("trial", "ascending")]
+    want = table.sort_by(sort)
+    for name in ("stim", "cell", "trial", "source"):
+        assert back[name].equals(want[name])
+    np.testing.assert_array_equal(
+        np.stack(back["counts"].to_numpy(zero_copy_only=False)),
+        np.stack(want["counts"].to_numpy(zero_copy_only=False)),
+    )
+    assert store.table_metadata("responses", "A1")["dt_ms"] == 10.0
+    pl_schema = pl.read_parquet(path).schema
+    assert pl_schema["counts"] == pl.Array(pl.Float32, 150) and pl_schema["source"] == pl.String
+    again = Store(tmp_path / "again").write_table(
+        "responses", table, area="A1", metadata={"dt_ms": 10.0}
+    )
+    assert again.sha256 == store.written[str(path.relative_to(tmp_path))]  # deterministic
+
+
+def test_a_polars_file_whose_footer_differs_is_written_again_by_pyarrow(tmp_path, monkeypatch):
+    """Should a polars version write its own ARROW:schema (strings as large_string), the
+    footer check catches it and pyarrow writes the file."""
+    import pyarrow.parquet as pq
+
+    from nat4etl import store as store_module
+
+    def polars_alone(table, path):
+        pl.from_arrow(table).write_parquet(path)
+
+    monkeypatch.setattr(store_module, "_write_parquet_polars", polars_alone)
+    store = Store(tmp_path)
+    store.write_table("responses", _responses(), area="A1")
+    path = store.table_file("responses", "A1")
+    assert pq.read_metadata(path).created_by.startswith("parquet-cpp-arrow")
+    assert store.read_table("responses", area="A1").schema.field("source").type == pa.string()
