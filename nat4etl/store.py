@@ -385,12 +385,14 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     all fixed-size lists (responses, spectrograms, waveforms, val_means), else by pyarrow.
 
     polars encodes a list column's row groups on both cores, with less work per value:
-    A1's responses (495 MB) take it 0.3 s and 0.55 s of CPU, pyarrow 1.1-1.3 s on one core,
-    and a full build went 9.0-9.5 -> 8.4-8.7 s (with the sidecars written around the page
-    cache, which frees the second core for it). The file carries pyarrow's own ``ARROW:schema`` entry (the table's schema, our
-    metadata included), so pyarrow reads back exactly the types written (polars alone would
-    make the strings ``large_string``). The footer is checked: should a polars version
-    write anything else, pyarrow writes the file again.
+    A1's responses (495 MB) take it 0.3 s and 0.55 s of CPU, pyarrow 1.1-1.3 s on one
+    core, and a full build went 9.0-9.5 -> 8.4-8.7 s (with the sidecars written around
+    the page cache, which frees the second core for it). The file carries pyarrow's own
+    ``ARROW:schema`` entry (the table's schema, our metadata included), so pyarrow reads
+    back exactly the types written (polars alone would make the strings
+    ``large_string``). The footer is checked: should a polars version write anything
+    else, pyarrow writes the file again. (Parquet files through `DirectWriter` too were
+    slower: 8.5 -> 8.8 s, Python-level writes of every page.)
     """
     import pyarrow.parquet as pq
 
