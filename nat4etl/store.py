@@ -410,7 +410,14 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
 
 
 def _polars_encodes(schema: pa.Schema) -> bool:
+    """Only fixed-size lists: polars copies variable-length ones into lists with 64-bit
+    offsets (the population's made the build's peak 1.13-1.16 GiB, and it was no
+    faster), and it writes every column optional, so non-null ones would not read back
+    as declared."""
     import pyarrow as pa
+
+    if not all(f.nullable for f in schema):
+        return False
 
     types = [f.type for f in schema]
     nested = [t for t in types if pa.types.is_nested(t)]

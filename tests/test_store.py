@@ -324,3 +324,13 @@ def test_a_polars_file_whose_footer_differs_is_written_again_by_pyarrow(tmp_path
     path = store.table_file("responses", "A1")
     assert pq.read_metadata(path).created_by.startswith("parquet-cpp-arrow")
     assert store.read_table("responses", area="A1").schema.field("source").type == pa.string()
+
+
+def test_only_nullable_fixed_size_vector_tables_go_to_polars():
+    from nat4etl.store import _polars_encodes
+
+    vec = pa.list_(pa.float32(), 4)
+    assert _polars_encodes(pa.schema([("stim", pa.int32()), ("v", vec)]))
+    assert not _polars_encodes(pa.schema([("stim", pa.int32())]))  # nothing to gain
+    assert not _polars_encodes(pa.schema([("v", pa.list_(pa.float32()))]))  # 64-bit copies
+    assert not _polars_encodes(pa.schema([pa.field("v", vec, nullable=False)]))  # optional
