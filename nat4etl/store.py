@@ -418,9 +418,7 @@ def _polars_encodes(schema: pa.Schema) -> bool:
 
     if not all(f.nullable for f in schema):
         return False
-
-    types = [f.type for f in schema]
-    nested = [t for t in types if pa.types.is_nested(t)]
+    nested = [f.type for f in schema if pa.types.is_nested(f.type)]
     return bool(nested) and all(
         pa.types.is_fixed_size_list(t) and not pa.types.is_nested(t.value_type) for t in nested
     )
