@@ -513,11 +513,13 @@ def run(store, settings, progress) -> dict:
     hand_off = "rebin-sites" in store.stages_planned
     done = {}
     with WriteBehind(store) as writer:
-        for i, area in enumerate(settings.areas):
-            if i:
-                # the last area's tables written and their buffers returned before the next
-                # population is decoded on top of them
-                writer.wait()
+        for area in settings.areas:
+            if done:
+                # the last area's population written and its buffers returned before the
+                # next one is decoded on top of them; its smaller tables (site_spikes,
+                # epochs) may still be encoding meanwhile
+                last_written, _ = done[next(reversed(done))]
+                last_written["pop_signals"].exception()  # waits; failures raise below
                 memory.release_free_memory()
             done[area] = unpack_area(writer, src, area, progress, hand_off=hand_off)
     for area, (_, kept) in done.items():
