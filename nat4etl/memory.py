@@ -56,16 +56,21 @@ def paged_empty(shape: tuple[int, ...], dtype=np.float32, *, huge_pages: bool = 
 
 
 def give_back(array: np.ndarray, lo_row: int, hi_row: int) -> None:
-    """Return to the OS the whole pages of rows ``lo_row:hi_row`` of a C-contiguous
-    ``array`` made by :func:`paged_empty` (or any array on an ``mmap``): they read as
-    zeros afterwards, so call it only on rows never read again. Any other array is left
-    as is: its memory belongs to an allocator that must not lose pages behind its back."""
+    """Return to the OS the whole pages of rows ``lo_row:hi_row`` of an ``array`` made
+    by :func:`paged_empty` (or any array on an ``mmap``) whose rows are contiguous (C
+    order, or 2-D rows spaced apart: then the room after each row goes too): they read
+    as zeros afterwards, so call it only on rows never read again. Any other array is
+    left as is: its memory belongs to an allocator that must not lose pages behind its
+    back."""
     mapping = array.base
     while isinstance(mapping, np.ndarray):
         mapping = mapping.base
     if isinstance(mapping, memoryview):  # np.frombuffer keeps the buffer's view
         mapping = mapping.obj
-    if not isinstance(mapping, mmap.mmap) or not array.flags.c_contiguous or array.ndim < 1:
+    rows_contiguous = array.ndim >= 1 and (
+        array.flags.c_contiguous or (array.ndim == 2 and array.strides[1] == array.itemsize)
+    )
+    if not isinstance(mapping, mmap.mmap) or not rows_contiguous:
         return
     start = array.__array_interface__["data"][0]
     base = np.frombuffer(mapping, np.uint8).__array_interface__["data"][0]

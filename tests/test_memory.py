@@ -45,6 +45,16 @@ def test_give_back_returns_memory_to_the_os():
     assert before - _rss_kib() > 40 * 1024
 
 
+def test_give_back_takes_rows_spaced_apart_with_the_room_after_them():
+    room = memory.paged_empty((8, 4096))  # rows of 16 KiB
+    room[:] = 3.0
+    spaced = room[:, :1000]  # each row contiguous, rows 16 KiB apart
+    memory.give_back(spaced, 2, 5)
+    assert np.all(spaced[:2] == 3.0) and np.all(spaced[5:] == 3.0)
+    assert np.all(room[2:5] == 0.0)  # rows 2-4 and the room after them: pages returned
+    assert np.all(room[5:] == 3.0)
+
+
 def test_give_back_leaves_arrays_of_other_allocators_alone():
     a = np.ones((100, 5000), np.float32)  # malloc's: losing its pages would corrupt it
     memory.give_back(a, 0, 100)

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import h5py
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from click.testing import CliRunner
@@ -215,22 +216,36 @@ def test_source_members_list_every_zip_member(case, area):
 
 
 # ============================================================================ helpers
-def test_channel_buffer_grows_and_compacts():
-    buf = unpack.ChannelBuffer(3, size_bytes=3 * 25 * 2)  # room for 2 samples
+def test_channel_buffer_holds_rows_of_short_fields():
+    """Fields shorter than %.18e (here 1-byte digits) make more rows than 25-byte ones
+    would: the room is for the most the member's size allows."""
+    buf = unpack.ChannelBuffer(3, size_bytes=3 * 2 * 9)  # 9 rows of "d," fields
     blocks = [np.arange(i * 9, i * 9 + 9, dtype=np.float32).reshape(3, 3) for i in range(3)]
     for b in blocks:
         buf.append(b)
     got = buf.finish()
     np.testing.assert_array_equal(got, np.concatenate(blocks).T)
-    assert got.flags.c_contiguous
+    assert got.strides[1] == 4  # each row contiguous
 
 
-def test_channel_buffer_compacts_when_oversized():
+def test_channel_buffer_leaves_rows_where_they_were_written():
     buf = unpack.ChannelBuffer(2, size_bytes=2 * 25 * 10)
     buf.append(np.array([[1, 2], [3, 4]], np.float32))
     got = buf.finish()
     np.testing.assert_array_equal(got, [[1, 3], [2, 4]])
-    assert got.flags.c_contiguous
+    assert got.strides == (4 * buf.capacity, 4)  # no compaction: rows stay spaced apart
+
+
+def test_channel_lists_of_spaced_rows_are_one_chunk_per_row_without_copies():
+    buf = unpack.ChannelBuffer(3, size_bytes=3 * 25 * 100)
+    values = np.arange(12, dtype=np.float32).reshape(4, 3)
+    buf.append(values)
+    spaced = buf.finish()
+    lists = unpack.channel_lists(spaced)
+    assert lists.num_chunks == 3 and lists.type == pa.list_(pa.float32())
+    assert [list(x) for x in lists.to_pylist()] == values.T.tolist()
+    for i, chunk in enumerate(lists.chunks):  # the row's own memory
+        assert chunk.values.buffers()[1].address == spaced[i].__array_interface__["data"][0]
 
 
 def test_channel_lists_chunk_without_copying(monkeypatch):
