@@ -55,8 +55,7 @@ class ChannelBuffer:
         self.n_chans = n_chans
         self.n_samples = 0
         self.capacity = size_bytes // (2 * n_chans) + 1
-        self._flat = memory.paged_empty((n_chans * self.capacity,))
-        self._data = self._flat.reshape(n_chans, self.capacity)
+        self._data = memory.paged_empty((n_chans, self.capacity))
 
     def append(self, block: np.ndarray) -> None:
         n = block.shape[0]
