@@ -397,9 +397,14 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     import pyarrow.parquet as pq
 
     if _polars_encodes(table.schema):
-        _write_parquet_polars(table, path)
-        if _as_stored(pq.read_schema(path)).equals(_as_stored(table.schema), check_metadata=True):
-            return
+        try:
+            _write_parquet_polars(table, path)
+        except TypeError:  # a polars without `write_parquet(metadata=)`: pyarrow below
+            pass
+        else:
+            stored = pq.read_schema(path)
+            if _as_stored(stored).equals(_as_stored(table.schema), check_metadata=True):
+                return
     pq.write_table(
         table,
         path,

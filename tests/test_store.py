@@ -334,3 +334,19 @@ def test_only_nullable_fixed_size_vector_tables_go_to_polars():
     assert not _polars_encodes(pa.schema([("stim", pa.int32())]))  # nothing to gain
     assert not _polars_encodes(pa.schema([("v", pa.list_(pa.float32()))]))  # 64-bit copies
     assert not _polars_encodes(pa.schema([pa.field("v", vec, nullable=False)]))  # optional
+
+
+def test_a_polars_without_parquet_metadata_leaves_the_file_to_pyarrow(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from nat4etl import store as store_module
+
+    def old_polars(table, path):
+        raise TypeError("DataFrame.write_parquet() got an unexpected keyword 'metadata'")
+
+    monkeypatch.setattr(store_module, "_write_parquet_polars", old_polars)
+    store = Store(tmp_path)
+    store.write_table("responses", _responses(), area="A1")
+    path = store.table_file("responses", "A1")
+    assert pq.read_metadata(path).created_by.startswith("parquet-cpp-arrow")
+    assert store.read_table("responses", area="A1").num_rows == 200
