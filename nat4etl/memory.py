@@ -90,7 +90,7 @@ def release_free_memory() -> None:
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -104,9 +104,9 @@ def _libc():
         return None
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim`` or None (musl, macOS)."""
-    return getattr(_libc(), "malloc_trim", None)
+def _libc_function(name: str):
+    """glibc's ``malloc_trim``, ``mallopt``, ... or None (musl, macOS)."""
+    return getattr(_libc(), name, None)
 
 
 #: glibc's mallopt parameter number for the mmap threshold
@@ -129,7 +129,7 @@ def large_blocks_unmapped(threshold: int = 256 * 1024):
     wall time unchanged. Set for that one stage only: build-wide it costs ~1.4 s of
     page faults (unpack, align-wav). Only the allocator's bookkeeping changes, no value.
     """
-    mallopt = _mallopt()
+    mallopt = _libc_function("mallopt")
     if mallopt is None:
         yield
         return
@@ -138,11 +138,6 @@ def large_blocks_unmapped(threshold: int = 256 * 1024):
         yield
     finally:
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-
-
-def _mallopt():
-    """glibc's ``mallopt`` or None (musl, macOS)."""
-    return getattr(_libc(), "mallopt", None)
 
 
 @contextlib.contextmanager

@@ -52,7 +52,6 @@ class ChannelBuffer:
     """
 
     def __init__(self, n_chans: int, size_bytes: int):
-        self.n_chans = n_chans
         self.n_samples = 0
         self.capacity = size_bytes // (2 * n_chans) + 1
         self._data = memory.paged_empty((n_chans, self.capacity))
