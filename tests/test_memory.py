@@ -1,6 +1,7 @@
 """rebin-sites' allocator settings: they change where memory lives, never a value."""
 
 import numpy as np
+import pytest
 
 from nat4etl import memory
 
@@ -81,3 +82,13 @@ def test_arrow_allocator_for_builds_restores_the_previous_pool():
         kept = pa.array(np.arange(1_000_000))
     assert pa.default_memory_pool().backend_name == before
     assert kept[-1].as_py() == 999_999  # freed later by the pool that made it
+
+
+def test_fewer_gc_passes_raises_the_first_threshold_and_restores_it_after_errors():
+    import gc
+
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError), memory.fewer_gc_passes(12_345):
+        assert gc.get_threshold() == (12_345, *before[1:])
+        raise RuntimeError("a stage failed")
+    assert gc.get_threshold() == before

@@ -350,3 +350,48 @@ def test_a_polars_without_parquet_metadata_leaves_the_file_to_pyarrow(tmp_path, 
     path = store.table_file("responses", "A1")
     assert pq.read_metadata(path).created_by.startswith("parquet-cpp-arrow")
     assert store.read_table("responses", area="A1").num_rows == 200
+
+
+def test_columns_whose_spec_names_a_codec_get_it_and_every_other_column_zstd(tmp_path):
+    """pyarrow takes per-column codecs by leaf path; a list column named by its table
+    name alone would silently be written uncompressed."""
+    import pyarrow.parquet as pq
+
+    from nat4etl import schema
+
+    assert schema.SITE_SPIKES.codecs == {"spike_times_s": "none"}
+    store = Store(tmp_path)
+    spikes = pa.table(
+        {
+            "site": ["ARM029a", "ARM029a"],
+            "recording": ["r", "r"],
+            "signal": ["resp", "resp"],
+            "unit_id": ["u1", "u2"],
+            "spike_times_s": pa.array([[0.5, 1.25], [2.0]], pa.list_(pa.float64())),
+        }
+    )
+    store.write_table("site_spikes", spikes, area="A1")
+    meta = pq.read_metadata(store.table_file("site_spikes", "A1")).row_group(0)
+    codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(5)}
+    assert codecs == {
+        "site": "ZSTD",
+        "recording": "ZSTD",
+        "signal": "ZSTD",
+        "unit_id": "ZSTD",
+        "spike_times_s.list.element": "UNCOMPRESSED",
+    }
+    assert store.read_table("site_spikes", area="A1")["spike_times_s"].to_pylist() == [
+        [0.5, 1.25],
+        [2.0],
+    ]
+
+
+def test_parquet_codecs_name_list_values_by_their_leaf_path():
+    from nat4etl.store import parquet_codecs
+
+    s = pa.schema([("signal", pa.string()), ("values", pa.list_(pa.float32()))])
+    assert parquet_codecs(s, {"values": "lz4"}) == {
+        "signal": "zstd",
+        "values.list.element": "lz4",
+    }
+    assert parquet_codecs(s, {}) == {"signal": "zstd", "values.list.element": "zstd"}

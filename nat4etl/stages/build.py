@@ -374,7 +374,11 @@ def _run_staged(
         settle(store.root, written + stale_states(ctx))
         return _write_build_manifest(store, ctx, result, started)
 
-    with staging(out, manifest=manifest) as store, memory.arrow_allocator_for_builds():
+    with (
+        staging(out, manifest=manifest) as store,
+        memory.arrow_allocator_for_builds(),
+        memory.fewer_gc_passes(),
+    ):
         store.stages_planned = frozenset(stage.name for stage in chosen)
         for stage in chosen:
             d = decide(store.root, stage, ctx, forced=forced.get(stage.name))
