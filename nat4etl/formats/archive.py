@@ -11,7 +11,8 @@ Knows nothing about NEMS0 or NAT4. What it guarantees to the layers above:
   actually inflated while reading, so a decompression bomb is an error, not a full disk;
 - a truncated or corrupt archive raises `ArchiveError` naming the file (and member), never
   a raw ``EOFError``/``zlib.error``/``tarfile.ReadError``/``BadZipFile``;
-- gzip is inflated with ``isal`` when installed (2-3x faster than zlib here), else ``gzip``.
+- gzip and deflated zip members are inflated with ``isal`` when installed (2-3x faster
+  than zlib here), else ``gzip`` and ``zipfile``.
 
 Tar members are read from one forward pass over the inflated stream: open each member's
 stream while it is the current one (reading an earlier member later works, but re-inflates
@@ -24,6 +25,7 @@ the enclosing member for nested archives (``sites.zip:A1_x.tgz:R/R.resp.h5``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import stat
@@ -40,9 +42,12 @@ from nat4etl.errors import ArchiveError, MissingMember, UnsafeMember
 
 try:  # isal: same API as gzip, 2-3x faster inflate
     from isal import igzip as _gzip
+    from isal import isal_zlib as _isal_zlib
     from isal.isal_zlib import error as _IsalError
 except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
     import gzip as _gzip
+
+    _isal_zlib = None
 
     class _IsalError(Exception):  # type: ignore[no-redef]
         pass
@@ -65,6 +70,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
 _PIECE_BYTES = 4 << 20  # inflate into the caller's buffer this much at a time
 _DRAIN_LIMIT_BYTES = 64 << 20  # bytes after the tar end marker we inflate to check the gzip CRC
+_ZIP_READ_BYTES = 1 << 20  # compressed bytes read at a time from a zip member
 
 # Everything a damaged archive can raise from the standard library or isal.
 _DAMAGE = (
@@ -797,7 +803,7 @@ def _zip_opener(
                 raise where.error(ArchiveError, msg, info.filename)
             raw = reopen()
             archive_file = zipfile.ZipFile(raw)
-        handle = archive_file.open(info)
+        handle = _isal_member(archive_file, info) or archive_file.open(info)
 
         def close() -> None:
             handle.close()
@@ -811,3 +817,75 @@ def _zip_opener(
         )
 
     return opener
+
+
+def _isal_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> BinaryIO | None:
+    """A stored or deflated member's data, inflated and CRC-checked with isal; None for
+    other methods or without isal (zipfile then reads it).
+
+    zipfile inflates with zlib and checks the CRC-32 with zlib: A1's site files (62 MB)
+    took it 0.20 s, isal 0.08 s. zipfile still finds and checks the member's local
+    header; it is asked for the member's bytes as stored, with no CRC of its own.
+    """
+    if _isal_zlib is None or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        return None
+    as_stored = copy.copy(info)
+    as_stored.compress_type = zipfile.ZIP_STORED
+    as_stored.file_size = info.compress_size
+    as_stored.CRC = None  # zipfile skips its check; _IsalZipMember checks the real one
+    return _IsalZipMember(zf.open(as_stored), info)
+
+
+class _IsalZipMember(io.RawIOBase):
+    """The data of a zip member from its stored bytes: inflated when deflated, CRC-32
+    checked at its end as zipfile does (same error), never more than a piece inflated
+    at once."""
+
+    def __init__(self, stored: BinaryIO, info: zipfile.ZipInfo):
+        super().__init__()
+        self._stored = stored
+        self._info = info
+        deflated = info.compress_type == zipfile.ZIP_DEFLATED
+        self._inflate = _isal_zlib.decompressobj(-15) if deflated else None
+        self._stored_left = info.compress_size  # ends with the last byte, as in zipfile
+        self._crc = 0
+        self._out = memoryview(b"")
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        view = memoryview(b).cast("B")
+        while not self._out and not self._ended:
+            self._out = memoryview(self._next_piece())
+            self._crc = _isal_zlib.crc32(self._out, self._crc)
+            if self._ended and self._crc != self._info.CRC:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for file {self._info.filename!r}")
+        n = min(len(view), len(self._out))
+        view[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _next_piece(self) -> bytes:
+        inflate = self._inflate
+        if inflate is None:
+            piece = self._stored.read(min(self._stored_left, _ZIP_READ_BYTES))
+            self._stored_left -= len(piece)
+            self._ended = self._stored_left <= 0 or not piece
+            return piece
+        data = inflate.unconsumed_tail or self._stored.read(_ZIP_READ_BYTES)
+        if not data:
+            if not inflate.eof:
+                raise EOFError("compressed zip member ends before its deflate stream")
+            self._ended = True
+            return b""
+        piece = inflate.decompress(data, _PIECE_BYTES)
+        if inflate.eof and not inflate.unconsumed_tail:
+            self._ended = True
+        return piece
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stored.close()
+        super().close()

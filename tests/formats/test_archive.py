@@ -393,3 +393,61 @@ def test_directory_files_bounded_by_the_limits(tmp_path):
     (tmp_path / "big.csv").write_bytes(b"x" * 100)
     with pytest.raises(UnsafeMember, match="over the 50-byte limit"):
         contents(tmp_path, limits=Limits(max_member_bytes=50))
+
+
+def _zip_of(members, method=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members:
+            zf.writestr(name, data, compress_type=method)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2])
+def test_zip_members_of_every_method_read_whole(method):
+    rng = __import__("numpy").random.default_rng(0)
+    members = [
+        ("empty", b""),
+        ("noise", rng.bytes(3 << 20)),  # several reads of compressed bytes
+        ("zeros", bytes(40 << 20)),  # inflates past one piece from one read
+        ("text", b"0.000000000000000000e+00," * 1000),
+    ]
+    assert contents(_zip_of(members, method)) == dict(members)
+
+
+def test_deflated_and_stored_zip_members_are_inflated_by_isal():
+    pytest.importorskip("isal")
+    data = _zip_of(MEMBERS)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            with archive._isal_member(zf, info) as stream:
+                assert isinstance(stream, archive._IsalZipMember)
+                assert stream.read() == dict(MEMBERS)[info.filename]
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_zip_member_whose_data_does_not_match_its_crc_names_it(method):
+    payload = b"spike times " * 5000
+    data = bytearray(_zip_of([("R/R.resp.h5", payload)], method))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        info = zf.getinfo("R/R.resp.h5")
+    at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2
+    if method == zipfile.ZIP_STORED:
+        data[at] ^= 0x01  # still reads, but is not the data written
+    else:
+        # the CRC fields say other data: the inflate itself succeeds
+        for off in (info.header_offset + 14, data.rindex(b"PK\x01\x02") + 16):
+            data[off : off + 4] = struct.pack("<I", (info.CRC + 1) & 0xFFFFFFFF)
+    with pytest.raises(ArchiveError, match=r"sites\.zip.*R/R\.resp\.h5.*CRC"):
+        contents(bytes(data), path="sites.zip")
+
+
+def test_zip_member_with_corrupt_deflate_data_is_an_archive_error():
+    payload = bytes(range(256)) * 4000
+    data = bytearray(_zip_of([("R/R.epoch.csv", payload)]))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        info = zf.getinfo("R/R.epoch.csv")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start : start + 8] = b"\xff" * 8  # an invalid block type
+    with pytest.raises(ArchiveError, match=r"R/R\.epoch\.csv"):
+        contents(bytes(data), path="sites.zip")
