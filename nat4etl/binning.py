@@ -31,18 +31,45 @@ _MAX_CELLS_PER_CHUNK = 1 << 24
 NO_SAMPLE = -1
 
 
-def spike_samples(spike_times_s: np.ndarray, fs_hz: float, *, dtype=np.int64) -> np.ndarray:
+def spike_samples(
+    spike_times_s: np.ndarray,
+    fs_hz: float,
+    *,
+    dtype=np.int64,
+    raster_samples: int | None = None,
+) -> np.ndarray:
     """Sample index of each spike: ``floor(t * fs)`` in float64, as ``PointProcess.rasterize``.
 
-    A NaN time gets :data:`NO_SAMPLE`. With ``dtype=np.int32`` samples beyond its range
-    are clipped to it: no presentation window reaches 2**31 samples (25 days at 1 kHz),
-    so a clipped spike is still outside every window.
+    With ``raster_samples`` (the raster's length, :func:`raster_samples`) a sample ``b``
+    in ``[-raster_samples, 0)``, a spike before time 0, is ``raster_samples + b``: NEMS0
+    indexes the raster with it, and a negative index counts from the end (§3). An earlier
+    one would make NEMS0 fail; like a NaN time it gets :data:`NO_SAMPLE` (never counted),
+    as does any spike before 0 without ``raster_samples``. With ``dtype=np.int32`` samples
+    beyond its range are clipped to it: no presentation window reaches 2**31 samples (25
+    days at 1 kHz), so a clipped spike is still outside every window.
     """
     samples = np.floor(np.asarray(spike_times_s, dtype=np.float64) * float(fs_hz))
+    if raster_samples is not None:
+        before_0 = samples < 0
+        if before_0.any():
+            before_0 &= samples >= -raster_samples
+            np.add(samples, float(raster_samples), out=samples, where=before_0)
     upper = min(float(np.iinfo(dtype).max), 2.0**62)  # a float64 that casts back exactly
     np.clip(samples, NO_SAMPLE, upper, out=samples)
     samples[np.isnan(samples)] = NO_SAMPLE
     return samples.astype(dtype)
+
+
+def raster_samples(last_epoch_end_s: float, spike_times_s: np.ndarray, fs_hz: float) -> int:
+    """Length of a PointProcess signal rasterized at ``fs_hz``, as NEMS0 makes it (§3):
+    ``round(fs * max_time)`` half to even, ``max_time`` the recording's last epoch end
+    when it is positive (NaN ends ignored), else its latest spike (0 with no spikes)."""
+    max_time = last_epoch_end_s
+    if not max_time > 0:  # NaN too: pandas' max skips NaN, and no end was > 0
+        finite = np.asarray(spike_times_s, dtype=np.float64)
+        finite = finite[~np.isnan(finite)]
+        max_time = float(finite.max()) if len(finite) else 0.0
+    return int(np.round(float(fs_hz) * max_time))
 
 
 def epoch_samples(times_s: np.ndarray, fs_hz: float) -> np.ndarray:

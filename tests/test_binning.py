@@ -147,3 +147,39 @@ def test_spike_samples_floor_and_the_times_no_window_reaches(dtype):
     assert got.dtype == dtype
     big = np.iinfo(np.int32).max if dtype is np.int32 else 10_000_000_000
     assert got.tolist() == [0, 0, 1, 2500, -1, -1, big, -1, min(np.iinfo(dtype).max, 2**62)]
+
+
+def test_spikes_before_0_count_from_the_end_of_the_raster_as_in_the_reference():
+    """NEMS0 indexes its raster with floor(t*fs) unchecked below 0: a spike at -0.4 ms is
+    sample -1, the raster's last, inside a presentation that ends where the epochs do."""
+    fs_hz, group = 1000.0, 10
+    starts, ends = np.array([0.5, 3.0]), np.array([2.0, 4.5])
+    spikes = [np.array([-0.0004, -0.0015, 0.7]), np.array([-0.0101, 4.4999]), np.array([])]
+    nbins = binning.raster_samples(float(ends.max()), np.concatenate(spikes), fs_hz)
+    assert nbins == 4500
+    got = binning.count_windows(
+        [binning.spike_samples(s, fs_hz, raster_samples=nbins) for s in spikes],
+        binning.epoch_samples(starts, fs_hz),
+        binning.epoch_samples(ends, fs_hz),
+        n_bins=150,
+        group=group,
+    )
+    want = reference_route(spikes, starts, ends, fs_hz, group)
+    np.testing.assert_array_equal(got, want)
+    assert got[0, 1, -1] == 2 and got[1, 1, -2] == 1 and got[1, 1, -1] == 1
+
+
+def test_spike_samples_before_the_raster_or_nan_are_never_counted():
+    times = np.array([-0.001, -4.5, -4.5001, np.nan, 0.002])
+    got = binning.spike_samples(times, 1000.0, dtype=np.int32, raster_samples=4500)
+    assert got.tolist() == [4499, 0, binning.NO_SAMPLE, binning.NO_SAMPLE, 2]
+    plain = binning.spike_samples(times, 1000.0, dtype=np.int32)
+    assert plain.tolist() == [-1, -1, -1, -1, 2]  # without the raster: none counted
+
+
+def test_raster_samples_from_the_last_epoch_end_else_the_latest_spike():
+    assert binning.raster_samples(1.25, np.array([9.0]), 2.0) == 2  # 2.5: half to even
+    assert binning.raster_samples(1.75, np.array([9.0]), 2.0) == 4  # 3.5
+    for no_end in (0.0, -1.0, float("nan")):
+        assert binning.raster_samples(no_end, np.array([1.25, np.nan, 3.5]), 100.0) == 350
+    assert binning.raster_samples(float("nan"), np.array([]), 100.0) == 0

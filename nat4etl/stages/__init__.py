@@ -60,6 +60,7 @@ CONTRACTS: dict[str, StageSpec] = {
             reads=(
                 "recordings",
                 "signals",
+                "epochs",  # the last epoch end: a spike before 0 counts from there
                 "stims",
                 "cells",
                 "trials",

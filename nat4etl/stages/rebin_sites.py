@@ -23,6 +23,7 @@ Choices, each stated once:
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -43,6 +44,9 @@ SOURCE_SITE = "site"
 RESP, STIM = "resp", "stim"
 #: the column of spike sample indices that replaces ``spike_times_s`` in memory
 SPIKE_SAMPLES = "spike_samples"
+#: beside it, per unit: its spikes before time 0 (NEMS0 counts them from the end of the
+#: raster), and of those the ones before the raster's length (NEMS0 fails; never counted)
+SPIKES_BEFORE_0, SPIKES_UNCOUNTED = "spikes_before_0", "spikes_before_raster"
 BINNING_ROUTE = (
     "per-site spike times rasterized at the site file's fs (sample floor(t*fs)), each "
     "presentation cut at [round(start*fs), round(end*fs)) half to even, consecutive "
@@ -333,38 +337,113 @@ def _spike_column(spikes: pa.Table) -> str:
     return SPIKE_SAMPLES if SPIKE_SAMPLES in spikes.column_names else "spike_times_s"
 
 
-def with_spike_samples(site_spikes: pa.Table, fs_hz: dict[tuple[str, str], float]) -> pa.Table:
+def with_spike_samples(
+    site_spikes: pa.Table,
+    fs_hz: dict[tuple[str, str], float],
+    last_epoch_end_s: dict[tuple[str, str], float] | None = None,
+) -> pa.Table:
     """``site_spikes`` with ``spike_samples`` in place of ``spike_times_s``: each spike's
     sample at its file's rate (``fs_hz`` by (recording, signal)), int32, by
-    :func:`nat4etl.binning.spike_samples`.
+    :func:`nat4etl.binning.spike_samples`. With ``last_epoch_end_s`` (by (recording,
+    signal), :func:`last_epoch_ends`) a spike before 0 counts from the end of its
+    signal's raster, as in NEMS0 (:func:`nat4etl.binning.raster_samples`); columns
+    :data:`SPIKES_BEFORE_0` and :data:`SPIKES_UNCOUNTED` say per unit how many there were.
 
     It is all the site pass needs of the spike times, in half the memory: unpack hands
     this over (:mod:`.handoff`) instead of the float64 times, and it waits in memory
     through the other area's work (A1: 83 -> 42 MB). Converted row by row, so no float64
     temporary of the whole column exists.
     """
-    rates = [
-        fs_hz[key]
-        for key in zip(
+    keys = list(
+        zip(
             site_spikes.column("recording").to_pylist(),
             site_spikes.column("signal").to_pylist(),
             strict=True,
         )
-    ]
+    )
+    rasters = (
+        None
+        if last_epoch_end_s is None
+        else _raster_lengths(site_spikes, keys, fs_hz, last_epoch_end_s)
+    )
     chunks, row = [], 0
+    before_0 = np.zeros(len(keys), np.int32)  # spikes before time 0, per row
+    uncounted = np.zeros(len(keys), np.int32)  # of those, before the raster: never counted
     for chunk in site_spikes.column("spike_times_s").chunks:
         flat = chunk.flatten().to_numpy(zero_copy_only=False)
         offsets = chunk.offsets.to_numpy()
         offsets = offsets - offsets[0]
         samples = np.empty(len(flat), np.int32)
+        any_before_0 = bool(len(flat)) and bool(np.nanmin(flat, initial=0.0) < 0)
         for i in range(len(chunk)):
             lo, hi = offsets[i], offsets[i + 1]
-            samples[lo:hi] = binning.spike_samples(flat[lo:hi], rates[row + i], dtype=np.int32)
+            key = keys[row + i]
+            samples[lo:hi] = binning.spike_samples(
+                flat[lo:hi],
+                fs_hz[key],
+                dtype=np.int32,
+                raster_samples=None if rasters is None else rasters[key],
+            )
+            if any_before_0:
+                early = flat[lo:hi] < 0
+                before_0[row + i] = np.count_nonzero(early)
+                uncounted[row + i] = np.count_nonzero(samples[lo:hi][early] == binning.NO_SAMPLE)
         chunks.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(samples)))
         row += len(chunk)
     column = pa.chunked_array(chunks, pa.list_(pa.int32()))
     index = site_spikes.column_names.index("spike_times_s")
-    return site_spikes.set_column(index, SPIKE_SAMPLES, column)
+    out = site_spikes.set_column(index, SPIKE_SAMPLES, column)
+    out = out.append_column(SPIKES_BEFORE_0, pa.array(before_0))
+    return out.append_column(SPIKES_UNCOUNTED, pa.array(uncounted))
+
+
+def spikes_before_0(site_spikes: pa.Table) -> list[dict]:
+    """The units with spike times before 0 (site, unit id, how many, how many of them
+    were before the raster and so never counted), from :func:`with_spike_samples`'s
+    columns; none for a table without them."""
+    if SPIKES_BEFORE_0 not in site_spikes.column_names:
+        return []
+    counts = site_spikes.column(SPIKES_BEFORE_0).to_numpy()
+    rows = site_spikes.take(np.flatnonzero(counts))
+    return [
+        {
+            "site": r["site"],
+            "unit_id": r["unit_id"],
+            SPIKES_BEFORE_0: r[SPIKES_BEFORE_0],
+            SPIKES_UNCOUNTED: r[SPIKES_UNCOUNTED],
+        }
+        for r in rows.select(["site", "unit_id", SPIKES_BEFORE_0, SPIKES_UNCOUNTED]).to_pylist()
+    ]
+
+
+def _raster_lengths(
+    site_spikes: pa.Table,
+    keys: list[tuple[str, str]],
+    fs_hz: dict[tuple[str, str], float],
+    last_epoch_end_s: dict[tuple[str, str], float],
+) -> dict[tuple[str, str], int]:
+    """(recording, signal) -> its raster's length in NEMS0 (the latest spike of the
+    signal's units stands in when no epoch ends after 0)."""
+    out = {}
+    for key in dict.fromkeys(keys):
+        last_end = last_epoch_end_s.get(key, math.nan)
+        spikes = np.empty(0)
+        if not last_end > 0:
+            rows = [i for i, k in enumerate(keys) if k == key]
+            column = site_spikes.column("spike_times_s").take(rows)
+            spikes = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        out[key] = binning.raster_samples(last_end, spikes, fs_hz[key])
+    return out
+
+
+def last_epoch_ends(epochs: pa.Table) -> dict[tuple[str, str], float]:
+    """(recording, signal) -> the latest epoch end of its epoch table (NaN ends skipped,
+    NaN when all are), from the ``epochs`` table's columns of those names."""
+    last = epochs.group_by(["recording", "signal"]).aggregate([("end_s", "max")])
+    return {
+        (r["recording"], r["signal"]): math.nan if r["end_s_max"] is None else r["end_s_max"]
+        for r in last.to_pylist()
+    }
 
 
 def split_sites(
@@ -656,6 +735,7 @@ def rebin_area(
     if not plan.est_from_population:
         site_ids = np.concatenate([other_stims.column("stim").to_numpy(), val_ids])
     sites = split_sites(inputs.site_spikes, inputs.trials, inputs.cells, inputs.site_fs_hz)
+    early = spikes_before_0(inputs.site_spikes)
     jobs = [SiteJob(site, site_ids, dt_ms=dt_ms, n_bins=plan.n_bins) for site in sites]
 
     # 1. every row's key
@@ -720,6 +800,7 @@ def rebin_area(
             "binning": BINNING_ROUTE,
             "site_fs_hz": sorted(set(inputs.site_fs_hz.values())),
             "est_source": SOURCE_POPULATION if plan.est_from_population else SOURCE_SITE,
+            "spikes_before_0": early,
         },
         "val_means": {
             **common,
@@ -743,6 +824,7 @@ def rebin_area(
         "spectrograms": specs.num_rows,
         "est_rows_from_population": 0 if plan.est_from_population else n_pop_rows,
         "qc_max_abs_diff": max(diffs, default=None),
+        "spikes_before_0": sum(u["spikes_before_0"] for u in early),
     }
     qc = pa.Table.from_pylist(qc_rows, schema=schema.QC_VAL.schema)
     return AreaOutputs(responses, means, qc, specs, metadata, counts)
@@ -834,7 +916,10 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
         # unpack ran in this build: its spike samples (with_spike_samples), no read
         site_spikes = handoff.take(store, "site_spikes", area)
         if site_spikes is None:
-            site_spikes = with_spike_samples(read_in_batches(store, "site_spikes", area), fs)
+            epochs = store.read_table("epochs", area=area, columns=["recording", "signal", "end_s"])
+            site_spikes = with_spike_samples(
+                read_in_batches(store, "site_spikes", area), fs, last_epoch_ends(epochs)
+            )
         is_resp = pc.equal(site_spikes.column("signal"), RESP)
         if not pc.all(is_resp).as_py():  # a filter would copy every row (A1: 40 MB)
             site_spikes = site_spikes.filter(is_resp)
@@ -917,6 +1002,16 @@ def _queue_writes(writer: WriteBehind, area: str, out: AreaOutputs, settings, pr
     """Hand one area's tables to the writer and log what was made; returns its counts."""
     for name in CONTRACTS["rebin-sites"].writes:
         writer.submit(name, getattr(out, name), area=area, metadata=out.metadata[name])
+    early = out.metadata["responses"]["spikes_before_0"]
+    if early:
+        n_spikes = sum(u[SPIKES_BEFORE_0] for u in early)
+        n_uncounted = sum(u[SPIKES_UNCOUNTED] for u in early)
+        progress.log(
+            f"{area}: {n_spikes} spike times before 0 in {len(early)} units: counted from "
+            f"the end of their site's raster, as NEMS0 does ({n_uncounted} before its "
+            "start, where NEMS0 fails, are not counted); listed in the responses metadata",
+            level="warning",
+        )
     if out.metadata["spectrograms"]["unavailable"]:
         progress.log(
             f"{area}: no spectrograms: {out.metadata['spectrograms']['unavailable']}",

@@ -31,7 +31,7 @@ from nat4etl.formats import archive, nems0, nems0_csv
 from nat4etl.formats.pred_correlation import read_pred_correlation
 from nat4etl.stages import handoff
 from nat4etl.stages.background import WriteBehind
-from nat4etl.stages.rebin_sites import with_spike_samples
+from nat4etl.stages.rebin_sites import last_epoch_ends, with_spike_samples
 from nat4etl.store import in_key_order
 
 _MAX_LIST_VALUES = 2**31 - 1  # list<float32> offsets are int32
@@ -557,14 +557,16 @@ def unpack_area(
         rows.members += list_wavs(src / nat4.WAV_ZIP)
     spikes = in_key_order("site_spikes", spikes_table(sites), area=area)
     del sites
-    for name, table in {**rows.tables(), "site_spikes": spikes, "pred_correlation": pred}.items():
+    raw_tables = rows.tables()
+    for name, table in {**raw_tables, "site_spikes": spikes, "pred_correlation": pred}.items():
         written[name] = writer.submit(name, table, area=area)
     counts = {"pop_signals": n_chans, "epochs": len(rows.epochs["row"]), "pred": pred.num_rows}
     _log_summary(progress, area, rows, spikes, counts)
     if not hand_off:
         return written, {}
     fs_hz = {(r["recording"], r["signal"]): r["fs_hz"] for r in rows.signals}
-    return written, {"pop_signals": population, "site_spikes": with_spike_samples(spikes, fs_hz)}
+    samples = with_spike_samples(spikes, fs_hz, last_epoch_ends(raw_tables["epochs"]))
+    return written, {"pop_signals": population, "site_spikes": samples}
 
 
 def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, counts: dict) -> None:

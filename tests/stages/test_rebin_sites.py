@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -295,7 +296,16 @@ def test_spike_samples_table_is_what_the_site_pass_derives_from_the_times(area):
     )
     fs = {(s, "resp"): SITE_FS_HZ for s in ("AAA001a", "BBB002b")} | {("BBB002b", "other"): 30.0}
     samples = rs.with_spike_samples(spikes, fs)
-    assert samples.column_names == ["site", "recording", "signal", "unit_id", "spike_samples"]
+    assert samples.column_names == [
+        "site",
+        "recording",
+        "signal",
+        "unit_id",
+        "spike_samples",
+        "spikes_before_0",
+        "spikes_before_raster",
+    ]
+    assert samples["spikes_before_0"].to_pylist() == [0] * spikes.num_rows
     assert samples.column("spike_samples").type == pa.list_(pa.int32())
     for row in range(spikes.num_rows):
         rate = fs[(spikes["recording"][row].as_py(), spikes["signal"][row].as_py())]
@@ -335,3 +345,64 @@ def test_a_start_before_0_that_snaps_to_0_is_binned_from_sample_0():
     assert counts.shape == (1, 150)
     assert counts[0, :2].tolist() == [2.0, 1.0]  # samples 0 and 5 in bin 0, 12 in bin 1
     assert counts[0, 2:].sum() == 0
+
+
+def test_spikes_before_0_count_from_the_end_of_their_sites_raster(area):
+    """NEMS0 rasterizes a spike at -0.3 ms into sample -1, the raster's last: with the
+    raster ending at AAA001a's last presentation, that is the last bin of its trial 2.
+    A spike before the raster's length (NEMS0 fails there) is not counted; both are said."""
+    inputs, trials, spikes = area
+    times = [t.tolist() for _, _, t in spikes]
+    times[0] = [-30.0, -0.0003, *times[0]]  # AAA001a-01-1, cell 0
+    n = len(spikes)
+    table = pa.table(
+        {
+            "site": [s for s, _, _ in spikes],
+            "recording": [s for s, _, _ in spikes],
+            "signal": ["resp"] * n,
+            "unit_id": [u for _, u, _ in spikes],
+            "spike_times_s": pa.array(times, pa.list_(pa.float64())),
+        }
+    )
+    fs = {(s, "resp"): SITE_FS_HZ for s in ("AAA001a", "BBB002b")}
+    last_end = {("AAA001a", "resp"): 20.0459 + 1.5, ("BBB002b", "resp"): 12.6117}
+    samples = rs.with_spike_samples(table, fs, last_end)
+    assert samples["spike_samples"][0].values.to_pylist()[:2] == [binning.NO_SAMPLE, 21545]
+    assert samples["spikes_before_0"].to_pylist() == [2] + [0] * (n - 1)
+    assert samples["spikes_before_raster"].to_pylist() == [1] + [0] * (n - 1)
+
+    before = _rows(rs.rebin_area(inputs, dt_ms=10).responses, "counts")
+    out = rs.rebin_area(dataclasses.replace(inputs, site_spikes=samples), dt_ms=10)
+    after = _rows(out.responses, "counts")
+    assert after[(2, 0, 2)][-1] == before[(2, 0, 2)][-1] + 1
+    assert all(
+        np.array_equal(after[k], v, equal_nan=True) for k, v in before.items() if k != (2, 0, 2)
+    )
+    assert out.metadata["responses"]["spikes_before_0"] == [
+        {
+            "site": "AAA001a",
+            "unit_id": "AAA001a-01-1",
+            "spikes_before_0": 2,
+            "spikes_before_raster": 1,
+        }
+    ]
+    assert out.counts["spikes_before_0"] == 2
+
+
+def test_a_signal_whose_epochs_end_by_0_gets_a_raster_as_long_as_its_latest_spike():
+    table = pa.table(
+        {
+            "site": ["S", "S"],
+            "recording": ["R", "R"],
+            "signal": ["resp", "resp"],
+            "unit_id": ["u1", "u2"],
+            "spike_times_s": pa.array([[-0.002, 1.0], [2.5]], pa.list_(pa.float64())),
+        }
+    )
+    samples = rs.with_spike_samples(table, {("R", "resp"): 1000.0}, {("R", "resp"): math.nan})
+    assert samples["spike_samples"].to_pylist() == [[2498, 1000], [2500]]  # raster: 2500
+    assert rs.last_epoch_ends(
+        pa.table(
+            {"recording": ["R", "R", "Q"], "signal": ["resp"] * 3, "end_s": [1.0, np.nan, None]}
+        )
+    ) == {("R", "resp"): 1.0, ("Q", "resp"): pytest.approx(math.nan, nan_ok=True)}
