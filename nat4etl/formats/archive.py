@@ -473,6 +473,10 @@ class _Inflated(io.RawIOBase):
         self.member: str | None = None  # the member being read, for the messages
         self.last_block: tuple[int, bytes] = (-1, b"")
 
+    @property
+    def gzipped(self) -> bool:
+        return self._gzipped
+
     def readable(self) -> bool:
         return True
 
@@ -685,11 +689,19 @@ def _positioned_reader(stream: _Inflated, info: tarfile.TarInfo) -> Callable[[me
 
 
 def _check_tar_end(tar: tarfile.TarFile, stream: _Inflated, where: _Where) -> None:
-    """tarfile treats a truncated or garbled header after the first as the end; we don't."""
+    """tarfile treats a truncated or garbled header after the first as the end; we don't.
+
+    One exception, which tarfile (and so NEMS0) also reads: a gzip stream that ends
+    cleanly right after a member, without the tar's end-of-archive blocks. Its CRC and
+    length have then vouched for every byte, so nothing was cut; in a plain tar the
+    missing marker is the only sign of a cut at a member boundary, and stays an error.
+    """
     at, block = stream.last_block
     if at != tar.offset:
         stream.seek(tar.offset)
         block = stream.read(tarfile.BLOCKSIZE)
+    if not block and stream.gzipped:
+        return
     if len(block) < tarfile.BLOCKSIZE:
         raise where.error(ArchiveError, "tar ends without its end-of-archive marker (truncated?)")
     if block.count(0) != len(block):

@@ -451,3 +451,26 @@ def test_zip_member_with_corrupt_deflate_data_is_an_archive_error():
     data[start : start + 8] = b"\xff" * 8  # an invalid block type
     with pytest.raises(ArchiveError, match=r"R/R\.epoch\.csv"):
         contents(bytes(data), path="sites.zip")
+
+
+def _without_end_blocks(members) -> bytes:
+    """A plain tar cut right after its last member's data: no end-of-archive blocks."""
+    data = tar_bytes(members, gz=False)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        last = tf.getmembers()[-1]
+    return data[: last.offset_data + -(-last.size // 512) * 512]
+
+
+def test_a_complete_gzip_stream_without_the_tar_end_blocks_reads_as_tarfile_does():
+    import gzip
+
+    members = [("R/R.meta.json", b"{}"), ("R/R.resp.csv", b"1,2\n" * 300)]
+    plain = _without_end_blocks(members)
+    assert [m.name for m in tarfile.open(fileobj=io.BytesIO(gzip.compress(plain)))] == [
+        n for n, _ in members
+    ]
+    assert contents(gzip.compress(plain), path="x.tgz") == dict(members)
+    with pytest.raises(ArchiveError, match="end-of-archive marker"):
+        contents(plain, path="x.tar")  # plain: the marker is the only sign of a cut
+    with pytest.raises(ArchiveError, match="x.tgz"):
+        contents(gzip.compress(plain)[:-4], path="x.tgz")  # the gzip trailer is cut
