@@ -558,14 +558,16 @@ def unpack_area(
     spikes = in_key_order("site_spikes", spikes_table(sites), area=area)
     del sites
     raw_tables = rows.tables()
+    last_epoch_end_s = last_epoch_ends(raw_tables["epochs"]) if hand_off else {}
     for name, table in {**raw_tables, "site_spikes": spikes, "pred_correlation": pred}.items():
         written[name] = writer.submit(name, table, area=area)
+    del raw_tables  # the writer holds them now, and only until each is written
     counts = {"pop_signals": n_chans, "epochs": len(rows.epochs["row"]), "pred": pred.num_rows}
     _log_summary(progress, area, rows, spikes, counts)
     if not hand_off:
         return written, {}
     fs_hz = {(r["recording"], r["signal"]): r["fs_hz"] for r in rows.signals}
-    samples = with_spike_samples(spikes, fs_hz, last_epoch_ends(raw_tables["epochs"]))
+    samples = with_spike_samples(spikes, fs_hz, last_epoch_end_s)
     return written, {"pop_signals": population, "site_spikes": samples}
 
 
