@@ -187,10 +187,12 @@ def _bin_lookup(starts: np.ndarray, stops: np.ndarray, n_bins: int, group: int) 
     """
     length = np.maximum(stops - starts, 0)
     size = int(max(stops.max(initial=0), 0))
-    lookup = np.full(size, -1, dtype=np.int64)
+    # int32 whenever the flat indices fit: half the memory to touch (A1: 290 -> 145 MB)
+    dtype = np.int32 if len(starts) * n_bins < 2**31 else np.int64
+    lookup = np.full(size, -1, dtype=dtype)
     if int(length.sum()) == 0:
         return lookup
-    bin_of = np.arange(int(length.max())) // group  # offset in a window -> its bin
+    bin_of = (np.arange(int(length.max())) // group).astype(dtype)  # offset -> its bin
     for w, (start, n) in enumerate(zip(starts.tolist(), length.tolist(), strict=True)):
         lo = max(start, 0)  # NEMS0 excludes epochs that start before 0; never index backwards
         if start + n > lo:
@@ -206,7 +208,7 @@ def _count_chunk(chunk: Sequence[np.ndarray], lookup: np.ndarray, cells: int) ->
     inside = (samples >= 0) & (samples < len(lookup))
     flat = lookup[samples[inside]]
     hit = flat >= 0
-    key = unit[inside][hit] * cells + flat[hit]
+    key = unit[inside][hit] * cells + flat[hit]  # int64: unit is
     return np.bincount(key, minlength=len(chunk) * cells)
 
 

@@ -183,3 +183,13 @@ def test_raster_samples_from_the_last_epoch_end_else_the_latest_spike():
     for no_end in (0.0, -1.0, float("nan")):
         assert binning.raster_samples(no_end, np.array([1.25, np.nan, 3.5]), 100.0) == 350
     assert binning.raster_samples(float("nan"), np.array([]), 100.0) == 0
+
+
+def test_bin_lookup_is_int32_unless_the_flat_bins_need_more():
+    starts, stops = np.array([0, 20]), np.array([20, 40])
+    small = binning._bin_lookup(starts, stops, n_bins=2, group=10)
+    assert small.dtype == np.int32
+    assert small.tolist() == [0] * 10 + [1] * 10 + [2] * 10 + [3] * 10
+    huge = binning._bin_lookup(starts, stops, n_bins=2**30, group=10)
+    assert huge.dtype == np.int64
+    assert huge[20] == 2**30 and huge[39] == 2**30 + 1
