@@ -434,6 +434,10 @@ def measure_noop(mirror: Path, runs: int, out: Path) -> Figure:
 # ------------------------------------------------------------------------------- reader
 
 
+#: timed calls per reader figure (each also times np.load once)
+READER_CALLS = 9
+
+
 def measure_reader(out: Path, runs: int, work: Path) -> list[Figure]:
     import numpy as np
 
@@ -452,10 +456,11 @@ def measure_reader(out: Path, runs: int, work: Path) -> list[Figure]:
         np.save(npy, arr)
         del arr
         reader_t, load_t = [], []
-        # at least 5: a call takes 0.03-0.06 s and the first after np.save is often 5-10x
+        # at least 9: a call takes 0.03-0.06 s and the first after np.save is often 5-10x
         # that (this VM's first touch of new memory); of 3, the median is then whichever of
-        # two warm calls was noisier
-        for _ in range(max(runs, 5)):
+        # two warm calls was noisier, and of 5 two slow calls in a row (20261124T111954Z:
+        # 0.35, 0.35, 0.08, 0.05, 0.05 s) still moved it 60%
+        for _ in range(max(runs, READER_CALLS)):
             gc.collect()
             t0 = time.perf_counter()
             a = call()
