@@ -208,7 +208,7 @@ def _count_chunk(chunk: Sequence[np.ndarray], lookup: np.ndarray, cells: int) ->
     inside = (samples >= 0) & (samples < len(lookup))
     flat = lookup[samples[inside]]
     hit = flat >= 0
-    key = unit[inside][hit] * cells + flat[hit]  # int64: unit is
+    key = unit[inside][hit] * cells + flat[hit]  # int64 as unit is, whatever the lookup
     return np.bincount(key, minlength=len(chunk) * cells)
 
 

@@ -121,8 +121,8 @@ POP_SIGNALS = _table(
             "min_value": "signal units",
             "max_value": "signal units",
         },
-        # A1's 294 MB of samples: zstd 18 MB in 1.1 s of CPU, lz4 34 MB in 0.5 s (no
-        # compression 0.44 s); it is written while unpack parses on both cores
+        # A1's 294 MB of samples: zstd 18 MB for 0.8-1.1 s of CPU, lz4 34 MB for 0.5 s (no
+        # compression 0.45 s); it is written while unpack parses on both cores
         codecs={"values": "lz4"},
     )
 )
