@@ -46,6 +46,7 @@ _FIELD_WIDTH = 25  # len('1.000000000000000000e+00,')
 _MAX_LINE_BYTES = 64 << 20  # ~2.7 M channels; a longer "line" is not this format
 
 _COMMA, _NEWLINE, _MINUS, _PLUS, _DOT, _E = (ord(c) for c in ",\n-+.e")
+_CR = ord("\r")
 
 _U8 = np.uint64
 _HI_NIBBLES = _U8(0xF0F0F0F0F0F0F0F0)
@@ -242,11 +243,16 @@ def _read_chunks(
 
     Buffers rotate through a pool of ``n_buffers``: one is parsed while the others are
     queued or being filled, and reusing them spares the page faults of fresh 16 MiB arrays.
+
+    A file whose first chunk ends lines with a lone CR and has no LF (old Mac line
+    endings, which pandas reads as line ends too) has every CR made an LF as it is read;
+    CRLF files need nothing (the CR is read as a field's trailing blank).
     """
     chunk_bytes = max(chunk_bytes, 1 << 16)
     pool: list[np.ndarray | None] = [None] * n_buffers
     carry = b""
     offset = 0  # bytes of the stream before buf[0]
+    cr_only: bool | None = None  # decided on the first bytes read
     for turn in itertools.count():
         need = len(carry) + chunk_bytes + _PAD_BYTES
         buf = pool[turn % n_buffers]
@@ -255,6 +261,11 @@ def _read_chunks(
         buf[: len(carry)] = np.frombuffer(carry, np.uint8)
         got = _read_exact(stream, memoryview(buf)[len(carry) : len(carry) + chunk_bytes])
         n = len(carry) + got
+        if cr_only is None and got:
+            cr_only = _find_newline(buf, 0, n) < 0 and bool(np.any(buf[:n] == _CR))
+        if cr_only:
+            fresh = buf[len(carry) : n]
+            fresh[fresh == _CR] = _NEWLINE
         if got == 0:
             if n:  # last line without '\n': parse as if it had one
                 buf[n] = _NEWLINE

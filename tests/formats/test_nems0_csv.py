@@ -243,3 +243,23 @@ def test_many_small_chunks_reuse_buffers_safely():
     text = raster_csv(data)
     got = read_raster(io.BytesIO(text), chunk_bytes=1 << 16, threads=2)
     assert same_bits(got, data.astype(np.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cr_only_line_ends_read_as_pandas_reads_them(threads):
+    """Old Mac line ends (a lone CR), across many chunks, with a blank line and no final
+    line end: the same values as the LF file."""
+    rng = np.random.default_rng(7)
+    data = nasty_values(rng, 4000)[:6000].reshape(-1, 3)
+    text = raster_csv(data.T)
+    lf = read_raster(io.BytesIO(text), chunk_bytes=1 << 16, threads=threads)
+    cr = text.replace(b"\n", b"\r")
+    cr = cr.replace(b"\r", b"\r\r", 1)[:-1]  # a blank line; the last line unterminated
+    got = read_raster(io.BytesIO(cr), chunk_bytes=1 << 16, threads=threads)
+    assert same_bits(got, lf) and got.shape == (3, len(data))
+
+
+def test_a_cr_inside_an_lf_file_is_still_an_error():
+    text = b"1.0,2.0\n3.0\r4.0\n"
+    with pytest.raises(FormatError, match="line 2"):
+        parse_raster_bytes(text)
