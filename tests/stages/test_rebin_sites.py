@@ -406,3 +406,106 @@ def test_a_signal_whose_epochs_end_by_0_gets_a_raster_as_long_as_its_latest_spik
             {"recording": ["R", "R", "Q"], "signal": ["resp"] * 3, "end_s": [1.0, np.nan, None]}
         )
     ) == {("R", "resp"): 1.0, ("Q", "resp"): pytest.approx(math.nan, nan_ok=True)}
+
+
+def _with_spike_added(sites_zip, t_s: float | None) -> tuple[str, str]:
+    """Rewrite the first site of ``sites_zip`` with a spike at ``t_s`` added to its first
+    unit (h5py, gzip chunks as the reference writes them; None: no change); returns
+    (site, unit id)."""
+    import io
+    import tarfile
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(sites_zip) as zf:
+        entries = [(i, zf.read(i)) for i in zf.infolist()]
+    index = next(k for k, (i, _) in enumerate(entries) if i.filename.endswith(".tgz"))
+    info, data = entries[index]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    k = next(k for k, (m, _) in enumerate(members) if m.name.endswith(".resp.h5"))
+    m, h5_bytes = members[k]
+    with h5py.File(io.BytesIO(h5_bytes), "r") as h5:
+        datasets = {key: h5[key][()] for key in h5}
+    site, unit = m.name.split("/")[0], sorted(datasets)[0]
+    if t_s is None:
+        return site, unit
+    datasets[unit] = np.sort(np.r_[t_s, datasets[unit]])
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as h5:
+        for key, values in datasets.items():
+            h5.create_dataset(key, data=values, compression="gzip")
+    m.size = len(buf.getvalue())
+    members[k] = (m, buf.getvalue())
+    tgz = io.BytesIO()
+    with tarfile.open(fileobj=tgz, mode="w:gz") as tf:
+        for member, payload in members:
+            tf.addfile(member, io.BytesIO(payload))
+    entries[index] = (info, tgz.getvalue())
+    with zipfile.ZipFile(sites_zip, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, payload in entries:
+            zf.writestr(i.filename, payload)
+    return site, unit
+
+
+def test_a_spike_before_0_in_a_site_file_is_counted_alike_in_a_build_and_a_rerun(
+    mini_sample, tmp_path
+):
+    """Through the real stages: a spike time t < 0 is sample floor(t*fs) < 0, which NEMS0
+    counts at raster + floor(t*fs). Placed so that this falls in bin 1 of the site's last
+    val trial, it adds 1 there and nowhere else, in the build (spikes handed over by
+    unpack) and in a later `rebin-sites` (spikes read back from the store) alike."""
+    import shutil
+
+    from nat4etl.config import load_settings
+    from nat4etl.progress import NullProgress
+    from nat4etl.stages.build import build
+    from nat4etl.store import Store
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(mini_sample.dir, mirror)
+    (mirror / "record.json").unlink()  # sizes and md5s are computed from the files then
+    settings = load_settings().with_overrides(source_dir=mirror, areas=("A1",), wav=False)
+    build(tmp_path / "before", settings, NullProgress())
+    store = Store(tmp_path / "before")
+    site, unit = _with_spike_added(mirror / "A1_single_sites.zip", None)
+
+    recordings = store.read_table("recordings", area="A1").to_pylist()
+    recording = next(r["recording"] for r in recordings if r["site"] == site)
+    epochs = store.read_table("epochs", area="A1").to_pylist()
+    last_end = max(e["end_s"] for e in epochs if e["recording"] == recording)
+    raster = binning.raster_samples(last_end, np.empty(0), SITE_FS_HZ)
+    cell = next(
+        c["cell"]
+        for c in store.read_table("cells", area="A1").to_pylist()
+        if c["site_unit_id"] == unit
+    )
+    before = _rows(store.read_table("responses", area="A1"), "counts")
+    trials = [
+        t
+        for t in store.read_table("trials", area="A1").to_pylist()
+        if t["site"] == site and (t["stim"], cell, t["trial"]) in before
+    ]
+    last_trial = max(trials, key=lambda t: t["start_s"])
+    target = round(last_trial["start_s"] * SITE_FS_HZ) + 15  # bin 1 at 10 ms
+    _with_spike_added(mirror / "A1_single_sites.zip", (target - raster + 0.5) / SITE_FS_HZ)
+    build(tmp_path / "after", settings, NullProgress())
+
+    after_store = Store(tmp_path / "after")
+    after = _rows(after_store.read_table("responses", area="A1"), "counts")
+    key = (last_trial["stim"], cell, last_trial["trial"])
+    changed = {k for k in after if not np.array_equal(after[k], before[k], equal_nan=True)}
+    assert changed == {key}
+    assert after[key][1] == before[key][1] + 1
+    early = after_store.table_metadata("responses", "A1")["spikes_before_0"]
+    assert early == [
+        {"site": site, "unit_id": unit, "spikes_before_0": 1, "spikes_before_raster": 0}
+    ]
+    rerun = tmp_path / "rerun"
+    shutil.copytree(tmp_path / "after", rerun)
+    build(rerun, settings, NullProgress(), force=True, only=("rebin-sites",))
+    again = Store(rerun)
+    responses = after_store.read_table("responses", area="A1")
+    assert again.read_table("responses", area="A1").equals(responses)
+    assert again.table_metadata("responses", "A1")["spikes_before_0"] == early
