@@ -1007,9 +1007,10 @@ def _queue_writes(writer: WriteBehind, area: str, out: AreaOutputs, settings, pr
         n_spikes = sum(u[SPIKES_BEFORE_0] for u in early)
         n_uncounted = sum(u[SPIKES_UNCOUNTED] for u in early)
         progress.log(
-            f"{area}: {n_spikes} spike times before 0 in {len(early)} units: counted from "
-            f"the end of their site's raster, as NEMS0 does ({n_uncounted} before its "
-            "start, where NEMS0 fails, are not counted); listed in the responses metadata",
+            f"{area}: spike times before 0: {n_spikes} in {len(early)} unit(s); NEMS0 counts "
+            "them from the end of their site's raster, and so does nat4etl "
+            f"({n_uncounted} earlier than the raster is long, where NEMS0 fails, are not "
+            "counted); per unit in the responses metadata, `spikes_before_0`",
             level="warning",
         )
     if out.metadata["spectrograms"]["unavailable"]:
