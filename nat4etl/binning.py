@@ -72,6 +72,50 @@ def raster_samples(last_epoch_end_s: float, spike_times_s: np.ndarray, fs_hz: fl
     return int(np.round(float(fs_hz) * max_time))
 
 
+def within_segments(bounds_s: np.ndarray, segments_s: np.ndarray) -> np.ndarray:
+    """Per (start, end) row of ``bounds_s``: does it lie within some segment ``[a, b]``,
+    both ends included? NEMS0's ``boundary_mode='exclude'`` keeps only those (§4)."""
+    bounds = np.asarray(bounds_s, dtype=np.float64).reshape(-1, 2)
+    segments = np.asarray(segments_s, dtype=np.float64).reshape(-1, 2)
+    starts_in = bounds[:, None, 0] >= segments[None, :, 0]
+    ends_in = bounds[:, None, 1] <= segments[None, :, 1]
+    return (starts_in & ends_in).any(axis=1)
+
+
+def segment_indices(
+    bounds_s: np.ndarray, segments_s: np.ndarray, fs_hz: float
+) -> list[tuple[int, int]]:
+    """Sample ``[lb, ub)`` of each (start, end) row of ``bounds_s`` in data that is the
+    concatenation of ``segments_s`` (seconds of the original time base), by NEMS0's
+    ``get_epoch_indices`` loop (§4), which assumes both in time order. An epoch outside
+    the segment the loop is in moves it to the next segment, so once the segments run out
+    the rest get no indices: the list is then shorter than ``bounds_s``.
+    """
+    bounds = np.asarray(bounds_s, dtype=np.float64).reshape(-1, 2).tolist()
+    segments = np.asarray(segments_s, dtype=np.float64).reshape(-1, 2).tolist()
+    fs = float(fs_hz)
+    out: list[tuple[int, int]] = []
+    offset = s = e = 0
+    while s < len(segments) and e < len(bounds):
+        seg_start, seg_end = segments[s]
+        while True:
+            start, end = bounds[e]
+            if start <= seg_start and end >= seg_end:  # the whole segment
+                out.append((offset, offset + round((seg_end - seg_start) * fs)))
+                e += 1
+            elif seg_start <= start < seg_end:
+                first = offset + round((start - seg_start) * fs)
+                out.append((first, offset + round((min(end, seg_end) - seg_start) * fs)))
+                e += 1
+            else:
+                s += 1
+                offset += round((seg_end - seg_start) * fs)
+                break
+            if e >= len(bounds):
+                break
+    return out
+
+
 def epoch_samples(times_s: np.ndarray, fs_hz: float) -> np.ndarray:
     """Epoch bound -> sample index, rounded half to even (NEMS0 ``get_epoch_indices``).
 

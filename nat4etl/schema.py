@@ -207,7 +207,9 @@ STIMS = _table(
             _f("pop_start_s", pa.float64()),
         ),
         key=("stim",),
-        doc="Sounds: est then val, each in order of first appearance in the population file.",
+        doc="Sounds: est then val, each in order of first appearance in the population file. "
+        "pop_start_s: where the first occurrence starts in the population's data (its time "
+        "as written, unless the JSON segments make the data spans of that time).",
         units={"duration_s": "s", "prestim_s": "s", "poststim_s": "s", "pop_start_s": "s"},
     )
 )
@@ -249,7 +251,9 @@ TRIALS = _table(
         doc="Every presentation of every sound in every site file that NEMS0's extract_epoch "
         "returns (one starting before 0 on the sample grid, or overlapping an earlier one of "
         "the same sound, is left out and reported); trial = repetition index within the "
-        "site (0-based, time order), order = index in the session.",
+        "site (0-based, time order), order = index in the session. start_s/end_s: as "
+        "written, unless the site's JSON segments make the data spans of the session's time: "
+        "then the presentation's position in that data, as extract_epoch places it.",
         units={"start_s": "s", "end_s": "s"},
     )
 )

@@ -193,3 +193,58 @@ def test_bin_lookup_is_int32_unless_the_flat_bins_need_more():
     huge = binning._bin_lookup(starts, stops, n_bins=2**30, group=10)
     assert huge.dtype == np.int64
     assert huge[20] == 2**30 and huge[39] == 2**30 + 1
+
+
+def _reference_indices(bounds, segments, fs):
+    """nems0-format.md section 4, get_epoch_indices, line by line."""
+    out = []
+    o = 0
+    s = 0
+    e = 0
+    nseg, nep = len(segments), len(bounds)
+    while s < nseg and e < nep:
+        sa, sb = segments[s]
+        while True:
+            ea, eb = bounds[e]
+            if ea <= sa and eb >= sb:
+                out.append((o, o + round((sb - sa) * fs)))
+                e += 1
+            elif sa <= ea < sb:
+                out.append((o + round((ea - sa) * fs), o + round((min(eb, sb) - sa) * fs)))
+                e += 1
+            else:
+                s += 1
+                o += round((sb - sa) * fs)
+                break
+            if e >= nep:
+                break
+    return out
+
+
+def test_segment_indices_follow_the_reference_loop_on_random_cases():
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        edges = np.sort(
+            rng.choice(np.arange(0, 400) * 0.25, size=2 * rng.integers(1, 4), replace=False)
+        )
+        segments = edges.reshape(-1, 2)
+        starts = np.sort(
+            rng.integers(0, 400, rng.integers(0, 8)) * 0.25 + rng.choice([0, 0.0005, 0.1234])
+        )
+        bounds = np.c_[starts, starts + rng.integers(0, 40, len(starts)) * 0.25]
+        bounds = bounds[binning.within_segments(bounds, segments)]
+        for fs in (100.0, 1000.0):
+            got = binning.segment_indices(bounds, segments, fs)
+            assert got == _reference_indices(bounds.tolist(), segments.tolist(), fs)
+
+
+def test_segments_concatenate_and_an_epoch_out_of_order_ends_the_loop():
+    segments = np.array([[0.0, 1.0], [5.0, 6.0]])
+    bounds = np.array([[0.25, 0.75], [5.0, 6.0], [5.5, 5.75]])
+    assert binning.segment_indices(bounds, segments, 100.0) == [(25, 75), (100, 200), (150, 175)]
+    late_first = np.array([[5.0, 5.5], [0.25, 0.5]])  # unsorted: the second gets nothing
+    assert binning.segment_indices(late_first, segments, 100.0) == [(100, 150)]
+    inside = binning.within_segments(
+        np.array([[0.5, 1.0], [0.5, 1.01], [4.0, 5.5], [5.0, 6.0]]), segments
+    )
+    assert inside.tolist() == [True, False, False, True]  # both ends included

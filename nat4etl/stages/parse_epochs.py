@@ -13,6 +13,12 @@ Choices, each stated once:
   NEMS0's ``extract_epoch`` returns, as the old loader extracted them: bounds snapped to
   the site's sample grid, those starting before 0 left out, then overlapping repeats of
   one sound dropped (``fix_overlap='first'``). Each one left out is a report row.
+- JSON ``segments`` (the data is the concatenation of these spans of the original time
+  base) are applied where they change anything, as ``extract_epoch`` applies them: a
+  presentation must lie within one span, and its bounds become positions in the data
+  (:func:`nat4etl.binning.segment_indices`); ``trials.start_s``/``end_s`` and
+  ``stims.pop_start_s`` are then those positions in seconds. NEMS0's default, one span
+  from 0 past every epoch, changes nothing and leaves every time as written.
 - Anything that does not line up becomes a ``report`` row, never a silent drop.
 """
 
@@ -30,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from nat4etl import nat4, schema
+from nat4etl import binning, nat4, schema
 from nat4etl.errors import InputMismatch
 from nat4etl.stages import CONTRACTS
 
@@ -38,6 +44,7 @@ from nat4etl.stages import CONTRACTS
 _PRED_PREFIX = "pred_"
 _POPULATION = "population"
 _SITE = "site"
+RESP = "resp"
 
 
 # ============================================================================ inputs
@@ -63,8 +70,11 @@ class AreaInputs:
     site_units: list[tuple[str, str]]
     #: site -> sampling rate of its spike times (its resp signal); bounds snap to it
     site_fs_hz: dict[str, float] = field(default_factory=dict)
-    #: (recording/signal, segments as written) whose segments are not one row from 0
-    segmented: list[tuple[str, str]] = field(default_factory=list)
+    #: recording/signal -> its JSON segments (seconds), where the JSON has any
+    segments: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the population recording's name, and each site's recording
+    pop_recording: str = ""
+    site_recordings: dict[str, str] = field(default_factory=dict)
     pred_correlation: pa.Table | None = None
     #: base names in wav.zip; None when wav.zip was not in the source
     wav_names: list[str] | None = None
@@ -136,12 +146,42 @@ class Stim:
     pop_start_s: float
 
 
-def build_stims(pop_epochs: list[Epoch], *, stim_fs_hz: float, report: Report) -> list[Stim]:
-    """Stims in est, val, other order; silences are the ones inside the first occurrence."""
+def build_stims(
+    pop_epochs: list[Epoch],
+    *,
+    stim_fs_hz: float,
+    report: Report,
+    segments: np.ndarray | None = None,
+) -> list[Stim]:
+    """Stims in est, val, other order; silences are the ones inside the first occurrence.
+
+    With ``segments`` (the population's, when they restrict: see the module docstring) a
+    sound's first occurrence is the first that ``extract_epoch`` returns, and
+    ``pop_start_s`` its position in the data; a sound with none is left out, reported.
+    """
     first: dict[str, Epoch] = {}
     for e in pop_epochs:
         if nat4.is_stim(e.name) and e.name not in first:
             first[e.name] = e
+    placed = {name: e.start_s for name, e in first.items()}
+    if segments is not None:
+        placed = {}
+        for name in list(first):
+            occurrences = [e for e in pop_epochs if e.name == name]
+            kept = extracted(
+                occurrences, stim_fs_hz, site=_POPULATION, report=report, segments=segments
+            )
+            times = _placed(kept, segments, stim_fs_hz, site=_POPULATION, report=report)
+            if not times:
+                report.add(
+                    "stim_outside_segments",
+                    name,
+                    "no occurrence in the population recording lies within its JSON "
+                    "segments, so extract_epoch returns none; left out",
+                )
+                del first[name]
+                continue
+            first[name], placed[name] = kept[0], times[0][0]
     silences = {n: _sorted_spans(pop_epochs, n) for n in (nat4.PRESTIM, nat4.POSTSTIM)}
     stims = []
     for subset in ("est", "val", "other"):
@@ -163,7 +203,7 @@ def build_stims(pop_epochs: list[Epoch], *, stim_fs_hz: float, report: Report) -
                     prestim_s=_inner_length_s(silences[nat4.PRESTIM], e),
                     poststim_s=_inner_length_s(silences[nat4.POSTSTIM], e),
                     n_frames=int(round(duration_s * stim_fs_hz)),
-                    pop_start_s=e.start_s,
+                    pop_start_s=placed[name],
                 )
             )
     return stims
@@ -205,15 +245,22 @@ def build_trials(
     *,
     report: Report,
     fs_hz: dict[str, float] | None = None,
+    segments: dict[str, np.ndarray] | None = None,
 ) -> list[Trial]:
     """The STIM_ presentations per site that ``extract_epoch`` returns (`extracted`):
-    ``order`` counts every presentation of the site, ``trial`` the kept ones per stim."""
+    ``order`` counts every presentation of the site, ``trial`` the kept ones per stim.
+    A site in ``segments`` (its resp's, when they restrict) has every sound extracted
+    and placed in its data (:func:`_placed`)."""
     ids = {s.name: s.stim for s in stims}
     trials = []
     for site in sorted(site_epochs):
         presentations = [e for e in site_epochs[site] if nat4.is_stim(e.name)]
         fs = (fs_hz or {}).get(site)
-        odd = _names_to_extract(presentations, fs)
+        spans = (segments or {}).get(site)
+        if spans is not None:
+            odd = {e.name for e in presentations}
+        else:
+            odd = _names_to_extract(presentations, fs)
         seen: Counter = Counter()
         for order, e in enumerate(presentations):
             if e.name not in ids:
@@ -233,9 +280,13 @@ def build_trials(
             first_at.setdefault((e.name, e.start_s), i)
         for name in sorted(odd & ids.keys()):
             occurrences = [e for e in presentations if e.name == name]
-            for trial, e in enumerate(extracted(occurrences, fs, site=site, report=report)):
+            kept = extracted(occurrences, fs, site=site, report=report, segments=spans)
+            times = [(e.start_s, e.end_s) for e in kept]
+            if spans is not None:
+                times = _placed(kept, spans, fs, site=site, report=report)
+            for trial, (e, (start_s, end_s)) in enumerate(zip(kept, times, strict=False)):
                 order = order_of.get(e, first_at.get((name, e.start_s), len(presentations)))
-                trials.append(Trial(site, ids[name], trial, order, e.start_s, e.end_s))
+                trials.append(Trial(site, ids[name], trial, order, start_s, end_s))
         trials.sort(key=lambda t: (t.site, t.start_s, t.order))  # time order, as before
     return trials
 
@@ -266,7 +317,12 @@ def _snapped(epochs: list[Epoch], fs_hz: float | None) -> np.ndarray:
 
 
 def extracted(
-    occurrences: list[Epoch], fs_hz: float | None, *, site: str, report: Report
+    occurrences: list[Epoch],
+    fs_hz: float | None,
+    *,
+    site: str,
+    report: Report,
+    segments: np.ndarray | None = None,
 ) -> list[Epoch]:
     """What ``RasterizedSignal.extract_epoch(name)`` keeps of one sound's presentations,
     in time order (nems0-format.md section 4).
@@ -277,9 +333,22 @@ def extracted(
     end of the last one kept (identical repeats go, abutting ones stay). A kept interval
     keeps its presentation's own times; one that sorting paired anew (only when repeats
     of unequal length overlap out of order) gets the snapped bounds. Without a sampling
-    rate nothing is snapped.
+    rate nothing is snapped. With ``segments`` 'exclude' keeps a presentation only if it
+    then lies within one of them (ends included), not merely starts at or after 0.
     """
     bounds = _snapped(occurrences, fs_hz)
+    if segments is not None:
+        inside = binning.within_segments(bounds, segments)
+        for e, ok in zip(occurrences, inside.tolist(), strict=True):
+            if not ok:
+                report.add(
+                    "presentation_outside_segments",
+                    f"{site}/{e.name}@{e.start_s:g}",
+                    "not within any span of the signal's JSON segments on the sample "
+                    "grid; left out, as extract_epoch's boundary_mode='exclude' does",
+                )
+        occurrences = [e for e, ok in zip(occurrences, inside.tolist(), strict=True) if ok]
+        bounds = bounds[inside]
     raw_of: dict[tuple[float, float], list[Epoch]] = {}
     for e, (start, end) in zip(occurrences, bounds.tolist(), strict=True):
         if start < 0:
@@ -308,6 +377,26 @@ def extracted(
         kept.append(same.pop(0) if same else Epoch(occurrences[0].name, start, end))
         last_end = end
     return kept
+
+
+def _placed(
+    kept: list[Epoch], segments: np.ndarray, fs_hz: float | None, *, site: str, report: Report
+) -> list[tuple[float, float]]:
+    """(start_s, end_s) of each of ``kept`` (time order, as `extracted` returns them) as its
+    position in data made of ``segments`` concatenated (NEMS0 ``get_epoch_indices``); the
+    list stops where that loop does, and every presentation it never reaches is reported."""
+    if not fs_hz:  # no rate, no sample positions: as written
+        return [(e.start_s, e.end_s) for e in kept]
+    bounds = _snapped(kept, fs_hz)
+    indices = binning.segment_indices(bounds, segments, fs_hz)
+    for e in kept[len(indices) :]:
+        report.add(
+            "presentation_not_placed",
+            f"{site}/{e.name}@{e.start_s:g}",
+            "extract_epoch's loop over the JSON segments ended before it (an earlier "
+            "presentation lay beyond the segment it had reached); left out, as NEMS0 does",
+        )
+    return [(lb / fs_hz, ub / fs_hz) for lb, ub in indices]
 
 
 def report_repetitions(trials: list[Trial], stims: list[Stim], *, report: Report) -> None:
@@ -533,15 +622,22 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     report = Report()
     for skipped in inputs.skipped_members:
         report.add("skipped_member", skipped, "not part of a NEMS0 recording; not read")
-    for subject, segments in inputs.segmented:
-        report.add(
-            "segments_not_applied",
-            subject,
-            f"JSON segments {segments}: the data is a concatenation of these spans, which "
-            "nat4etl does not map; epochs were placed as if the data started at 0",
-        )
-    stims = build_stims(inputs.pop_epochs, stim_fs_hz=inputs.stim_fs_hz, report=report)
-    trials = build_trials(inputs.site_epochs, stims, report=report, fs_hz=inputs.site_fs_hz)
+    pop_segments = _segments_applied(inputs, report)
+    site_segments = {
+        site: inputs.segments[f"{rec}/{RESP}"]
+        for site, rec in inputs.site_recordings.items()
+        if _restricts(inputs.segments.get(f"{rec}/{RESP}"), inputs.site_epochs.get(site, []))
+    }
+    stims = build_stims(
+        inputs.pop_epochs, stim_fs_hz=inputs.stim_fs_hz, report=report, segments=pop_segments
+    )
+    trials = build_trials(
+        inputs.site_epochs,
+        stims,
+        report=report,
+        fs_hz=inputs.site_fs_hz,
+        segments=site_segments,
+    )
     report_repetitions(trials, stims, report=report)
     report_wavs(stims, inputs.wav_names, report=report)
     cells = build_cells(
@@ -618,13 +714,15 @@ def area_inputs(
                 for m in source_members.to_pylist()
                 if m["kind"] == "wav"
             ]
-    segmented = [
-        (f"{r['recording']}/{r['signal']}", r["segments_json"])
+    segments = {
+        f"{r['recording']}/{r['signal']}": spans
         for r in signals.to_pylist()
-        if not _from_zero(r["segments_json"])
-    ]
+        if (spans := _segments(r["segments_json"])) is not None
+    }
     return AreaInputs(
-        segmented=segmented,
+        segments=segments,
+        pop_recording=pop_name,
+        site_recordings={r["site"]: r["recording"] for r in recs if r["kind"] == _SITE},
         pop_epochs=recording_epochs(by_recording.get(pop_name, [])),
         stim_fs_hz=float(stim["fs_hz"]),
         resp_chans=list(resp["chans"]),
@@ -643,13 +741,61 @@ def area_inputs(
     )
 
 
-def _from_zero(segments_json: str | None) -> bool:
-    """No segments, or one span from 0: NEMS0's default ``[[0, ntimes]]``, which
-    restricts nothing (its end, a sample count, is read as seconds)."""
+def _segments(segments_json: str | None) -> np.ndarray | None:
+    """The JSON ``segments`` as (n, 2) seconds; None when the JSON has none (or null)."""
     if segments_json is None:
+        return None
+    spans = json.loads(segments_json)
+    return None if spans is None else np.asarray(spans, dtype=np.float64).reshape(-1, 2)
+
+
+def _restricts(segments: np.ndarray | None, epochs: list[Epoch]) -> bool:
+    """Do ``segments`` change where any of ``epochs`` is? Not NEMS0's default, one span
+    from 0 whose end (a sample count, read as seconds) is past every epoch's end: then a
+    bound's position in the data is its own time, and 'exclude' keeps all that start at
+    or after 0, as without segments."""
+    if segments is None:
+        return False
+    if len(segments) != 1 or segments[0, 0] != 0:
         return True
-    segments = json.loads(segments_json)
-    return segments is None or (len(segments) == 1 and segments[0][0] == 0)
+    return any(e.end_s > segments[0, 1] for e in epochs)
+
+
+def _segments_applied(inputs: AreaInputs, report: Report) -> np.ndarray | None:
+    """The population's segments when they restrict its epochs (those of its resp, which
+    the stim must share), and a report row for every signal whose segments restrict."""
+    pop = inputs.pop_recording
+    applied = inputs.segments.get(f"{pop}/{RESP}")
+    if not _restricts(applied, inputs.pop_epochs):
+        applied = None
+    epochs_of = {pop: inputs.pop_epochs}
+    epochs_of.update(
+        {rec: inputs.site_epochs.get(site, []) for site, rec in inputs.site_recordings.items()}
+    )
+    for subject, spans in sorted(inputs.segments.items()):
+        recording, signal = subject.rsplit("/", 1)
+        if not _restricts(spans, epochs_of.get(recording, [])):
+            continue
+        text = json.dumps(spans.tolist())
+        used = signal == RESP or (
+            recording == pop and applied is not None and np.array_equal(spans, applied)
+        )
+        if used:
+            report.add(
+                "segments_applied",
+                subject,
+                f"JSON segments {text}: the data is these spans of the recording's time, "
+                "concatenated; each presentation must lie within one, and its times are "
+                "its position in the data, as extract_epoch places it",
+            )
+        else:
+            report.add(
+                "segments_not_applied",
+                subject,
+                f"JSON segments {text} differ from the resp signal's; nat4etl cuts every "
+                "signal of the recording where the resp segments place the epochs",
+            )
+    return applied
 
 
 # ============================================================================ stage

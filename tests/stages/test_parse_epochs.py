@@ -443,18 +443,79 @@ def test_report_matches_the_sample(built, area):
             assert ("unit_without_site_data", "DRX006b-124-1") in report
 
 
-@pytest.mark.parametrize(
-    ("segments", "reported"),
-    [(None, False), ("null", False), ("[[0, 750]]", False), ("[[0.0, 7.5]]", False),
-     ("[[0, 5.0], [10.0, 20.0]]", True), ("[[2.0, 7.5]]", True), ("[]", True)],
-)  # fmt: skip
-def test_segments_that_are_not_one_span_from_0_are_reported(segments, reported):
-    raw = _raw()
+def _with_segments(raw: dict, segments: dict[tuple[str, str], str | None]) -> dict:
+    """``raw`` with the JSON segments of (recording, signal), adding a 1 kHz site resp row
+    for a site recording not yet in ``signals``."""
     signals = raw["signals"].to_pylist()
-    signals[0]["segments_json"] = segments
-    raw["signals"] = pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema)
-    rows = _report(_parse(raw))
-    key = ("segments_not_applied", f"{POP}/resp")
-    assert (key in rows) is reported
-    if reported:
-        assert segments in rows[key]
+    known = {(r["recording"], r["signal"]) for r in signals}
+    for recording, signal in segments:
+        if (recording, signal) not in known:
+            signals.append(
+                {"recording": recording, "signal": signal, "signal_type": "point_process",
+                 "fs_hz": 1000.0, "n_chans": 2, "n_samples": None, "chans": None,
+                 "segments_json": None, "meta_json": None}
+            )  # fmt: skip
+    for r in signals:
+        r["segments_json"] = segments.get((r["recording"], r["signal"]), r["segments_json"])
+    return {**raw, "signals": pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema)}
+
+
+@pytest.mark.parametrize(
+    ("segments", "applied"),
+    [(None, False), ("null", False), ("[[0, 750]]", False), ("[[0.0, 7.5]]", False),
+     ("[[0.0, 7.0]]", True), ("[[0, 5.0], [10.0, 20.0]]", True), ("[[1.5, 7.5]]", True)],
+)  # fmt: skip
+def test_segments_apply_where_they_change_anything(segments, applied):
+    """NEMS0's default, one span from 0 past every epoch (its end a sample count read as
+    seconds), changes nothing and leaves the times as written; any other span does."""
+    rows = _report(_parse(_with_segments(_raw(), {(POP, "resp"): segments})))
+    key = ("segments_applied", f"{POP}/resp")
+    assert (key in rows) is applied
+    if applied:
+        as_floats = [[float(x) for x in span] for span in json.loads(segments)]
+        assert json.dumps(as_floats) in rows[key]
+    assert ("segments_not_applied", f"{POP}/stim") not in rows  # the stim has none
+
+
+def test_population_segments_place_each_sound_where_extract_epoch_finds_it():
+    """Sounds at 0, 1.5, 3.0, 4.5 and 6.0 s, 1.5 s each; spans [1.5, 3.0] and [4.5, 7.5]
+    concatenated: VAL_B fills the first (data 0 s), EST_Y and ODD follow in the second
+    (data 1.5 and 3.0 s); VAL_A and EST_X lie in no span and are left out."""
+    spans = "[[1.5, 3.0], [4.5, 7.5]]"
+    parsed = _parse(_with_segments(_raw(), {(POP, "resp"): spans, (POP, "stim"): spans}))
+    stims = {r["name"]: r for r in parsed.stims.to_pylist()}
+    assert [r["name"] for r in parsed.stims.to_pylist()] == [EST_Y, VAL_B, ODD]
+    assert {n: r["pop_start_s"] for n, r in stims.items()} == {VAL_B: 0.0, EST_Y: 1.5, ODD: 3.0}
+    assert all(r["duration_s"] == 1.5 and r["n_frames"] == 150 for r in stims.values())
+    rows = _report(parsed)
+    for name in (VAL_A, EST_X):
+        assert ("stim_outside_segments", name) in rows
+    assert ("segments_applied", f"{POP}/stim") in rows  # the same spans: used alike
+
+
+def test_site_segments_place_trials_in_the_site_data_and_leave_out_what_no_span_holds():
+    """ARM001a presents sounds at 1, 3, 5, ... 15 s, 1.5 s each; spans [0, 6] and [8, 100]:
+    a presentation must lie within one (5.0-6.5 and 7.0-8.5 do not), and one in the
+    second span sits 6 s (the first span's length) after that span's start in the data."""
+    spans = "[[0.0, 6.0], [8.0, 100.0]]"
+    raw = _with_segments(_raw(), {("ARM001a_rec", "resp"): spans})
+    parsed = _parse(raw)
+    ids = {r["name"]: r["stim"] for r in parsed.stims.to_pylist()}
+    arm = [t for t in parsed.trials.to_pylist() if t["site"] == "ARM001a"]
+    got = {(t["stim"], t["trial"]): (t["start_s"], t["end_s"]) for t in arm}
+    assert got == {
+        (ids[EST_X], 0): (1.0, 2.5),
+        (ids[VAL_A], 0): (3.0, 4.5),
+        (ids[VAL_B], 0): (7.0, 8.5),  # 9.0 s -> 6 + (9 - 8)
+        (ids[EST_Y], 0): (9.0, 10.5),
+        (ids[VAL_A], 1): (11.0, 12.5),
+        (ids[VAL_B], 1): (13.0, 14.5),
+    }
+    orders = {(t["stim"], t["trial"]): t["order"] for t in arm}
+    assert orders[(ids[VAL_A], 1)] == 6 and orders[(ids[VAL_B], 0)] == 4  # presentation index
+    rows = _report(parsed)
+    assert ("segments_applied", "ARM001a_rec/resp") in rows
+    assert ("presentation_outside_segments", f"ARM001a/{VAL_B}@5") in rows
+    assert ("presentation_outside_segments", f"ARM001a/{VAL_A}@7") in rows
+    others = [t for t in parsed.trials.to_pylist() if t["site"] != "ARM001a"]
+    assert others == [t for t in _parse(_raw()).trials.to_pylist() if t["site"] != "ARM001a"]
