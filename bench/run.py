@@ -456,10 +456,13 @@ def measure_reader(out: Path, runs: int, work: Path) -> list[Figure]:
         np.save(npy, arr)
         del arr
         reader_t, load_t = [], []
-        # at least 9: a call takes 0.03-0.06 s and the first after np.save is often 5-10x
-        # that (this VM's first touch of new memory); of 3, the median is then whichever of
-        # two warm calls was noisier, and of 5 two slow calls in a row (20261124T111954Z:
-        # 0.35, 0.35, 0.08, 0.05, 0.05 s) still moved it 60%
+        # One untimed pair first, then at least 9: a call takes 0.03-0.06 s, but right
+        # after a build the first three or four take 0.2-0.4 s while the sidecar, written
+        # around the page cache, is faulted in from disk (with it read into the cache
+        # first, only the process's first call is slow); of 5 calls two such moved the
+        # median 60% (20261124T111954Z: 0.35, 0.35, 0.08, 0.05, 0.05 s)
+        call()
+        np.load(npy)
         for _ in range(max(runs, READER_CALLS)):
             gc.collect()
             t0 = time.perf_counter()
