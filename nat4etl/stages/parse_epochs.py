@@ -166,8 +166,11 @@ def build_stims(
     placed = {name: e.start_s for name, e in first.items()}
     if segments is not None:
         placed = {}
-        for name in list(first):
-            occurrences = [e for e in pop_epochs if e.name == name]
+        occurrences_of: dict[str, list[Epoch]] = {}
+        for e in pop_epochs:
+            if e.name in first:
+                occurrences_of.setdefault(e.name, []).append(e)
+        for name, occurrences in occurrences_of.items():
             kept = extracted(
                 occurrences, stim_fs_hz, site=_POPULATION, report=report, segments=segments
             )
@@ -622,12 +625,7 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     report = Report()
     for skipped in inputs.skipped_members:
         report.add("skipped_member", skipped, "not part of a NEMS0 recording; not read")
-    pop_segments = _segments_applied(inputs, report)
-    site_segments = {
-        site: inputs.segments[f"{rec}/{RESP}"]
-        for site, rec in inputs.site_recordings.items()
-        if _restricts(inputs.segments.get(f"{rec}/{RESP}"), inputs.site_epochs.get(site, []))
-    }
+    pop_segments, site_segments = _segments_applied(inputs, report)
     stims = build_stims(
         inputs.pop_epochs, stim_fs_hz=inputs.stim_fs_hz, report=report, segments=pop_segments
     )
@@ -761,24 +759,32 @@ def _restricts(segments: np.ndarray | None, epochs: list[Epoch]) -> bool:
     return any(e.end_s > segments[0, 1] for e in epochs)
 
 
-def _segments_applied(inputs: AreaInputs, report: Report) -> np.ndarray | None:
-    """The population's segments when they restrict its epochs (those of its resp, which
-    the stim must share), and a report row for every signal whose segments restrict."""
+def _segments_applied(
+    inputs: AreaInputs, report: Report
+) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """The segments that place epochs: the population's (its resp's, which the stim must
+    share) and each site's resp's, where they restrict the recording's epochs; and a
+    report row for every signal whose segments restrict."""
     pop = inputs.pop_recording
-    applied = inputs.segments.get(f"{pop}/{RESP}")
-    if not _restricts(applied, inputs.pop_epochs):
-        applied = None
     epochs_of = {pop: inputs.pop_epochs}
-    epochs_of.update(
-        {rec: inputs.site_epochs.get(site, []) for site, rec in inputs.site_recordings.items()}
-    )
-    for subject, spans in sorted(inputs.segments.items()):
+    site_of = {rec: site for site, rec in inputs.site_recordings.items()}
+    epochs_of.update({rec: inputs.site_epochs.get(site, []) for rec, site in site_of.items()})
+    restricting = {
+        subject: spans
+        for subject, spans in sorted(inputs.segments.items())
+        if _restricts(spans, epochs_of.get(subject.rsplit("/", 1)[0], []))
+    }
+    pop_spans = restricting.get(f"{pop}/{RESP}")
+    site_spans = {
+        site: restricting[f"{rec}/{RESP}"]
+        for rec, site in site_of.items()
+        if f"{rec}/{RESP}" in restricting
+    }
+    for subject, spans in restricting.items():
         recording, signal = subject.rsplit("/", 1)
-        if not _restricts(spans, epochs_of.get(recording, [])):
-            continue
         text = json.dumps(spans.tolist())
         used = signal == RESP or (
-            recording == pop and applied is not None and np.array_equal(spans, applied)
+            recording == pop and pop_spans is not None and np.array_equal(spans, pop_spans)
         )
         if used:
             report.add(
@@ -795,7 +801,7 @@ def _segments_applied(inputs: AreaInputs, report: Report) -> np.ndarray | None:
                 f"JSON segments {text} differ from the resp signal's; nat4etl cuts every "
                 "signal of the recording where the resp segments place the epochs",
             )
-    return applied
+    return pop_spans, site_spans
 
 
 # ============================================================================ stage

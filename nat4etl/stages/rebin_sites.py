@@ -1004,7 +1004,7 @@ def _queue_writes(writer: WriteBehind, area: str, out: AreaOutputs, settings, pr
         writer.submit(name, getattr(out, name), area=area, metadata=out.metadata[name])
     early = out.metadata["responses"]["spikes_before_0"]
     if early:
-        n_spikes = sum(u[SPIKES_BEFORE_0] for u in early)
+        n_spikes = out.counts["spikes_before_0"]
         n_uncounted = sum(u[SPIKES_UNCOUNTED] for u in early)
         progress.log(
             f"{area}: spike times before 0: {n_spikes} in {len(early)} unit(s); NEMS0 counts "
