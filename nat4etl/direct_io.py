@@ -67,12 +67,22 @@ class DirectWriter:
             # sha256 releases the GIL on large buffers and os.write waits on the disk:
             # done side by side, A1's responses sidecar (495 MB, one call) took 0.70 ->
             # 0.45 s. Both end before this returns: the caller may reuse ``data`` then.
-            hashing = threading.Thread(target=self.sha256.update, args=(view,))
+            failed: list[BaseException] = []
+
+            def hash_all() -> None:
+                try:
+                    self.sha256.update(view)
+                except BaseException as err:  # raised below: never a digest of part
+                    failed.append(err)
+
+            hashing = threading.Thread(target=hash_all, name="nat4etl-sha256")
             hashing.start()
             try:
                 self._copy_out(view)
             finally:
                 hashing.join()
+            if failed:
+                raise failed[0]
         self.size_bytes += n
         return n
 

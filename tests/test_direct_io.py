@@ -101,3 +101,18 @@ def test_buffers_are_reused(tmp_path):
     free = list(direct_io._free_buffers)
     _write(tmp_path / "b", [b"b" * 100])
     assert direct_io._free_buffers == free
+
+
+def test_a_failed_hash_aside_is_raised_not_a_digest_of_part(tmp_path):
+    class Broken:
+        def update(self, data):
+            raise MemoryError("no room to hash")
+
+        def hexdigest(self):  # pragma: no cover - never reached
+            return "partial"
+
+    large = np.zeros(direct_io.HASH_ASIDE_BYTES, np.uint8)
+    with DirectWriter(tmp_path / "f") as sink:
+        sink.sha256 = Broken()
+        with pytest.raises(MemoryError, match="no room to hash"):
+            sink.write(large)
