@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+from nat4etl.hashing import TABLE_DIGEST, new_hash
 
 __all__ = ["BLOCK_BYTES", "DirectWriter"]
 
@@ -33,7 +34,8 @@ _lock = threading.Lock()
 
 
 class DirectWriter:
-    """A write-only binary file that creates ``path``; ``sha256`` sees every byte.
+    """A write-only binary file that creates ``path``; ``hasher`` (:data:`TABLE_DIGEST`)
+    sees every byte.
 
     Use it as a context manager (or call `close`). The file holds exactly the bytes
     written, whichever way they reached the disk; ``direct`` says which.
@@ -43,7 +45,7 @@ class DirectWriter:
 
     def __init__(self, path: str | os.PathLike, *, direct: bool = True) -> None:
         self.path = os.fspath(path)
-        self.sha256 = hashlib.sha256()
+        self.hasher = new_hash(TABLE_DIGEST)
         self.size_bytes = 0
         self.direct = bool(direct and _O_DIRECT)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -62,15 +64,15 @@ class DirectWriter:
         view = memoryview(data).cast("B")
         n = len(view)
         if n < HASH_ASIDE_BYTES:
-            self.sha256.update(view)
+            self.hasher.update(view)
             self._copy_out(view)
         else:
-            # sha256 releases the GIL on large buffers and os.write waits on the disk:
-            # side by side, A1's responses sidecar (495 MB, one call) takes 0.37 s alone
+            # the hash releases the GIL on large buffers and os.write waits on the disk:
+            # side by side, A1's responses sidecar (495 MB, one call) took 0.37 s alone
             # instead of 0.70 s (its write in a build: 0.85 -> 0.57 s). Both end before
             # this returns: the caller may reuse ``data`` then.
-            with ThreadPoolExecutor(1, thread_name_prefix="nat4etl-sha256") as pool:
-                hashing = pool.submit(self.sha256.update, view)
+            with ThreadPoolExecutor(1, thread_name_prefix="nat4etl-hash") as pool:
+                hashing = pool.submit(self.hasher.update, view)
                 self._copy_out(view)  # should it fail, leaving the block waits for the hash
             hashing.result()  # a failure to hash is raised: never a digest of part
         self.size_bytes += n

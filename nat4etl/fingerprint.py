@@ -4,7 +4,7 @@ After a stage runs, `build` writes ``OUT/_stages/<stage>.json``::
 
     stage, fingerprint       sha256 of the canonical JSON of the four parts below
     inputs                   {"raw/<file>": "md5:<hex>", "<table>/area=A1/part-0.parquet":
-                              "sha256:<hex>", "raw/record.json#record": "<id>@<version>", ...}
+                              "blake3:<hex>", "raw/record.json#record": "<id>@<version>", ...}
                              (Parquet files only: a table's Arrow sidecar holds the same rows)
     params                   {Settings field: value} for the stage's PARAMS
     nat4etl_version, schema_version
@@ -15,7 +15,8 @@ After a stage runs, `build` writes ``OUT/_stages/<stage>.json``::
 
 A stage is up to date when its fingerprint, computed from the files now present, equals the
 recorded one and every recorded output is still there with its digest. Raw files are named
-by md5 (what Zenodo publishes), tables by sha256; a digest string names its algorithm.
+by md5 (what Zenodo publishes), tables by blake3 (:data:`nat4etl.hashing.TABLE_DIGEST`); a
+digest string names its algorithm, so a store recorded with sha256 re-runs its stages once.
 
 Checking is cheap: a file whose size and mtime equal its recorded state keeps its recorded
 digest without being read. A later write in the same tick of the file-system clock would keep
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from nat4etl import __version__
+from nat4etl.hashing import TABLE_DIGEST, file_digest
 from nat4etl.store import PART, RAW, SIDECAR, table_areas
 
 #: publish no sooner than this after the last write (one tick of the coarse file-system
@@ -79,7 +81,7 @@ class FileState:
 
     size_bytes: int
     mtime_ns: int
-    digest: str  # "sha256:<hex>" or "md5:<hex>"
+    digest: str  # "blake3:<hex>" (or "sha256:<hex>", recorded before) or "md5:<hex>"
 
     def still_valid(self, st: os.stat_result, algo: str) -> bool:
         """Same size and mtime, and a digest with the wanted algorithm."""
@@ -91,17 +93,14 @@ class FileState:
 
 
 def algo_for(rel: str) -> str:
-    """md5 for raw files (what Zenodo publishes), sha256 for everything we write."""
-    return "md5" if rel.startswith(f"{RAW}/") else "sha256"
+    """md5 for raw files (what Zenodo publishes), :data:`TABLE_DIGEST` for everything we
+    write."""
+    return "md5" if rel.startswith(f"{RAW}/") else TABLE_DIGEST
 
 
 def hash_file(path: Path, algo: str, chunk_bytes: int = 1 << 22) -> str:
     """``"<algo>:<hex>"`` of a file, streamed."""
-    h = hashlib.new(algo, usedforsecurity=False) if algo == "md5" else hashlib.new(algo)
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return f"{algo}:{h.hexdigest()}"
+    return file_digest(path, algo, chunk_bytes)
 
 
 class DigestCache:

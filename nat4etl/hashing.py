@@ -1,8 +1,12 @@
 """File digests, streamed, so a multi-GB archive never has to fit in memory.
 
-Zenodo publishes md5 only, so md5 is what we check. It is used here to detect
-corruption and truncation, not as a security boundary (``usedforsecurity=False``
+Zenodo publishes md5 only, so md5 is what we check the downloads with. It is used here to
+detect corruption and truncation, not as a security boundary (``usedforsecurity=False``
 keeps it working on FIPS builds).
+
+Every file nat4etl writes (tables, sidecars) is digested with :data:`TABLE_DIGEST`. A
+digest string names its algorithm (``"blake3:<hex>"``), so what was recorded with another
+one (sha256, before) still verifies.
 """
 
 from __future__ import annotations
@@ -12,6 +16,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 CHUNK_BYTES = 1 << 20
+
+#: blake3 hashes 2.7x faster than sha256 here (495 MB: 0.10 vs 0.27 s on one core, with
+#: the CPU's SHA instructions), and a build hashes the 1.3 GB it writes: 6 interleaved
+#: full builds, 7.30 -> 6.81 s and 10.5 -> 9.6 s of CPU. ``b3sum`` checks a file by hand.
+TABLE_DIGEST = "blake3"
+
+
+def new_hash(algo: str):
+    """A hashlib-style object (``update``, ``hexdigest``) for ``algo``: blake3 from the
+    blake3 package (which releases the GIL on large buffers, like hashlib), the rest from
+    hashlib."""
+    if algo == "blake3":
+        import blake3
+
+        return blake3.blake3()
+    if algo == "md5":
+        return hashlib.md5(usedforsecurity=False)
+    return hashlib.new(algo)
+
+
+def file_digest(path: str | Path, algo: str = TABLE_DIGEST, chunk_bytes: int = 1 << 22) -> str:
+    """``"<algo>:<hex>"`` of a file, streamed."""
+    h = new_hash(algo)
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return f"{algo}:{h.hexdigest()}"
 
 
 def md5_file(

@@ -40,7 +40,6 @@ import ctypes
 import errno
 import fcntl
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -61,7 +60,7 @@ from nat4etl.errors import (
     StoreError,
     StoreLocked,
 )
-from nat4etl.hashing import CHUNK_BYTES
+from nat4etl.hashing import CHUNK_BYTES, TABLE_DIGEST, file_digest
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -101,7 +100,7 @@ class TableInfo:
     area: str
     path: str  # relative to the store root
     rows: int
-    sha256: str
+    digest: str  # "<TABLE_DIGEST>:<hex>"
 
 
 class Store:
@@ -116,7 +115,8 @@ class Store:
         self.root = Path(root)
         self.published_at = self.root
         self.provenance: dict = {}
-        #: sha256 of every table written through this Store, by path relative to the root
+        #: digest ("blake3:<hex>") of every table file written through this Store, by path
+        #: relative to the root
         self.written: dict[str, str] = {}
         #: stages this build may still run on this Store (set by `build`): a stage leaves
         #: arrays for a later one (:mod:`nat4etl.stages.handoff`) only if that one is here
@@ -211,14 +211,14 @@ class Store:
             self._durable(tmp, target)
         kill_point(f"write:{name}")
         if side is not None:
-            side_tmp, side_sha256 = side.result()
+            side_tmp, side_digest = side.result()
             os.replace(side_tmp, side_target)
-            self.written[str(side_target.relative_to(self.root))] = side_sha256
+            self.written[str(side_target.relative_to(self.root))] = side_digest
         elif side_target.exists():  # never left stale beside a rewritten table
             side_target.unlink()
         os.replace(tmp, target)
         rel = str(target.relative_to(self.root))
-        self.written[rel] = file_sha256(target)
+        self.written[rel] = file_digest(target)
         return TableInfo(name, area, rel, table.num_rows, self.written[rel])
 
     def link_table(self, name: str, *, from_area: str, area: str) -> TableInfo:
@@ -243,7 +243,7 @@ class Store:
             link_or_copy(src, tmp)
             os.replace(tmp, dst)
             src_rel = str(src.relative_to(self.root))
-            self.written[rel] = self.written.get(src_rel) or file_sha256(dst)
+            self.written[rel] = self.written.get(src_rel) or file_digest(dst)
         fsync_dir(self.table_file(name, area).parent)
         rel = str(self.table_file(name, area).relative_to(self.root))
         return TableInfo(
@@ -365,7 +365,7 @@ def _write_ipc_sidecar(
     table: pa.Table, target: Path, durable: Callable[[Path, Path], None]
 ) -> tuple[Path, str]:
     """Write ``table`` as one uncompressed Arrow IPC record batch to a temp file beside
-    ``target``, made ``durable``; returns (temp path, sha256). One batch, whatever the
+    ``target``, made ``durable``; returns (temp path, digest). One batch, whatever the
     chunking of ``table``, so the bytes depend only on the rows (two builds write the same
     file) and every vector column is one contiguous buffer in the file."""
     import pyarrow as pa
@@ -377,7 +377,7 @@ def _write_ipc_sidecar(
         with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), table.schema) as writer:
             writer.write_table(table)
     durable(tmp, target)
-    return tmp, sink.sha256.hexdigest()
+    return tmp, f"{TABLE_DIGEST}:{sink.hasher.hexdigest()}"
 
 
 def _write_parquet(table: pa.Table, path: Path, codecs: dict[str, str] | None = None) -> None:
@@ -553,14 +553,6 @@ def _sorted_unique(table: pa.Table, s: schema_mod.TableSpec, name: str, area: st
         dup = {k: table.column(k)[i].as_py() for k in keys}
         raise DuplicateKeyError(f"table {name!r} area={area}: key {dup} occurs more than once")
     return table
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
 
 
 def link_or_copy(
@@ -908,13 +900,15 @@ def open_for_write(out: str | os.PathLike, *, wait_s: float = 0.0) -> Iterator[S
 
 
 def write_manifest(
-    store: Store, extra: dict | None = None, *, sha256: Callable[[Path], str] | None = None
+    store: Store, extra: dict | None = None, *, digest: Callable[[Path], str] | None = None
 ) -> dict:
     """Row counts and digests of every table; written last so its presence means complete.
 
-    ``sha256(path)`` may supply known digests (build's cache) instead of re-hashing.
+    ``digest(path)`` may supply known digests (build's cache) instead of re-hashing. Each
+    table's ``digest`` names its algorithm (``"blake3:<hex>"``); manifests written before
+    it held ``sha256`` (hex) instead (:func:`manifest_digest` reads either).
     """
-    sha256 = sha256 or file_sha256
+    digest = digest or file_digest
     try:
         previous = store.read_manifest() or {}
     except ValueError:  # a damaged manifest is replaced, not merged
@@ -928,7 +922,7 @@ def write_manifest(
                 "path": str(path.relative_to(store.root)),
                 "rows": table_file_rows(path),
                 "size_bytes": path.stat().st_size,
-                "sha256": sha256(path),
+                "digest": digest(path),
             }
         )
     manifest = {
@@ -941,3 +935,11 @@ def write_manifest(
     }
     store.write_json(store.manifest_path, manifest)
     return manifest
+
+
+def manifest_digest(entry: dict) -> str | None:
+    """A manifest table entry's digest, ``"<algo>:<hex>"``: ``digest``, or the ``sha256``
+    (hex) of a manifest written before; None when it has neither."""
+    if "digest" in entry:
+        return entry["digest"]
+    return f"sha256:{entry['sha256']}" if "sha256" in entry else None

@@ -329,7 +329,7 @@ def test_real_two_builds_give_identical_tables(real, tmp_path):
 
     def digests(out):
         return {
-            t["path"]: t["sha256"]
+            t["path"]: t["digest"]
             for t in json.loads((out / "manifest.json").read_text())["tables"]
         }
 

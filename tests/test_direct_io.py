@@ -1,12 +1,12 @@
-"""DirectWriter: the file holds exactly the bytes written, direct or not, and sha256 sees
-them all."""
+"""DirectWriter: the file holds exactly the bytes written, direct or not, and its digest
+(blake3) covers them all."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 
+import blake3
 import numpy as np
 import pytest
 
@@ -39,7 +39,7 @@ def test_the_file_is_the_bytes_written(tmp_path, size, direct):
     data = b"".join(pieces)
     sink = _write(tmp_path / "f", pieces, direct=direct)
     assert (tmp_path / "f").read_bytes() == data
-    assert sink.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert sink.hasher.hexdigest() == blake3.blake3(data).hexdigest()
     assert sink.size_bytes == size
 
 
@@ -53,7 +53,7 @@ def test_a_large_write_hashed_aside_keeps_the_digest_in_order(tmp_path, direct):
     sink = _write(tmp_path / "f", pieces, direct=direct)
     data = b"".join(bytes(p) for p in pieces)
     assert (tmp_path / "f").read_bytes() == data
-    assert sink.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert sink.hasher.hexdigest() == blake3.blake3(data).hexdigest()
     assert sink.size_bytes == len(data)
 
 
@@ -113,6 +113,6 @@ def test_a_failed_hash_aside_is_raised_not_a_digest_of_part(tmp_path):
 
     large = np.zeros(direct_io.HASH_ASIDE_BYTES, np.uint8)
     with DirectWriter(tmp_path / "f") as sink:
-        sink.sha256 = Broken()
+        sink.hasher = Broken()
         with pytest.raises(MemoryError, match="no room to hash"):
             sink.write(large)

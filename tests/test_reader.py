@@ -18,6 +18,7 @@ import soundfile
 import nat4etl
 import nat4etl.store
 from nat4etl.errors import MissingTableError, SchemaError
+from nat4etl.hashing import file_digest
 from nat4etl.reader import ResultTooLarge
 from nat4etl.stages import normalize as nz
 from nat4etl.stages import rebin_sites as rs
@@ -327,7 +328,7 @@ def test_sidecar_holds_the_parquet_rows_schema_and_metadata(tmp_path):
     for name in VECTOR_TABLES:
         entry = listed[f"{name}/area=A1/part-0.arrow"]
         assert entry["rows"] == listed[f"{name}/area=A1/part-0.parquet"]["rows"]
-        assert entry["sha256"] == store.written[f"{name}/area=A1/part-0.arrow"]
+        assert entry["digest"] == store.written[f"{name}/area=A1/part-0.arrow"]
 
 
 def test_sidecar_bytes_do_not_depend_on_chunking(tmp_path):
@@ -341,7 +342,7 @@ def test_sidecar_bytes_do_not_depend_on_chunking(tmp_path):
     for i, t in enumerate((table, chunked, shifted, table)):
         store = Store(tmp_path / str(i))
         store.write_table("responses", t, area="A1", metadata={"dt_ms": 10.0, "n_bins": T})
-        digests.add(nat4etl.store.file_sha256(store.sidecar_file("responses", "A1")))
+        digests.add(file_digest(store.sidecar_file("responses", "A1")))
     assert len(digests) == 1
 
 

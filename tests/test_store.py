@@ -57,8 +57,8 @@ def test_duplicate_key_and_bad_schema_write_nothing(tmp_path):
 def test_identical_input_gives_identical_bytes(tmp_path):
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
     assert (
-        a.write_table("trials", _trials(), area="A1").sha256
-        == b.write_table("trials", _trials(), area="A1").sha256
+        a.write_table("trials", _trials(), area="A1").digest
+        == b.write_table("trials", _trials(), area="A1").digest
     )
 
 
@@ -305,7 +305,7 @@ def test_fixed_size_vector_tables_are_encoded_by_polars_and_read_back_as_written
     again = Store(tmp_path / "again").write_table(
         "responses", table, area="A1", metadata={"dt_ms": 10.0}
     )
-    assert again.sha256 == store.written[str(path.relative_to(tmp_path))]  # deterministic
+    assert again.digest == store.written[str(path.relative_to(tmp_path))]  # deterministic
 
 
 def test_a_polars_file_whose_footer_differs_is_written_again_by_pyarrow(tmp_path, monkeypatch):

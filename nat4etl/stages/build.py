@@ -54,6 +54,7 @@ from nat4etl.store import (
     Store,
     kill_point,
     lock_holder,
+    manifest_digest,
     open_snapshot,
     recover,
     staging,
@@ -209,14 +210,14 @@ def manifest_problems(root: Path, ctx: Context) -> list[str]:
     if manifest is None:
         return ["manifest.json is missing"]
     problems = []
-    listed = {t.get("path"): t.get("sha256") for t in manifest.get("tables", [])}
+    listed = {t.get("path"): manifest_digest(t) for t in manifest.get("tables", [])}
     present = all_table_files(root)
     for rel in sorted(set(listed) - set(present)):
         problems.append(f"manifest lists {rel}, which is missing")
     for rel in present:
         if rel not in listed:
             problems.append(f"{rel} is not in the manifest")
-        elif f"sha256:{listed[rel]}" != ctx.cache.digest(root, rel):
+        elif listed[rel] != ctx.cache.digest(root, rel):
             problems.append(f"{rel} differs from the manifest")
     stages = manifest.get("stages") or {}
     for name, record in ctx.records.items():
@@ -419,7 +420,7 @@ def _run_one(store: Store, stage: Stage, fp: Fingerprint, ctx: Context, progress
     memory.release_free_memory()  # the next stage's peak starts from what is live
     seconds = time.monotonic() - t0
     store.provenance = {}
-    trusted = {rel: f"sha256:{hexdigest}" for rel, hexdigest in store.written.items()}
+    trusted = dict(store.written)
     if stage.spec.writes_raw:
         trusted.update(_fetch_json_md5s(store.root))
     record = new_record(
@@ -547,10 +548,10 @@ def _write_build_manifest(store: Store, ctx: Context, result: BuildResult, start
         },
     }
 
-    def sha256(path: Path) -> str:
-        return ctx.cache.digest(root, str(path.relative_to(root))).removeprefix("sha256:")
+    def digest(path: Path) -> str:
+        return ctx.cache.digest(root, str(path.relative_to(root)))
 
-    return write_manifest(store, extra, sha256=sha256)
+    return write_manifest(store, extra, digest=digest)
 
 
 def _now_iso() -> str:
@@ -679,7 +680,7 @@ def _verify_root(root: Path, manifest: dict) -> list[str]:
     expected: dict[str, dict[str, str]] = {}  # path -> {claimant: digest}
     sizes: dict[str, int] = {}
     for t in manifest.get("tables", []):
-        expected.setdefault(t["path"], {})[MANIFEST] = f"sha256:{t['sha256']}"
+        expected.setdefault(t["path"], {})[MANIFEST] = manifest_digest(t)
         if "size_bytes" in t:
             sizes[t["path"]] = t["size_bytes"]
     for s in manifest.get("sources", []):
