@@ -442,3 +442,18 @@ def test_a_store_recorded_with_sha256_verifies_then_rebuilds_once(built):
     assert table_bytes(out) == before and verify(out) == []
     run(out, mirror)
     assert CALLS == []
+
+
+def test_verify_names_a_table_listed_without_a_digest_and_an_unknown_algorithm(built):
+    out, _ = built
+    manifest = json.loads((out / "manifest.json").read_text())
+    rel = "stims/area=A1/part-0.parquet"
+    del next(t for t in manifest["tables"] if t["path"] == rel)["digest"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    record_path = out / "_stages/parse-epochs.json"
+    record = json.loads(record_path.read_text())
+    record["outputs"][rel]["digest"] = "whirl9:00ff"
+    record_path.write_text(json.dumps(record))
+    problems = verify(out)
+    assert f"{rel}: listed in manifest.json without a digest" in problems
+    assert f"{rel}: unknown digest 'whirl9:00ff' (_stages/parse-epochs.json)" in problems

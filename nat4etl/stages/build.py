@@ -679,8 +679,13 @@ def verify(out: str | os.PathLike) -> list[str]:
 def _verify_root(root: Path, manifest: dict) -> list[str]:
     expected: dict[str, dict[str, str]] = {}  # path -> {claimant: digest}
     sizes: dict[str, int] = {}
+    problems = []
     for t in manifest.get("tables", []):
-        expected.setdefault(t["path"], {})[MANIFEST] = manifest_digest(t)
+        digest = manifest_digest(t)
+        if digest is None:
+            problems.append(f"{t['path']}: listed in {MANIFEST} without a digest")
+        else:
+            expected.setdefault(t["path"], {})[MANIFEST] = digest
         if "size_bytes" in t:
             sizes[t["path"]] = t["size_bytes"]
     for s in manifest.get("sources", []):
@@ -690,7 +695,6 @@ def _verify_root(root: Path, manifest: dict) -> list[str]:
         for rel, state in (record.get("outputs") or {}).items():
             expected.setdefault(rel, {})[f"_stages/{name}.json"] = state.get("digest")
             sizes.setdefault(rel, state.get("size_bytes"))
-    problems = []
     for rel in sorted(expected):
         problems += _verify_file(root, rel, expected[rel], sizes.get(rel))
     for rel in all_table_files(root):
@@ -715,7 +719,11 @@ def _verify_file(root: Path, rel: str, claims: dict[str, str], size: int | None)
     for digest, claimants in sorted(by_digest.items()):
         algo, _, want = digest.partition(":")
         if algo not in got:
-            got[algo] = hash_file(path, algo)
+            try:
+                got[algo] = hash_file(path, algo)
+            except ValueError:  # hashlib knows no such algorithm
+                problems.append(f"{rel}: unknown digest {digest!r} ({', '.join(claimants)})")
+                continue
         if got[algo] != digest:
             problems.append(
                 f"{rel}: {algo} {got[algo].partition(':')[2]}, expected {want} "
