@@ -98,11 +98,6 @@ def algo_for(rel: str) -> str:
     return "md5" if rel.startswith(f"{RAW}/") else TABLE_DIGEST
 
 
-def hash_file(path: Path, algo: str, chunk_bytes: int = 1 << 22) -> str:
-    """``"<algo>:<hex>"`` of a file, streamed."""
-    return file_digest(path, algo, chunk_bytes)
-
-
 class DigestCache:
     """Known file states by path relative to a store root (the same in staging, whose files
     are hard links of the published ones). A file is read only when its stat changed."""
@@ -126,7 +121,7 @@ class DigestCache:
         known = self.states.get(rel)
         if known is not None and known.still_valid(st, algo):
             return known
-        digest = hash_file(path, algo)
+        digest = file_digest(path, algo)
         self.hashed.append(rel)
         fresh = FileState(st.st_size, st.st_mtime_ns, digest)
         self.states[rel] = fresh
@@ -263,7 +258,7 @@ def raw_inputs(root: Path, settings: Any, cache: DigestCache) -> dict[str, str]:
         return {}
     src = Path(source)
     files = [p for p in sorted(src.iterdir()) if _is_plain_file(p) and p.name not in RAW_META]
-    inputs = {f"source/{p.name}": hash_file(p, "md5") for p in files}
+    inputs = {f"source/{p.name}": file_digest(p, "md5") for p in files}
     inputs["source/record.json#record"] = record_label(record_info(src))
     return inputs
 
@@ -278,7 +273,7 @@ def outside_inputs(settings: Any) -> dict[str, str]:
         files = [p for p in sorted(src.iterdir()) if _is_plain_file(p)]
         inputs = {f"source/{p.name}": _stat_label(p) for p in files}
         if (src / "record.json").is_file():
-            inputs["source/record.json"] = hash_file(src / "record.json", "sha256")
+            inputs["source/record.json"] = file_digest(src / "record.json", "sha256")
         return inputs
     url = getattr(settings, "zenodo_url", "")
     return {f"zenodo/{getattr(settings, 'record_id', '')}": f"record at {url}"}
@@ -409,7 +404,7 @@ def check_outputs(
         if size != s.get("size_bytes"):
             problems.append(f"output {rel}: size {size} bytes, recorded {s.get('size_bytes')}")
             continue
-        digest = hash_file(path, algo_for(rel)) if full else cache.digest(root, rel)
+        digest = file_digest(path, algo_for(rel)) if full else cache.digest(root, rel)
         if digest != s.get("digest"):
             problems.append(f"output {rel}: digest {digest}, recorded {s.get('digest')}")
     return problems

@@ -39,7 +39,6 @@ from nat4etl.fingerprint import (
     StageSpec,
     check_outputs,
     fingerprint,
-    hash_file,
     new_record,
     raw_data_files,
     record_info,
@@ -47,6 +46,7 @@ from nat4etl.fingerprint import (
     table_files,
     why_stale,
 )
+from nat4etl.hashing import file_digest
 from nat4etl.stages import CONTRACTS, STAGES
 from nat4etl.store import (
     MANIFEST,
@@ -720,7 +720,7 @@ def _verify_file(root: Path, rel: str, claims: dict[str, str], size: int | None)
         algo, _, want = digest.partition(":")
         if algo not in got:
             try:
-                got[algo] = hash_file(path, algo)
+                got[algo] = file_digest(path, algo)
             except ValueError:  # hashlib knows no such algorithm
                 problems.append(f"{rel}: unknown digest {digest!r} ({', '.join(claimants)})")
                 continue
