@@ -382,7 +382,11 @@ def why_stale(record: Mapping[str, Any] | None, fp: Fingerprint) -> list[str]:
 
 
 def _input_changes(old: Mapping[str, str], new: Mapping[str, str], limit: int = 5) -> list[str]:
-    changes = [f"input {k} changed" for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+    changes = [
+        f"input {k} {_how_changed(old[k], new[k])}"
+        for k in sorted(set(old) & set(new))
+        if old[k] != new[k]
+    ]
     changes += [f"input {k} is new" for k in sorted(set(new) - set(old))]
     changes += [f"input {k} is gone" for k in sorted(set(old) - set(new))]
     if len(changes) > limit:
@@ -390,11 +394,21 @@ def _input_changes(old: Mapping[str, str], new: Mapping[str, str], limit: int = 
     return changes
 
 
+def _how_changed(old: str, new: str) -> str:
+    """How an input's digest changed: "changed", or, between two algorithms, just that
+    (digests of different algorithms cannot tell whether the content did)."""
+    old_algo, new_algo = (d.partition(":")[0] for d in (str(old), str(new)))
+    if old_algo != new_algo and ":" in str(old) and ":" in str(new):
+        return f"was recorded with {old_algo}, now {new_algo}"
+    return "changed"
+
+
 def check_outputs(
     root: Path, record: Mapping[str, Any], cache: DigestCache, *, full: bool = False
 ) -> list[str]:
     """Recorded outputs that are missing or changed. Cheap unless ``full`` (re-hash all)."""
     problems = []
+    other_algo: dict[str, int] = {}  # recorded with another digest: cannot be compared
     for rel, s in sorted((record.get("outputs") or {}).items()):
         path = root / rel
         if not path.is_file():
@@ -404,7 +418,13 @@ def check_outputs(
         if size != s.get("size_bytes"):
             problems.append(f"output {rel}: size {size} bytes, recorded {s.get('size_bytes')}")
             continue
+        recorded_algo = str(s.get("digest")).partition(":")[0]
+        if recorded_algo != algo_for(rel):
+            other_algo[recorded_algo] = other_algo.get(recorded_algo, 0) + 1
+            continue
         digest = file_digest(path, algo_for(rel)) if full else cache.digest(root, rel)
         if digest != s.get("digest"):
             problems.append(f"output {rel}: digest {digest}, recorded {s.get('digest')}")
+    for algo, n in sorted(other_algo.items()):
+        problems.append(f"{n} output(s) recorded with {algo} digests, now {TABLE_DIGEST}")
     return problems

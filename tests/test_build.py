@@ -22,6 +22,7 @@ import pytest
 from nat4etl import SCHEMA_VERSION
 from nat4etl.config import load_settings
 from nat4etl.errors import ConfigError, StoreError
+from nat4etl.fingerprint import Fingerprint
 from nat4etl.progress import NullProgress
 from nat4etl.stages.build import build, status, verify
 from nat4etl.store import Store
@@ -412,6 +413,8 @@ def _as_recorded_with_sha256(out: Path) -> None:
                         value["digest"] = new
                     else:
                         states[rel] = new
+        fields = ("stage", "inputs", "params", "nat4etl_version", "schema_version")
+        record["fingerprint"] = Fingerprint(*(record[f] for f in fields)).digest
         path.write_text(json.dumps(record))
 
 
@@ -437,8 +440,11 @@ def test_a_store_recorded_with_sha256_verifies_then_rebuilds_once(built):
     problems = verify(out)
     assert problems and all("stims/area=A1/part-0.parquet: sha256" in p for p in problems)
     path.write_bytes(before["stims/area=A1/part-0.parquet"])
-    run(out, mirror)  # digests named another way: the stages that own tables run once
+    result = run(out, mirror)  # digests named another way: the stages with tables run once
     assert CALLS and "fetch" not in CALLS
+    reasons = {d.stage: d.reasons for d in result.decisions}
+    assert reasons["unpack"] == ("2 output(s) recorded with sha256 digests, now blake3",)  # A1, PEG
+    assert any("was recorded with sha256, now blake3" in r for r in reasons["parse-epochs"])
     assert table_bytes(out) == before and verify(out) == []
     run(out, mirror)
     assert CALLS == []
