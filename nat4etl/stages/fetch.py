@@ -37,9 +37,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import httpx
 import platformdirs
 
 from nat4etl import net
@@ -49,6 +48,9 @@ from nat4etl.hashing import md5_file, mismatch
 from nat4etl.nat4 import AREAS, WAV_ZIP, area_files
 from nat4etl.progress import NullProgress, Progress
 from nat4etl.store import fsync_dir, link_or_copy
+
+if TYPE_CHECKING:
+    import httpx
 
 AREA_FILES: dict[str, list[str]] = {area: list(area_files(area).names) for area in AREAS}
 WAV_FILE = WAV_ZIP
