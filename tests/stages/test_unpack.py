@@ -262,6 +262,27 @@ def test_float64_lists_keep_exact_times():
     assert got == [[0.1, 1 / 3], [], [2.0**-40]]
 
 
+def test_float64_lists_take_back_to_back_views_without_copying(monkeypatch):
+    """A site file's spike times lie back to back in one buffer: each such run is one chunk
+    on that very memory; arrays of their own are concatenated, order kept throughout."""
+    packed = np.arange(12.0)
+    site = [packed[0:3], packed[3:3], packed[3:7]]  # an empty unit in the middle too
+    other = np.arange(100.0, 110.0)
+    loose = [np.array([0.5]), np.array([0.25, 0.75])]
+    arrays = [*loose, *site, other[2:4], other[4:5], *loose]
+    lists = unpack.float64_lists(arrays)
+    assert lists.to_pylist() == [a.tolist() for a in arrays]
+    sizes = [len(c) for c in lists.chunks]
+    assert sizes == [2, 3, 2, 2]  # loose, one site, the other buffer's run, loose
+    site_chunk, other_chunk = lists.chunks[1], lists.chunks[2]
+    assert site_chunk.values.buffers()[1].address == packed.__array_interface__["data"][0]
+    assert other_chunk.values.buffers()[1].address == other[2:].__array_interface__["data"][0]
+    monkeypatch.setattr(unpack, "_MAX_LIST_VALUES", 4)  # int32 offsets: runs split too
+    lists = unpack.float64_lists(site)
+    assert lists.to_pylist() == [a.tolist() for a in site]
+    assert all(len(c.values) <= 4 for c in lists.chunks)
+
+
 @pytest.mark.parametrize(
     ("name", "stray"),
     [
