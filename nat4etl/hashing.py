@@ -36,12 +36,20 @@ def new_hash(algo: str):
     return hashlib.new(algo)
 
 
-def file_digest(path: str | Path, algo: str = TABLE_DIGEST, chunk_bytes: int = 1 << 22) -> str:
-    """``"<algo>:<hex>"`` of a file, streamed."""
+def file_digest(
+    path: str | Path,
+    algo: str = TABLE_DIGEST,
+    chunk_bytes: int = 1 << 22,
+    on_bytes: Callable[[int], None] | None = None,
+) -> str:
+    """``"<algo>:<hex>"`` of a file, read in ``chunk_bytes`` blocks; ``on_bytes(n)`` after
+    each block."""
     h = new_hash(algo)
     with open(path, "rb") as f:
         while block := f.read(chunk_bytes):
             h.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return f"{algo}:{h.hexdigest()}"
 
 
@@ -52,13 +60,7 @@ def md5_file(
     on_bytes: Callable[[int], None] | None = None,
 ) -> str:
     """Hex md5 of a file, read in ``chunk_bytes`` blocks; ``on_bytes(n)`` after each block."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
-            if on_bytes is not None:
-                on_bytes(len(block))
-    return digest.hexdigest()
+    return file_digest(path, "md5", chunk_bytes, on_bytes).removeprefix("md5:")
 
 
 def md5_bytes(data: bytes) -> str:

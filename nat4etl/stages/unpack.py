@@ -441,23 +441,26 @@ def float64_lists(arrays: list[np.ndarray]) -> pa.ChunkedArray:
     copy (A1: 83 MB neither copied nor first-touched again); any others are concatenated
     once per chunk.
     """
-    chunks, loose, n_loose = [], [], 0
-    for run in _back_to_back(arrays):
-        span = _span(run)
-        if span is None:
-            if loose and n_loose + sum(len(a) for a in run) > _MAX_LIST_VALUES:
-                chunks.append(_list_chunk(loose, np.concatenate(loose)))
-                loose, n_loose = [], 0
-            loose += run
-            n_loose += sum(len(a) for a in run)
-            continue
+    chunks: list[pa.ListArray] = []
+    loose: list[np.ndarray] = []  # arrays of their own, concatenated into the next chunk
+
+    def flush() -> None:
         if loose:
             chunks.append(_list_chunk(loose, np.concatenate(loose)))
-            loose, n_loose = [], 0
-        chunks.append(_list_chunk(run, span))
-    if loose or not chunks:
-        flat = np.concatenate(loose) if loose else np.zeros(0, np.float64)
-        chunks.append(_list_chunk(loose, flat))
+            loose.clear()
+
+    for run in _back_to_back(arrays):
+        span = _span(run)
+        if span is not None:
+            flush()
+            chunks.append(_list_chunk(run, span))
+            continue
+        if sum(map(len, loose)) + sum(map(len, run)) > _MAX_LIST_VALUES:
+            flush()
+        loose += run
+    flush()
+    if not chunks:
+        chunks.append(_list_chunk([], np.zeros(0, np.float64)))
     return pa.chunked_array(chunks, pa.list_(pa.float64()))
 
 
