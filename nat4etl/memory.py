@@ -2,7 +2,7 @@
 
 Five tools, each for a measured peak or cost (see where each is used):
 
-- :func:`paged_empty` / :func:`give_back`: an array on its own anonymous mapping, whose
+- :func:`paged_empty` (:func:`paged_zeros`) / :func:`give_back`: an array on its own anonymous mapping, whose
   pages are committed on first write and can be handed back to the OS part by part
   while the rest of the array is still in use (the population recording, consumed
   channel by channel).
@@ -47,11 +47,23 @@ def paged_empty(shape: tuple[int, ...], dtype=np.float32, *, huge_pages: bool = 
     them, writing a few bytes commits 2 MB, so an array filled in a scattered order (one
     row in every few hundred) is wholly resident after its first pass.
     """
+    out = _on_mapping(shape, dtype, huge_pages)
+    return np.empty(shape, dtype) if out is None else out
+
+
+def paged_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """:func:`paged_empty` that reads as zeros: a fresh mapping does, with no page
+    written; without one, ``np.zeros`` (calloc: on Linux the same)."""
+    out = _on_mapping(shape, dtype, huge_pages=True)
+    return np.zeros(shape, dtype) if out is None else out
+
+
+def _on_mapping(shape: tuple[int, ...], dtype, huge_pages: bool) -> np.ndarray | None:
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64))
     mapping = reserve(n * dtype.itemsize)
     if mapping is None:
-        return np.empty(shape, dtype)
+        return None
     if not huge_pages and hasattr(mmap, "MADV_NOHUGEPAGE"):
         mapping.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(mapping, dtype, count=n).reshape(shape)

@@ -73,6 +73,17 @@ def test_paged_empty_without_huge_pages_is_an_ordinary_array():
     assert a[7, 0] == 3.0
 
 
+def test_paged_zeros_read_as_zeros_on_a_mapping_and_without_one(monkeypatch):
+    a = memory.paged_zeros((300, 5000))
+    assert a.dtype == np.float32 and not a.any()
+    a[5, 7] = 1.0
+    memory.give_back(a, 0, 300)  # a mapping of its own: its pages can go back
+    assert not a.any()
+    monkeypatch.setattr(memory, "reserve", lambda n_bytes: None)
+    b = memory.paged_zeros((300, 5000))  # numpy's memory: zeros all the same
+    assert b.shape == (300, 5000) and not b.any()
+
+
 def test_arrow_allocator_for_builds_restores_the_previous_pool():
     import pyarrow as pa
 

@@ -8,7 +8,10 @@ Speed comes from the writer's fixed format. A ``%.18e`` field is ``[-]d.<18 digi
 its 19 significant digits fit a uint64, so a block of fields is decoded with vectorised
 SWAR byte arithmetic (eight digits per uint64 operation) instead of a per-value parser.
 When every row of a block has the same byte width the fields are read through strided views
-(no gathers at all); otherwise field boundaries are found first.
+(no gathers at all); otherwise field boundaries are found first. Before either, a block whose
+fields are all one-digit counts (``d.000000000000000000e+00``, as spike counts at 100 Hz
+are) is checked with one memcmp against rows of zeros and comes out as its nonzero fields
+(`SparseRows`), which `place_rows` writes into a zeroed (C, T) array.
 
 Exactness: the result is ``np.float32(np.float64(text))``. The vectorised value is within a
 few float64 ulps of the exact decimal; the field is accepted only if the float32 rounding of
@@ -34,8 +37,10 @@ from nat4etl.errors import FormatError
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "SparseRows",
     "iter_raster_blocks",
     "parse_raster_bytes",
+    "place_rows",
     "read_raster",
 ]
 
@@ -46,6 +51,8 @@ _FIELD_WIDTH = 25  # len('1.000000000000000000e+00,')
 _MAX_LINE_BYTES = 64 << 20  # ~2.7 M channels; a longer "line" is not this format
 
 _COMMA, _NEWLINE, _MINUS, _PLUS, _DOT, _E = (ord(c) for c in ",\n-+.e")
+_ZERO = ord("0")
+_ZERO_FIELD = b"0.000000000000000000e+00,"
 _CR = ord("\r")
 
 _U8 = np.uint64
@@ -60,9 +67,6 @@ _OCTS = _U8(0x00000000FFFFFFFF)
 _TAIL_MASK = _U8(0x0000_F0F0_00FF_F0F0)
 _TAIL_WANT = _U8(0x0000_3030_0065_3030)
 _TAIL_SIXES = _U8(0x0000_0606_0000_0606)
-# Bytes 18..23 of a one-digit field 'd.000000000000000000e+00', and the mask keeping them.
-_DIGIT_TAIL = _U8(int.from_bytes(b"00e+00", "little"))
-_SIX_BYTES = _U8(0x0000_FFFF_FFFF_FFFF)
 _NAN_U32 = int.from_bytes(b"nan", "little")
 _INF_U32 = int.from_bytes(b"inf", "little")
 _NEGINF_U32 = int.from_bytes(b"-inf", "little")
@@ -139,17 +143,59 @@ def read_raster(
             member=member,
             chunk_bytes=chunk_bytes,
             threads=threads,
+            sparse=True,
         )
     )
     if not blocks:
         return np.zeros((n_chans or 0, 0), np.float32)
     n_rows = sum(len(b) for b in blocks)
-    out = np.empty((blocks[0].shape[1], n_rows), np.float32)
+    out = np.zeros((blocks[0].shape[1], n_rows), np.float32)  # sparse blocks place into zeros
     row = 0
     for block in blocks:
-        out[:, row : row + len(block)] = block.T
+        place_rows(out, row, block)
         row += len(block)
     return out
+
+
+class SparseRows:
+    """A parsed block that is zero but at ``positions`` (row-major indices into its
+    (rows, C) ``shape``), where it holds ``values``.
+
+    Spike counts at 100 Hz are: ~90% of the A1 population's fields are
+    ``0.000000000000000000e+00``. Placing the others into a zeroed (C, T) array costs a
+    fraction of transposing every value (:func:`place_rows`).
+    """
+
+    __slots__ = ("shape", "positions", "values")
+
+    def __init__(self, shape: tuple[int, int], positions: np.ndarray, values: np.ndarray):
+        self.shape = shape
+        self.positions = positions
+        self.values = values
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def toarray(self) -> np.ndarray:
+        out = np.zeros(self.shape, np.float32)
+        out.reshape(-1)[self.positions] = self.values
+        return out
+
+
+def place_rows(out: np.ndarray, row: int, block: np.ndarray | SparseRows) -> None:
+    """A (rows, C) block as columns ``row:row + len(block)`` of ``out`` (C, T); for a
+    `SparseRows` block those columns must hold zeros already (a fresh mapping does)."""
+    if isinstance(block, SparseRows):
+        rows, chans = np.divmod(block.positions, block.shape[1])
+        rows += row
+        if out.flags.c_contiguous:  # one flat index: a third faster than two
+            chans *= out.shape[1]
+            chans += rows
+            out.reshape(-1)[chans] = block.values
+        else:
+            out[chans, rows] = block.values
+    else:
+        out[:, row : row + len(block)] = block.T
 
 
 def iter_raster_blocks(
@@ -160,11 +206,14 @@ def iter_raster_blocks(
     member: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     threads: int = 1,
-) -> Iterator[np.ndarray]:
+    sparse: bool = False,
+) -> Iterator[np.ndarray | SparseRows]:
     """Yield consecutive (rows, C) float32 blocks of a rasterized CSV, in file order.
 
     Streaming form of `read_raster` (same parameters): memory stays at a few chunks
-    whatever the file size, so a caller can write each block out as it comes.
+    whatever the file size, so a caller can write each block out as it comes. With
+    ``sparse``, a block of mostly zeros comes as `SparseRows` (place it with
+    `place_rows`); otherwise every block is an array.
 
     Raises
     ------
@@ -174,6 +223,20 @@ def iter_raster_blocks(
     """
     if n_chans is not None and n_chans < 1:
         raise FormatError(f"n_chans must be >= 1, got {n_chans}", path=path, member=member)
+    blocks = _iter_blocks(stream, n_chans, path, member, chunk_bytes, threads)
+    if sparse:
+        return blocks
+    return (b.toarray() if isinstance(b, SparseRows) else b for b in blocks)
+
+
+def _iter_blocks(
+    stream: BinaryIO,
+    n_chans: int | None,
+    path: str | None,
+    member: str | None,
+    chunk_bytes: int,
+    threads: int,
+) -> Iterator[np.ndarray | SparseRows]:
     state = _State(n_chans=n_chans, path=path, member=member)
     depth = 2
     reader = _read_chunks(stream, chunk_bytes, n_buffers=depth + 3, state=state)
@@ -213,6 +276,15 @@ class _State:
         self.path = path
         self.member = member
         self.line = 1  # 1-based number of the first line of the next block
+        self._zero_rows = b""
+
+    def zero_rows(self, n_bytes: int) -> bytes:
+        """At least ``n_bytes`` of whole rows of ``0.000000000000000000e+00`` fields."""
+        if len(self._zero_rows) < n_bytes:
+            row = bytearray(_ZERO_FIELD * self.n_chans)
+            row[-1] = _NEWLINE
+            self._zero_rows = bytes(row) * -(-n_bytes // len(row))
+        return self._zero_rows
 
     def error(self, msg: str, line: int | None = None) -> FormatError:
         where = f"line {line}: " if line is not None else ""
@@ -386,7 +458,7 @@ class _Parsed:
         self.bad_msg = bad_msg
 
 
-def _take(state: _State, parsed: _Parsed) -> np.ndarray:
+def _take(state: _State, parsed: _Parsed) -> np.ndarray | SparseRows:
     """Consume a parsed block in file order: raise its error or advance the line count."""
     if parsed.bad_msg is not None:
         raise state.error(parsed.bad_msg, state.line + parsed.bad_line)
@@ -402,7 +474,9 @@ def _parse_block(buf: np.ndarray, lo: int, hi: int, state: _State) -> _Parsed:
             n_chans = state.n_chans = _count_first_row(buf, lo, hi)
         try:
             if (hi - lo) % (n_chans * _FIELD_WIDTH) == 0:
-                parsed = _parse_fixed(buf, lo, hi, n_chans)
+                parsed = _parse_zeros(buf, lo, hi, n_chans, state) or _parse_fixed(
+                    buf, lo, hi, n_chans
+                )
                 if parsed is not None:
                     return parsed
             return _parse_general(buf, lo, hi, n_chans)
@@ -443,42 +517,40 @@ def _parse_fixed(buf: np.ndarray, lo: int, hi: int, n_chans: int) -> _Parsed | N
     delims = strided(_FIELD_WIDTH - 1, "u1").reshape(-1, n_chans)
     if not (np.all(delims[:, :-1] == _COMMA) and np.all(delims[:, -1] == _NEWLINE)):
         return None
-    values = _decode_digits(strided, n_fields)
-    if values is None:
-        values, ok = _decode_standard(column, n_fields)
-        if not ok.all():
-            starts = lo + np.arange(n_fields, dtype=np.int64) * _FIELD_WIDTH
-            _fallback(buf, starts, starts + _FIELD_WIDTH - 1, ~ok, values)
+    values, ok = _decode_standard(column, n_fields)
+    if not ok.all():
+        starts = lo + np.arange(n_fields, dtype=np.int64) * _FIELD_WIDTH
+        _fallback(buf, starts, starts + _FIELD_WIDTH - 1, ~ok, values)
     return _Parsed(values.reshape(-1, n_chans), n_lines=n_fields // n_chans)
 
 
-def _decode_digits(strided: Callable[[int, str], np.ndarray], n_fields: int) -> np.ndarray | None:
-    """The values of a block whose every field is ``d.000000000000000000e+00`` (one digit:
-    the population's spike counts mostly are), else None.
+def _parse_zeros(buf: np.ndarray, lo: int, hi: int, n_chans: int, state: _State) -> _Parsed | None:
+    """A block whose every field is ``d.000000000000000000e+00`` (``d`` a digit), mostly
+    zeros, as `SparseRows`; the same fields but fewer zeros as an array; else None.
 
-    Three 8-byte equality tests and the lead digit replace the general decode's ~40
-    array passes (build 1.7-2.2 s faster); a digit is exact in float32, the value the
-    general decode gives it. Any other field (a fraction, an exponent, a sign) sends the
-    whole block to the general decode, usually after the first test.
+    The lead digits are set to '0' for a moment, so that one memcmp of the block against
+    rows of zero fields checks every other byte, delimiters included; they are put back
+    before anything else reads the buffer. A1's population: 1.9 GB of fields checked,
+    decoded and placed in ~0.2 s where decoding and transposing every value took ~1 s.
     """
-    w = _SCRATCH.take(n_fields)
-    ok, okt, tail, head = w["ok"], w["okt"], w["tmp"], w["head"]
-    for offset in (2, 10):  # the 16 fraction digits after 'd.'
-        np.equal(strided(offset, "<u8"), _ASCII_ZEROS, out=ok)
-        if not ok.all():
-            return None
-    np.bitwise_and(strided(18, "<u8"), _SIX_BYTES, out=tail)  # d17 d18 'e' '+' '0' '0'
-    np.equal(tail, _DIGIT_TAIL, out=ok)
-    np.copyto(head, strided(0, "<u2"))  # lead digit, '.'
-    np.equal(np.right_shift(head, np.uint16(8)), np.uint16(_DOT), out=okt)
-    ok &= okt
-    head &= np.uint16(0xFF)
-    head -= np.uint16(0x30)
-    np.less_equal(head, np.uint16(9), out=okt)
-    ok &= okt
-    if not ok.all():
+    digits_at = buf[lo:hi:_FIELD_WIDTH]
+    digits = digits_at.copy()
+    digits_at[:] = _ZERO
+    try:
+        same = state.zero_rows(hi - lo).startswith(memoryview(buf)[lo:hi])
+    finally:
+        digits_at[:] = digits
+    if not same:
         return None
-    return head.astype(np.float32)
+    digits -= np.uint8(_ZERO)  # a byte below '0' wraps above 9
+    if digits.max(initial=0) > 9:
+        return None
+    n_rows = len(digits) // n_chans
+    nonzero = np.flatnonzero(digits != 0)
+    if 4 * len(nonzero) > len(digits):  # dense: an array places faster
+        return _Parsed(digits.astype(np.float32).reshape(n_rows, n_chans), n_lines=n_rows)
+    values = digits[nonzero].astype(np.float32)
+    return _Parsed(SparseRows((n_rows, n_chans), nonzero, values), n_lines=n_rows)
 
 
 def _parse_general(buf: np.ndarray, lo: int, hi: int, n_chans: int) -> _Parsed:

@@ -48,20 +48,21 @@ class ChannelBuffer:
     buffer reserves room for the most rows the member can hold (every field takes at
     least 2 bytes: a digit and a delimiter) as an anonymous mapping: pages are committed
     only when written, so resident memory follows the data, not the reservation;
-    :meth:`finish` leaves each row where it was written.
+    :meth:`finish` leaves each row where it was written. The mapping reads as zeros, so
+    a block of mostly zeros (`nems0_csv.SparseRows`) writes only its other values.
     """
 
     def __init__(self, n_chans: int, size_bytes: int):
         self.n_samples = 0
         self.capacity = size_bytes // (2 * n_chans) + 1
-        self._data = memory.paged_empty((n_chans, self.capacity))
+        self._data = memory.paged_zeros((n_chans, self.capacity))
 
-    def append(self, block: np.ndarray) -> None:
-        n = block.shape[0]
+    def append(self, block: np.ndarray | nems0_csv.SparseRows) -> None:
+        n = len(block)
         if self.n_samples + n > self.capacity:  # cannot happen: see the class docstring
             msg = f"more rows than {self.capacity}, the most the member's size allows"
             raise FormatError(msg)
-        self._data[:, self.n_samples : self.n_samples + n] = block.T
+        nems0_csv.place_rows(self._data, self.n_samples, block)
         self.n_samples += n
 
     def finish(self) -> np.ndarray:
@@ -104,7 +105,7 @@ def stream_rasters(progress, file_name: str) -> nems0.DataHandler:
             # the width comes from the CSV's first row: the JSON chans need not match it
             # (see _check_population)
             for block in nems0_csv.iter_raster_blocks(
-                counted, path=member.path, member=member.qualname
+                counted, path=member.path, member=member.qualname, sparse=True
             ):
                 if buffer is None:
                     buffer = ChannelBuffer(block.shape[1], member.size_bytes)

@@ -101,6 +101,71 @@ def test_a_corrupted_byte_in_a_digit_block_is_not_accepted(offset):
         parse_raster_bytes(bytes(text))
 
 
+def placed(blocks: list, n_chans: int) -> np.ndarray:
+    out = np.zeros((n_chans, sum(len(b) for b in blocks)), np.float32)
+    row = 0
+    for block in blocks:
+        nems0_csv.place_rows(out, row, block)
+        row += len(block)
+    return out
+
+
+def test_blocks_of_mostly_zero_counts_come_sparse_and_place_exactly():
+    counts = np.random.default_rng(3).poisson(0.1, size=(849, 400)).astype(float)
+    text = raster_csv(counts)
+    blocks = list(iter_raster_blocks(io.BytesIO(text), chunk_bytes=1 << 16, sparse=True))
+    assert all(isinstance(b, nems0_csv.SparseRows) for b in blocks)
+    assert same_bits(placed(blocks, 849), counts.astype(np.float32))
+    # by default, and in read_raster, the same values come as arrays
+    dense = list(iter_raster_blocks(io.BytesIO(text), chunk_bytes=1 << 16))
+    assert all(isinstance(b, np.ndarray) and b.dtype == np.float32 for b in dense)
+    assert same_bits(np.concatenate(dense).T, counts.astype(np.float32))
+    assert same_bits(read_raster(io.BytesIO(text), chunk_bytes=1 << 16), counts.astype(np.float32))
+
+
+def test_blocks_of_many_counts_come_as_arrays_even_when_sparse_is_allowed():
+    counts = np.random.default_rng(4).integers(1, 10, size=(30, 500)).astype(float)
+    counts[:, ::3] = 0  # a third zeros: too many others for SparseRows
+    text = raster_csv(counts)
+    blocks = list(iter_raster_blocks(io.BytesIO(text), chunk_bytes=1 << 16, sparse=True))
+    assert all(isinstance(b, np.ndarray) for b in blocks)
+    assert same_bits(placed(blocks, 30), counts.astype(np.float32))
+
+
+def test_sparse_blocks_mixed_with_other_blocks_keep_file_order():
+    counts = np.random.default_rng(5).poisson(0.05, size=(400, 600)).astype(float)
+    counts[7, 250:260] = 0.25  # blocks with a fraction: decoded in full
+    counts[9, 400] = np.nan  # a block of another width: fields located first
+    text = raster_csv(counts)
+    blocks = list(iter_raster_blocks(io.BytesIO(text), chunk_bytes=1 << 16, sparse=True))
+    kinds = {type(b) for b in blocks}
+    assert kinds == {nems0_csv.SparseRows, np.ndarray}
+    assert same_bits(placed(blocks, 400), counts.astype(np.float32))
+
+
+def test_the_zero_check_puts_the_lead_digits_back_before_an_error():
+    """The lead digits are zeroed for the memcmp; a block that fails it is reported (and
+    decoded) from its own bytes."""
+    counts = np.full((4, 3), 3.0)
+    text = bytearray(raster_csv(counts))
+    text[25 + 9] = ord("x")  # second field of row 1: '3.0000000x...'
+    with pytest.raises(FormatError, match=r"line 1: not a number: '3\.0000000x"):
+        parse_raster_bytes(bytes(text))
+
+
+def test_sparse_rows_place_into_a_view_with_spaced_rows():
+    counts = np.zeros((6, 5))
+    counts[2, 3], counts[5, 0] = 4.0, 1.0
+    (block,) = iter_raster_blocks(io.BytesIO(raster_csv(counts)), sparse=True)
+    assert isinstance(block, nems0_csv.SparseRows) and len(block) == 5
+    room = np.zeros((6, 20), np.float32)
+    nems0_csv.place_rows(room[:, 10:], 2, block)  # not contiguous: rows 20 values apart
+    expected = np.zeros((6, 20), np.float32)
+    expected[:, 12:17] = counts
+    assert same_bits(room, expected)
+    assert same_bits(block.toarray(), counts.T.astype(np.float32))
+
+
 def test_blocks_stream_in_file_order():
     data = np.arange(5 * 2000, dtype=float).reshape(5, 2000) / 7
     text = raster_csv(data)

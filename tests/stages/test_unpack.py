@@ -236,6 +236,19 @@ def test_channel_buffer_leaves_rows_where_they_were_written():
     assert got.strides == (4 * buf.capacity, 4)  # no compaction: rows stay spaced apart
 
 
+def test_channel_buffer_places_sparse_blocks_into_its_zeros():
+    from nat4etl.formats.nems0_csv import SparseRows
+
+    buf = unpack.ChannelBuffer(3, size_bytes=3 * 25 * 10)
+    buf.append(np.array([[1, 0, 0], [0, 0, 2]], np.float32))
+    buf.append(SparseRows((3, 3), np.array([1, 8]), np.array([5, 7], np.float32)))
+    buf.append(SparseRows((2, 3), np.array([], np.int64), np.array([], np.float32)))
+    got = buf.finish()
+    expected = np.zeros((3, 7), np.float32)
+    expected[0, 0], expected[2, 1], expected[1, 2], expected[2, 4] = 1, 2, 5, 7
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_channel_lists_of_spaced_rows_are_one_chunk_per_row_without_copies():
     buf = unpack.ChannelBuffer(3, size_bytes=3 * 25 * 100)
     values = np.arange(12, dtype=np.float32).reshape(4, 3)
