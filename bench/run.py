@@ -402,7 +402,22 @@ def measure_cold_build(mirror: Path, runs: int, work: Path) -> tuple[Figure, lis
         for stage, seconds in inside.items()
         if seconds
     ]
-    return cold, stages
+    return cold, [*stages, idle_cores(results)]
+
+
+def idle_cores(results: list[Run]) -> Figure:
+    """The core-seconds a build left unused (wall x cores - its CPU): how much shorter
+    it could be on these cores with the same work, were every core kept busy."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    unused = [r.wall_s * cores - r.cpu_s for r in results]
+    busy = [r.cpu_s / (r.wall_s * cores) for r in results]
+    return Figure(
+        f"  in the cold build: core-seconds left idle ({cores} cores)",
+        statistics.median(unused),
+        ratio=statistics.median(busy),
+        ratio_to="cores busy",
+        runs=unused,
+    )
 
 
 def measure_stages(mirror: Path, runs: int, work: Path) -> list[Figure]:
