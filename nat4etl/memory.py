@@ -2,10 +2,10 @@
 
 Five tools, each for a measured peak or cost (see where each is used):
 
-- :func:`paged_empty` (:func:`paged_zeros`) / :func:`give_back`: an array on its own anonymous mapping, whose
-  pages are committed on first write and can be handed back to the OS part by part
-  while the rest of the array is still in use (the population recording, consumed
-  channel by channel).
+- :func:`paged_empty` (:func:`paged_zeros`) / :func:`give_back`: an array on its own
+  anonymous mapping, whose pages are committed on first write and can be handed back to
+  the OS part by part while the rest of the array is still in use (the population
+  recording, consumed channel by channel).
 - :func:`release_free_memory`: what Arrow's pool and glibc keep for reuse, back to the
   OS between an area's largest allocations.
 - :func:`large_blocks_unmapped`: large mallocs on their own mappings within a block.

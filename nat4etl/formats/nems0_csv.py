@@ -530,8 +530,8 @@ def _parse_zeros(buf: np.ndarray, lo: int, hi: int, n_chans: int, state: _State)
 
     The lead digits are set to '0' for a moment, so that one memcmp of the block against
     rows of zero fields checks every other byte, delimiters included; they are put back
-    before anything else reads the buffer. A1's population: 1.9 GB of fields checked,
-    decoded and placed in ~0.2 s where decoding and transposing every value took ~1 s.
+    before anything else reads the buffer. Where three 8-byte tests per field and a
+    transpose of every value were: A1's population alone 1.25 -> 1.13 s (median of 5).
     """
     digits_at = buf[lo:hi:_FIELD_WIDTH]
     digits = digits_at.copy()
