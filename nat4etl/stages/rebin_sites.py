@@ -38,6 +38,8 @@ from nat4etl.stages.background import WriteBehind
 
 #: sites binned at once (two cores here; more only adds transient memory)
 SITE_THREADS = 2
+#: threads that fill the population's est rows (channels split in contiguous ranges)
+FILL_THREADS = 2
 SOURCE_POPULATION = "population"
 SOURCE_SITE = "site"
 #: signal names in the NEMS0 recordings
@@ -181,20 +183,30 @@ def fill_population_rows(
     # NEMS0 extract_epoch: an epoch starting before 0 is all NaN, one past the end NaN-padded
     inside = (window[:, :1] >= 0) & (window < n_samples)
     all_inside = bool(inside.all())
-    for cell in range(n_cells):
-        stims_here = keep[:, cell]
-        if stims_here.any():
-            if all_inside and stims_here.all():
-                frames = np.take(resp[cell], window)  # the usual case: no masked copies
-            elif all_inside:
-                frames = np.take(resp[cell], window[stims_here])
-            else:
-                frames = np.full((int(stims_here.sum()), plan.pop_frames), np.nan, resp.dtype)
-                where = inside[stims_here]
-                frames[where] = resp[cell][window[stims_here][where]]
-            out[row_of[stims_here, cell]] = binning.sum_frames(frames, k)
-        if give_back:
-            memory.give_back(resp, cell, cell + 1)
+
+    def fill(cells: range) -> None:
+        for cell in cells:
+            stims_here = keep[:, cell]
+            if stims_here.any():
+                if all_inside and stims_here.all():
+                    frames = np.take(resp[cell], window)  # the usual case: no masked copies
+                elif all_inside:
+                    frames = np.take(resp[cell], window[stims_here])
+                else:
+                    frames = np.full((int(stims_here.sum()), plan.pop_frames), np.nan, resp.dtype)
+                    where = inside[stims_here]
+                    frames[where] = resp[cell][window[stims_here][where]]
+                out[row_of[stims_here, cell]] = binning.sum_frames(frames, k)
+            if give_back:
+                memory.give_back(resp, cell, cell + 1)
+
+    # Channels are independent and each is a few long numpy calls that release the GIL
+    # (gather, sum, scatter into fresh pages), so the halves fill on two threads.
+    bounds = np.linspace(0, n_cells, FILL_THREADS + 1).astype(int)
+    halves = [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    with ThreadPoolExecutor(len(halves), thread_name_prefix="nat4etl-fill") as pool:
+        for done in [pool.submit(fill, cells) for cells in halves]:
+            done.result()
 
 
 def population_responses(

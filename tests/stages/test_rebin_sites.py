@@ -247,11 +247,15 @@ def test_pair_means_same_for_grouped_and_shuffled_rows():
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_population_rows_are_epochs_cut_channel_by_channel(k):
+@pytest.mark.parametrize("threads", [1, 2, 8])  # 8: more threads than channels
+def test_population_rows_are_epochs_cut_channel_by_channel(k, threads, monkeypatch):
     """Filled a channel at a time (and given back after), the rows are each pair's epoch
     as extract_epoch cuts it: an epoch running past the end is NaN-padded, one starting
-    before 0 is all NaN, pairs whose epoch is all NaN get no row."""
+    before 0 is all NaN, pairs whose epoch is all NaN get no row. The same with the
+    channels split over any number of threads."""
     from nat4etl import memory
+
+    monkeypatch.setattr(rs, "FILL_THREADS", threads)
 
     rng = np.random.default_rng(3)
     n_cells, n_samples, frames = 5, 40, 10
