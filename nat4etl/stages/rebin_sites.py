@@ -664,7 +664,7 @@ class _SortedRows:
             [c.astype(np.int64) for c in cat] if sizes else [np.empty(0, np.int64)] * 3
         )
         source = np.repeat([k[3] for k in self._keys], sizes).astype(np.int64)
-        order = np.lexsort((trial, cell, stim))
+        order = _key_order(stim, cell, trial)
         dest = np.empty_like(order)
         dest[order] = np.arange(len(order))
         bounds = np.r_[0, np.cumsum(sizes)]
@@ -695,6 +695,24 @@ class _SortedRows:
             "counts",
             self.counts,
         )
+
+
+def _key_order(*columns: np.ndarray) -> np.ndarray:
+    """The stable order of rows sorted by ``columns`` (int64, first the most significant):
+    ``np.lexsort``'s, from one stable argsort of a combined key when the ranges fit in
+    an int64 (A1's 760k rows: 4-7 ms instead of 22-24 ms)."""
+    if not len(columns[0]):
+        return np.zeros(0, np.int64)
+    lows = [int(c.min()) for c in columns]
+    spans = [int(c.max()) - lo + 1 for c, lo in zip(columns, lows, strict=True)]
+    if math.prod(spans) >= 2**62:
+        return np.lexsort(columns[::-1])
+    key = np.zeros(len(columns[0]), np.int64)
+    for column, lo, span in zip(columns, lows, spans, strict=True):
+        key *= span
+        key += column
+        key -= lo
+    return np.argsort(key, kind="stable")
 
 
 def _site_rows(

@@ -513,3 +513,15 @@ def test_a_spike_before_0_in_a_site_file_is_counted_alike_in_a_build_and_a_rerun
     responses = after_store.read_table("responses", area="A1")
     assert again.read_table("responses", area="A1").equals(responses)
     assert again.table_metadata("responses", "A1")["spikes_before_0"] == early
+
+
+@pytest.mark.parametrize(
+    "high",
+    [1, 7, 2**20, 2**40],  # 2**40: the combined key would overflow, lexsort is used
+)
+def test_key_order_is_lexsorts_stable_order(high):
+    rng = np.random.default_rng(high)
+    columns = [rng.integers(-high, high, 500, dtype=np.int64) for _ in range(3)]
+    np.testing.assert_array_equal(rs._key_order(*columns), np.lexsort(columns[::-1]))
+    empty = np.zeros(0, np.int64)
+    assert len(rs._key_order(empty, empty, empty)) == 0
