@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from nat4etl.stages.background import WriteBehind
 
 #: sites binned at once (two cores here; more only adds transient memory)
 SITE_THREADS = 2
-#: threads that fill the population's est rows (channels split in contiguous ranges)
+#: threads that check and fill the population's est rows (split in contiguous ranges)
 FILL_THREADS = 2
 SOURCE_POPULATION = "population"
 SOURCE_SITE = "site"
@@ -141,8 +142,14 @@ def population_keep(
     """
     stim_ids = stims.column("stim").to_numpy()
     keep = np.zeros((len(stim_ids), resp.shape[0]), dtype=bool)
-    for i, start in enumerate(pop_starts(stims, plan.pop_fs_hz)):
-        keep[i] = ~np.all(np.isnan(binning.cut_frames(resp, int(start), plan.pop_frames)), axis=1)
+    starts = pop_starts(stims, plan.pop_fs_hz)
+
+    def check(stim_rows: range) -> None:
+        for i in stim_rows:
+            frames = binning.cut_frames(resp, int(starts[i]), plan.pop_frames)
+            keep[i] = ~np.all(np.isnan(frames), axis=1)
+
+    _on_threads(check, len(starts))
     if skip_pairs is not None and len(skip_pairs):
         pairs = stim_ids.astype(np.int64)[:, None] * resp.shape[0] + np.arange(resp.shape[0])
         keep &= ~np.isin(pairs, skip_pairs)
@@ -201,11 +208,17 @@ def fill_population_rows(
                 memory.give_back(resp, cell, cell + 1)
 
     # Channels are independent and each is a few long numpy calls that release the GIL
-    # (gather, sum, scatter into fresh pages), so the halves fill on two threads.
-    bounds = np.linspace(0, n_cells, FILL_THREADS + 1).astype(int)
-    halves = [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    with ThreadPoolExecutor(len(halves), thread_name_prefix="nat4etl-fill") as pool:
-        for done in [pool.submit(fill, cells) for cells in halves]:
+    # (gather, sum, scatter into fresh pages)
+    _on_threads(fill, n_cells)
+
+
+def _on_threads(work: Callable[[range], None], n: int) -> None:
+    """``work`` over ``range(n)`` split into :data:`FILL_THREADS` contiguous ranges, one
+    per thread; for loops of long numpy calls, which release the GIL."""
+    bounds = np.linspace(0, n, FILL_THREADS + 1).astype(int)
+    ranges = [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    with ThreadPoolExecutor(len(ranges), thread_name_prefix="nat4etl-fill") as pool:
+        for done in [pool.submit(work, part) for part in ranges]:
             done.result()
 
 
