@@ -723,8 +723,7 @@ def _key_order(*columns: np.ndarray) -> np.ndarray:
     key = np.zeros(len(columns[0]), np.int64)
     for column, lo, span in zip(columns, lows, spans, strict=True):
         key *= span
-        key += column
-        key -= lo
+        key += column - lo  # in [0, span)
     return np.argsort(key, kind="stable")
 
 

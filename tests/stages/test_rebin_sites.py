@@ -516,12 +516,18 @@ def test_a_spike_before_0_in_a_site_file_is_counted_alike_in_a_build_and_a_rerun
 
 
 @pytest.mark.parametrize(
-    "high",
-    [1, 7, 2**20, 2**40],  # 2**40: the combined key would overflow, lexsort is used
+    ("low", "high"),
+    [
+        (-1, 1),  # mostly ties: the order among them must be the file order
+        (-7, 7),
+        (-(2**19), 2**19),  # a combined key of 60 bits
+        (2**62, 2**62 + 9),  # small ranges of huge values: a combined key still
+        (-(2**40), 2**40),  # the combined key would overflow: lexsort itself
+    ],
 )
-def test_key_order_is_lexsorts_stable_order(high):
-    rng = np.random.default_rng(high)
-    columns = [rng.integers(-high, high, 500, dtype=np.int64) for _ in range(3)]
+def test_key_order_is_lexsorts_stable_order(low, high):
+    rng = np.random.default_rng(abs(high) % 1000)
+    columns = [rng.integers(low, high, 500, dtype=np.int64) for _ in range(3)]
     np.testing.assert_array_equal(rs._key_order(*columns), np.lexsort(columns[::-1]))
     empty = np.zeros(0, np.int64)
     assert len(rs._key_order(empty, empty, empty)) == 0
