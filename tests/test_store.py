@@ -308,6 +308,33 @@ def test_fixed_size_vector_tables_are_encoded_by_polars_and_read_back_as_written
     assert again.digest == store.written[str(path.relative_to(tmp_path))]  # deterministic
 
 
+def test_wide_vector_rows_are_split_into_row_groups_of_bounded_bytes(tmp_path, monkeypatch):
+    """A table of few wide rows gets several row groups (polars encodes them on both
+    cores), none over ROW_GROUP_BYTES of vectors; narrow rows keep ROW_GROUP_ROWS."""
+    import pyarrow.parquet as pq
+
+    from nat4etl import store as store_module
+
+    row_bytes = 150 * 4  # _responses(): 150 float32 counts per row
+    monkeypatch.setattr(store_module, "ROW_GROUP_BYTES", 16 * row_bytes)
+    store = Store(tmp_path)
+    table = _responses(200)
+    store.write_table("responses", table, area="A1")
+    meta = pq.read_metadata(store.table_file("responses", "A1"))
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [16] * 12 + [8]
+    back = store.read_table("responses", area="A1").drop_columns(["area"])
+    want = table.sort_by([("stim", "ascending"), ("cell", "ascending"), ("trial", "ascending")])
+    np.testing.assert_array_equal(
+        np.stack(back["counts"].to_numpy(zero_copy_only=False)),
+        np.stack(want["counts"].to_numpy(zero_copy_only=False)),
+    )
+    assert store_module.row_group_rows(table.schema) == 16
+    narrow = pa.schema([("stim", pa.int32()), ("v", pa.list_(pa.float32(), 2))])
+    monkeypatch.undo()
+    assert store_module.row_group_rows(narrow) == store_module.ROW_GROUP_ROWS
+    assert store_module.row_group_rows(pa.schema([("stim", pa.int32())])) == 65_536
+
+
 def test_a_polars_file_whose_footer_differs_is_written_again_by_pyarrow(tmp_path, monkeypatch):
     """Should a polars version write its own ARROW:schema (strings as large_string), the
     footer check catches it and pyarrow writes the file."""
