@@ -86,10 +86,16 @@ def mismatch(path: str | Path, *, size_bytes: int | None, md5: str | None) -> st
         return "missing"
     actual_size = path.stat().st_size
     if size_bytes is not None and actual_size != size_bytes:
+        return mismatch_of(actual_size, None, size_bytes, None)
+    return mismatch_of(actual_size, md5_file(path) if md5 is not None else None, size_bytes, md5)
+
+
+def mismatch_of(
+    actual_size: int, actual_md5: str | None, size_bytes: int | None, md5: str | None
+) -> str | None:
+    """:func:`mismatch` for a size and md5 already known (a file hashed as it was written)."""
+    if size_bytes is not None and actual_size != size_bytes:
         return f"size mismatch: expected {size_bytes} bytes, got {actual_size}"
-    if md5 is None:
-        return None
-    actual_md5 = md5_file(path)
-    if actual_md5 != normalize_md5(md5):
+    if md5 is not None and actual_md5 != normalize_md5(md5):
         return f"md5 mismatch: expected {normalize_md5(md5)}, got {actual_md5}"
     return None

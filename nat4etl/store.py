@@ -60,7 +60,7 @@ from nat4etl.errors import (
     StoreError,
     StoreLocked,
 )
-from nat4etl.hashing import CHUNK_BYTES, TABLE_DIGEST, file_digest
+from nat4etl.hashing import CHUNK_BYTES, TABLE_DIGEST, file_digest, new_hash
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -575,10 +575,19 @@ def _sorted_unique(table: pa.Table, s: schema_mod.TableSpec, name: str, area: st
 
 
 def link_or_copy(
-    source: Path, target: Path, *, link: bool = True, on_bytes: Callable[[int], None] | None = None
-) -> None:
+    source: Path,
+    target: Path,
+    *,
+    link: bool = True,
+    on_bytes: Callable[[int], None] | None = None,
+    hash_algo: str | None = None,
+) -> str | None:
     """Hardlink ``source`` to ``target`` when asked and the filesystem allows (no copy, no
-    extra space), else a streamed, fsynced copy; ``on_bytes`` counts what was placed."""
+    extra space), else a streamed, fsynced copy; ``on_bytes`` counts what was placed.
+
+    With ``hash_algo`` a copy is hashed as it is written and its hex digest returned
+    (None after a hardlink), so a caller that verifies the copy need not read it back.
+    """
     count = on_bytes or (lambda n: None)
     if link:
         try:
@@ -587,13 +596,17 @@ def link_or_copy(
             pass  # another filesystem, or no hardlinks there: copy
         else:
             count(target.stat().st_size)
-            return
+            return None
+    hasher = new_hash(hash_algo) if hash_algo else None
     with open(source, "rb") as src, open(target, "wb") as dst:
         while block := src.read(CHUNK_BYTES):
             dst.write(block)
+            if hasher is not None:
+                hasher.update(block)
             count(len(block))
         dst.flush()
         os.fsync(dst.fileno())
+    return hasher.hexdigest() if hasher is not None else None
 
 
 def _fsync(path: Path) -> None:

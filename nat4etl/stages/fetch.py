@@ -44,7 +44,7 @@ import platformdirs
 from nat4etl import net
 from nat4etl.errors import ChecksumMismatch, ConfigError, FetchError, InputMismatch
 from nat4etl.formats.zenodo import RemoteFile, parse_record_bytes, record_url
-from nat4etl.hashing import md5_file, mismatch
+from nat4etl.hashing import md5_file, mismatch, mismatch_of
 from nat4etl.nat4 import AREAS, WAV_ZIP, area_files
 from nat4etl.progress import NullProgress, Progress
 from nat4etl.store import fsync_dir, link_or_copy
@@ -502,7 +502,9 @@ class _Executor:
         """
         _remove_stale_parts(steps)
         todo: queue.SimpleQueue[tuple[int, FetchStep]] = queue.SimpleQueue()
-        for item in enumerate(steps):
+        # largest first, so the last file started is a small one and the threads end
+        # together (results stay in plan order)
+        for item in sorted(enumerate(steps), key=lambda item: -item[1].remote.size_bytes):
             todo.put(item)
         results: list[FetchEntry | BaseException | None] = [None] * len(steps)
 
@@ -660,8 +662,16 @@ class _Executor:
         try:
             # a copy right after a download is not shown again: its bytes were counted
             shown = rf.name if count_progress else None
-            link_or_copy(source, part, link=link, on_bytes=lambda n: self._advance(shown, n))
-            why = mismatch(part, size_bytes=rf.size_bytes, md5=rf.md5)
+            copied_md5 = link_or_copy(
+                source, part, link=link, on_bytes=lambda n: self._advance(shown, n), hash_algo="md5"
+            )
+            # a copy was hashed as it was written (one pass over the bytes, not two); a
+            # hardlink is read here
+            why = (
+                mismatch(part, size_bytes=rf.size_bytes, md5=rf.md5)
+                if copied_md5 is None
+                else mismatch_of(part.stat().st_size, copied_md5, rf.size_bytes, rf.md5)
+            )
             if why is None:
                 _publish(part, target)
             return why

@@ -25,6 +25,7 @@ from fake_zenodo import (
 )  # tests/ is on sys.path via conftest
 from rich.console import Console
 
+from nat4etl import hashing
 from nat4etl.errors import (
     ChecksumMismatch,
     ConfigError,
@@ -478,6 +479,31 @@ def test_source_corrupt_file_fails_naming_it(server: FakeZenodo, tmp_path: Path)
     )
     assert not (tmp_path / "raw" / TARGET).exists()
     assert parts_under(tmp_path / "raw") == []
+
+
+def test_source_copies_are_verified_as_written_largest_first(
+    server: FakeZenodo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy is hashed while it is written, never read back; one worker takes the files
+    largest first (so two end together), and the manifest keeps plan order."""
+    src = _mirror(server, tmp_path / "usb", record=True)
+    sizes = {n: len(server.files[n]) for n in ZENODO_NAMES}
+    read_back: list[str] = []
+    real_md5_file = hashing.md5_file
+
+    def watched(path, **kwargs):
+        read_back.append(Path(path).name)
+        return real_md5_file(path, **kwargs)
+
+    monkeypatch.setattr(hashing, "md5_file", watched)
+    progress = Recorder()
+    fetch(tmp_path / "raw", areas=["all"], source_dir=src, jobs=1, progress=progress)
+    assert_has(tmp_path / "raw", server, ZENODO_NAMES)
+    assert [r for r in read_back if ".part-" in r] == []
+    copied = [m.split(":")[0] for _, m in progress.lines if "copied from" in m]
+    assert copied == sorted(sizes, key=lambda n: -sizes[n])
+    entries = json.loads((tmp_path / "raw" / "fetch.json").read_text())["files"]
+    assert [e["name"] for e in entries] == needed_files(["all"], wav=True)
 
 
 def test_source_missing_file(server: FakeZenodo, tmp_path: Path) -> None:
