@@ -18,7 +18,9 @@ Choices, each stated once:
   presentation must lie within one span, and its bounds become positions in the data
   (:func:`nat4etl.binning.segment_indices`); ``trials.start_s``/``end_s`` and
   ``stims.pop_start_s`` are then those positions in seconds. NEMS0's default, one span
-  from 0 past every epoch, changes nothing and leaves every time as written.
+  from 0 past every epoch, changes nothing and leaves every time as written. Only a
+  rasterized signal's segments count: NEMS0 loads none for a PointProcess (a site's
+  ``resp``), and its raster gets the default ones; those are reported, not applied.
 - Anything that does not line up becomes a ``report`` row, never a silent drop.
 """
 
@@ -72,6 +74,9 @@ class AreaInputs:
     site_fs_hz: dict[str, float] = field(default_factory=dict)
     #: recording/signal -> its JSON segments (seconds), where the JSON has any
     segments: dict[str, np.ndarray] = field(default_factory=dict)
+    #: recording/signal -> its signal type, for the signals in ``segments``: NEMS0 loads
+    #: JSON segments into a RasterizedSignal only (nems0-format.md section 3)
+    segment_signal_types: dict[str, str] = field(default_factory=dict)
     #: the population recording's name, and each site's recording
     pop_recording: str = ""
     site_recordings: dict[str, str] = field(default_factory=dict)
@@ -712,13 +717,14 @@ def area_inputs(
                 for m in source_members.to_pylist()
                 if m["kind"] == "wav"
             ]
-    segments = {
-        f"{r['recording']}/{r['signal']}": spans
-        for r in signals.to_pylist()
-        if (spans := _segments(r["segments_json"])) is not None
-    }
+    segments, segment_signal_types = {}, {}
+    for r in signals.to_pylist():
+        if (spans := _segments(r["segments_json"])) is not None:
+            segments[f"{r['recording']}/{r['signal']}"] = spans
+            segment_signal_types[f"{r['recording']}/{r['signal']}"] = r["signal_type"]
     return AreaInputs(
         segments=segments,
+        segment_signal_types=segment_signal_types,
         pop_recording=pop_name,
         site_recordings={r["site"]: r["recording"] for r in recs if r["kind"] == _SITE},
         pop_epochs=recording_epochs(by_recording.get(pop_name, [])),
@@ -764,7 +770,12 @@ def _segments_applied(
 ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
     """The segments that place epochs: the population's (its resp's, which the stim must
     share) and each site's resp's, where they restrict the recording's epochs; and a
-    report row for every signal whose segments restrict."""
+    report row for every signal whose segments restrict.
+
+    Only a rasterized signal's segments count: NEMS0's ``load_signal_from_streams`` sets
+    them from the JSON for a RasterizedSignal alone, and ``PointProcess.rasterize``
+    makes its raster with the default ones, so a site's spike times are cut at the
+    epochs' own times whatever its JSON says."""
     pop = inputs.pop_recording
     epochs_of = {pop: inputs.pop_epochs}
     site_of = {rec: site for site, rec in inputs.site_recordings.items()}
@@ -774,6 +785,20 @@ def _segments_applied(
         for subject, spans in sorted(inputs.segments.items())
         if _restricts(spans, epochs_of.get(subject.rsplit("/", 1)[0], []))
     }
+    unloaded = {
+        subject: restricting.pop(subject)
+        for subject in list(restricting)
+        if inputs.segment_signal_types.get(subject, "rasterized") != "rasterized"
+    }
+    for subject, spans in unloaded.items():
+        report.add(
+            "segments_not_applied",
+            subject,
+            f"JSON segments {json.dumps(spans.tolist())} of a "
+            f"{inputs.segment_signal_types[subject]} signal: NEMS0 loads only a "
+            "RasterizedSignal's segments, and rasterizing gives the default ones, so "
+            "epochs are cut at their own times",
+        )
     pop_spans = restricting.get(f"{pop}/{RESP}")
     site_spans = {
         site: restricting[f"{rec}/{RESP}"]

@@ -493,12 +493,34 @@ def test_population_segments_place_each_sound_where_extract_epoch_finds_it():
     assert ("segments_applied", f"{POP}/stim") in rows  # the same spans: used alike
 
 
+def test_point_process_segments_are_ignored_as_nems0_loads_and_rasterizes_it():
+    """nems0-format.md sections 2.1/3: NEMS0's ``load_signal_from_streams`` sets
+    ``segments`` from the JSON only for a RasterizedSignal; a PointProcess (a site's
+    ``resp``) gets the default, and ``PointProcess.rasterize`` builds its raster with the
+    default ``[[0, ntimes]]`` again. The spike times stay in the recording's own time, so
+    extract_epoch cuts every presentation where its epoch says, whatever the JSON
+    segments of the PointProcess: trials are those of a file without segments."""
+    spans = "[[0.0, 6.0], [8.0, 100.0]]"
+    parsed = _parse(_with_segments(_raw(), {("ARM001a_rec", "resp"): spans}))
+    assert parsed.trials.to_pylist() == _parse(_raw()).trials.to_pylist()
+    rows = _report(parsed)
+    assert ("segments_applied", "ARM001a_rec/resp") not in rows
+    assert ("segments_not_applied", "ARM001a_rec/resp") in rows
+    assert not any(kind == "presentation_outside_segments" for kind, _ in rows)
+
+
 def test_site_segments_place_trials_in_the_site_data_and_leave_out_what_no_span_holds():
-    """ARM001a presents sounds at 1, 3, 5, ... 15 s, 1.5 s each; spans [0, 6] and [8, 100]:
-    a presentation must lie within one (5.0-6.5 and 7.0-8.5 do not), and one in the
-    second span sits 6 s (the first span's length) after that span's start in the data."""
+    """A rasterized site resp (NEMS0 keeps its JSON segments): ARM001a presents sounds at
+    1, 3, 5, ... 15 s, 1.5 s each; spans [0, 6] and [8, 100]: a presentation must lie
+    within one (5.0-6.5 and 7.0-8.5 do not), and one in the second span sits 6 s (the
+    first span's length) after that span's start in the data."""
     spans = "[[0.0, 6.0], [8.0, 100.0]]"
     raw = _with_segments(_raw(), {("ARM001a_rec", "resp"): spans})
+    signals = raw["signals"].to_pylist()
+    for r in signals:
+        if r["recording"] == "ARM001a_rec":
+            r["signal_type"] = "rasterized"
+    raw["signals"] = pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema)
     parsed = _parse(raw)
     ids = {r["name"]: r["stim"] for r in parsed.stims.to_pylist()}
     arm = [t for t in parsed.trials.to_pylist() if t["site"] == "ARM001a"]
