@@ -252,7 +252,8 @@ TRIALS = _table(
         "returns (one starting before 0 on the sample grid, or overlapping an earlier one of "
         "the same sound, is left out and reported); trial = repetition index within the "
         "site (0-based, time order), order = index in the session. start_s/end_s: as "
-        "written, unless the site's JSON segments make the data spans of the session's time: "
+        "written, unless a rasterized site resp's JSON segments make the data spans of the "
+        "session's time (a PointProcess's are ignored, as NEMS0 ignores them): "
         "then the presentation's position in that data, as extract_epoch places it.",
         units={"start_s": "s", "end_s": "s"},
     )
