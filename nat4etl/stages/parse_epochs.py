@@ -9,7 +9,8 @@ Choices, each stated once:
   first appearance in the population recording; ids count from 0 in that order.
 - ``cells``: population ``resp`` channel order; units match the per-site ids exactly, else
   on the parsed (site, electrode, unit) numbers (``canonical``), else ``none``.
-- ``trials``: the ``STIM_`` presentations of every site file (est ones included) that
+- ``trials``: the ``STIM_`` presentations of every site file (est ones included; from
+  its ``resp`` signal's own epoch table, which is what NEMS0 extracts from) that
   NEMS0's ``extract_epoch`` returns, as the old loader extracted them: bounds snapped to
   the site's sample grid, those starting before 0 left out, then overlapping repeats of
   one sound dropped (``fix_overlap='first'``). Each one left out is a report row.
@@ -688,6 +689,15 @@ def area_inputs(
     if resp is None or stim is None or not resp["chans"]:
         msg = f"area {area}: population recording {pop_name!r} lacks resp chans or stim"
         raise InputMismatch(msg)
+    # A site's trials are what resp.rasterize().extract_epoch(name) returns: it reads
+    # resp's own epoch table (each signal has its own, nems0-format.md section 3), so a
+    # site recording with a resp takes that signal's rows only.
+    with_resp = {rec for rec, signal in sig if signal == RESP}
+    with_resp.update(
+        pc.unique(epochs.filter(pc.equal(epochs.column("signal"), RESP)).column("recording"))
+        .drop_null()
+        .to_pylist()
+    )
     # Of the site files only STIM_ epochs are interpreted (trials): the rest, three in four
     # rows, never become Python objects (parse-epochs 0.5 -> 0.3 s at full scale).
     needed = pc.or_(
@@ -697,11 +707,17 @@ def area_inputs(
     epochs = epochs.filter(needed)  # a null name is not a STIM_ one: dropped with them
     # Column lists and tuples, not to_pylist() dicts: ~100k rows per area.
     by_recording: dict[str, list[tuple]] = {}
-    columns = [epochs.column(c).to_pylist() for c in ("recording", "name", "start_s", "end_s")]
-    for recording, *row in zip(*columns, strict=True):
+    by_resp: dict[str, list[tuple]] = {}
+    names = ("recording", "signal", "name", "start_s", "end_s")
+    columns = [epochs.column(c).to_pylist() for c in names]
+    for recording, signal, *row in zip(*columns, strict=True):
         by_recording.setdefault(recording, []).append(tuple(row))
+        if signal == RESP:
+            by_resp.setdefault(recording, []).append(tuple(row))
     site_epochs = {
-        r["site"]: recording_epochs(by_recording.get(r["recording"], []))
+        r["site"]: recording_epochs(
+            (by_resp if r["recording"] in with_resp else by_recording).get(r["recording"], [])
+        )
         for r in recs
         if r["kind"] == _SITE
     }

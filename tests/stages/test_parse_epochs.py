@@ -541,3 +541,15 @@ def test_site_segments_place_trials_in_the_site_data_and_leave_out_what_no_span_
     assert ("presentation_outside_segments", f"ARM001a/{VAL_A}@7") in rows
     others = [t for t in parsed.trials.to_pylist() if t["site"] != "ARM001a"]
     assert others == [t for t in _parse(_raw()).trials.to_pylist() if t["site"] != "ARM001a"]
+
+
+def test_site_trials_come_from_the_resp_signals_own_epochs():
+    """nems0-format.md section 3: every signal has its own epoch table, and
+    ``rec['resp'].rasterize().extract_epoch(name)`` looks only at resp's. A presentation
+    that only another signal of the site recording lists (here a ``pupil`` signal with
+    one more VAL_A) is not a trial of the units."""
+    raw = _raw()
+    extra = _epoch_rows("ARM001a_rec", "pupil", _session(SITE_ARM) + _stim_block(VAL_A, 40.0))
+    epochs = raw["epochs"].to_pylist() + extra
+    raw = {**raw, "epochs": pa.Table.from_pylist(epochs, schema=schema.EPOCHS.schema)}
+    assert _parse(raw).trials.to_pylist() == _parse(_raw()).trials.to_pylist()
