@@ -166,7 +166,7 @@ class FakeZenodo:
 
     def content_gets(self, name: str | None = None) -> list[LoggedRequest]:
         """GETs of file content (any route), optionally for one file."""
-        names = [(r, _content_name(r.path)) for r in list(self.requests) if r.method == "GET"]
+        names = [(r, content_name(r.path)) for r in list(self.requests) if r.method == "GET"]
         return [r for r, n in names if n is not None and (name is None or n == name)]
 
     def record_gets(self) -> list[LoggedRequest]:
@@ -218,7 +218,7 @@ class FakeZenodo:
         return {"key": name, "size": len(data), "checksum": f"md5:{md5}", "links": {"self": link}}
 
 
-def _content_name(path: str) -> str | None:
+def content_name(path: str) -> str | None:
     """The file name a content path asks for, or None for other paths."""
     path = urlsplit(path).path
     match = re.fullmatch(r"/api/records/\d+/files/([^/]+)/content", path) or re.fullmatch(
@@ -254,7 +254,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._send_json(200, self.fake.record(), entry)
             return
-        name = _content_name(path)
+        name = content_name(path)
         if name is None or name not in self.fake.files:
             self._send_json(404, {"status": 404, "message": "PID does not exist."}, entry)
             return

@@ -7,9 +7,10 @@ Three shapes are accepted (``docs/nat4-dataset.md``, "Zenodo API"):
 - export: ``files: {entries: {<key>: {key, size, checksum, links: {content: <url>}}}}``
   (a list under ``entries`` is accepted too)
 
-The content URL is ``links.content``, else ``links.self``, else
-``{base_url}/api/records/{id}/files/{key}/content``. This module knows HTTP shapes only,
-nothing of NAT4 or of which files a caller needs.
+The content URL is ``links.content``, else ``{base_url}/api/records/{id}/files/{key}/content``
+(the dataset notes' order), and ``links.self`` only when the record has no id to build that
+from: on today's Zenodo a file's ``self`` may name its metadata, not its bytes. This
+module knows HTTP shapes only, nothing of NAT4 or of which files a caller needs.
 """
 
 from __future__ import annotations
@@ -153,13 +154,19 @@ def _md5(checksum: Any, *, name: str, source: str) -> str:
 
 def _url(links: Any, *, base_url: str, record_id: Any, name: str, source: str) -> str:
     links = links if isinstance(links, dict) else {}
-    for key in ("content", "self"):
-        link = links.get(key)
-        if isinstance(link, str) and link:
-            return urljoin(base_url.rstrip("/") + "/", link)
-    if record_id is None:
+
+    def link(key: str) -> str | None:
+        value = links.get(key)
+        return (
+            urljoin(base_url.rstrip("/") + "/", value) if isinstance(value, str) and value else None
+        )
+
+    url = link("content") or (
+        content_url(base_url, record_id, name) if record_id is not None else link("self")
+    )
+    if url is None:
         raise FormatError("no content link and no record id to build one", path=source, member=name)
-    return content_url(base_url, record_id, name)
+    return url
 
 
 def _is_plain_name(name: str) -> bool:

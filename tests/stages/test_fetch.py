@@ -21,6 +21,7 @@ from fake_zenodo import (
     ZENODO_NAMES,
     FakeZenodo,
     Fault,
+    content_name,
     random_files,
 )  # tests/ is on sys.path via conftest
 from rich.console import Console
@@ -153,7 +154,7 @@ def test_second_fetch_downloads_nothing(server: FakeZenodo, tmp_path: Path, cach
 def test_area_subset(server: FakeZenodo, tmp_path: Path, cache: Path) -> None:
     dest = tmp_path / "raw"
     run(server, dest, cache, areas=["PEG"], wav=False)
-    requested = {r.path.rsplit("/", 1)[-1] for r in server.content_gets()}
+    requested = {content_name(r.path) for r in server.content_gets()}
     assert requested == set(AREA_FILES["PEG"])
     assert not (dest / "A1_single_sites.zip").exists() and not (dest / WAV_FILE).exists()
     run(server, dest, cache, areas=["a1"], wav=False)
@@ -195,7 +196,7 @@ def test_record_shapes(tmp_path: Path, cache: Path, shape: str) -> None:
         assert_has(tmp_path / "raw", srv, AREA_FILES["A1"])
         paths = [r.path for r in srv.content_gets()]
     expected_prefix = {
-        "legacy": f"/api/files/{srv.bucket}/",  # links.self
+        "legacy": "/api/records/8044773/files/",  # built from the id, not links.self
         "new": "/api/records/8044773/files/",  # built from the base URL: no links
         "export": "/api/records/8044773/files/",  # links.content
     }[shape]
@@ -399,7 +400,7 @@ def test_corrupt_cache_entry_is_detected_and_refetched(
     server.clear_log()
     progress = Recorder()
     run(server, tmp_path / "two", cache, progress=progress)
-    assert [r.path.rsplit("/", 1)[-1] for r in server.content_gets()] == [TARGET]
+    assert [content_name(r.path) for r in server.content_gets()] == [TARGET]
     assert_has(tmp_path / "two", server, ZENODO_NAMES)
     assert_cache_clean(cache)
     assert any(
@@ -646,8 +647,11 @@ def test_parse_legacy_shape() -> None:
         ],
     }
     assert parse_record(record, base_url=BASE) == [
-        RemoteFile("a.zip", 3, MD5, "https://x/api/files/b/a.zip")
+        RemoteFile("a.zip", 3, MD5, f"{BASE}/api/records/7/files/a.zip/content")
     ]
+    # links.self only where no record id gives the content URL
+    del record["id"]
+    assert parse_record(record, base_url=BASE)[0].url == "https://x/api/files/b/a.zip"
 
 
 def test_parse_new_shape_builds_content_url() -> None:
