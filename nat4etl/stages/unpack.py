@@ -96,7 +96,7 @@ def stream_rasters(progress, file_name: str) -> nems0.DataHandler:
 
     def handle(member: nems0.DataMember, stream: BinaryIO) -> Any:
         if member.kind != "csv":
-            return None  # no HDF5 in a population recording; reported by the caller
+            return None  # HDF5: a signal nothing here reads (the caller says so)
         task = f"{file_name}:{member.name}"
         progress.start(task, total=member.size_bytes, unit="B")
         try:
@@ -296,12 +296,16 @@ def read_population(path: Path, rows: RawRows, progress) -> tuple[pa.Table, dict
     """Rows of the population recording into ``rows``; returns the pop_signals table and
     the (C, T) arrays it wraps, by signal name."""
     rec = nems0.read_recording(path, on_data=stream_rasters(progress, path.name))
-    _check_population(rec, path)
+    others = _check_population(rec, path)
+    for name in others:
+        kind = rec.signals[name].signal_type
+        msg = f"{path.name}: {kind} signal {name!r}: only metadata and epochs stored"
+        progress.log(msg, level="warning")
     add_recording(rows, rec, kind="population", site=None, file=path.name, member=None)
-    arrays = {name: sig.data for name, sig in rec.signals.items()}
+    rasters = {name: sig for name, sig in rec.signals.items() if name not in others}
+    arrays = {name: sig.data for name, sig in rasters.items()}
     parts = [
-        pop_signal_table(name, sig.data, sig.header.chans)
-        for name, sig in sorted(rec.signals.items())
+        pop_signal_table(name, sig.data, sig.header.chans) for name, sig in sorted(rasters.items())
     ]
     del rec
     if not parts:
@@ -317,22 +321,29 @@ def read_population(path: Path, rows: RawRows, progress) -> tuple[pa.Table, dict
 ROWS_NAMED_BY_CHANS = ("resp",)
 
 
-def _check_population(rec: nems0.Recording, path: Path) -> None:
-    """Every signal rasterized, and resp with as many CSV columns as JSON chans (the JSON
-    may come after the CSV in the tar, so the streaming parser cannot check it)."""
+def _check_population(rec: nems0.Recording, path: Path) -> list[str]:
+    """resp and stim rasterized, and resp with as many CSV columns as JSON chans (the JSON
+    may come after the CSV in the tar, so the streaming parser cannot check it); returns
+    the other signals that are not rasterized (NEMS0 loads them too; nothing here reads
+    their data, so only their metadata and epochs are kept)."""
     if rec.name is None:
         raise FormatError("no signal names a recording", path=path)
+    others = []
     for sig in rec.signals.values():
         where = {"path": path, "member": f"{rec.name}/{PurePosixPath(sig.data_member).name}"}
         if sig.signal_type != "rasterized":
-            msg = f"signal {sig.name!r} is {sig.signal_type}; the population file holds rasterized signals"
-            raise FormatError(msg, **where)
+            if sig.name in HANDED_OFF:
+                msg = f"signal {sig.name!r} is {sig.signal_type}; the population's {sig.name} must be rasterized"
+                raise FormatError(msg, **where)
+            others.append(sig.name)
+            continue
         chans = sig.header.chans
         n_chans, n_samples = sig.data.shape
         named = sig.name in ROWS_NAMED_BY_CHANS and chans is not None
         if named and n_samples and len(chans) != n_chans:
             msg = f"CSV has {n_chans} columns, the JSON chans lists {len(chans)}; nothing written"
             raise FormatError(msg, **where)
+    return others
 
 
 # ============================================================================ site files

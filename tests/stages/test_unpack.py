@@ -474,3 +474,80 @@ def test_mask_chans_of_the_signal_it_came_from_unpack(tmp_path, mini_sample):
     (row,) = [r for r in signals if r["signal"] == "mask_est"]
     assert row["chans"] == inherited
     assert row["n_chans"] == 1
+
+
+def _add_point_process(mirror_dir: Path, area: str, signal: str) -> None:
+    """Add a PointProcess signal (HDF5 spike times, JSON, epochs) to the population tgz,
+    as NEMS0's ``Recording.save`` would write one."""
+    path = mirror_dir / f"{area}_NAT4_ozgf.fs100.ch18.tgz"
+    data = path.read_bytes()
+    h5 = io.BytesIO()
+    with h5py.File(h5, "w") as f:
+        f.create_dataset("unit-a", data=np.array([0.5, 1.25]))
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as src,
+        tarfile.open(fileobj=out, mode="w:gz") as dst,
+    ):
+        members = src.getmembers()
+        for m in members:
+            dst.addfile(m, src.extractfile(m))
+        stem = members[0].name.rsplit(".", 2)[0]  # <R>/<R>
+        recording = PurePosixPath(stem).name
+        header = {
+            "name": signal,
+            "chans": ["unit-a"],
+            "fs": 1000,
+            "meta": None,
+            "recording": recording,
+            "signal_type": "<class 'nems0.signal.PointProcess'>",
+        }
+        added = {
+            f"{stem}.{signal}.h5": h5.getvalue(),
+            f"{stem}.{signal}.json": json.dumps(header).encode(),
+            f"{stem}.{signal}.epoch.csv": b"name,start,end\nTRIAL,0.0,2.0\n",
+        }
+        for name, body in added.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            dst.addfile(info, io.BytesIO(body))
+    path.write_bytes(out.getvalue())
+
+
+def test_population_keeps_metadata_of_a_signal_that_is_not_rasterized(tmp_path, mini_sample):
+    """NEMS0 loads a population recording with a PointProcess beside resp and stim; unpack
+    does too, keeping its metadata and epochs, warning that its data is not stored; the
+    later stages build as before."""
+    src = tmp_path / "src"
+    shutil.copytree(mini_sample.dir, src)
+    _add_point_process(src, "A1", "spikes")
+    (src / "record.json").unlink()  # the edited file no longer has the published md5
+    out = tmp_path / "store"
+    result = _run("build", "--area", "A1", "--out", str(out), "--source", str(src))
+    assert result.exit_code == 0, result.output
+    assert "point_process signal 'spikes': only metadata and epochs stored" in result.output
+    store = Store(out)
+    pop = store.read_table("pop_signals", area="A1")
+    assert "spikes" not in set(pop.column("signal").to_pylist())
+    assert {"resp", "stim"} <= set(pop.column("signal").to_pylist())
+    (row,) = [
+        r for r in store.read_table("signals", area="A1").to_pylist() if r["signal"] == "spikes"
+    ]
+    assert row["signal_type"] == "point_process"
+    assert row["chans"] == ["unit-a"]
+    epochs = store.read_table("epochs", area="A1")
+    spikes_epochs = epochs.filter(pc.equal(epochs.column("signal"), "spikes")).to_pylist()
+    assert [(e["name"], e["start_s"], e["end_s"]) for e in spikes_epochs] == [("TRIAL", 0.0, 2.0)]
+    assert store.read_table("responses", area="A1").num_rows > 0
+
+
+def test_population_stim_that_is_not_rasterized_fails_naming_it(tmp_path, mini_sample):
+    src = tmp_path / "src"
+    shutil.copytree(mini_sample.dir, src)
+    path = src / POP_A1
+    path.write_bytes(_retar(path.read_bytes(), lambda n, b: None if ".stim." in n else b))
+    _add_point_process(src, "A1", "stim")
+    result = _run("unpack", "--out", str(tmp_path / "store"), "--source", str(src))
+    assert result.exit_code not in (0, 1), result.output
+    assert "'stim' is point_process" in result.output
+    assert POP_A1 in result.output
