@@ -166,9 +166,11 @@ class Nat4Store:
             ``"all"`` (default), ``"est"`` or ``"val"``: which sounds, in stim id order.
         norm
             None (default): raw ozgf values. ``"deepstrf"``: ``ln(1 + x)`` then one global
-            min-max; ``"nems"``: ``ln(1 + x / 0.1)`` then min-max per band;
+            min-max, as the old deepSTRF loader; ``"nems"``: ``ln(1 + x / 0.1)`` then
+            min-max per band, values below 1e-6 after scaling set to 0 (NEMS0);
             ``"default"``: the store's default preset. Constants come from the whole
-            population recording; values below 1e-6 after scaling are 0.
+            population recording. Computed in float32: within about one float32 ulp of
+            the old loader's float64 computation cast to float32.
 
         Returns
         -------
@@ -187,7 +189,7 @@ class Nat4Store:
         if preset is None:
             return values.reshape(len(ids), n_bands, n_bins)
         offset, lo, hi = self._constants(area, preset, "spectrogram", n_bands)
-        scaler = _Scaler(offset, lo, hi)
+        scaler = _Scaler(offset, lo, hi, _floor(preset, "spectrogram"))
         rows = values.reshape(len(ids) * n_bands, n_bins)
         out = rows if private else np.empty_like(rows)
         scaler.apply(rows, out, np.tile(np.arange(n_bands), len(ids)))
@@ -215,9 +217,12 @@ class Nat4Store:
             must belong to it.
         norm
             None (default): counts per bin. ``"deepstrf"``: one global min-max;
-            ``"nems"``: min-max per unit; ``"default"``: the store's default preset.
-            Constants come from the whole population recording; est responses and val
-            single trials share them (one scale).
+            ``"nems"``: min-max per unit, values below 1e-6 after scaling set to 0;
+            ``"default"``: the store's default preset. Constants come from the whole
+            population recording; est responses and val single trials share them (one
+            scale). The old deepSTRF loader scaled only est responses and left val
+            trials as raw counts: ``subset="est", norm="deepstrf"`` together with
+            ``subset="val", norm=None`` gives what it gave.
         cells
             Units to return, as cell ids (int) or unit ids (``"ARM029a-01-1"``), in the
             order given. Default: every unit, in cell id order.
@@ -254,7 +259,8 @@ class Nat4Store:
         preset = self._preset(area, norm)
         constants = None
         if preset is not None:
-            constants = self._constants(area, preset, "responses", self._n_cells(area))
+            offset, lo, hi = self._constants(area, preset, "responses", self._n_cells(area))
+            constants = (offset, lo, hi, _floor(preset, "responses"))
         sidecar = self._sidecar("responses", area, ["stim", "cell", "trial", "counts"])
         if sidecar is not None:
             source = _SidecarRows(sidecar, n_bins)
@@ -521,6 +527,13 @@ class Nat4Store:
 
 
 # ============================================================================ helpers
+def _floor(preset: str, signal: str) -> float:
+    """Values below this after scaling are 0 (1e-6 for nems, 0 for deepstrf)."""
+    from nat4etl.stages.normalize import RULES
+
+    return RULES[(preset, signal)].floor
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
@@ -538,11 +551,9 @@ class _Scaler:
     the source and writing the result is one pass over memory, not five.
     """
 
-    def __init__(self, offset: float, lo: np.ndarray, hi: np.ndarray):
-        from nat4etl.stages.normalize import FLOOR
-
+    def __init__(self, offset: float, lo: np.ndarray, hi: np.ndarray, floor: float):
         self.offset = offset
-        self.floor = FLOOR
+        self.floor = np.float32(floor)
         self.lo = np.asarray(lo, dtype=np.float32)
         span = np.asarray(hi, dtype=np.float32) - self.lo
         self.span = np.where(span == 0, np.float32(1), span).astype(np.float32)
@@ -566,10 +577,11 @@ class _Scaler:
             np.divide(dst, self.span[ch][:, None], out=dst)
             # values < floor -> +0, NaN kept: the same bits as copyto(where=dst < floor),
             # at a tenth of its cost
-            m = mask[: b - a]
             np.maximum(dst, np.float32(0), out=dst)  # -inf and negatives -> 0, NaN kept
-            np.greater_equal(dst, self.floor, out=m)  # NaN -> False, and NaN * 0 = NaN
-            np.multiply(dst, m, out=dst)
+            if self.floor > 0:
+                m = mask[: b - a]
+                np.greater_equal(dst, self.floor, out=m)  # NaN -> False, and NaN * 0 = NaN
+                np.multiply(dst, m, out=dst)
             np.add(dst, np.float32(0), out=dst)  # -0.0 -> +0.0
 
 
@@ -961,7 +973,7 @@ def _dense_responses(
     n_bins: int,
     *,
     trials: Trials,
-    constants: tuple[float, np.ndarray, np.ndarray] | None,
+    constants: tuple[float, np.ndarray, np.ndarray, float] | None,
     max_bytes: int,
     area: str,
 ) -> np.ndarray:
@@ -990,8 +1002,8 @@ def _dense_responses(
         )
     scaler = None
     if constants is not None:
-        offset, lo, hi = constants
-        scaler = _Scaler(offset, lo[cell_ids], hi[cell_ids])  # channel: position in cell_ids
+        offset, lo, hi, floor = constants
+        scaler = _Scaler(offset, lo[cell_ids], hi[cell_ids], floor)  # channel: cell_ids position
     n_slots = n_s * n_n
     if trials == "all":
         n_rows = n_slots * n_r

@@ -49,7 +49,7 @@ def _rows():
     return keys, counts
 
 
-def _write_store(root, *, norm="nems"):
+def _write_store(root, *, norm="nems", spec=None):
     store = Store(root)
     stims = pa.table(
         {
@@ -84,7 +84,8 @@ def _write_store(root, *, norm="nems"):
     k = np.array(keys)
     responses = rs.responses_table(k[:, 0], k[:, 1], k[:, 2], "site", counts)
     store.write_table("responses", responses, area="A1", metadata={"dt_ms": 10.0, "n_bins": T})
-    spec = np.arange(5 * F * T, dtype=np.float32).reshape(5, F * T)
+    if spec is None:
+        spec = np.arange(5 * F * T, dtype=np.float32).reshape(5, F * T)
     store.write_table(
         "spectrograms",
         rs.vectors_table({"stim": np.arange(5, dtype=np.int32)}, "values", spec),
@@ -193,6 +194,23 @@ def test_spectrograms_and_waveforms(store):
     )
     wave = store.waveforms("A1", subset="est")
     assert wave.shape == (3, 4 * T)
+
+
+def test_deepstrf_keeps_small_values_as_the_old_loader(tmp_path):
+    """The old loader's deepstrf scaling is log1p then (y - min) / (max - min) in float64,
+    with no 1e-6 cut (nat4-dataset.md; the cut is NEMS0's, i.e. the nems preset's)."""
+    spec = np.arange(5 * F * T, dtype=np.float32).reshape(5, F * T)
+    spec[0, 1], spec[0, 2] = 1e-7, 2e-5  # deepstrf: ~2e-8 and ~4e-6 after scaling
+    _write_store(tmp_path / "nat4", spec=spec)
+    with nat4etl.open(tmp_path / "nat4") as store:
+        raw = store.spectrograms("A1").astype(np.float64)
+        y = np.log1p(raw)
+        old = ((y - y.min()) / (y.max() - y.min())).astype(np.float32)
+        got = store.spectrograms("A1", norm="deepstrf")
+        assert got[0, 0, 1] > 0 and got[0, 0, 2] > 0
+        np.testing.assert_allclose(got, old, rtol=1e-6, atol=0)
+        nems = store.spectrograms("A1", norm="nems")  # NEMS0 norm.l1: the cut applies
+        assert nems[0, 0, 1] == 0
 
 
 def test_memory_budget_fails_before_allocating(store):
@@ -364,13 +382,17 @@ def test_normalization_is_bit_identical_to_normalize_scale(store):
     raw = store.responses("A1")
     for preset in ("nems", "deepstrf"):
         c = store._constants("A1", preset, "responses", N_CELLS)
-        want = nz.scale(raw, c[0], c[1][None, :, None, None], c[2][None, :, None, None])
+        floor = nz.RULES[(preset, "responses")].floor
+        want = nz.scale(
+            raw, c[0], c[1][None, :, None, None], c[2][None, :, None, None], floor=floor
+        )
         np.testing.assert_array_equal(
             store.responses("A1", norm=preset).view(np.uint32), want.view(np.uint32)
         )
         spec = store.spectrograms("A1")
         c = store._constants("A1", preset, "spectrogram", F)
-        want = nz.scale(spec, c[0], c[1][None, :, None], c[2][None, :, None])
+        floor = nz.RULES[(preset, "spectrogram")].floor
+        want = nz.scale(spec, c[0], c[1][None, :, None], c[2][None, :, None], floor=floor)
         np.testing.assert_array_equal(store.spectrograms("A1", norm=preset), want)
 
 
@@ -643,9 +665,9 @@ def check_spectrograms(reader, ref: Reference, area: str) -> None:
     n_est = ref.subsets.count("est")
     np.testing.assert_allclose(reader.spectrograms(area, subset="val"), ref.spec[n_est:], rtol=1e-6)
     y = np.log1p(ref.pop_stim)  # deepstrf: log1p, one min-max over the whole recording
-    want = (np.log1p(ref.spec) - y.min()) / (y.max() - y.min())
+    want = (np.log1p(ref.spec) - y.min()) / (y.max() - y.min())  # no 1e-6 cut
     got = reader.spectrograms(area, norm="deepstrf")
-    np.testing.assert_allclose(got, np.where(want < 1e-6, 0, want), atol=2e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     y = np.log((ref.pop_stim + 0.1) / 0.1)  # nems: ln(1 + x/0.1), min-max per band
     lo, hi = y.min(axis=1)[None, :, None], y.max(axis=1)[None, :, None]
     want = (np.log((ref.spec + 0.1) / 0.1) - lo) / (hi - lo)
@@ -680,7 +702,8 @@ def check_responses(reader, ref: Reference, area: str) -> None:
         span4 = span[None, :, :, None] if per_unit else span
         for subset, raw in (("est", ref.resp[:n_est, :, None]), ("val", ref.val_trials)):
             want = (raw - lo4) / span4
-            want = np.where(want < 1e-6, 0, want)
+            if per_unit:  # nems cuts values below 1e-6; deepstrf (the old loader) does not
+                want = np.where(want < 1e-6, 0, want)
             got = reader.responses(area, subset=subset, norm=preset)
             np.testing.assert_allclose(got, want, atol=2e-6, err_msg=f"{preset} {subset}")
 

@@ -9,8 +9,9 @@ legitimate, so both are always written and the reader applies either on read:
   min-max PER BAND; responses min-max PER UNIT, no log.
 
 In both, constants come from the whole population recording (before any est/val split),
-NaN ignored; after scaling, values below 1e-6 become 0 and a zero range counts as 1
-(NEMS0 ``_normalize_data``). Val single trials are scaled with the same constants as the
+NaN ignored, and a zero range counts as 1. After scaling, ``nems`` sets values below 1e-6
+to 0 (NEMS0 ``_normalize_data``); ``deepstrf`` does not (the reference loader has no such
+cut), it only sets float32 rounding's tiny negatives to 0. Val single trials are scaled with the same constants as the
 est responses, so all responses of a preset share one scale (the reference loader left
 val trials as raw counts: its scale defect).
 
@@ -50,13 +51,14 @@ class Rule:
 
     offset: float  # d in ln(1 + x / d); 0 = no log
     per_channel: bool
+    floor: float = 0.0  # values below it after scaling -> 0 (0: negatives only)
 
 
 RULES: dict[tuple[str, str], Rule] = {
     ("deepstrf", SPECTROGRAM): Rule(offset=1.0, per_channel=False),
     ("deepstrf", RESPONSES): Rule(offset=0.0, per_channel=False),
-    ("nems", SPECTROGRAM): Rule(offset=0.1, per_channel=True),
-    ("nems", RESPONSES): Rule(offset=0.0, per_channel=True),
+    ("nems", SPECTROGRAM): Rule(offset=0.1, per_channel=True, floor=FLOOR),
+    ("nems", RESPONSES): Rule(offset=0.0, per_channel=True, floor=FLOOR),
 }
 
 
@@ -92,8 +94,10 @@ def scale(
     hi: np.ndarray | float,
     *,
     in_place: bool = False,
+    floor: float = FLOOR,
 ) -> np.ndarray:
-    """Normalize ``x``: log-compress, ``(y - lo) / range``, values < 1e-6 -> 0, NaN kept.
+    """Normalize ``x``: log-compress, ``(y - lo) / range``, values < ``floor`` -> 0 (the
+    preset's :attr:`Rule.floor`: 1e-6 for ``nems``, 0 for ``deepstrf``), NaN kept.
 
     ``lo`` and ``hi`` broadcast against ``x``; a zero range counts as 1. Returns float32,
     written into ``x`` itself when ``in_place`` (``x`` must then be writable float32), so a
@@ -109,7 +113,8 @@ def scale(
         np.log1p(y, out=y)
     np.subtract(y, lo32, out=y)
     np.divide(y, span, out=y)
-    np.copyto(y, np.float32(0), where=y < FLOOR)  # NaN compares False: it stays NaN
+    np.copyto(y, np.float32(0), where=y < floor)  # NaN compares False: it stays NaN
+    np.add(y, np.float32(0), out=y)  # -0.0 -> +0.0
     return y
 
 
@@ -235,7 +240,8 @@ def load_and_compute(store, area: str) -> tuple[pa.Table, dict]:
         "dt_ms": dt_ms,
         "source": source,
         "formula": "y = ln(1 + x/offset) (offset 0: y = x); (y - min) / (max - min), "
-        "a zero range counts as 1; values < 1e-6 -> 0; NaN stays NaN",
+        "a zero range counts as 1; values < 0 -> 0, and for nems values < 1e-6 -> 0; "
+        "NaN stays NaN",
         "presets": list(PRESETS),
     }
     return table, metadata

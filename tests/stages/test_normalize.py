@@ -69,11 +69,12 @@ def test_deepstrf_preset_is_one_global_min_max():
     assert ch.tolist() == [-1] and off.tolist() == [1.0]
     y = np.log1p(spec.astype(np.float64))
     assert lo[0] == np.float64(np.log1p(np.float64(spec.min())))
-    np.testing.assert_allclose(
-        nz.scale(spec, 1.0, lo, hi),
-        np.where(y - y.min() < 1e-6, 0, (y - y.min()) / np.ptp(y)),
-        atol=2e-6,
+    rule = nz.RULES[("deepstrf", "spectrogram")]
+    np.testing.assert_allclose(  # the old loader: no 1e-6 cut
+        nz.scale(spec, 1.0, lo, hi, floor=rule.floor), (y - y.min()) / np.ptp(y), atol=2e-7
     )
+    tiny = np.array([[0.0, 1e-7, 1.0]], np.float32)  # 1e-7 stays, as in the old loader
+    np.testing.assert_array_equal(nz.scale(tiny, 0.0, 0.0, 1.0, floor=rule.floor), tiny)
     ch, off, lo, hi = _constants(table, "deepstrf", "responses")
     assert ch.tolist() == [-1] and lo[0] == np.nanmin(resp) and hi[0] == np.nanmax(resp)
 
