@@ -11,9 +11,10 @@ Choices, each stated once:
   on the parsed (site, electrode, unit) numbers (``canonical``), else ``none``.
 - ``trials``: the ``STIM_`` presentations of every site file (est ones included; from
   its ``resp`` signal's own epoch table, which is what NEMS0 extracts from) that
-  NEMS0's ``extract_epoch`` returns, as the old loader extracted them: bounds snapped to
-  the site's sample grid, those starting before 0 left out, then overlapping repeats of
-  one sound dropped (``fix_overlap='first'``). Each one left out is a report row.
+  NEMS0's ``extract_epoch`` returns: bounds snapped to the site's sample grid (as the old
+  loader snapped them), those starting before 0 left out, then overlapping repeats of
+  one sound dropped (``fix_overlap='first'``; the old loader kept them). Each one left
+  out is a report row.
 - JSON ``segments`` (the data is the concatenation of these spans of the original time
   base) are applied where they change anything, as ``extract_epoch`` applies them: a
   presentation must lie within one span, and its bounds become positions in the data
