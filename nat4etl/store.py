@@ -13,7 +13,8 @@ Beside it, never read by readers::
 
     .OUT.lock                             flock; holds the holder's pid, host and start time
     .OUT.staging-<pid>-<ns>/              a build in progress (removed by the next writer)
-    .OUT.previous-<ns>/                   the generation replaced by the last publish
+    .OUT.previous-<ns>/                   generations replaced by a publish, kept while a
+                                          reader pins them (removed by the next publish after)
 
 Writers never touch ``OUT`` directly. Under the lock (:func:`store_lock`), :func:`staging`
 clones ``OUT`` into a staging directory with hard links (every file is immutable: it is
@@ -826,12 +827,13 @@ def exchange_dirs(a: Path, b: Path) -> bool:
 def publish(staging_dir: Path, out: Path) -> None:
     """Make ``staging_dir`` the store at ``out``.
 
-    The replaced generation is kept as ``.OUT.previous-*`` until the next publish, so a
-    reader that opened it (see :func:`open_snapshot`) can finish reading a consistent store.
+    The replaced generation is kept as ``.OUT.previous-*``, so a reader that opened it
+    (see :func:`open_snapshot`) can finish reading a consistent store: a later publish
+    removes a previous generation only once no reader pins it any more.
     """
     for p in out.parent.iterdir():
         if p.name.startswith(previous_prefix(out)):
-            shutil.rmtree(p, ignore_errors=True)
+            remove_unpinned(p)
     kill_point("publish")
     if not out.exists():
         os.rename(staging_dir, out)
@@ -853,6 +855,25 @@ def publish(staging_dir: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
+def remove_unpinned(generation: Path) -> bool:
+    """Remove a replaced generation unless a reader still pins it (:func:`open_snapshot`
+    holds a shared flock on its directory); True if it was removed."""
+    try:
+        fd = os.open(generation, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        shutil.rmtree(generation, ignore_errors=True)
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # an open reader's: kept; the first publish after it closes removes it
+        shutil.rmtree(generation, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make renames in ``path`` durable (a power cut afterwards keeps the new names); a no-op
     where directories cannot be opened (the rename itself is still atomic)."""
@@ -871,9 +892,10 @@ def fsync_dir(path: Path) -> None:
 def open_snapshot(path: str | os.PathLike) -> Store:
     """A read-only Store pinned to the generation published at ``path`` right now.
 
-    It holds a directory file descriptor, so a concurrent publish (which renames the old
-    generation away and keeps it until the following publish) does not change what this
-    Store reads. Linux only (``/proc/self/fd``); elsewhere it reads ``path`` directly.
+    It holds a directory file descriptor with a shared flock on it, so a concurrent publish
+    (which renames the old generation away) does not change what this Store reads, and no
+    later publish removes that generation while this Store is open (:func:`publish` keeps a
+    pinned one). Linux only (``/proc/self/fd``); elsewhere it reads ``path`` directly.
     """
     path = Path(path)
     if not path.is_dir():
@@ -881,6 +903,10 @@ def open_snapshot(path: str | os.PathLike) -> Store:
     if not Path("/proc/self/fd").is_dir():
         return Store(path)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # pins the generation: see remove_unpinned
+    except OSError:
+        pass  # a filesystem without flock: pinned by the descriptor until the next publish
     store = Store(f"/proc/self/fd/{fd}")
     store.published_at = path
     store._dir_fd = fd  # closed with the Store

@@ -137,6 +137,25 @@ def test_snapshot_reads_the_generation_it_opened(tmp_path):
     snap.close()
 
 
+def test_a_snapshot_outlives_any_number_of_publishes_until_closed(tmp_path):
+    """An open reader keeps its generation through two (or more) rebuilds, not just one;
+    the first publish after it is closed removes it."""
+    from nat4etl.store import open_snapshot
+
+    out = tmp_path / "nat4"
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(2), area="A1")
+    snap = open_snapshot(out)
+    for n in (3, 4, 5):
+        with open_for_write(out) as store:
+            store.write_table("trials", _trials(n), area="A1")
+        assert snap.read_table("trials").num_rows == 2  # still the generation it opened
+    snap.close()
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(6), area="A1")
+    assert len([p for p in tmp_path.iterdir() if ".previous-" in p.name]) == 1
+
+
 def test_publish_without_renameat2_and_recovery_between_its_renames(tmp_path, monkeypatch):
     import nat4etl.store as store_mod
     from nat4etl.store import recover, swap_marker
