@@ -321,7 +321,18 @@ class Nat4Store:
     def _check_store_version(self) -> None:
         from nat4etl import schema
 
-        manifest = self._store.read_manifest()
+        try:
+            manifest = self._store.read_manifest()
+        except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
+            raise StoreError(
+                f"{self.path / 'manifest.json'} is unreadable ({err}); `nat4etl verify --out "
+                f"{self.path}` checks the store, `nat4etl build --out {self.path}` rewrites it"
+            ) from None
+        if manifest is not None and not isinstance(manifest, dict):
+            raise StoreError(
+                f"{self.path / 'manifest.json'} is not a JSON object; rebuild with "
+                f"`nat4etl build --out {self.path}`"
+            )
         if manifest is None:
             if not any(self._store.has(name) for name in ("stims", "responses")):
                 raise MissingTableError(
@@ -377,13 +388,15 @@ class Nat4Store:
 
         parquet = self._require(table, area)
         path = self._store.sidecar_file(table, area)
+        # warnings name the store's path, not the pinned generation's /proc/self/fd/N
+        shown = self.path / path.relative_to(self._store.root)
         try:
             with open(path, "rb") as f:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as err:  # e.g. an empty file cannot be mapped
-            return _unusable(path, f"unreadable ({err})")
+            return _unusable(shown, f"unreadable ({err})")
         whole = pa.py_buffer(mapped)
         try:
             reader = pa.ipc.open_file(pa.BufferReader(whole))
@@ -392,14 +405,14 @@ class Nat4Store:
                 reader.get_batch(i).select(columns) for i in range(reader.num_record_batches)
             ]
         except (pa.ArrowException, KeyError, ValueError) as err:
-            return _unusable(path, f"unreadable ({err})")
+            return _unusable(shown, f"unreadable ({err})")
         rows = sum(b.num_rows for b in batches)
 
         def matches() -> bool:
             footer = pq.read_metadata(parquet)
             mine = (schema.metadata or {}).get(META_KEY)
             if mine != (footer.metadata or {}).get(META_KEY) or rows != footer.num_rows:
-                _unusable(path, f"does not match {parquet.name} beside it")
+                _unusable(shown, f"does not match {parquet.name} beside it")
                 return False
             check_file_metadata(table, schema, path)
             return True
@@ -689,20 +702,28 @@ def _resolve(
         wanted = [wanted]
     by_name = dict(zip(names, ids.tolist(), strict=True))
     known = set(ids.tolist())
-    out, unknown = [], []
+    out, unknown, given = [], [], {}
     for w in wanted:
         if isinstance(w, str):
             v = by_name.get(w)
+        elif isinstance(w, bool | np.bool_) or not isinstance(w, int | np.integer):
+            # 1.5, True, None: not an id (int(1.5) would silently select id 1)
+            raise TypeError(
+                f"`{what}` takes ids (int) or names (str), not {w!r} ({type(w).__name__})"
+            )
         else:
             v = int(w) if int(w) in known else None
         if v is None:
             unknown.append(w)
         else:
+            if v in given:
+                raise ValueError(
+                    f"`{what}` repeats an entry: {w!r} and {given[v]!r} are both {what[:-1]} {v}"
+                )
+            given[v] = w
             out.append(v)
     if unknown:
         raise ValueError(f"unknown {what}: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
-    if len(set(out)) != len(out):
-        raise ValueError(f"`{what}` repeats an entry")
     return np.asarray(out, dtype=np.int64)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -161,6 +162,40 @@ def test_selection_by_id_or_name_keeps_the_given_order(store):
         store.responses("A1", stims=["STIM_nope.wav"])
     with pytest.raises(ValueError, match="not in subset"):
         store.responses("A1", stims=[0], subset="val")
+
+
+def test_a_selection_that_is_not_an_id_or_name_is_refused_naming_it(store):
+    """1.5 or True are not ids: int() would silently select unit 1."""
+    for bad in (1.5, True, None, np.float64(2.0)):
+        with pytest.raises(TypeError, match=f"`cells` takes ids .* not {re.escape(repr(bad))}"):
+            store.responses("A1", cells=[bad])
+    with pytest.raises(TypeError, match="`stims` takes ids"):
+        store.responses("A1", stims=[0.5])
+    with pytest.raises(ValueError, match="'ARM029a-01-1' and 1 are both cell 1"):
+        store.responses("A1", cells=[1, "ARM029a-01-1"])
+    with pytest.raises(ValueError, match="repeats an entry: 3 and 3"):
+        store.responses("A1", stims=[3, 3])
+
+
+def test_a_damaged_manifest_is_a_store_error_naming_it(tmp_path):
+    from nat4etl.errors import StoreError
+
+    _write_store(tmp_path / "nat4")
+    manifest = tmp_path / "nat4" / "manifest.json"
+    for text in (manifest.read_text()[:50], "", "[]"):
+        manifest.write_text(text)
+        with pytest.raises(StoreError, match="manifest.json"):
+            nat4etl.open(tmp_path / "nat4")
+
+
+def test_a_sidecar_warning_names_the_store_path_not_a_proc_fd(tmp_path):
+    store = _write_store(tmp_path / "nat4")
+    store.sidecar_file("responses", "A1").write_bytes(b"not arrow")
+    with nat4etl.open(tmp_path / "nat4") as s:
+        with pytest.warns(RuntimeWarning) as caught:
+            s.responses("A1")
+    msg = str(caught[0].message)
+    assert str(tmp_path / "nat4" / "responses") in msg and "/proc/self/fd" not in msg
 
 
 def test_normalized_responses_share_one_scale(store):
