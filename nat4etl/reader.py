@@ -191,7 +191,7 @@ class Nat4Store:
         offset, lo, hi = self._constants(area, preset, "spectrogram", n_bands)
         scaler = _Scaler(offset, lo, hi, _floor(preset, "spectrogram"))
         rows = values.reshape(len(ids) * n_bands, n_bins)
-        out = rows if private else np.empty_like(rows)
+        out = rows if private else _aligned_empty(rows.shape)
         scaler.apply(rows, out, np.tile(np.arange(n_bands), len(ids)))
         return out.reshape(len(ids), n_bands, n_bins)
 
@@ -545,6 +545,19 @@ def _floor(preset: str, signal: str) -> float:
     from nat4etl.stages.normalize import RULES
 
     return RULES[(preset, signal)].floor
+
+
+#: alignment of the arrays the reader fills: jax (CPU) takes a DLPack buffer without a copy
+#: only when it is 64-byte aligned (numpy's own allocations are 16-byte aligned)
+_RESULT_ALIGN = 64
+
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialized float32 array whose data starts on a 64-byte boundary."""
+    n = int(np.prod(shape, dtype=np.int64)) * 4
+    raw = np.empty(n + _RESULT_ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % _RESULT_ALIGN
+    return raw[skip : skip + n].view(np.float32).reshape(shape)
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -1040,7 +1053,7 @@ def _dense_responses(
             and bool(np.all(np.diff(dest) == 1))
         ):  # the rows are the dense grid, in order: the result is a view, no copy at all
             return source.counts[sel.first : sel.first + n_rows].reshape(shape)
-        out = np.empty((n_rows, n_bins), dtype=np.float32)
+        out = _aligned_empty((n_rows, n_bins))
 
         def channel_of(d0, d1=None):
             d = np.arange(d0, d1) if d1 is not None else d0
@@ -1055,7 +1068,8 @@ def _dense_responses(
         return out.reshape(shape)
 
     sums = np.zeros((n_slots, n_bins), dtype=np.float64)
-    counts = np.zeros((n_slots, n_bins), dtype=np.float32)
+    counts = _aligned_empty((n_slots, n_bins))  # becomes the result
+    counts.fill(0)
     lock = threading.Lock()
     step = max(1, (16 << 20) // (n_bins * 4 or 1))  # bounded temporaries: 16 MiB of rows
 

@@ -61,3 +61,21 @@ def test_reading_imports_no_tensor_framework(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_jax_takes_the_results_the_reader_fills_without_a_copy(store):
+    """jax (CPU) copies a DLPack buffer unless it is 64-byte aligned; the arrays the reader
+    fills (normalized, selected, averaged) are, so they go to jax without a copy. (Views of
+    the Arrow file are only 8-byte aligned: jax copies those; torch takes every result.)"""
+    jax = pytest.importorskip("jax")
+    filled = {
+        "spectrograms_nems": store.spectrograms("A1", norm="nems"),
+        "responses_est": store.responses("A1", subset="est"),
+        "responses_norm": store.responses("A1", norm="deepstrf"),
+        "responses_mean": store.responses("A1", trials="mean"),
+        "responses_cells": store.responses("A1", cells=[3, 1]),
+    }
+    for name, arr in filled.items():
+        j = jax.dlpack.from_dlpack(arr)
+        assert j.unsafe_buffer_pointer() == arr.__array_interface__["data"][0], name
+        np.testing.assert_array_equal(np.asarray(j), arr, err_msg=name)
