@@ -739,12 +739,14 @@ def _now_iso() -> str:
 
 
 def remove_leftovers(out: Path) -> list[Path]:
-    """Staging directories of killed builds. Only call while holding the lock."""
+    """Staging directories of killed builds. Only call while holding the lock.
+
+    A build killed between the exchange and its second rename leaves the replaced
+    generation under the staging name; an open reader may pin it, and then it stays."""
     gone = []
     if out.parent.is_dir():
         for p in out.parent.iterdir():
-            if p.name.startswith(staging_prefix(out)) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+            if p.name.startswith(staging_prefix(out)) and p.is_dir() and remove_unpinned(p):
                 gone.append(p)
     return gone
 

@@ -156,6 +156,26 @@ def test_a_snapshot_outlives_any_number_of_publishes_until_closed(tmp_path):
     assert len([p for p in tmp_path.iterdir() if ".previous-" in p.name]) == 1
 
 
+def test_a_generation_left_under_the_staging_name_by_a_kill_stays_while_pinned(tmp_path):
+    """Killed at "exchanged", a build leaves the replaced generation at .OUT.staging-*;
+    the next writer's cleanup must not pull it from under a reader that pins it."""
+    from nat4etl.store import open_snapshot
+
+    out = tmp_path / "nat4"
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(2), area="A1")
+    snap = open_snapshot(out)
+    staged = tmp_path / ".nat4.staging-1-1"
+    os.rename(out, staged)  # what the exchange leaves, the new generation aside
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(3), area="A1")
+    assert snap.read_table("trials").num_rows == 2
+    snap.close()
+    with open_for_write(out) as store:
+        pass
+    assert not staged.exists()
+
+
 def test_publish_without_renameat2_and_recovery_between_its_renames(tmp_path, monkeypatch):
     import nat4etl.store as store_mod
     from nat4etl.store import recover, swap_marker
