@@ -186,8 +186,6 @@ class Store:
         written on a second thread (around the page cache: :mod:`nat4etl.direct_io`) while
         the Parquet file is encoded, and renamed into place just before it.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         schema = _schema()
         table = _drop_area(table, area, name)
         schema.validate(name, table)
@@ -204,6 +202,15 @@ class Store:
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)})
         target = self.table_file(name, area)
+        with self._writing(target):
+            return self._write_table_files(name, area, table, target, s)
+
+    def _write_table_files(
+        self, name: str, area: str, table: pa.Table, target: Path, s
+    ) -> TableInfo:
+        """`write_table`'s writes: ``table`` validated and sorted, ``s`` its spec."""
+        from concurrent.futures import ThreadPoolExecutor
+
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         side_target = self.sidecar_file(name, area)
@@ -309,11 +316,26 @@ class Store:
 
     def write_json(self, path: Path, obj: dict) -> None:
         """Atomic JSON write (temp file + rename) for manifests and stage records."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        self._durable(tmp, path)
-        os.replace(tmp, path)
+        with self._writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+            self._durable(tmp, path)
+            os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """A failed write (a full disk, a quota, EIO) as one line naming the store file,
+        where the OSError names the temp file or nothing at all."""
+        try:
+            yield
+        except OSError as err:
+            try:
+                rel = path.relative_to(self.root)
+            except ValueError:
+                rel = path
+            reason = (err.strerror or str(err)).replace("\n", " ")
+            raise StoreError(f"{rel}: cannot write ({reason})") from err
 
     # ------------------------------------------------------------------ durability
     def _durable(self, tmp: Path, final: Path) -> None:
@@ -471,14 +493,17 @@ def _write_parquet_polars(table: pa.Table, path: Path) -> None:
 
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     metadata["ARROW:schema"] = base64.b64encode(table.schema.serialize()).decode()
-    pl.from_arrow(table, rechunk=False).write_parquet(
-        path,
-        compression="zstd",
-        compression_level=1,  # pyarrow's zstd default: the same speed and size
-        statistics=True,
-        row_group_size=row_group_rows(table.schema),
-        metadata=metadata,
-    )
+    try:
+        pl.from_arrow(table, rechunk=False).write_parquet(
+            path,
+            compression="zstd",
+            compression_level=1,  # pyarrow's zstd default: the same speed and size
+            statistics=True,
+            row_group_size=row_group_rows(table.schema),
+            metadata=metadata,
+        )
+    except pl.exceptions.ComputeError as err:  # how polars reports a failed write (ENOSPC)
+        raise OSError(f"polars: {err}") from err
 
 
 def parquet_codecs(schema: pa.Schema, codecs: dict[str, str]) -> dict[str, str]:

@@ -62,6 +62,9 @@ def read_pred_correlation(
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
         raise bad(f"unreadable CSV ({err})".replace("\n", " ")) from err
     names = table.column_names
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:  # Parquet would take them, but no reader could select either column
+        raise bad(f"repeated column names {dupes}; header is {names}")
     if len(names) > 1 and _UNNAMED.match(names[0]):
         table = table.drop_columns([names[0]])
     if "cellid" not in table.column_names:

@@ -519,7 +519,8 @@ def qc_val(site: Site, val_rows: pa.Table, means: pa.Table, val_ids: np.ndarray)
     order = np.argsort(mean_pairs, kind="stable")
     mean_pairs = mean_pairs[order]
     pos = np.searchsorted(mean_pairs, uniq)
-    found = (pos < len(mean_pairs)) & (mean_pairs[np.minimum(pos, len(mean_pairs) - 1)] == uniq)
+    found = pos < len(mean_pairs)  # none when there are no population averages at all
+    found[found] = mean_pairs[pos[found]] == uniq[found]
     pop = vector_view(means, "mean_counts")
     diff = np.abs(trial_means[found] - pop[order[pos[found]]])
     diff_stim = uniq[found] // n_cells

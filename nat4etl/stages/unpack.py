@@ -343,6 +343,21 @@ def _check_population(rec: nems0.Recording, path: Path) -> list[str]:
         if named and n_samples and len(chans) != n_chans:
             msg = f"CSV has {n_chans} columns, the JSON chans lists {len(chans)}; nothing written"
             raise FormatError(msg, **where)
+    resp, stim = rec.signals.get("resp"), rec.signals.get("stim")
+    if resp is not None and stim is not None and resp.data.shape[1] != stim.data.shape[1]:
+        short = min((resp, stim), key=lambda s: s.data.shape[1])  # the cut one, most likely
+        msg = (
+            f"resp has {resp.data.shape[1]} samples, stim {stim.data.shape[1]}: the signals "
+            "of one recording share a time base; nothing written"
+        )
+        raise FormatError(
+            msg, path=path, member=f"{rec.name}/{PurePosixPath(short.data_member).name}"
+        )
+    if resp is not None and resp.data.shape[1] == 0:  # an empty CSV: a raster of C x 0
+        msg = "resp has no samples (an empty CSV); nothing written"
+        raise FormatError(
+            msg, path=path, member=f"{rec.name}/{PurePosixPath(resp.data_member).name}"
+        )
     return others
 
 
@@ -386,6 +401,9 @@ def read_sites(path: Path, rows: RawRows, sites: SiteData, progress) -> None:
             if not is_recording_member(m.name):
                 continue
             rec = nems0.read_recording(m)
+            if rec.name is None:  # no signal at all (an empty tar): nothing to key it by
+                raise FormatError("no signal names a recording", path=path, member=m.name)
+            _check_raster_lengths(rec, path, m.name)
             site = site_id(rec, m.name)
             add_recording(rows, rec, kind="site", site=site, file=path.name, member=m.name)
             _add_spikes(sites, rec, site)
@@ -396,6 +414,40 @@ def read_sites(path: Path, rows: RawRows, sites: SiteData, progress) -> None:
             progress.advance(task, 1)
     finally:
         progress.done(task)
+
+
+def _check_raster_lengths(rec: nems0.Recording, path: Path, member: str) -> None:
+    """Each PointProcess's raster length, as NEMS0 rasterizes it (fs times the last epoch
+    end, else the last spike), must be a number: NEMS0 fails on an infinite one, and so
+    would rebin-sites, with a traceback instead of the file's name."""
+    from nat4etl.binning import raster_samples
+
+    for sig in rec.signals.values():
+        if sig.signal_type != "point_process":
+            continue
+        ends = np.empty(0)
+        if sig.epochs is not None and sig.epochs.num_rows:
+            ends = sig.epochs.column("end_s").to_numpy(zero_copy_only=False)
+        last_end = float(np.nanmax(ends)) if np.any(~np.isnan(ends)) else float("nan")
+        times = [np.asarray(t, np.float64) for t in sig.data.values()]
+        spikes = np.concatenate(times) if times and not last_end > 0 else np.empty(0)
+        try:
+            ok = 0 <= raster_samples(last_end, spikes, sig.header.fs_hz) <= _MAX_RASTER
+        except (OverflowError, ValueError):
+            ok = False
+        if not ok:
+            inner = sig.epoch_member if last_end > 0 else sig.data_member
+            msg = (
+                f"signal {sig.name!r}: its raster would be {sig.header.fs_hz:g} Hz x "
+                f"{last_end if last_end > 0 else 'the last spike'} s long, not a usable "
+                "number of samples (an infinite epoch end or spike time, a wrong fs?)"
+            )
+            raise FormatError(msg, path=path, member=f"{member}:{inner}")
+
+
+#: the longest PointProcess raster `_check_raster_lengths` lets through: sample indices
+#: and bin arithmetic stay exact in float64 and int64 (2**53 samples: 285 years at 1 MHz)
+_MAX_RASTER = 2**53
 
 
 def site_id(rec: nems0.Recording, member: str) -> str:

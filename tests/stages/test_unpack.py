@@ -404,6 +404,51 @@ def _bad_hdf5(d: Path) -> tuple[str, str]:
     return "A1_single_sites.zip", "resp.h5"
 
 
+def _pred_repeated_column(d: Path) -> tuple[str, None]:
+    """pyarrow reads it, Parquet stores it, and then no reader can select either column:
+    unpack published it and every later stage failed with a traceback."""
+    path = d / "A1_pred_correlation.csv"
+    path.write_bytes(path.read_bytes().replace(b"r_floor", b"r_test", 1))
+    return path.name, None
+
+
+def _empty_site_tgz(d: Path) -> tuple[str, str]:
+    """A site tgz with no members: no recording name, so a null key (was a traceback)."""
+    member = _edit_site(d, "A1", ".nothing", lambda b: b)
+    path = d / "A1_single_sites.zip"
+    with zipfile.ZipFile(path) as zf:
+        items = [(i, zf.read(i.filename)) for i in zf.infolist()]
+    with zipfile.ZipFile(path, "w") as zf:
+        for info, body in items:
+            zf.writestr(info, _retar(body, lambda n, b: None) if info.filename == member else body)
+    return path.name, member
+
+
+def _infinite_epoch_end(d: Path) -> tuple[str, str]:
+    """A site epoch ending at inf: NEMS0 cannot rasterize it (was an OverflowError)."""
+
+    def edit(b: bytes) -> bytes:
+        lines = b.splitlines()
+        name, start, _ = lines[-1].split(b",")
+        return b"\n".join([*lines[:-1], b",".join([name, start, b"inf"])]) + b"\n"
+
+    _edit_site(d, "A1", ".epoch.csv", edit)
+    return "A1_single_sites.zip", "resp.epoch.csv"
+
+
+def _stim_cut_short(d: Path) -> tuple[str, str]:
+    """stim.csv cut at a line end: every spectrogram was NaN, exit 0, nothing said."""
+    _edit_population(d, "A1", ".stim.csv", lambda b: b"".join(b.splitlines(True)[:100]))
+    return POP_A1, "stim.csv"
+
+
+def _empty_population(d: Path) -> tuple[str, str]:
+    """resp and stim 0-byte CSVs (rasters of C x 0): rebin-sites failed with a traceback."""
+    for suffix in (".resp.csv", ".stim.csv", ".mask_est.csv"):
+        _edit_population(d, "A1", suffix, lambda b: b"")
+    return POP_A1, "resp.csv"
+
+
 BAD_INPUTS = {
     "truncated archive": _truncate,
     "csv width": _csv_width,
@@ -411,6 +456,11 @@ BAD_INPUTS = {
     "json": _bad_json,
     "hdf5": _bad_hdf5,
     "unsafe member": _unsafe,
+    "pred_correlation repeated column": _pred_repeated_column,
+    "empty site tgz": _empty_site_tgz,
+    "infinite epoch end": _infinite_epoch_end,
+    "stim cut short": _stim_cut_short,
+    "empty population": _empty_population,
 }
 
 

@@ -1,0 +1,96 @@
+"""The bad-input standard through `build`: one `error:` line naming the file (and member),
+a nat4etl exit code, the published store byte-identical, no staging copy left behind.
+
+Inputs from tests/stages/test_unpack.py's BAD_INPUTS that once crashed a *build* (in
+unpack's hand-off to rebin-sites, or in rebin-sites) rather than the unpack command, and a
+full disk in the middle of writing a table."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nat4etl.cli import cli
+from tests.stages.test_unpack import BAD_INPUTS, _digest
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, mini_sample) -> Path:
+    out = tmp_path_factory.mktemp("built") / "store"
+    args = ["build", "--area", "all", "--source", str(mini_sample.dir), "--out", str(out)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _check_failed(result, out: Path, before: dict, *names: str) -> str:
+    assert result.exit_code not in (0, 1), result.output  # a nat4etl error, not a crash
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for name in names:
+        assert name in errors[0], errors[0]
+    assert _digest(out) == before
+    assert [p.name for p in out.parent.iterdir() if ".staging-" in p.name] == []
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "infinite epoch end",
+        "empty population",
+        "empty site tgz",
+        "pred_correlation repeated column",
+    ],
+)
+def test_build_on_bad_input_fails_naming_it(fault, tmp_path, mini_sample, built):
+    bad = tmp_path / "bad"
+    shutil.copytree(mini_sample.dir, bad)
+    file_name, member = BAD_INPUTS[fault](bad)
+    (bad / "record.json").unlink()  # edited files no longer have the published md5s
+    before = _digest(built)
+    args = ["build", "--area", "all", "--source", str(bad), "--out", str(built)]
+    result = CliRunner().invoke(cli, args)
+    _check_failed(result, built, before, file_name, *([member] if member else []))
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _polars_enospc(*args, **kwargs):
+    import polars as pl
+
+    raise pl.exceptions.ComputeError(
+        "parquet: File out of specification: underlying IO error: No space left on device "
+        "(os error 28)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "owner", "attr", "fake", "file"),
+    [
+        ("polars", "DataFrame", "write_parquet", _polars_enospc, "responses/area="),
+        ("pyarrow.parquet", None, "write_table", _enospc, "/area="),
+        ("pathlib", "Path", "write_text", _enospc, "_stages/"),  # a stage record
+    ],
+)
+def test_full_disk_is_one_line_naming_the_file(
+    module, owner, attr, fake, file, monkeypatch, mini_sample, built
+):
+    import importlib
+
+    target = importlib.import_module(module)
+    target = getattr(target, owner) if owner else target
+    before = _digest(built)
+    monkeypatch.setattr(target, attr, fake)
+    args = ["build", "--area", "all", "--source", str(mini_sample.dir), "--out", str(built)]
+    result = CliRunner().invoke(cli, [*args, "--force"])
+    monkeypatch.undo()
+    line = _check_failed(result, built, before, file, "No space left on device")
+    assert ".tmp-" not in line  # the store's file, not its temp file
