@@ -701,24 +701,23 @@ def area_inputs(
     )
     # Of the site files only STIM_ epochs are interpreted (trials): the rest, three in four
     # rows, never become Python objects (parse-epochs 0.5 -> 0.3 s at full scale).
-    needed = pc.or_(
-        pc.equal(epochs.column("recording"), pop_name),
-        pc.starts_with(epochs.column("name"), nat4.STIM_PREFIX),
+    recording, signal = epochs.column("recording"), epochs.column("signal")
+    resp_only = pa.array(sorted(with_resp - {pop_name}), pa.string())
+    needed = pc.and_(
+        pc.or_(
+            pc.equal(recording, pop_name),
+            pc.starts_with(epochs.column("name"), nat4.STIM_PREFIX),
+        ),
+        pc.or_(pc.invert(pc.is_in(recording, value_set=resp_only)), pc.equal(signal, RESP)),
     )
     epochs = epochs.filter(needed)  # a null name is not a STIM_ one: dropped with them
     # Column lists and tuples, not to_pylist() dicts: ~100k rows per area.
     by_recording: dict[str, list[tuple]] = {}
-    by_resp: dict[str, list[tuple]] = {}
-    names = ("recording", "signal", "name", "start_s", "end_s")
-    columns = [epochs.column(c).to_pylist() for c in names]
-    for recording, signal, *row in zip(*columns, strict=True):
+    columns = [epochs.column(c).to_pylist() for c in ("recording", "name", "start_s", "end_s")]
+    for recording, *row in zip(*columns, strict=True):
         by_recording.setdefault(recording, []).append(tuple(row))
-        if signal == RESP:
-            by_resp.setdefault(recording, []).append(tuple(row))
     site_epochs = {
-        r["site"]: recording_epochs(
-            (by_resp if r["recording"] in with_resp else by_recording).get(r["recording"], [])
-        )
+        r["site"]: recording_epochs(by_recording.get(r["recording"], []))
         for r in recs
         if r["kind"] == _SITE
     }
