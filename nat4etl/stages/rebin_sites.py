@@ -299,7 +299,10 @@ class SiteJob:
 
     def __init__(self, site: Site, stim_ids: np.ndarray, *, dt_ms: float, n_bins: int):
         self.site, self.dt_ms, self.n_bins = site, dt_ms, n_bins
-        self.group = binning.samples_per_bin(dt_ms, site.fs_hz)
+        try:
+            self.group = binning.samples_per_bin(dt_ms, site.fs_hz)
+        except ConfigError as err:  # the bin width, or this one site's fs: name the site
+            raise ConfigError(f"site {site.site}: {err.msg}") from None
         trials = site.trials.filter(
             pc.is_in(site.trials.column("stim"), pa.array(stim_ids, pa.int32()))
         )

@@ -531,3 +531,12 @@ def test_key_order_is_lexsorts_stable_order(low, high):
     np.testing.assert_array_equal(rs._key_order(*columns), np.lexsort(columns[::-1]))
     empty = np.zeros(0, np.int64)
     assert len(rs._key_order(empty, empty, empty)) == 0
+
+
+def test_a_site_whose_rate_does_not_fit_the_bins_is_named():
+    """A site file at 7 Hz cannot make 10 ms bins: the error names the site, not only the
+    rate, so the file can be found."""
+    empty = pa.table({"stim": pa.array([], pa.int32())})
+    site = rs.Site("ODD001a", 7.0, spikes=empty, trials=empty, cells=empty)
+    with pytest.raises(ConfigError, match=r"^site ODD001a: dt_ms=10 is not a whole number"):
+        rs.SiteJob(site, np.array([0]), dt_ms=10.0, n_bins=150)
