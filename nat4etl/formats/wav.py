@@ -20,6 +20,9 @@ class Wav:
 
     samples: np.ndarray
     sample_rate_hz: int
+    #: frames the WAV header's data chunk declares but the file does not hold (a cut file:
+    #: libsndfile reads what is there)
+    missing_frames: int = 0
 
     @property
     def n_channels(self) -> int:
@@ -55,7 +58,9 @@ def read_wav(
     """
     import soundfile
 
+    missing = 0
     if isinstance(source, bytes | bytearray | memoryview):
+        missing = missing_frames(source)
         source = io.BytesIO(source)
     try:
         samples, rate = soundfile.read(source, dtype="float32", always_2d=always_2d)
@@ -64,4 +69,25 @@ def read_wav(
         raise FormatError(msg, path=path, member=member) from err
     if rate <= 0:
         raise FormatError(f"sample rate {rate} Hz", path=path, member=member)
-    return Wav(samples=np.ascontiguousarray(samples), sample_rate_hz=int(rate))
+    return Wav(np.ascontiguousarray(samples), int(rate), missing)
+
+
+def missing_frames(data: bytes | bytearray | memoryview) -> int:
+    """Frames a RIFF/WAVE file's ``data`` chunk declares beyond the bytes it holds; 0 for
+    a whole file, another format, or a size left open (0 or 0xFFFFFFFF: a stream)."""
+    view = memoryview(data).cast("B")
+    if len(view) < 12 or view[:4] != b"RIFF" or view[8:12] != b"WAVE":
+        return 0
+    block_align, at = 0, 12
+    while at + 8 <= len(view):
+        chunk, size = bytes(view[at : at + 4]), int.from_bytes(view[at + 4 : at + 8], "little")
+        body = at + 8
+        if chunk == b"fmt " and size >= 14 and body + 14 <= len(view):
+            block_align = int.from_bytes(view[body + 12 : body + 14], "little")
+        elif chunk == b"data":
+            held = len(view) - body
+            if size in (0, 0xFFFFFFFF) or size <= held or block_align <= 0:
+                return 0
+            return (size - held) // block_align
+        at = body + size + (size & 1)  # chunks are padded to an even length
+    return 0

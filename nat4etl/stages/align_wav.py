@@ -102,12 +102,20 @@ def match_wavs(stims: pa.Table, members: list[str]) -> WavMatch:
 
 
 # ============================================================================ audio
-def decode_wav(data: bytes, *, name: str = "", path: Path | None = None) -> tuple[np.ndarray, int]:
-    """Wav bytes -> float32 (frames, channels) in [-1, 1] and the sample rate in Hz."""
+class Decoded(NamedTuple):
+    """What decoding a wav member told: its rate, and frames its header promised but the
+    file lacked (a cut file: placed as what is there, zero-padded like a short sound)."""
+
+    fs_hz: int
+    missing_frames: int = 0
+
+
+def decode_wav(data: bytes, *, name: str = "", path: Path | None = None):
+    """Wav bytes -> a :class:`nat4etl.formats.wav.Wav` of float32 (frames, channels) in
+    [-1, 1]."""
     from nat4etl.formats.wav import read_wav
 
-    wav = read_wav(data, path=path, member=name, always_2d=True)
-    return wav.samples, int(wav.sample_rate_hz)
+    return read_wav(data, path=path, member=name, always_2d=True)
 
 
 def place(samples: np.ndarray, fs_hz: int, *, prestim_s: float, grid: AudioGrid) -> np.ndarray:
@@ -142,10 +150,10 @@ def table_recipe(stims: pa.Table, match: WavMatch, grid: AudioGrid) -> Recipe:
     return Recipe(grid, tuple((s, match.member_of[s], prestim[s]) for s in ids))
 
 
-def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str, int]]:
-    """The waveforms table, one row per stim of ``recipe``, and the sample rate of each
-    wav member of ``path`` it used; each member is decoded once and placed straight into
-    its rows.
+def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str, Decoded]]:
+    """The waveforms table, one row per stim of ``recipe``, and what decoding each wav
+    member of ``path`` it used told (:class:`Decoded`); each member is decoded once and
+    placed straight into its rows. A cut wav is a warning.
 
     The main thread inflates members in archive order while two workers decode and place
     them (libsndfile, soxr and numpy's copies release the GIL): align-wav alone went from
@@ -159,13 +167,20 @@ def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str,
     for i, (_, member, prestim_s) in enumerate(recipe.rows):
         rows_of.setdefault(member, []).append((i, prestim_s))
     samples = np.empty((len(recipe.rows), grid.n_samples), dtype=np.float32)
-    rates: dict[str, int] = {}
+    decoded: dict[str, Decoded] = {}
 
     def decode_and_place(name: str, data: bytes) -> None:
-        wav, fs_hz = decode_wav(data, name=name, path=path)
-        rates[name] = fs_hz
+        wav = decode_wav(data, name=name, path=path)
+        fs_hz = int(wav.sample_rate_hz)
+        decoded[name] = Decoded(fs_hz, wav.missing_frames)
+        if wav.missing_frames:
+            progress.log(
+                f"{path.name}:{name}: the file ends {wav.missing_frames} frames before its "
+                "header says; placed as it is, zero-padded",
+                level="warning",
+            )
         for i, prestim_s in rows_of[name]:
-            samples[i] = place(wav, fs_hz, prestim_s=prestim_s, grid=grid)
+            samples[i] = place(wav.samples, fs_hz, prestim_s=prestim_s, grid=grid)
         progress.advance("align-wav", 1)
 
     progress.start("align-wav", total=len(rows_of), unit="wavs")
@@ -182,7 +197,7 @@ def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str,
     finally:
         progress.done("align-wav")
     ids = np.asarray([stim for stim, _, _ in recipe.rows], dtype=np.int32)
-    return rs.vectors_table({"stim": ids}, "samples", samples), rates
+    return rs.vectors_table({"stim": ids}, "samples", samples), decoded
 
 
 # ============================================================================ stage
@@ -201,7 +216,8 @@ def wav_zip_path(store, settings) -> Path:
     )
 
 
-def _metadata(grid: AudioGrid, rates: list[int], match: WavMatch) -> dict:
+def _metadata(grid: AudioGrid, decoded: dict[str, Decoded], match: WavMatch) -> dict:
+    rates = sorted({d.fs_hz for d in decoded.values()})
     return {
         "audio_fs_hz": grid.audio_fs_hz,
         "dt_ms": grid.dt_ms,
@@ -211,6 +227,7 @@ def _metadata(grid: AudioGrid, rates: list[int], match: WavMatch) -> dict:
         "source_fs_hz": rates,
         "resampled": rates != [grid.audio_fs_hz],
         "case_only_matches": [list(x) for x in match.case_only],
+        "cut_wavs": {m: d.missing_frames for m, d in sorted(decoded.items()) if d.missing_frames},
     }
 
 
@@ -236,7 +253,7 @@ def run(store, settings, progress) -> dict:
         for name, member in matches[a].case_only:
             progress.log(f"{a}: {name} matched {member} ignoring letter case")
     summary = {}
-    rates: dict[str, int] = {}  # wav member -> its sample rate, as decoded
+    decoded: dict[str, Decoded] = {}  # wav member -> its rate and cut, as decoded
     made: dict[tuple, str] = {}  # (recipe, metadata) -> area whose table was made from it
     # Each area's table is encoded to Parquet on a second core while the next is placed.
     with WriteBehind(store, max_pending=1) as writer:
@@ -245,10 +262,10 @@ def run(store, settings, progress) -> dict:
             recipe = table_recipe(stims[area], match, grid)
             members = set(match.member_of.values())
             table = None
-            if not members <= rates.keys():  # sounds not decoded yet: decode them now
-                table, decoded = waveforms(recipe, path, progress)
-                rates.update(decoded)
-            metadata = _metadata(grid, sorted({rates[m] for m in members}), match)
+            if not members <= decoded.keys():  # sounds not decoded yet: decode them now
+                table, more = waveforms(recipe, path, progress)
+                decoded.update(more)
+            metadata = _metadata(grid, {m: decoded[m] for m in members}, match)
             key = (recipe, json.dumps(metadata, sort_keys=True))
             if key in made:  # the same sounds placed the same way: the same bytes
                 writer.link("waveforms", from_area=made[key], area=area)

@@ -9,7 +9,7 @@ import pytest
 import soundfile
 
 from nat4etl.errors import FormatError
-from nat4etl.formats.wav import read_wav
+from nat4etl.formats.wav import missing_frames, read_wav
 
 
 def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
@@ -40,3 +40,29 @@ def test_garbage(data):
     with pytest.raises(FormatError) as info:
         read_wav(data, path="/d/wav.zip", member="wav/cat.wav")
     assert str(info.value).startswith("wav.zip:wav/cat.wav: not a readable sound file")
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_cut_wav_reads_what_is_there_and_says_how_much_is_missing(channels):
+    tone = np.linspace(-0.5, 0.5, 1000 * channels, dtype=np.float32).reshape(1000, channels)
+    whole = wav_bytes(tone, 8000)
+    assert read_wav(whole).missing_frames == 0
+    cut = whole[: len(whole) - 2 * channels * 300]  # 300 frames of 16-bit samples gone
+    wav = read_wav(cut, always_2d=True)
+    assert wav.missing_frames == 300
+    assert wav.samples.shape == (700, channels)
+    np.testing.assert_allclose(wav.samples, tone[:700], atol=2**-15)
+
+
+def test_missing_frames_skips_other_chunks_and_open_sizes():
+    tone = np.zeros(100, np.float32)
+    whole = wav_bytes(tone, 8000)
+    data_at = whole.index(b"data")
+    # a LIST chunk of odd length (padded) before the data chunk
+    extra = b"LIST" + (3).to_bytes(4, "little") + b"abc\x00"
+    riff = whole[:data_at] + extra + whole[data_at:]
+    riff = riff[:4] + (len(riff) - 8).to_bytes(4, "little") + riff[8:]
+    assert missing_frames(riff[:-20]) == 10  # 16-bit mono: 2 bytes a frame
+    open_size = whole[: data_at + 4] + b"\xff\xff\xff\xff" + whole[data_at + 8 : -20]
+    assert missing_frames(open_size) == 0
+    assert missing_frames(b"fLaC....") == 0

@@ -56,11 +56,13 @@ def _sounds():
     }
 
 
-def _zip(path, sounds):
+def _zip(path, sounds, cut=None):
+    """``cut``: bytes to drop from the end of a member's file (a cut wav)."""
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("wav/", b"")
         for name, (samples, fs) in sounds.items():
-            zf.writestr(name, _wav_bytes(samples, fs))
+            data = _wav_bytes(samples, fs)
+            zf.writestr(name, data[: len(data) - (cut or {}).get(name, 0)])
 
 
 def test_grid_requires_whole_samples_per_bin():
@@ -101,10 +103,10 @@ def test_placement_downmix_resample_crop():
     np.testing.assert_array_equal(out[11_025:], long[: 66_150 - 11_025])
 
 
-def _run(tmp_path, sounds, stims_by_area=None):
+def _run(tmp_path, sounds, stims_by_area=None, cut=None):
     store = Store(tmp_path / "store")
     store.raw_dir.mkdir(parents=True)
-    _zip(store.raw_dir / "wav.zip", sounds)
+    _zip(store.raw_dir / "wav.zip", sounds, cut)
     stims_by_area = stims_by_area or {"A1": _stims()}
     for area, stims in stims_by_area.items():
         store.write_table("stims", stims, area=area)
@@ -186,3 +188,19 @@ def test_a_bad_wav_fails_the_stage_naming_zip_and_member(tmp_path):
         aw.waveforms(recipe, path, NullProgress())
     message = str(info.value)
     assert "wav.zip" in message and "wav/cat2.wav" in message and "\n" not in message
+
+
+def test_a_cut_wav_is_placed_as_it_is_with_a_warning_and_listed(tmp_path):
+    """A wav whose file ends before its header says: libsndfile reads what is there; the
+    stage places that (zero-padded, as a short sound), warns, and lists it."""
+    sounds = _sounds()
+    store, _, logs = _run(tmp_path, sounds, cut={"wav/cat1_bird.wav": 4 * 1000})  # float32
+    warned = [line for line in logs if "wav/cat1_bird.wav" in line and "1000 frames" in line]
+    assert len(warned) == 1
+    md = store.table_metadata("waveforms", "A1")
+    assert md["cut_wavs"] == {"wav/cat1_bird.wav": 1000}
+    values = rs.vector_view(store.read_table("waveforms", area="A1"), "samples")
+    start = round(0.25 * 44_100)
+    mono = sounds["wav/cat1_bird.wav"][0]
+    np.testing.assert_array_equal(values[0, start : start + 44_100 - 1000], mono[:-1000])
+    assert not values[0, start + 44_100 - 1000 :].any()
