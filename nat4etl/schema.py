@@ -269,8 +269,9 @@ REPORT = _table(
         ),
         key=("kind", "subject"),
         doc="Mismatches found while interpreting the data: unmatched units and sites, odd "
-        "repetition counts, case-only wav matches, unclassified STIM_ epochs, site "
-        "presentations left out as extract_epoch leaves them out.",
+        "repetition counts, case-only wav matches, unclassified STIM_ epochs, STIM_ epochs "
+        "with a time that is not finite, site presentations left out as extract_epoch "
+        "leaves them out.",
     )
 )
 

@@ -87,6 +87,9 @@ class AreaInputs:
     wav_names: list[str] | None = None
     #: ``file:member`` strings unpack skipped
     skipped_members: list[str] = field(default_factory=list)
+    #: (recording, name, start_s, end_s) of the STIM_ epochs with a time that is missing
+    #: or not finite: left out as extract_epoch leaves them out, and reported
+    unusable_stim_epochs: list[tuple] = field(default_factory=list)
 
 
 @dataclass
@@ -632,6 +635,14 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     report = Report()
     for skipped in inputs.skipped_members:
         report.add("skipped_member", skipped, "not part of a NEMS0 recording; not read")
+    site_of = {rec: site for site, rec in inputs.site_recordings.items()}
+    for recording, name, start_s, end_s in inputs.unusable_stim_epochs:
+        where = _POPULATION if recording == inputs.pop_recording else site_of.get(recording)
+        report.add(
+            "stim_epoch_time_not_finite",
+            f"{where or recording}/{name}",
+            f"start {start_s}, end {end_s}: no sample to place it at; left out",
+        )
     pop_segments, site_segments = _segments_applied(inputs, report)
     stims = build_stims(
         inputs.pop_epochs, stim_fs_hz=inputs.stim_fs_hz, report=report, segments=pop_segments
@@ -711,6 +722,22 @@ def area_inputs(
         pc.or_(pc.invert(pc.is_in(recording, value_set=resp_only)), pc.equal(signal, RESP)),
     )
     epochs = epochs.filter(needed)  # a null name is not a STIM_ one: dropped with them
+    unusable = epochs.filter(
+        pc.and_(
+            pc.starts_with(epochs.column("name"), nat4.STIM_PREFIX),
+            pc.invert(
+                pc.and_(
+                    pc.is_finite(epochs.column("start_s")), pc.is_finite(epochs.column("end_s"))
+                )
+            ).fill_null(True),
+        )
+    )
+    unusable_rows = list(
+        zip(
+            *(unusable.column(c).to_pylist() for c in ("recording", "name", "start_s", "end_s")),
+            strict=True,
+        )
+    )
     # Column lists and tuples, not to_pylist() dicts: ~100k rows per area.
     by_recording: dict[str, list[tuple]] = {}
     columns = [epochs.column(c).to_pylist() for c in ("recording", "name", "start_s", "end_s")]
@@ -758,6 +785,7 @@ def area_inputs(
         pred_correlation=pred_correlation,
         wav_names=wav_names,
         skipped_members=skipped,
+        unusable_stim_epochs=unusable_rows,
     )
 
 

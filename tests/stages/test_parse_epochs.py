@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 import pytest
@@ -553,3 +554,31 @@ def test_site_trials_come_from_the_resp_signals_own_epochs():
     epochs = raw["epochs"].to_pylist() + extra
     raw = {**raw, "epochs": pa.Table.from_pylist(epochs, schema=schema.EPOCHS.schema)}
     assert _parse(raw).trials.to_pylist() == _parse(_raw()).trials.to_pylist()
+
+
+def test_a_stim_epoch_with_a_time_that_is_not_finite_is_reported_and_left_out():
+    """A STIM_ row whose end is inf or NaN has no sample to be placed at: it is left out,
+    as before, and now a report row names it (the population's as ``population``, a
+    site's by its site)."""
+    raw = _raw()
+    rows = raw["epochs"].to_pylist()
+    pop_row = next(r for r in rows if r["recording"] != "ARM001a_rec" and r["name"] == VAL_A)
+    site_row = next(r for r in rows if r["recording"] == "ARM001a_rec" and r["name"] == VAL_B)
+    pop_row["end_s"] = math.inf
+    site_row["start_s"] = math.nan
+    raw["epochs"] = pa.Table.from_pylist(rows, schema=schema.EPOCHS.schema)
+    parsed = _parse(raw)
+    bad = {
+        (r["kind"], r["subject"]): r["detail"]
+        for r in parsed.report.to_pylist()
+        if r["kind"] == "stim_epoch_time_not_finite"
+    }
+    assert set(bad) == {
+        ("stim_epoch_time_not_finite", f"population/{VAL_A}"),
+        ("stim_epoch_time_not_finite", f"ARM001a/{VAL_B}"),
+    }
+    assert "end inf" in bad[("stim_epoch_time_not_finite", f"population/{VAL_A}")]
+    clean = _parse(_raw())
+    arm = [t for t in parsed.trials.to_pylist() if t["site"] == "ARM001a"]
+    arm_clean = [t for t in clean.trials.to_pylist() if t["site"] == "ARM001a"]
+    assert len(arm) == len(arm_clean) - 1
