@@ -406,7 +406,13 @@ def read_sites(path: Path, rows: RawRows, sites: SiteData, progress) -> None:
             _check_raster_lengths(rec, path, m.name)
             site = site_id(rec, m.name)
             add_recording(rows, rec, kind="site", site=site, file=path.name, member=m.name)
-            _add_spikes(sites, rec, site)
+            not_finite = _add_spikes(sites, rec, site)
+            if not_finite:
+                # NEMS0 cannot rasterize such a time (int() of NaN or inf fails); no bin
+                # counts it here, and the log says so rather than nothing
+                units = ", ".join(f"{u} ({n})" for u, n in sorted(not_finite.items()))
+                msg = f"{path.name}:{m.name}: spike times that are NaN or infinite, never counted: {units}"
+                progress.log(msg, level="warning")
             for sig in rec.signals.values():
                 if sig.signal_type != "point_process":
                     msg = f"{m.name}: {sig.signal_type} signal {sig.name!r}: only metadata and epochs stored"
@@ -468,18 +474,24 @@ def site_id(rec: nems0.Recording, member: str) -> str:
     return nat4.site_from_file_name(member) or rec.name or PurePosixPath(member).stem
 
 
-def _add_spikes(sites: SiteData, rec: nems0.Recording, site: str) -> None:
-    """One row per unit of every PointProcess signal, spike times float64 as stored."""
+def _add_spikes(sites: SiteData, rec: nems0.Recording, site: str) -> dict[str, int]:
+    """One row per unit of every PointProcess signal, spike times float64 as stored;
+    returns, by unit, how many of its times are NaN or infinite (none: {})."""
     out = sites.spikes
+    not_finite = {}
     for name, sig in rec.signals.items():
         if sig.signal_type != "point_process":
             continue
         for unit_id, times_s in sig.data.items():
+            times_s = np.asarray(times_s, np.float64)
             out["site"].append(site)
             out["recording"].append(rec.name)
             out["signal"].append(name)
             out["unit_id"].append(unit_id)
-            out["spike_times_s"].append(np.asarray(times_s, np.float64))
+            out["spike_times_s"].append(times_s)
+            if not np.isfinite(times_s).all():
+                not_finite[unit_id] = int(np.count_nonzero(~np.isfinite(times_s)))
+    return not_finite
 
 
 def spikes_table(sites: SiteData) -> pa.Table:

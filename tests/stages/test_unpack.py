@@ -601,3 +601,33 @@ def test_population_stim_that_is_not_rasterized_fails_naming_it(tmp_path, mini_s
     assert result.exit_code not in (0, 1), result.output
     assert "'stim' is point_process" in result.output
     assert POP_A1 in result.output
+
+
+def test_spike_times_that_are_not_finite_are_a_warning_naming_the_units(tmp_path, mini_sample):
+    """NEMS0 cannot rasterize a NaN or infinite spike time; no bin counts one here, and
+    unpack says which units have them instead of dropping them silently."""
+    src = tmp_path / "src"
+    shutil.copytree(mini_sample.dir, src)
+    spoiled = []
+
+    def spoil(data: bytes) -> bytes:
+        with h5py.File(io.BytesIO(data), "r") as f:
+            datasets = {k: f[k][()] for k in f}
+        first = sorted(datasets)[0]
+        spoiled.append(first)
+        datasets[first] = np.concatenate([datasets[first], [np.nan, np.inf]])
+        out = io.BytesIO()
+        with h5py.File(out, "w") as f:
+            for k, v in datasets.items():
+                f.create_dataset(k, data=v)
+        return out.getvalue()
+
+    member = _edit_site(src, "A1", ".h5", spoil)
+    (src / "record.json").unlink()
+    out = tmp_path / "store"
+    result = _run("build", "--area", "A1", "--out", str(out), "--source", str(src))
+    assert result.exit_code == 0, result.output  # and the later stages bin the rest
+    assert Store(out).read_table("responses", area="A1").num_rows > 0
+    warned = [line for line in result.output.splitlines() if "NaN or infinite" in line]
+    assert len(warned) == 1
+    assert member in warned[0] and f"{spoiled[0]} (2)" in warned[0]
