@@ -1,0 +1,148 @@
+"""The command line as a user meets it: config mistakes, --json errors, help, status/verify
+on directories that are not stores, progress on a terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from nat4etl.cli import cli, main
+from nat4etl.config import load_settings
+from nat4etl.errors import ConfigError
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+# ----------------------------------------------------------------------- config mistakes
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[build]\ndtms = 5\n", "build.dtms"),  # a typo must not build at 10 ms silently
+        ("[bild]\ndt_ms = 5\n", "bild"),
+        ("[zenodo]\nrecord = 1\n", "zenodo.record"),
+    ],
+)
+def test_config_unknown_key_is_a_config_error(tmp_path, text, named):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=named) as err:
+        load_settings(cfg)
+    assert "c.toml" in str(err.value) and "unknown" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[build]\nwav = "no"\n', "build.wav"),  # bool("no") is True
+        ('[build]\nareas = "A1"\n', "build.areas"),  # tuple("A1") is ('A', '1')
+        ("[zenodo]\njobs = 2.7\n", "zenodo.jobs"),  # int(2.7) is 2
+        ('[build]\ndt_ms = "ten"\n', "build.dt_ms"),
+        ("build = 3\n", "build"),
+        ("[build]\nnorm = 3\n", "build.norm"),
+    ],
+)
+def test_config_wrong_type_names_the_key(tmp_path, text, named):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=named) as err:
+        load_settings(cfg)
+    assert "c.toml" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_ints_are_fine_where_floats_are_expected(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[build]\ndt_ms = 20\n[zenodo]\ntimeout_s = 5\n")
+    s = load_settings(cfg)
+    assert (s.dt_ms, s.timeout_s) == (20.0, 5.0)
+
+
+def test_cli_config_typo_exits_2_with_one_line(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[build]\ndtms = 5\n")
+    result = invoke("status", "--out", tmp_path / "o", "--config", cfg)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: c.toml")
+
+
+# ----------------------------------------------------------------------- --json errors
+def test_json_mode_usage_errors_are_one_json_line(tmp_path, monkeypatch, capsys):
+    """cron parses stderr line by line: click's own errors must be JSON too with --json."""
+    args = ["build", "--out", str(tmp_path / "o"), "--config", str(tmp_path / "nope.toml")]
+    monkeypatch.setattr("sys.argv", ["nat4etl", *args, "--json"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1
+    obj = json.loads(lines[0])
+    assert obj["level"] == "error" and obj["exit_code"] == 2 and "nope.toml" in obj["msg"]
+    assert "time" in obj
+
+    monkeypatch.setattr("sys.argv", ["nat4etl", *args])  # without --json: click's text
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert "nope.toml" in capsys.readouterr().err
+
+
+def test_json_summary_line_has_a_time(monkeypatch, capsys, tmp_path):
+    from nat4etl import cli as cli_mod
+    from nat4etl import summary
+
+    monkeypatch.setattr(summary, "summarize", lambda out: [])
+    cli_mod._echo_summary(tmp_path, json_mode=True, quiet=False)
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["event"] == "summary" and obj["areas"] == [] and "time" in obj
+
+
+# ----------------------------------------------------------------------- help
+def test_root_help_explains_exit_codes_in_words():
+    out = invoke("--help").output
+    assert "lock_held" not in out and "bad_input" not in out
+    assert "another build holds the lock" in out
+    assert "interrupted" in out
+
+
+# ----------------------------------------------------------------------- not a store
+def test_verify_on_a_directory_that_is_not_a_store_exits_7(tmp_path):
+    """README: 7 = the store is unusable (... OUT is not a store); 6 is for differences."""
+    for out in (tmp_path / "missing", tmp_path / "notstore"):
+        if out.name == "notstore":
+            out.mkdir()
+            (out / "x.txt").write_text("hi")
+        result = invoke("verify", "--out", out)
+        assert result.exit_code == 7, result.output
+        assert "not a nat4etl store" in result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+def test_status_on_a_directory_build_would_refuse(tmp_path):
+    out = tmp_path / "notstore"
+    out.mkdir()
+    (out / "x.txt").write_text("hi")
+    result = invoke("status", "--out", out)
+    assert result.exit_code == 7
+    assert "refusing" in result.stderr and "will run" not in result.output
+
+
+# ----------------------------------------------------------------------- progress on a TTY
+def test_rich_progress_does_not_pile_up_finished_bars():
+    from rich.console import Console
+
+    from nat4etl.progress import RichProgress
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=80)
+    with RichProgress(console=console) as progress:
+        for i in range(20):
+            progress.start(f"file{i}.zip", total=10)
+            progress.advance(f"file{i}.zip", 10)
+            progress.done(f"file{i}.zip")
+        assert len(progress._bars.tasks) == 0
