@@ -39,10 +39,39 @@ class Settings:
         return _checked(replace(self, **given))
 
 
+#: every key a config file may set, by section, with what its value must be
+_KEYS: dict[str, dict[str, str]] = {
+    "zenodo": {
+        "record_id": "int",
+        "url": "str",
+        "jobs": "int",
+        "timeout_s": "float",
+        "max_attempts": "int",
+        "cache_dir": "str",
+    },
+    "build": {
+        "areas": "list of str",
+        "wav": "bool",
+        "dt_ms": "float",
+        "audio_fs_hz": "int",
+        "norm": "str",
+    },
+}
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "list of str": 'a list of strings, e.g. ["A1"]',
+}
+
+
 def load_settings(config_file: str | os.PathLike | None = None) -> Settings:
     raw = _read_toml(DEFAULT_CONFIG)
     if config_file is not None:
-        raw = _merge(raw, _read_toml(Path(config_file)))
+        over = _read_toml(Path(config_file))
+        _check_keys(over, config_file)
+        raw = _merge(raw, over)
     z, b = raw.get("zenodo", {}), raw.get("build", {})
     try:
         s = Settings(
@@ -61,6 +90,44 @@ def load_settings(config_file: str | os.PathLike | None = None) -> Settings:
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"bad or missing setting: {err}", path=config_file) from err
     return _checked(s)
+
+
+def _check_keys(over: dict, path) -> None:
+    """A config file's sections and keys are known and of the right type: a typo
+    (``dtms``) or ``wav = "no"`` is an error naming the key, never silently ignored."""
+    for section, values in over.items():
+        known = _KEYS.get(section)
+        if known is None:
+            raise ConfigError(
+                f"unknown section [{section}]; known: {', '.join(f'[{k}]' for k in _KEYS)}",
+                path=path,
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a [{section}] table", path=path)
+        for key, value in values.items():
+            kind = known.get(key)
+            if kind is None:
+                raise ConfigError(
+                    f"unknown setting {section}.{key}; known in [{section}]: "
+                    + ", ".join(known),
+                    path=path,
+                )
+            if not _is(kind, value):
+                raise ConfigError(
+                    f"{section}.{key}: expected {_EXPECTED[kind]}, got {value!r}", path=path
+                )
+
+
+def _is(kind: str, value: object) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def parse_areas(area: str | None, settings: Settings) -> tuple[str, ...] | None:
