@@ -26,12 +26,11 @@ def _progress(json_mode: bool, quiet: bool):
     return make_progress("json" if json_mode else "quiet" if quiet else "auto")
 
 
-def _fail(err: Exception, code: int, json_mode: bool) -> None:
+def _fail(err: Exception, code: int, json_mode: bool, *, kind: str | None = None) -> None:
     """The last line on stderr, where the log lines go (in --json mode one more object)."""
     if json_mode:
-        click.echo(
-            _json_line("error", str(err), error=type(err).__name__, exit_code=code), err=True
-        )
+        kind = kind or type(err).__name__
+        click.echo(_json_line("error", str(err), error=kind, exit_code=code), err=True)
     else:
         click.echo(f"error: {err}", err=True)
     sys.exit(code)
@@ -57,7 +56,12 @@ def handle_errors(fn):
         except Nat4EtlError as err:
             _fail(err, err.exit_code, json_mode)
         except KeyboardInterrupt:
-            _fail(RuntimeError("interrupted; the previous store is intact"), 130, json_mode)
+            _fail(
+                RuntimeError("interrupted; the previous store is intact"),
+                EXIT_CODES["interrupted"],
+                json_mode,
+                kind="Interrupted",
+            )
         except OSError as err:
             _fail(err, EXIT_CODES["unexpected"], json_mode)
 
@@ -493,7 +497,23 @@ def sample_cmd(out, scale, quirks, seed, config_file, json_mode, quiet):
 
 
 def main() -> None:
-    cli(prog_name="nat4etl")
+    """The console script. click's own errors (a bad option, a missing --config file) are
+    one JSON line too with --json, as every other error is: cron parses stderr by line."""
+    args = sys.argv[1:]
+    json_mode = "--json" in args
+    try:
+        code = cli.main(args=args, prog_name="nat4etl", standalone_mode=False)
+    except click.ClickException as err:
+        if not json_mode:
+            err.show()
+            sys.exit(err.exit_code)
+        msg = err.format_message()
+        if isinstance(err, click.UsageError) and err.ctx is not None:
+            msg = f"{err.ctx.command_path}: {msg}"
+        _fail(RuntimeError(msg), err.exit_code, json_mode, kind=type(err).__name__)
+    except click.exceptions.Abort:  # Ctrl-C outside a command (e.g. while importing)
+        _fail(RuntimeError("interrupted"), EXIT_CODES["interrupted"], json_mode)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":
