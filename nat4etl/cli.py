@@ -15,8 +15,22 @@ from nat4etl import __version__
 from nat4etl.errors import EXIT_CODES, Nat4EtlError
 from nat4etl.stages import STAGES
 
+#: what each exit code means, in the README's words
+EXIT_CODE_MEANINGS = {
+    "ok": "built, or already up to date",
+    "unexpected": "unexpected error (a bug: please report it)",
+    "usage": "usage or configuration error",
+    "bad_input": "bad input (a file or member that cannot be decoded; inputs that disagree)",
+    "network": "network failure (Zenodo unreachable, retries exhausted)",
+    "lock_held": "another build holds the lock",
+    "verification": "verification failure (size or digest mismatch)",
+    "store": "the store is unusable (schema version, missing table, OUT is not a store)",
+    "interrupted": "interrupted (Ctrl-C); the previous store is intact",
+}
 #: "\b" keeps click from re-flowing the table into one line
-EXIT_CODE_HELP = "\b\n" + "\n".join(f"{code:>3}  {what}" for what, code in EXIT_CODES.items())
+EXIT_CODE_HELP = "\b\n" + "\n".join(
+    f"{code:>3}  {EXIT_CODE_MEANINGS[what]}" for what, code in EXIT_CODES.items()
+)
 
 
 def _progress(json_mode: bool, quiet: bool):
@@ -387,7 +401,11 @@ def _echo_summary(out: Path, json_mode: bool, quiet: bool) -> None:
     if json_mode:
         import json
 
-        click.echo(json.dumps({"event": "summary", "areas": summary.as_dicts(summaries)}))
+        from datetime import UTC, datetime
+
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        line = {"time": now, "event": "summary", "areas": summary.as_dicts(summaries)}
+        click.echo(json.dumps(line))
     else:
         click.echo("\n".join(summary.render(out, summaries)))
 
