@@ -400,7 +400,6 @@ def _echo_summary(out: Path, json_mode: bool, quiet: bool) -> None:
     summaries = summary.summarize(out)
     if json_mode:
         import json
-
         from datetime import UTC, datetime
 
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -462,9 +461,19 @@ def _render_status(report: dict) -> str:
 @handle_errors
 def verify_cmd(out, json_mode, quiet):
     """Re-hash every table and raw file against the manifest; exit 6 naming each difference."""
-    from nat4etl.errors import VerificationError
+    from nat4etl.errors import StoreError, VerificationError
     from nat4etl.stages.build import verify
+    from nat4etl.store import MANIFEST, STAGES, store_path
 
+    root = store_path(out)
+    if not (root / MANIFEST).is_file() and not (root / STAGES).is_dir():
+        # nothing to compare with: the store is missing, not different (exit 7, not 6)
+        if root.is_dir() and any(root.iterdir()):
+            raise StoreError(f"{out} is not a nat4etl store (it has no {MANIFEST})")
+        what = "does not exist" if not root.exists() else "is empty"
+        raise StoreError(
+            f"{out} is not a nat4etl store ({what}); `nat4etl build --out {out}` builds one"
+        )
     problems = verify(out)
     for problem in problems:  # on stderr with the other log lines; the exit code is the verdict
         if json_mode:

@@ -108,8 +108,7 @@ def _check_keys(over: dict, path) -> None:
             kind = known.get(key)
             if kind is None:
                 raise ConfigError(
-                    f"unknown setting {section}.{key}; known in [{section}]: "
-                    + ", ".join(known),
+                    f"unknown setting {section}.{key}; known in [{section}]: " + ", ".join(known),
                     path=path,
                 )
             if not _is(kind, value):

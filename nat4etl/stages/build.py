@@ -52,6 +52,7 @@ from nat4etl.store import (
     MANIFEST,
     RAW,
     Store,
+    check_replaceable,
     kill_point,
     lock_holder,
     manifest_digest,
@@ -582,6 +583,7 @@ def status(
             {"stage": s.name, "state": "will run", "reasons": ["never built"]} for s in chosen
         ]
         return report
+    check_replaceable(out)  # a directory build would refuse (StoreError), not "never built"
     snap = open_snapshot(out)
     try:
         root = snap.root
