@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBars
+from rich.table import Column
 from rich.text import Text
 
 Mode = Literal["auto", "rich", "plain", "json", "quiet"]
@@ -217,7 +218,11 @@ class RichProgress(_Base):
     def __init__(self, stream: TextIO | None = None, *, console: Console | None = None) -> None:
         self.console = console or Console(file=stream if stream is not None else sys.stderr)
         self._bars = RichBars(
-            TextColumn("[bold]{task.description}"),
+            # a long member name is cut with an ellipsis rather than wrapping every bar
+            TextColumn(
+                "[bold]{task.description}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", max_width=48),
+            ),
             BarColumn(),
             _AmountColumn(),
             TimeRemainingColumn(),
@@ -257,12 +262,16 @@ class RichProgress(_Base):
             self._bars.update(task_id, completed=0)
 
     def done(self, task: str) -> None:
-        task_id = self._ids.get(task)
+        """A finished bar leaves the display (the log lines say what was done), so a build
+        does not end with a screenful of full bars."""
+        with self._lock:
+            task_id = self._ids.pop(task, None)
+            total = self._totals.pop(task, None)
         if task_id is not None:
-            total = self._totals.get(task)
             if total is not None:
                 self._bars.update(task_id, completed=total)
-            self._bars.stop_task(task_id)
+                self._bars.refresh()  # shown full once, then gone
+            self._bars.remove_task(task_id)
 
     def log(self, msg: str, *, level: Level = "info", **fields: Any) -> None:
         style = {"warning": "yellow", "error": "bold red", "debug": "dim"}.get(level, "")
