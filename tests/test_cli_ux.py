@@ -146,3 +146,22 @@ def test_rich_progress_does_not_pile_up_finished_bars():
             progress.advance(f"file{i}.zip", 10)
             progress.done(f"file{i}.zip")
         assert len(progress._bars.tasks) == 0
+
+
+# ----------------------------------------------------------------------- status says what to run
+def test_status_text_ends_with_what_to_run():
+    from nat4etl.cli import _render_status
+
+    stale = {
+        "out": "/data/nat4",
+        "built": True,
+        "stages": [
+            {"stage": "unpack", "state": "up to date", "reasons": []},
+            {"stage": "rebin-sites", "state": "will run", "reasons": ["parameter dt_ms"]},
+        ],
+        "manifest": [],
+        "up_to_date": False,
+    }
+    assert "nat4etl build --out /data/nat4" in _render_status(stale).splitlines()[-1]
+    fresh = {**stale, "stages": stale["stages"][:1], "up_to_date": True}
+    assert "nat4etl build" not in _render_status(fresh)
