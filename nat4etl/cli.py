@@ -449,6 +449,10 @@ def _render_status(report: dict) -> str:
         lines.append(f"stage   {st['stage']:<13} {st['state']}{ran}{why}")
     for problem in report.get("manifest") or []:
         lines.append(f"manifest  {problem}")
+    if report.get("up_to_date") is False or not report.get("built"):
+        lines.append(
+            f"next    nat4etl build --out {report['out']}  (with this status's other options)"
+        )
     return "\n".join(lines)
 
 
