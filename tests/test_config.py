@@ -47,3 +47,19 @@ def test_parse_areas():
     assert parse_areas("all", s) == ("A1", "PEG")
     assert parse_areas("PEG", s) == ("PEG",)
     assert parse_areas(None, s) is None
+
+
+def test_every_default_key_is_one_a_config_file_may_set():
+    """The checked keys and the shipped defaults are one list: a key added to
+    default.toml must be settable from --config, and none checked may be unknown there."""
+    import tomllib
+
+    from nat4etl import config
+
+    defaults = tomllib.loads(config.DEFAULT_CONFIG.read_text())
+    assert {s: set(keys) for s, keys in defaults.items()} == {
+        s: set(keys) for s, keys in config._KEYS.items()
+    }
+    for section, keys in defaults.items():
+        for key, value in keys.items():
+            assert config._is(config._KEYS[section][key], value), (section, key, value)
