@@ -16,7 +16,13 @@ Fault kinds: ``status`` (an error status, optional Retry-After), ``drop`` (close
 connection after ``after_bytes`` of the body), ``wrong_bytes`` (one byte flipped: md5
 mismatch), ``length_high`` / ``length_low`` (a Content-Length that lies), ``slow`` (wait
 ``delay_s`` before answering), ``ignore_range`` (answer 200 with the whole file to a Range
-request).
+request), ``redirect`` (302 to ``/storage/<bucket>/<key>``, as Zenodo sends file downloads to
+its storage; that route takes faults queued under ``"storage:" + name``), ``gzip`` (the body
+gzip-compressed on the fly, ``Content-Encoding: gzip``), ``trickle`` (the body in
+``after_bytes`` pieces, ``delay_s`` apart: slow but alive), ``stall`` (``after_bytes`` of the
+body, then silence for ``delay_s``), ``bad_range`` (a Range request answered 206 from byte 0,
+Content-Range saying so), ``no_length`` (no Content-Length: the body ends when the connection
+closes).
 
 Use :class:`FakeZenodo` directly (a context manager) or the :func:`fake_zenodo` fixture.
 Stdlib only, so it can serve anything a test writes, including a ``nat4etl sample`` mirror.
@@ -24,6 +30,7 @@ Stdlib only, so it can serve anything a test writes, including a ``nat4etl sampl
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -46,7 +53,19 @@ RECORD_ID = 8044773
 ZENODO_NAMES = list(ZENODO_FILES)
 Shape = Literal["legacy", "new", "export"]
 FaultKind = Literal[
-    "status", "drop", "wrong_bytes", "length_high", "length_low", "slow", "ignore_range"
+    "status",
+    "drop",
+    "wrong_bytes",
+    "length_high",
+    "length_low",
+    "slow",
+    "ignore_range",
+    "redirect",
+    "gzip",
+    "trickle",
+    "stall",
+    "bad_range",
+    "no_length",
 ]
 
 
@@ -221,8 +240,10 @@ class FakeZenodo:
 def content_name(path: str) -> str | None:
     """The file name a content path asks for, or None for other paths."""
     path = urlsplit(path).path
-    match = re.fullmatch(r"/api/records/\d+/files/([^/]+)/content", path) or re.fullmatch(
-        r"/api/files/[^/]+/([^/]+)", path
+    match = (
+        re.fullmatch(r"/api/records/\d+/files/([^/]+)/content", path)
+        or re.fullmatch(r"/api/files/[^/]+/([^/]+)", path)
+        or re.fullmatch(r"/storage/[^/]+/([^/]+)", path)
     )
     return unquote(match.group(1)) if match else None
 
@@ -258,7 +279,8 @@ class _Handler(BaseHTTPRequestHandler):
         if name is None or name not in self.fake.files:
             self._send_json(404, {"status": 404, "message": "PID does not exist."}, entry)
             return
-        self._serve_file(name, entry)
+        storage = path.startswith("/storage/")
+        self._serve_file(name, entry, fault_key=f"storage:{name}" if storage else name)
 
     def _apply_early_fault(self, fault: Fault, entry: LoggedRequest) -> bool:
         """Faults that happen before any body: slow (then carry on) and status. True when
@@ -277,24 +299,60 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         return False
 
-    def _serve_file(self, name: str, entry: LoggedRequest) -> None:
+    def _serve_file(self, name: str, entry: LoggedRequest, *, fault_key: str) -> None:
         data = self.fake.files[name]
-        fault = self.fake.next_fault(name)
+        fault = self.fake.next_fault(fault_key)
         if fault is not None and self._apply_early_fault(fault, entry):
             return
         kind = fault.kind if fault is not None else None
+        if kind == "redirect":
+            where = f"/storage/{self.fake.bucket}/{quote(name)}"
+            self._send_bytes(302, b"", entry, {"Location": where})
+            return
         if kind == "wrong_bytes":
             data = _flip_one_byte(data)
         start = _range_start(self.headers.get("Range")) if kind != "ignore_range" else None
+        if kind == "bad_range" and start is not None:
+            start = 0  # "206 Partial Content" for bytes we did not ask for
+            status_206 = True
+        else:
+            status_206 = start is not None
         if start is not None and start >= len(data):
             self._send_bytes(416, b"", entry, {"Content-Range": f"bytes */{len(data)}"})
             return
         body = data[start or 0 :]
         headers = {"Content-Type": "application/octet-stream"}
-        if start is not None:
+        if status_206:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        status = 206 if start is not None else 200
-        if kind == "drop":
+        status = 206 if status_206 else 200
+        if kind == "gzip":
+            headers["Content-Encoding"] = "gzip"
+            self._send_bytes(status, gzip.compress(body), entry, headers)
+        elif kind == "trickle":
+            assert fault is not None
+            self._send_bytes(
+                status,
+                body,
+                entry,
+                headers,
+                piece_bytes=fault.after_bytes or 4096,
+                piece_delay_s=fault.delay_s,
+            )
+        elif kind == "stall":
+            assert fault is not None
+            cut = fault.after_bytes if fault.after_bytes is not None else len(body) // 2
+            self._send_bytes(
+                status,
+                body,
+                entry,
+                headers,
+                send_bytes=min(cut, len(body)),
+                close=True,
+                stall_s=fault.delay_s,
+            )
+        elif kind == "no_length":
+            self._send_bytes(status, body, entry, headers, claimed_bytes=-1, close=True)
+        elif kind == "drop":
             cut = fault.after_bytes if fault.after_bytes is not None else len(body) // 2
             self._send_bytes(
                 status, body, entry, headers, send_bytes=min(cut, len(body)), close=True
@@ -326,20 +384,35 @@ class _Handler(BaseHTTPRequestHandler):
         claimed_bytes: int | None = None,
         send_bytes: int | None = None,
         close: bool = False,
+        piece_bytes: int | None = None,
+        piece_delay_s: float = 0.0,
+        stall_s: float = 0.0,
     ) -> None:
+        """``claimed_bytes=-1``: no Content-Length (the connection is closed after the body)."""
         entry.status = status
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self.send_header(
-            "Content-Length", str(len(body) if claimed_bytes is None else claimed_bytes)
-        )
+        if claimed_bytes != -1:
+            self.send_header(
+                "Content-Length", str(len(body) if claimed_bytes is None else claimed_bytes)
+            )
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(body if send_bytes is None else body[:send_bytes])
-        self.wfile.flush()
+        out = body if send_bytes is None else body[:send_bytes]
+        if piece_bytes is None:
+            self.wfile.write(out)
+            self.wfile.flush()
+        else:
+            for i in range(0, len(out), piece_bytes):
+                self.wfile.write(out[i : i + piece_bytes])
+                self.wfile.flush()
+                if self.fake._stopping.wait(piece_delay_s):
+                    break
+        if stall_s:
+            self.fake._stopping.wait(stall_s)
 
 
 def _range_start(header: str | None) -> int | None:

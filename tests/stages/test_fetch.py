@@ -219,6 +219,13 @@ RECOVERABLE = {
     "Content-Length too low": [Fault("length_low")],
     "slow past the timeout": [Fault("slow", delay_s=1.5)],
     "drop on every response": [Fault("drop", after_bytes=30_000, times=None)],
+    "stall mid-body past the read timeout": [Fault("stall", after_bytes=10_000, delay_s=1.5)],
+    "drop, then 206 from the wrong byte": [Fault("drop", after_bytes=10_000), Fault("bad_range")],
+    "drop, then no Content-Length": [Fault("drop", after_bytes=10_000), Fault("no_length")],
+    "gzip despite Accept-Encoding: identity": [Fault("gzip")],
+    "429 Retry-After as a past HTTP date": [
+        Fault("status", status=429, retry_after="Wed, 21 Oct 2015 07:28:00 GMT")
+    ],
 }
 
 
@@ -254,6 +261,50 @@ def test_retry_after_is_honoured(server: FakeZenodo, tmp_path: Path, cache: Path
     run(server, tmp_path / "raw", cache, areas=["A1"], wav=False)
     assert time.monotonic() - started >= 1.0
     assert_has(tmp_path / "raw", server, [TARGET])
+
+
+def test_redirect_to_storage_keeps_range_and_retries(
+    server: FakeZenodo, tmp_path: Path, cache: Path
+) -> None:
+    """Zenodo sends downloads to a storage host: each retry starts again at the content URL
+    (a fresh redirect, as a signed storage URL may have expired) and keeps its Range."""
+    server.inject(TARGET, Fault("redirect", times=None))
+    server.inject(f"storage:{TARGET}", Fault("drop", after_bytes=10_000))
+    run(server, tmp_path / "raw", cache, areas=["A1"], wav=False)
+    gets = [
+        (r.path.split("/")[1], r.headers.get("range"), r.status)
+        for r in server.content_gets(TARGET)
+    ]
+    assert gets == [
+        ("api", None, 302),
+        ("storage", None, 200),
+        ("api", "bytes=10000-", 302),
+        ("storage", "bytes=10000-", 206),
+    ]
+    assert_has(tmp_path / "raw", server, [TARGET])
+
+
+def test_slow_but_alive_is_not_a_timeout(server: FakeZenodo, tmp_path: Path, cache: Path) -> None:
+    server.inject(TARGET, Fault("trickle", after_bytes=32_768, delay_s=0.2))
+    progress = Recorder()
+    run(server, tmp_path / "raw", cache, areas=["A1"], wav=False, timeout_s=0.5, progress=progress)
+    assert len(server.content_gets(TARGET)) == 1 and progress.warnings() == []
+    assert_has(tmp_path / "raw", server, [TARGET])
+
+
+def test_record_429_with_retry_after_date_is_honoured(
+    server: FakeZenodo, tmp_path: Path, cache: Path
+) -> None:
+    from datetime import UTC, timedelta
+    from email.utils import format_datetime
+
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=2), usegmt=True)
+    server.inject(RECORD, Fault("status", status=429, retry_after=when))
+    started = time.monotonic()
+    run(server, tmp_path / "raw", cache, areas=["A1"], wav=False)
+    assert time.monotonic() - started >= 1.0  # the date has one-second resolution
+    assert len(server.record_gets()) == 2
+    assert_has(tmp_path / "raw", server, AREA_FILES["A1"])
 
 
 # ------------------------------------------------------------ faults that fail
@@ -839,3 +890,4 @@ def test_auto_progress_is_plain_unless_stdout_and_stderr_are_terminals(monkeypat
     monkeypatch.setattr("sys.stdout", Tty())
     assert isinstance(make_progress("auto", stream=Tty()), RichProgress)
     assert isinstance(make_progress("auto", stream=io.StringIO()), PlainProgress)
+
