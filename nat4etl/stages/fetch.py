@@ -42,7 +42,13 @@ from typing import TYPE_CHECKING, Literal
 import platformdirs
 
 from nat4etl import net
-from nat4etl.errors import ChecksumMismatch, ConfigError, FetchError, InputMismatch
+from nat4etl.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    FetchError,
+    InputMismatch,
+    StoreError,
+)
 from nat4etl.formats.zenodo import RemoteFile, parse_record_bytes, record_url
 from nat4etl.hashing import md5_file, mismatch, mismatch_of
 from nat4etl.nat4 import AREAS, WAV_ZIP, area_files
@@ -421,7 +427,10 @@ def fetch(
     finally:
         if own_client and http is not None:
             http.close()
-    _write_manifests(dest_dir, listing, entries, record_id)
+    try:
+        _write_manifests(dest_dir, listing, entries, record_id)
+    except OSError as err:
+        raise _io_error(err, dest_dir / FETCH_JSON, dest_dir) from err
     progress.log(_summary(steps, executor.downloaded_bytes, dest_dir))
     return FetchResult(dest_dir, record_id, steps, entries, executor.downloaded_bytes)
 
@@ -547,6 +556,14 @@ class _Executor:
         return [r for r in results if isinstance(r, FetchEntry)]
 
     def _run_step(self, step: FetchStep) -> FetchEntry:
+        """One step; a failed read or write (a full disk, a quota, EIO) is a one-line
+        :class:`StoreError` naming the file, where the OSError names a temp file or nothing."""
+        try:
+            return self._run_step_io(step)
+        except OSError as err:
+            raise _io_error(err, step.target) from err
+
+    def _run_step_io(self, step: FetchStep) -> FetchEntry:
         name = step.remote.name
         for path in step.stale:
             self.progress.log(f"{name}: {path} failed verification; deleted", level="warning")
@@ -643,6 +660,8 @@ class _Executor:
             if why is None:
                 _publish(part, final)
             return why
+        except OSError as err:
+            raise _io_error(err, target, final.parent) from err
         finally:
             part.unlink(missing_ok=True)
             self.progress.done(rf.name)
@@ -675,6 +694,8 @@ class _Executor:
             if why is None:
                 _publish(part, target)
             return why
+        except OSError as err:
+            raise _io_error(err, target, target.parent) from err
         finally:
             part.unlink(missing_ok=True)
             if count_progress:
@@ -697,6 +718,16 @@ class _Executor:
 
     def _entry(self, rf: RemoteFile, via: str) -> FetchEntry:
         return FetchEntry(rf.name, rf.size_bytes, rf.md5, rf.url, _now_iso(), via)
+
+
+def _io_error(err: OSError, target: Path, directory: Path | None = None) -> StoreError:
+    """``<name>: cannot read or write <where> (<reason>); nothing written under the final
+    name``: ``where`` is the file the OSError names, else the directory being written."""
+    reason = (err.strerror or str(err)).replace("\n", " ")
+    where = err.filename if err.filename is not None else directory
+    at = f" {where}" if where is not None else ""
+    msg = f"cannot read or write{at} ({reason}); nothing written under the final name"
+    return StoreError(msg, path=target)
 
 
 def _part_path(final: Path) -> Path:

@@ -34,6 +34,7 @@ from nat4etl.errors import (
     FormatError,
     InputMismatch,
     RemoteUnavailable,
+    StoreError,
 )
 from nat4etl.formats.zenodo import RemoteFile, parse_record, parse_record_bytes
 from nat4etl.hashing import md5_bytes, md5_file
@@ -891,3 +892,65 @@ def test_auto_progress_is_plain_unless_stdout_and_stderr_are_terminals(monkeypat
     assert isinstance(make_progress("auto", stream=Tty()), RichProgress)
     assert isinstance(make_progress("auto", stream=io.StringIO()), PlainProgress)
 
+
+# ------------------------------------------------------------ a disk that fills up
+
+
+@pytest.fixture
+def file_size_limit():
+    """``limit(n)``: writes past ``n`` bytes of any file fail with EFBIG, as a full disk
+    fails them with ENOSPC (RLIMIT_FSIZE; SIGXFSZ ignored so the write returns an error)."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def limit(n_bytes: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, old_limit[1]))
+
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_disk_full_mid_download_is_one_line_naming_the_file(
+    server: FakeZenodo, tmp_path: Path, cache: Path, file_size_limit
+) -> None:
+    dest = tmp_path / "raw"
+    progress = Recorder()
+    big = [n for n in AREA_FILES["A1"] if len(server.files[n]) > 60_000]
+    assert big, "the test needs a file larger than the limit"
+    file_size_limit(60_000)
+    with pytest.raises(StoreError) as info:
+        run(server, dest, cache, areas=["A1"], wav=False, progress=progress)
+    file_size_limit(2**62)
+    message = str(info.value)
+    assert message.startswith(f"{big[0]}: ") and "\n" not in message
+    assert "File too large" in message and str(cache) in message
+    assert "nothing written under the final name" in message
+    assert info.value.exit_code == 7
+    # the other failures are logged the same way, each naming its file
+    errors = [m for lvl, m in progress.lines if lvl == "error"]
+    assert [m.split(":")[0] for m in errors] == big[1:]
+    for name in big:
+        assert not (dest / name).exists()
+    assert parts_under(dest, cache) == []
+    assert_cache_clean(cache)
+
+
+def test_disk_full_copying_from_source_names_the_file(
+    server: FakeZenodo, tmp_path: Path, file_size_limit
+) -> None:
+    cache = tmp_path / "cache"
+    run(server, tmp_path / "first", cache, areas=["A1"], wav=False)
+    dest = tmp_path / "raw"
+    file_size_limit(60_000)
+    with pytest.raises(StoreError) as info:  # source files are copied, never hardlinked
+        run(server, dest, None, areas=["A1"], wav=False, source_dir=tmp_path / "first")
+    file_size_limit(2**62)
+    message = str(info.value)
+    assert "File too large" in message and str(dest) in message and "\n" not in message
+    assert parts_under(dest) == []
