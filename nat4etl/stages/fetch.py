@@ -31,6 +31,7 @@ import json
 import os
 import queue
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -175,13 +176,15 @@ def plan_fetch(
     dest_dir: Path,
     cache_dir: Path | None,
     source_dir: Path | None = None,
+    cache_writable: bool = True,
 ) -> list[FetchStep]:
     """Decide, per file the areas need, how it reaches ``dest_dir``. Writes nothing.
 
     A file already in ``dest_dir`` with the right size and md5 is ``up-to-date``. Otherwise
     it comes from ``source_dir`` when given, else from a cache entry that still verifies,
-    else from the network (into the cache when there is one). Files that fail verification
-    are listed in ``stale`` for the executor to delete.
+    else from the network (into the cache when there is one and it is writable). Files that
+    fail verification are listed in ``stale`` for the executor to delete (never a file in
+    a cache that is not ``cache_writable``: someone else's).
 
     Raises :class:`InputMismatch` when ``remote`` lacks a needed file.
     """
@@ -191,11 +194,17 @@ def plan_fetch(
     if missing:
         msg = f"the file list has no {', '.join(missing)}; it has {', '.join(sorted(by_name)) or 'nothing'}"
         raise InputMismatch(msg)
-    return [_plan_one(by_name[n], Path(dest_dir), cache_dir, source_dir) for n in names]
+    return [
+        _plan_one(by_name[n], Path(dest_dir), cache_dir, source_dir, cache_writable) for n in names
+    ]
 
 
 def _plan_one(
-    rf: RemoteFile, dest_dir: Path, cache_dir: Path | None, source_dir: Path | None
+    rf: RemoteFile,
+    dest_dir: Path,
+    cache_dir: Path | None,
+    source_dir: Path | None,
+    cache_writable: bool = True,
 ) -> FetchStep:
     target = dest_dir / rf.name
     why = mismatch(target, size_bytes=rf.size_bytes, md5=rf.md5)
@@ -210,6 +219,11 @@ def _plan_one(
         return FetchStep(rf, "download", target, stale=stale, reason="no cache")
     entry = cache_entry_path(cache_dir, rf)
     cache_why = mismatch(entry, size_bytes=rf.size_bytes, md5=rf.md5)
+    if not cache_writable:  # read what it holds; download the rest straight to dest
+        if cache_why is None:
+            return FetchStep(rf, "copy-from-cache", target, source=entry, stale=stale)
+        why_not = "not cached" if cache_why == "missing" else f"cache entry corrupt: {cache_why}"
+        return FetchStep(rf, "download", target, stale=stale, reason=f"{why_not}; cache read-only")
     if cache_why is None:
         return FetchStep(
             rf, "copy-from-cache", target, source=entry, cache_entry=entry, stale=stale
@@ -350,7 +364,8 @@ def fetch(
         ``record.json`` when it has one (else accepted as they are, with a warning).
     cache_dir
         Download cache root; default ``$NAT4ETL_CACHE``, else the platform user cache dir.
-        Not used with ``source_dir``. An unwritable cache is skipped with a warning.
+        Not used with ``source_dir``. A cache that cannot be created is skipped, one that
+        cannot be written (another user's, a read-only mount) is only read, with a warning.
     jobs
         Parallel transfers (threads), default 2.
     progress
@@ -410,7 +425,9 @@ def fetch(
             progress=progress,
         )
         dest_dir.mkdir(parents=True, exist_ok=True)
-        cache = None if source_dir is not None else _usable_cache(cache_dir, progress)
+        cache, cache_writable = (
+            (None, False) if source_dir is not None else _usable_cache(cache_dir, progress)
+        )
         progress.log(f"checking files already in {dest_dir}" + (f" and {cache}" if cache else ""))
         steps = plan_fetch(
             listing.remote,
@@ -419,6 +436,7 @@ def fetch(
             dest_dir=dest_dir,
             cache_dir=cache,
             source_dir=source_dir,
+            cache_writable=cache_writable,
         )
         if any(step.action != "up-to-date" for step in steps):
             _forget_manifests(dest_dir)  # until the end, they would vouch for changing files
@@ -461,15 +479,29 @@ def run(store, settings, progress) -> dict:
     }
 
 
-def _usable_cache(cache_dir: Path | None, progress: Progress) -> Path | None:
-    """The cache root, created; None (with a warning) when it cannot be created."""
+def _usable_cache(cache_dir: Path | None, progress: Progress) -> tuple[Path | None, bool]:
+    """The cache root, created, and whether we can write there; None (with a warning)
+    when it cannot be created. One that exists but is read-only to us (a shared cache of
+    another user, a read-only mount) is read, not written, with a warning."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
         (root / "zenodo").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         progress.log(f"cache {root} unusable ({err}); downloading without a cache", level="warning")
-        return None
-    return root
+        return None, False
+    try:  # mkdir succeeds on an existing directory, writable or not: try a file
+        fd, probe = tempfile.mkstemp(dir=root / "zenodo", prefix=".nat4etl-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        progress.log(
+            f"cache {root} is read-only ({reason}): using the files it holds, "
+            "downloading the others without caching them",
+            level="warning",
+        )
+        return root, False
+    return root, True
 
 
 class _Cancelled(Exception):
@@ -598,6 +630,12 @@ class _Executor:
         if why is None:
             self.progress.log(f"{step.remote.name}: from cache, verified")
             return True
+        if step.cache_entry is None:  # a read-only cache: not ours to delete
+            self.progress.log(
+                f"{step.remote.name}: cache entry {why} (cache read-only); downloading",
+                level="warning",
+            )
+            return False
         self.progress.log(
             f"{step.remote.name}: cache entry {why}; deleted, downloading", level="warning"
         )

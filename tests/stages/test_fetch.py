@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import time
 from datetime import datetime
@@ -476,6 +477,52 @@ def test_unusable_cache_is_skipped(server: FakeZenodo, tmp_path: Path) -> None:
     run(server, tmp_path / "raw", blocker, areas=["A1"], wav=False, progress=progress)
     assert_has(tmp_path / "raw", server, AREA_FILES["A1"])
     assert any("unusable" in w for w in progress.warnings())
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(dir)``: nothing can be created or deleted in ``dir`` (chmod for a user,
+    ``chattr +i`` for root, whom permission bits do not stop); undone after the test."""
+    import subprocess
+
+    done: list[Path] = []
+
+    def make(directory: Path) -> None:
+        if os.geteuid() != 0:
+            directory.chmod(0o555)
+        elif subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+            pytest.skip("cannot make a directory read-only here (no chattr +i)")
+        done.append(directory)
+
+    yield make
+    for directory in done:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(0o755)
+
+
+def test_read_only_cache_is_read_not_written(server: FakeZenodo, tmp_path: Path, read_only) -> None:
+    """A shared cache this user cannot write (another user's, a read-only mount): its
+    verified entries are used, missing ones downloaded straight to dest, with a warning."""
+    cache = tmp_path / "cache"
+    run(server, tmp_path / "first", cache, areas=["A1"], wav=False)  # A1 cached, PEG not
+    corrupt = cache_entry_path(cache, _remote(server, "A1_pred_correlation.csv"))
+    corrupt.write_bytes(b"damaged")
+    for entry_dir in (cache / "zenodo").iterdir():
+        read_only(entry_dir)
+    read_only(cache / "zenodo")
+    server.clear_log()
+    progress = Recorder()
+    result = run(server, tmp_path / "raw", cache, areas=["all"], wav=False, progress=progress)
+    assert_has(tmp_path / "raw", server, AREA_FILES["A1"] + AREA_FILES["PEG"])
+    assert result.count("copy-from-cache") == 2
+    assert sorted(content_name(r.path) for r in server.content_gets()) == sorted(
+        ["A1_pred_correlation.csv", *AREA_FILES["PEG"]]
+    )
+    assert any("read-only" in w or "not writable" in w for w in progress.warnings())
+    assert corrupt.read_bytes() == b"damaged"  # not ours to delete
+    assert parts_under(tmp_path / "raw") == []
 
 
 # ------------------------------------------------------------ source_dir
