@@ -262,31 +262,32 @@ def measure_floor(mirror: Path, runs: int) -> list[Figure]:
         pass
     chunks = hdf5_deflate_chunks(mirror)
     for name, fn in engines.items():
-        times, n = [], 0
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            n = _inflate_all(mirror, fn) + _inflate_chunks(chunks, fn)
-            times.append(time.perf_counter() - t0)
         figures.append(
-            Figure(
-                f"floor: inflate all inputs, 1 thread, {name} ({n / 1e9:.2f} GB out)",
-                statistics.median(times),
-                runs=times,
+            _timed(
+                lambda fn=fn: _inflate_all(mirror, fn) + _inflate_chunks(chunks, fn),
+                runs,
+                f"floor: inflate all inputs, 1 thread, {name} ({{gb:.2f}} GB out)",
             )
         )
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        n = _read_members_whole(mirror)
-        times.append(time.perf_counter() - t0)
     figures.append(
-        Figure(
-            f"  for scale: every member read whole, tarfile/zipfile ({n / 1e9:.2f} GB)",
-            statistics.median(times),
-            runs=times,
+        _timed(
+            lambda: _read_members_whole(mirror),
+            runs,
+            "  for scale: every member read whole, tarfile/zipfile ({gb:.2f} GB)",
         )
     )
     return figures  # zlib first
+
+
+def _timed(work, runs: int, label: str) -> Figure:
+    """The median of ``runs`` calls of ``work`` (which returns the bytes it made), labelled
+    with ``label`` formatted with those bytes as ``gb``."""
+    times, n = [], 0
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        n = work()
+        times.append(time.perf_counter() - t0)
+    return Figure(label.format(gb=n / 1e9), statistics.median(times), runs=times)
 
 
 def _read_members_whole(mirror: Path) -> int:
