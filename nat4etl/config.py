@@ -1,5 +1,6 @@
 """Typed settings: ``configs/default.toml`` (shipped as ``nat4etl/default.toml``), then an
-optional ``--config FILE``, then command-line flags, each overriding the one before."""
+optional ``--config FILE``, then the environment (``$NAT4ETL_CACHE``), then command-line
+flags, each overriding the one before."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from nat4etl.errors import ConfigError
 from nat4etl.nat4 import AREAS
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
+#: the download cache's environment variable: over a config file's ``cache_dir``, under
+#: ``--cache``
+CACHE_ENV = "NAT4ETL_CACHE"
 NORMS = ("deepstrf", "nems")
 
 
@@ -80,7 +84,7 @@ def load_settings(config_file: str | os.PathLike | None = None) -> Settings:
             jobs=int(z["jobs"]),
             timeout_s=float(z["timeout_s"]),
             max_attempts=int(z["max_attempts"]),
-            cache_dir=Path(z["cache_dir"]) if z.get("cache_dir") else None,
+            cache_dir=_cache_dir(z.get("cache_dir")),
             areas=tuple(b["areas"]),
             wav=bool(b["wav"]),
             dt_ms=float(b["dt_ms"]),
@@ -90,6 +94,14 @@ def load_settings(config_file: str | os.PathLike | None = None) -> Settings:
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"bad or missing setting: {err}", path=config_file) from err
     return _checked(s)
+
+
+def _cache_dir(configured: str | None) -> Path | None:
+    """``$NAT4ETL_CACHE`` when set, else the config's ``cache_dir``; None: the platform's."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    return Path(configured).expanduser() if configured else None
 
 
 def _check_keys(over: dict, path) -> None:

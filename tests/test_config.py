@@ -63,3 +63,16 @@ def test_every_default_key_is_one_a_config_file_may_set():
     for section, keys in defaults.items():
         for key, value in keys.items():
             assert config._is(config._KEYS[section][key], value), (section, key, value)
+
+
+def test_cache_dir_precedence_is_flag_then_env_then_file(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[zenodo]\ncache_dir = "/from/file"\n')
+    monkeypatch.delenv("NAT4ETL_CACHE", raising=False)
+    assert load_settings(cfg).cache_dir == Path("/from/file")
+    assert load_settings().cache_dir is None  # the platform's, chosen by fetch
+    monkeypatch.setenv("NAT4ETL_CACHE", "/from/env")
+    assert load_settings(cfg).cache_dir == Path("/from/env")
+    assert load_settings().cache_dir == Path("/from/env")
+    flagged = load_settings(cfg).with_overrides(cache_dir=Path("/from/flag"))
+    assert flagged.cache_dir == Path("/from/flag")

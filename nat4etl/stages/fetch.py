@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Literal
 import platformdirs
 
 from nat4etl import net
+from nat4etl.config import CACHE_ENV
 from nat4etl.errors import (
     ChecksumMismatch,
     ConfigError,
@@ -65,7 +66,6 @@ RECORD_JSON = "record.json"
 FETCH_JSON = "fetch.json"
 DEFAULT_RECORD_ID = 8044773
 DEFAULT_ZENODO_URL = "https://zenodo.org"
-CACHE_ENV = "NAT4ETL_CACHE"
 VERIFY_ATTEMPTS = 3  # whole re-downloads after an md5 mismatch (network retries are separate)
 CANCEL_GRACE_S = 2.0  # after Ctrl-C, how long to let workers clean up
 STALE_PART_AGE_S = 24 * 3600  # older temp files are leftovers of a killed run
