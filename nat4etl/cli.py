@@ -180,12 +180,20 @@ def cli() -> None:
 def _run_stage_command(
     stage: str, out: Path, wait_s: float, config_file, json_mode, quiet, **flags
 ) -> None:
-    """One stage through `build`: locked, skipped when up to date, published atomically."""
-    from nat4etl.stages.build import build
+    """One stage through `build`: locked, skipped when up to date, published atomically;
+    a warning names the later stages it left out of date."""
+    from nat4etl.stages.build import build, stale_after
 
     settings = _settings(config_file, **flags)
     with _progress(json_mode, quiet) as progress:
         build(out, settings, progress, wait_s=wait_s, force=_forced(), only=(stage,))
+        stale = stale_after(out, settings, stage)
+        if stale:
+            progress.log(
+                f"{', '.join(stale)} now out of date (built from tables {stage} replaced); "
+                f"`nat4etl build --out {out}` brings them up to date",
+                level="warning",
+            )
 
 
 @cli.command("fetch")

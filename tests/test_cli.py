@@ -26,3 +26,21 @@ def test_unknown_area_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["unpack", "--out", str(tmp_path / "o"), "--area", "XX"])
     assert result.exit_code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_a_single_stage_rerun_names_the_later_stages_it_left_out_of_date(tmp_path, mini_sample):
+    out = tmp_path / "store"
+    src = str(mini_sample.dir)
+    built = CliRunner().invoke(cli, ["build", "--area", "A1", "--source", src, "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    rerun = CliRunner().invoke(cli, ["rebin-sites", "--out", str(out), "--dt-ms", "20"])
+    assert rerun.exit_code == 0, rerun.output
+    warned = [line for line in rerun.output.splitlines() if "now out of date" in line]
+    assert len(warned) == 1, rerun.output
+    assert "align-wav, normalize now out of date" in warned[0]
+    assert f"nat4etl build --out {out}" in warned[0]
+    # a stage whose later stages were never built warns of nothing
+    fresh = tmp_path / "fresh"
+    first = CliRunner().invoke(cli, ["fetch", "--area", "A1", "--source", src, "--out", str(fresh)])
+    assert first.exit_code == 0, first.output
+    assert "now out of date" not in first.output

@@ -606,6 +606,19 @@ def status(
     return report
 
 
+def stale_after(out: str | os.PathLike, settings: Settings, stage: str) -> list[str]:
+    """The stages after ``stage`` that were built before and are now out of date: what a
+    single stage's rerun leaves behind (its tables changed under them)."""
+    later = STAGES[STAGES.index(stage) + 1 :]
+    return [
+        row["stage"]
+        for row in status(out, settings)["stages"]
+        if row["stage"] in later
+        and row["state"] != "up to date"
+        and "never built" not in row["reasons"]
+    ]
+
+
 def _manifest_or_empty(store: Store) -> dict:
     try:
         return store.read_manifest() or {}
