@@ -44,3 +44,6 @@ def test_a_single_stage_rerun_names_the_later_stages_it_left_out_of_date(tmp_pat
     first = CliRunner().invoke(cli, ["fetch", "--area", "A1", "--source", src, "--out", str(fresh)])
     assert first.exit_code == 0, first.output
     assert "now out of date" not in first.output
+    # the log names the store by its published path, not the staging copy built into
+    assert f"checking files already in {fresh / 'raw'}" in first.output
+    assert ".staging-" not in first.output

@@ -344,6 +344,7 @@ def fetch(
     timeout_s: float = 60.0,
     backoff_base_s: float = 1.0,
     retry_after_cap_s: float = 120.0,
+    shown_dir: Path | None = None,
 ) -> FetchResult:
     """Make ``dest_dir`` hold the verified Zenodo files the areas need.
 
@@ -376,6 +377,9 @@ def fetch(
     max_attempts, timeout_s, backoff_base_s, retry_after_cap_s
         Network retries: see :mod:`nat4etl.net`. ``timeout_s`` applies to connect and to
         each read, not to the whole file.
+    shown_dir
+        What the log calls ``dest_dir`` (a build writes into a staging copy of the store,
+        but the user knows it by its published path).
 
     Raises
     ------
@@ -428,7 +432,8 @@ def fetch(
         cache, cache_writable = (
             (None, False) if source_dir is not None else _usable_cache(cache_dir, progress)
         )
-        progress.log(f"checking files already in {dest_dir}" + (f" and {cache}" if cache else ""))
+        shown = shown_dir or dest_dir
+        progress.log(f"checking files already in {shown}" + (f" and {cache}" if cache else ""))
         steps = plan_fetch(
             listing.remote,
             areas=areas,
@@ -449,7 +454,7 @@ def fetch(
         _write_manifests(dest_dir, listing, entries, record_id)
     except OSError as err:
         raise _io_error(err, dest_dir / FETCH_JSON, dest_dir) from err
-    progress.log(_summary(steps, executor.downloaded_bytes, dest_dir))
+    progress.log(_summary(steps, executor.downloaded_bytes, shown_dir or dest_dir))
     return FetchResult(dest_dir, record_id, steps, entries, executor.downloaded_bytes)
 
 
@@ -468,6 +473,7 @@ def run(store, settings, progress) -> dict:
         progress=progress,
         max_attempts=settings.max_attempts,
         timeout_s=settings.timeout_s,
+        shown_dir=Path(store.published_at) / store.raw_dir.name,
     )
     return {
         "files": len(result.entries),

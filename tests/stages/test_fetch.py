@@ -619,7 +619,8 @@ def test_source_same_as_dest_is_refused(tmp_path: Path) -> None:
 
 
 def test_stage_run_uses_settings(server: FakeZenodo, tmp_path: Path, cache: Path) -> None:
-    store = SimpleNamespace(raw_dir=tmp_path / "out" / "raw")
+    out = tmp_path / "out"
+    store = SimpleNamespace(raw_dir=out / "raw", published_at=out)
     settings = SimpleNamespace(
         areas=("A1",),
         wav=False,
