@@ -474,7 +474,7 @@ def _render_status(report: dict) -> str:
 def verify_cmd(out, json_mode, quiet):
     """Re-hash every table and raw file against the manifest; exit 6 naming each difference."""
     from nat4etl.errors import StoreError, VerificationError
-    from nat4etl.stages.build import verify
+    from nat4etl.stages.build import rebuild_command, verify
     from nat4etl.store import MANIFEST, STAGES, store_path
 
     root = store_path(out)
@@ -494,7 +494,7 @@ def verify_cmd(out, json_mode, quiet):
             click.echo(f"difference: {problem}", err=True)
     if problems:
         raise VerificationError(
-            f"{len(problems)} difference(s) in {out}; Hint: `nat4etl build --out {out}` "
+            f"{len(problems)} difference(s) in {out}; Hint: `{rebuild_command(out)}` "
             "rebuilds what changed"
         )
     msg = f"{out}: every table and raw file matches the manifest"

@@ -47,3 +47,18 @@ def test_a_single_stage_rerun_names_the_later_stages_it_left_out_of_date(tmp_pat
     # the log names the store by its published path, not the staging copy built into
     assert f"checking files already in {fresh / 'raw'}" in first.output
     assert ".staging-" not in first.output
+
+
+def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_sample):
+    out = tmp_path / "store"
+    src = str(mini_sample.dir)
+    args = ["build", "--area", "A1", "--dt-ms", "20", "--no-wav", "--source", src]
+    built = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    table = next((out / "responses").rglob("*.parquet"))
+    table.write_bytes(table.read_bytes()[:-1] + b"x")  # tampered: one byte changed
+    result = CliRunner().invoke(cli, ["verify", "--out", str(out)])
+    assert result.exit_code == 6, result.output
+    (hint,) = [line for line in result.output.splitlines() if "Hint:" in line]
+    assert f"nat4etl build --out {out} --area A1 --dt-ms 20" in hint
+    assert "--no-wav" in hint

@@ -30,7 +30,7 @@ from typing import Any
 
 from nat4etl import SCHEMA_VERSION, memory
 from nat4etl.config import Settings
-from nat4etl.errors import ConfigError, NotImplementedYet
+from nat4etl.errors import ConfigError, NotImplementedYet, StoreError
 from nat4etl.fingerprint import (
     FETCH,
     Decision,
@@ -669,6 +669,39 @@ def _stage_states(
 
 
 # ====================================================================== verify
+
+
+def rebuild_command(out: str | os.PathLike) -> str:
+    """The ``nat4etl build`` command line that rebuilds ``out`` with the parameters its
+    manifest records (its areas, bin width, waveforms, ...), not the config's defaults."""
+    words = ["nat4etl", "build", "--out", str(out)]
+    try:
+        snap = open_snapshot(store_path(out))
+    except (OSError, StoreError):
+        snap = None
+    params = {}
+    if snap is not None:
+        try:
+            params = (snap.read_manifest() or {}).get("parameters") or {}
+        except (OSError, ValueError):
+            pass
+        finally:
+            snap.close()
+    areas = params.get("areas")
+    if areas:
+        words += ["--area", areas[0] if len(areas) == 1 else "all"]
+    flags = {"dt_ms": "--dt-ms", "audio_fs_hz": "--audio-fs", "norm": "--norm"}
+    for key, flag in flags.items():
+        if params.get(key) is not None:
+            words += [
+                flag,
+                f"{params[key]:g}" if isinstance(params[key], float) else str(params[key]),
+            ]
+    if params.get("wav") is False:
+        words.append("--no-wav")
+    if params.get("source_dir"):
+        words += ["--source", str(params["source_dir"])]
+    return " ".join(words)
 
 
 def verify(out: str | os.PathLike) -> list[str]:
