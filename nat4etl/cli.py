@@ -25,7 +25,7 @@ EXIT_CODE_MEANINGS = {
     "lock_held": "another build holds the lock",
     "verification": "verification failure (size or digest mismatch)",
     "store": "the store is unusable (schema version, missing table, OUT is not a store)",
-    "interrupted": "interrupted (Ctrl-C); the previous store is intact",
+    "interrupted": "interrupted (Ctrl-C); the store is as it was unless this run had published",
 }
 #: "\b" keeps click from re-flowing the table into one line
 EXIT_CODE_HELP = "\b\n" + "\n".join(
@@ -71,7 +71,7 @@ def handle_errors(fn):
             _fail(err, err.exit_code, json_mode)
         except KeyboardInterrupt:
             _fail(
-                RuntimeError("interrupted; the previous store is intact"),
+                RuntimeError("interrupted; the store is as it was unless this run had published"),
                 EXIT_CODES["interrupted"],
                 json_mode,
                 kind="Interrupted",

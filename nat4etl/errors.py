@@ -116,5 +116,5 @@ EXIT_CODES = {
     "lock_held": StoreLocked.exit_code,
     "verification": VerificationError.exit_code,
     "store": StoreError.exit_code,
-    "interrupted": 130,  # Ctrl-C / SIGINT; the previous store is intact
+    "interrupted": 130,  # Ctrl-C / SIGINT; the store is as it was unless this run had published
 }
