@@ -268,10 +268,12 @@ REPORT = _table(
             _f("detail", pa.string()),
         ),
         key=("kind", "subject"),
-        doc="Mismatches found while interpreting the data: unmatched units and sites, odd "
-        "repetition counts, case-only wav matches, unclassified STIM_ epochs, STIM_ epochs "
-        "with a time that is not finite, site presentations left out as extract_epoch "
-        "leaves them out.",
+        doc="Mismatches found while interpreting the data: unmatched units and sites, unit "
+        "ids in more than one site file, odd repetition counts (0 for a val sound a site "
+        "never played), site presentations of another length than the sound's population "
+        "epoch, sounds without their Pre/PostStimSilence, case-only wav matches, "
+        "unclassified STIM_ epochs, STIM_ epochs with a time that is not finite, site "
+        "presentations left out as extract_epoch leaves them out.",
     )
 )
 

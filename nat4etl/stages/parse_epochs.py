@@ -205,6 +205,14 @@ def build_stims(
                 report.add(
                     "stim_unclassified", name, "STIM_ epoch neither ^STIM_cat nor ^STIM_00cat"
                 )
+            missing = [n for n in (nat4.PRESTIM, nat4.POSTSTIM) if not _has_inner(silences[n], e)]
+            if missing:
+                report.add(
+                    "silence_missing",
+                    name,
+                    f"no {' or '.join(missing)} inside its population epoch; taken as 0 s "
+                    "(align-wav places the wav at prestim_s)",
+                )
             duration_s = e.end_s - e.start_s
             stims.append(
                 Stim(
@@ -235,6 +243,17 @@ def _inner_length_s(spans: list[tuple[float, float]], outer: Epoch) -> float:
         if end_s <= outer.end_s:
             return end_s - start_s
     return 0.0
+
+
+def _has_inner(spans: list[tuple[float, float]], outer: Epoch) -> bool:
+    """Does a span lie inside ``outer`` (as :func:`_inner_length_s` looks for one)?"""
+    i = bisect.bisect_left(spans, (outer.start_s, float("-inf")))
+    for start_s, end_s in spans[i:]:
+        if start_s > outer.end_s:
+            return False
+        if end_s <= outer.end_s:
+            return True
+    return False
 
 
 def stims_table(stims: list[Stim]) -> pa.Table:
@@ -412,8 +431,11 @@ def _placed(
     return [(lb / fs_hz, ub / fs_hz) for lb, ub in indices]
 
 
-def report_repetitions(trials: list[Trial], stims: list[Stim], *, report: Report) -> None:
-    """Flag (site, sound) repetition counts that differ from the subset's modal count."""
+def report_repetitions(
+    trials: list[Trial], stims: list[Stim], *, report: Report, sites: Iterable[str] = ()
+) -> None:
+    """Flag (site, sound) repetition counts that differ from the subset's modal count; a
+    val sound a site (of ``sites``, or with trials) never presented counts 0 there."""
     counts = Counter((t.site, t.stim) for t in trials)
     by_id = {s.stim: s for s in stims}
     for subset in ("est", "val"):
@@ -421,6 +443,11 @@ def report_repetitions(trials: list[Trial], stims: list[Stim], *, report: Report
         if not pairs:
             continue
         modal = Counter(pairs.values()).most_common(1)[0][0]
+        if subset == "val":  # the only single trials of a val sound are the site files'
+            for site in set(sites) | {t.site for t in trials}:
+                for s in stims:
+                    if s.subset == "val":
+                        pairs.setdefault((site, s.stim), 0)
         for (site, stim), n in sorted(pairs.items()):
             if n != modal:
                 report.add(
@@ -428,6 +455,26 @@ def report_repetitions(trials: list[Trial], stims: list[Stim], *, report: Report
                     f"{site}/{by_id[stim].name}",
                     f"{n} repetitions, {subset} sounds have {modal} at most sites",
                 )
+
+
+def report_lengths(
+    trials: list[Trial], stims: list[Stim], *, report: Report, stim_fs_hz: float
+) -> None:
+    """Presentations whose length differs from their sound's population epoch by half a
+    population frame or more: rebin-sites cuts as many bins from every start, so the end
+    of a longer one is not counted and a shorter one is NaN-padded."""
+    duration = {s.stim: s.duration_s for s in stims}
+    name = {s.stim: s.name for s in stims}
+    tolerance_s = 0.5 / stim_fs_hz if stim_fs_hz else 0.0
+    for t in trials:
+        length_s = t.end_s - t.start_s
+        if abs(length_s - duration[t.stim]) >= tolerance_s:
+            report.add(
+                "presentation_length",
+                f"{t.site}/{name[t.stim]}@{t.start_s:g}",
+                f"{length_s:g} s long, the population epoch {duration[t.stim]:g} s: "
+                "binned from its start, cut or NaN-padded to the population's length",
+            )
 
 
 def trials_table(trials: list[Trial]) -> pa.Table:
@@ -448,18 +495,23 @@ class UnitMatch:
 
 
 def match_units(cell_ids: list[str], site_units: list[tuple[str, str]]) -> list[UnitMatch]:
-    """Exact id first, then the parsed (site, electrode, unit) key (TNC ``012`` == ``12``)."""
-    exact = {}
+    """Exact id first, then the parsed (site, electrode, unit) key (TNC ``012`` == ``12``).
+
+    An id in several site files matches the one of the site the id names (rebin-sites
+    bins a cell at that site), else the first."""
+    exact: dict[str, list[str]] = {}
     canonical = {}
     for site, unit_id in site_units:
-        exact.setdefault(unit_id, site)
+        exact.setdefault(unit_id, []).append(site)
         key = nat4.canonical_unit_key(unit_id)
         if key is not None:
             canonical.setdefault(key, (site, unit_id))
     out = []
     for cell_id in cell_ids:
         if cell_id in exact:
-            out.append(UnitMatch(cell_id, exact[cell_id], "exact"))
+            sites = exact[cell_id]
+            own = nat4.site_of_unit(cell_id)
+            out.append(UnitMatch(cell_id, own if own in sites else sites[0], "exact"))
             continue
         key = nat4.canonical_unit_key(cell_id)
         if key is not None and key in canonical:
@@ -484,10 +536,27 @@ def report_unit_matches(
         if m.match == "none":
             report.add("unit_without_site_data", cell_id, "no per-site unit with this id")
     used = {(m.site, m.site_unit_id) for m in matches if m.match != "none"}
+    used_at = {m.site_unit_id: m.site for m in matches if m.match != "none"}
     matched_sites = {m.site for m in matches if m.match != "none"}
+    unmatched: dict[str, list[str]] = {}
     for site, unit_id in site_units:
-        if (site, unit_id) not in used:
-            report.add("site_unit_not_in_population", unit_id, f"unit of site {site}")
+        if (site, unit_id) in used:
+            continue
+        if unit_id in used_at:
+            report.add(
+                "site_unit_duplicate_id",
+                f"{site}/{unit_id}",
+                f"the population unit with this id is matched at site {used_at[unit_id]}; "
+                "this copy is not used",
+            )
+        else:
+            unmatched.setdefault(unit_id, []).append(site)
+    for unit_id, in_sites in unmatched.items():
+        report.add(
+            "site_unit_not_in_population",
+            unit_id,
+            f"unit of site{'s' if len(in_sites) > 1 else ''} {', '.join(in_sites)}",
+        )
     n_units = Counter(site for site, _ in site_units)
     for site in sorted(set(sites)):
         if site not in matched_sites:
@@ -654,7 +723,8 @@ def parse_area(inputs: AreaInputs) -> Parsed:
         fs_hz=inputs.site_fs_hz,
         segments=site_segments,
     )
-    report_repetitions(trials, stims, report=report)
+    report_repetitions(trials, stims, report=report, sites=inputs.site_epochs)
+    report_lengths(trials, stims, report=report, stim_fs_hz=inputs.stim_fs_hz)
     report_wavs(stims, inputs.wav_names, report=report)
     cells = build_cells(
         inputs.resp_chans,

@@ -582,3 +582,71 @@ def test_a_stim_epoch_with_a_time_that_is_not_finite_is_reported_and_left_out():
     arm = [t for t in parsed.trials.to_pylist() if t["site"] == "ARM001a"]
     arm_clean = [t for t in clean.trials.to_pylist() if t["site"] == "ARM001a"]
     assert len(arm) == len(arm_clean) - 1
+
+
+# ---------------------------------------------------------------- interpretation edge cases
+def _with_site_session(raw: dict, site: str, names: list[str]) -> dict:
+    rows = [r for r in raw["epochs"].to_pylist() if r["recording"] != f"{site}_rec"]
+    rows += _epoch_rows(f"{site}_rec", "resp", _session(names))
+    return {**raw, "epochs": pa.Table.from_pylist(rows, schema=schema.EPOCHS.schema)}
+
+
+def test_a_val_sound_a_site_never_presented_is_a_repetition_count_of_0():
+    # TNC015a plays VAL_A three times and VAL_B not at all: its units have no single
+    # trials of VAL_B, which must be said as a short count is (README: odd counts reported)
+    report = _report(_parse(_with_site_session(_raw(), "TNC015a", [VAL_A] * 3)))
+    assert report[("repetition_count", f"TNC015a/{VAL_B}")].startswith("0 repetitions")
+    assert ("repetition_count", f"TNC015a/{VAL_A}") not in report  # 3, as at every site
+
+
+def test_a_stim_without_its_silences_in_the_population_is_reported():
+    # prestim_s places the wav (align-wav); a missing PreStimSilence must not pass as 0 s
+    raw = _raw()
+    rows = [
+        r
+        for r in raw["epochs"].to_pylist()
+        if not (r["recording"] == POP and r["name"] == "PreStimSilence" and r["start_s"] == 3.0)
+    ]
+    raw["epochs"] = pa.Table.from_pylist(rows, schema=schema.EPOCHS.schema)
+    parsed = _parse(raw)
+    assert parsed.stims.to_pylist()[0]["prestim_s"] == 0.0
+    report = _report(parsed)
+    assert ("silence_missing", EST_X) in report
+    assert "PreStimSilence" in report[("silence_missing", EST_X)]
+    assert not any(k == "silence_missing" for k, s in report if s != EST_X)
+
+
+def test_a_site_presentation_longer_or_shorter_than_the_sound_is_reported():
+    # rebin-sites cuts n_bins from each start: a 1.6 s presentation is silently cut, a
+    # 1.4 s one NaN-padded; the 1.5 s population epoch is the reference
+    raw = _raw()
+    rows = raw["epochs"].to_pylist()
+    for r in rows:
+        if r["recording"] == "TNC015a_rec" and r["name"] == VAL_A:
+            if r["start_s"] == 1.0:
+                r["end_s"] = 2.6
+            elif r["start_s"] == 5.0:
+                r["end_s"] = 6.4
+    raw["epochs"] = pa.Table.from_pylist(rows, schema=schema.EPOCHS.schema)
+    report = _report(_parse(raw))
+    lengths = {s for k, s in report if k == "presentation_length"}
+    assert lengths == {f"TNC015a/{VAL_A}@1", f"TNC015a/{VAL_A}@5"}
+
+
+def test_the_same_unit_id_at_two_sites():
+    # ARM001a-01-1 is in the population; a copy of its id in XYZ001a's file listed first
+    # must not take the match from the unit's own site (rebin-sites bins cells at the
+    # site their id names), and an unmatched id at two sites is reported at both
+    raw = _with_site_session(_raw(), "XYZ001a", SITE_XYZ[:4])  # 4 val trials, ARM001a 6
+    spikes = raw["site_spikes"].to_pylist()
+    xyz = {"site": "XYZ001a", "recording": "XYZ001a_rec"}
+    spikes = [{**spikes[0], **xyz}, {**spikes[1], **xyz}, *spikes]
+    raw["site_spikes"] = pa.Table.from_pylist(spikes, schema=schema.SITE_SPIKES.schema)
+    parsed = _parse(raw)
+    cell = parsed.cells.to_pylist()[0]
+    assert (cell["cell_id"], cell["match"], cell["n_val_trials"]) == ("ARM001a-01-1", "exact", 6)
+    report = _report(parsed)
+    detail = report[("site_unit_not_in_population", "ARM001a-05-1")]
+    assert "ARM001a" in detail and "XYZ001a" in detail
+    assert ("site_unit_duplicate_id", "XYZ001a/ARM001a-01-1") in report
+    assert ("site_unit_not_in_population", "ARM001a-01-1") not in report
