@@ -18,8 +18,6 @@ WAV_ZIP = "wav.zip"
 STIM_PREFIX = "STIM_"
 PRESTIM = "PreStimSilence"
 POSTSTIM = "PostStimSilence"
-#: repetitions of each validation sound at each site in the published recordings
-EXPECTED_VAL_REPETITIONS = 20
 
 _VAL_RE = re.compile(r"^STIM_00cat")
 _EST_RE = re.compile(r"^STIM_cat")
