@@ -88,7 +88,9 @@ def render(out: str | Path, summaries: list[AreaSummary]) -> list[str]:
         )
         lines.append(
             f"{s.area}: missing (sound, unit) pairs: {s.missing_pairs['est']} est, "
-            f"{s.missing_pairs['val']} val; units with no val trial: {s.cells_without_val}; "
+            f"{s.missing_pairs['val']} val"
+            + (f", {s.missing_pairs.get('other', 0)} other" if s.n_stims_other else "")
+            + f"; units with no val trial: {s.cells_without_val}; "
             f"{s.n_report_rows} report rows (see the `report` table)"
         )
     lines.append(f"tables: {Path(out)}/<table>/area=<AREA>/part-0.parquet; read with nat4etl.open")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from click.testing import CliRunner
 
 from nat4etl import summary
@@ -30,3 +32,25 @@ def test_summary_counts_come_from_the_store(mini_quirks_sample, tmp_path):
     # and the command printed them
     assert f"A1: {a1.n_cells} units" in result.output
     assert f"{a1.missing_pairs['val']} val" in result.output
+
+
+def test_missing_pairs_of_unclassified_sounds_are_printed():
+    """A STIM_ sound that is neither est nor val (none in the sample) still has its missing
+    pairs in the printed line, not only in as_dicts."""
+    s = summary.AreaSummary(
+        area="A1",
+        n_cells=3,
+        n_auditory=2,
+        n_stims_est=2,
+        n_stims_val=1,
+        n_stims_other=1,
+        n_sites=1,
+        match_counts={"exact": 3},
+        missing_pairs={"est": 0, "val": 3, "other": 2},
+        cells_without_val=1,
+        n_report_rows=4,
+    )
+    lines = summary.render("out", [s])
+    assert "A1: missing (sound, unit) pairs: 0 est, 3 val, 2 other; units with no val" in lines[1]
+    plain = summary.render("out", [dataclasses.replace(s, n_stims_other=0)])
+    assert "3 val; units with no val trial" in plain[1]
