@@ -231,7 +231,8 @@ CELLS = _table(
         ),
         key=("cell",),
         doc="Units in population channel order, joined with <area>_pred_correlation.csv "
-        "(its other columns follow) and with the per-site unit ids.",
+        "(its other columns follow) and with the per-site unit ids. site: the site whose file "
+        "holds the unit's spikes, else the one its id names.",
         open_columns=True,
     )
 )

@@ -587,8 +587,13 @@ def build_cells(
     columns = {
         "cell": pa.array(range(len(cell_ids)), pa.int32()),
         "cell_id": pa.array(cell_ids, pa.string()),
+        # the site whose file holds the unit's spikes (rebin-sites bins it there, and
+        # n_val_trials counts there), else the one its id names
         "site": pa.array(
-            [p.site if p else nat4.site_of_unit(c) for c, p in zip(cell_ids, parsed, strict=True)],
+            [
+                m.site or (p.site if p else nat4.site_of_unit(c))
+                for c, p, m in zip(cell_ids, parsed, matches, strict=True)
+            ],
             pa.string(),
         ),
         "animal": pa.array([p.animal if p else None for p in parsed], pa.string()),

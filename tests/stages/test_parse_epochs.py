@@ -650,3 +650,21 @@ def test_the_same_unit_id_at_two_sites():
     assert "ARM001a" in detail and "XYZ001a" in detail
     assert ("site_unit_duplicate_id", "XYZ001a/ARM001a-01-1") in report
     assert ("site_unit_not_in_population", "ARM001a-01-1") not in report
+
+
+def test_a_unit_found_only_in_another_sites_file_is_placed_at_that_site():
+    """ARM001a-01-1's spikes are only in XYZ001a's file: its cell's site is the site whose
+    file holds them, where rebin-sites bins it and n_val_trials counts, not the one its id
+    names (no rows at all came out before)."""
+    raw = _with_site_session(_raw(), "XYZ001a", SITE_XYZ[:4])  # 4 val trials
+    xyz = {"site": "XYZ001a", "recording": "XYZ001a_rec"}
+    spikes = [
+        {**r, **xyz} if r["unit_id"] == "ARM001a-01-1" else r
+        for r in raw["site_spikes"].to_pylist()
+    ]
+    raw["site_spikes"] = pa.Table.from_pylist(spikes, schema=schema.SITE_SPIKES.schema)
+    cell = _parse(raw).cells.to_pylist()[0]
+    assert (cell["cell_id"], cell["match"]) == ("ARM001a-01-1", "exact")
+    assert (cell["site"], cell["n_val_trials"]) == ("XYZ001a", 4)
+    others = [c for c in _parse(raw).cells.to_pylist()[1:] if c["match"] != "none"]
+    assert others and all(c["site"] == c["cell_id"].split("-")[0] for c in others)
