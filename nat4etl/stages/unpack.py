@@ -435,8 +435,9 @@ def _check_raster_lengths(rec: nems0.Recording, path: Path, member: str) -> None
         if sig.epochs is not None and sig.epochs.num_rows:
             ends = sig.epochs.column("end_s").to_numpy(zero_copy_only=False)
         last_end = float(np.nanmax(ends)) if np.any(~np.isnan(ends)) else float("nan")
-        times = [np.asarray(t, np.float64) for t in sig.data.values()]
-        spikes = np.concatenate(times) if times and not last_end > 0 else np.empty(0)
+        spikes = np.empty(0)
+        if not last_end > 0 and sig.data:  # no epoch end: NEMS0 takes the last spike
+            spikes = np.concatenate([np.asarray(t, np.float64) for t in sig.data.values()])
         try:
             ok = 0 <= raster_samples(last_end, spikes, sig.header.fs_hz) <= _MAX_RASTER
         except (OverflowError, ValueError):
