@@ -298,6 +298,21 @@ class Store:
             parts.append(t.add_column(0, "area", pa.array([a] * t.num_rows, pa.string())))
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
+    def parquet_file(self, name: str, area: str):
+        """One area's Parquet file, open for reading in batches or row groups (a few rows
+        of a list column without decoding the rest); schema version checked."""
+        import pyarrow.parquet as pq
+
+        path = self.table_file(name, area)
+        if not path.is_file():
+            raise MissingTableError(
+                f"table {name!r} for {area} not found in {self.published_at}; run the stage "
+                f"that writes it (`nat4etl build --out {self.published_at}`)"
+            )
+        pf = pq.ParquetFile(path, memory_map=True)
+        check_file_metadata(name, pf.schema_arrow, path)
+        return pf
+
     def table_metadata(self, name: str, area: str) -> dict:
         import pyarrow.parquet as pq
 

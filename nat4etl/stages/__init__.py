@@ -47,6 +47,7 @@ CONTRACTS: dict[str, StageSpec] = {
             reads=(
                 "recordings",
                 "signals",
+                "pop_signals",  # row 0 of mask_est, a check on the sounds' est/val names
                 "epochs",
                 "site_spikes",
                 "pred_correlation",

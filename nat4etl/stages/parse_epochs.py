@@ -23,6 +23,9 @@ Choices, each stated once:
   from 0 past every epoch, changes nothing and leaves every time as written. Only a
   rasterized signal's segments count: NEMS0 loads none for a PointProcess (a site's
   ``resp``), and its raster gets the default ones; those are reported, not applied.
+- Sounds are est or val by name, as the old loader classes them; the population's
+  ``mask_est`` (row 0 only, as NEMS0 reads it: 1 on est data, 0 on val data) is a check
+  on that, and a sound whose own epoch it contradicts is a report row.
 - Anything that does not line up becomes a ``report`` row, never a silent drop.
 """
 
@@ -49,6 +52,7 @@ _PRED_PREFIX = "pred_"
 _POPULATION = "population"
 _SITE = "site"
 RESP = "resp"
+MASK_EST = "mask_est"
 
 
 # ============================================================================ inputs
@@ -90,6 +94,9 @@ class AreaInputs:
     #: (recording, name, start_s, end_s) of the STIM_ epochs with a time that is missing
     #: or not finite: left out as extract_epoch leaves them out, and reported
     unusable_stim_epochs: list[tuple] = field(default_factory=list)
+    #: row 0 of the population's ``mask_est`` and its rate; None when it has none
+    mask_est: np.ndarray | None = None
+    mask_fs_hz: float | None = None
 
 
 @dataclass
@@ -477,6 +484,40 @@ def report_lengths(
             )
 
 
+def report_mask_est(
+    stims: list[Stim], mask_est: np.ndarray, *, fs_hz: float, report: Report
+) -> None:
+    """Sounds whose population epoch ``mask_est`` puts in the other subset, wholly or in
+    part: an est sound should have it nonzero on every sample (NEMS0 keeps est data where
+    it is true), a val sound zero on every one. Sounds stay classed by name."""
+    want_true = {"est": True, "val": False}
+    for s in stims:
+        if s.subset not in want_true:
+            continue
+        lb, ub = (
+            int(b)
+            for b in np.round(np.array([s.pop_start_s, s.pop_start_s + s.duration_s]) * fs_hz)
+        )
+        seen = mask_est[max(lb, 0) : max(ub, 0)]
+        n = ub - lb
+        wrong = int(np.count_nonzero(seen == 0) if want_true[s.subset] else np.count_nonzero(seen))
+        beyond = n - len(seen)
+        if wrong == 0 and beyond == 0:
+            continue
+        parts = []
+        if wrong:
+            value = 0 if want_true[s.subset] else 1
+            parts.append(f"mask_est is {value} on {wrong} of its {n} samples")
+        if beyond:
+            parts.append(f"mask_est ({len(mask_est)} samples) misses {beyond} of its {n}")
+        report.add(
+            "mask_est_disagrees",
+            s.name,
+            f"a{'n' if s.subset == 'est' else ''} {s.subset} sound by its name, but "
+            f"{' and '.join(parts)} (row 0, from {lb}); kept as {s.subset}",
+        )
+
+
 def trials_table(trials: list[Trial]) -> pa.Table:
     return pa.Table.from_pylist([t.__dict__ for t in trials], schema=schema.TRIALS.schema)
 
@@ -731,6 +772,8 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     report_repetitions(trials, stims, report=report, sites=inputs.site_epochs)
     report_lengths(trials, stims, report=report, stim_fs_hz=inputs.stim_fs_hz)
     report_wavs(stims, inputs.wav_names, report=report)
+    if inputs.mask_est is not None and inputs.mask_fs_hz:
+        report_mask_est(stims, inputs.mask_est, fs_hz=inputs.mask_fs_hz, report=report)
     cells = build_cells(
         inputs.resp_chans,
         inputs.site_units,
@@ -762,6 +805,7 @@ def area_inputs(
     *,
     pred_correlation: pa.Table | None = None,
     source_members: pa.Table | None = None,
+    mask_est: np.ndarray | None = None,
     area: str = "",
 ) -> AreaInputs:
     """Gather one area's raw tables into :class:`AreaInputs` (no interpretation yet)."""
@@ -861,6 +905,8 @@ def area_inputs(
         wav_names=wav_names,
         skipped_members=skipped,
         unusable_stim_epochs=unusable_rows,
+        mask_est=mask_est,
+        mask_fs_hz=(sig.get((pop_name, MASK_EST)) or {}).get("fs_hz"),
     )
 
 
@@ -961,6 +1007,7 @@ def run(store, settings, progress) -> dict:
             ),
             pred_correlation=_optional(store, "pred_correlation", area),
             source_members=_optional(store, "source_members", area),
+            mask_est=read_mask_est(store, area),
             area=area,
         )
         parsed = parse_area(inputs)
@@ -969,6 +1016,26 @@ def run(store, settings, progress) -> dict:
         _log_report(progress, area, parsed)
         summary[area] = {k: v for k, v in parsed.counts.items() if k != "report"}
     return summary
+
+
+def read_mask_est(store, area: str) -> np.ndarray | None:
+    """Row 0 of the population's ``mask_est`` (channel 0), None if it has none.
+
+    Rows are in key order (signal, channel), so batches are decoded only up to it: A1's
+    whole ``pop_signals`` takes 0.5 s to decode, its first rows a few ms."""
+    pf = store.parquet_file("pop_signals", area)
+    keys = pf.read(columns=["signal", "channel"])
+    found = pc.and_(pc.equal(keys.column("signal"), MASK_EST), pc.equal(keys.column("channel"), 0))
+    rows = np.flatnonzero(found.to_numpy(zero_copy_only=False))
+    if len(rows) == 0:
+        return None
+    row = int(rows[0])
+    seen = 0
+    for batch in pf.iter_batches(batch_size=1, columns=["values"], use_threads=False):
+        if row < seen + batch.num_rows:
+            return batch.column("values")[row - seen].values.to_numpy(zero_copy_only=False)
+        seen += batch.num_rows
+    return None  # not reached: the row was counted above
 
 
 def _optional(store, name: str, area: str) -> pa.Table | None:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nat4etl import binning, memory, schema
-from nat4etl.errors import ConfigError, InputMismatch, MissingTableError
+from nat4etl.errors import ConfigError, InputMismatch
 from nat4etl.stages import CONTRACTS, handoff
 from nat4etl.stages.background import WriteBehind
 
@@ -889,7 +889,7 @@ def read_population_signals(
     kept = handoff.take(store, "pop_signals", area)  # unpack ran in this build: no read
     if kept is not None and all(s in kept for s in signals):
         return {s: kept[s] for s in signals}
-    pf = _parquet_file(store, "pop_signals", area)
+    pf = store.parquet_file("pop_signals", area)
     keys = pf.read(columns=["signal", "channel"])
     names = np.asarray(keys.column("signal").to_pylist(), dtype=object)
     channels = keys.column("channel").to_numpy()
@@ -925,28 +925,11 @@ def read_population_signals(
 
 def read_in_batches(store, name: str, area: str, *, batch_rows: int = 64) -> pa.Table:
     """A table read a few rows at a time (list columns decode with ~3x transient memory)."""
-    pf = _parquet_file(store, name, area)
+    pf = store.parquet_file(name, area)
     batches = list(pf.iter_batches(batch_size=batch_rows, use_threads=False))
     table = pa.Table.from_batches(batches, schema=pf.schema_arrow.remove_metadata())
     pa.default_memory_pool().release_unused()
     return table
-
-
-def _parquet_file(store, name: str, area: str):
-    """A table's Parquet file, schema version checked (the path comes from the store)."""
-    import pyarrow.parquet as pq
-
-    from nat4etl.store import check_file_metadata
-
-    path = store.table_file(name, area)
-    if not path.is_file():
-        raise MissingTableError(
-            f"table {name!r} for {area} not found in {store.published_at}; run the stage "
-            f"that writes it (`nat4etl build --out {store.published_at}`)"
-        )
-    pf = pq.ParquetFile(path, memory_map=True)
-    check_file_metadata(name, pf.schema_arrow, path)
-    return pf
 
 
 def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -228,7 +229,6 @@ def test_duplicate_epochs_count_once():
 # ---------------------------------------------------------------- extract_epoch semantics
 def _nems0_extract(rows: list[tuple[float, float]], fs_hz: float) -> list[tuple[float, float]]:
     """nems0-format.md section 4, written out: snap, 'exclude', then remove_overlap."""
-    import numpy as np
 
     bounds = np.round(np.array(rows, dtype=np.float64) * fs_hz) / fs_hz
     bounds = bounds[bounds[:, 0] >= 0]
@@ -444,6 +444,17 @@ def test_report_matches_the_sample(built, area):
             assert ("unit_without_site_data", "DRX006b-124-1") in report
 
 
+@pytest.mark.parametrize("area", AREAS)
+def test_mask_est_row_0_is_read_from_the_store(built, area):
+    info, store, _ = built
+    a = info.areas[area]
+    mask = pe.read_mask_est(store, area)
+    n_frames = info.n_frames_per_stim
+    assert mask.shape == ((len(a.val_stims) + len(a.est_stims)) * n_frames,)
+    assert mask[: len(a.val_stims) * n_frames].sum() == 0
+    assert (mask[len(a.val_stims) * n_frames :] == 1).all()
+
+
 def _with_segments(raw: dict, segments: dict[tuple[str, str], str | None]) -> dict:
     """``raw`` with the JSON segments of (recording, signal), adding a 1 kHz site resp row
     for a site recording not yet in ``signals``."""
@@ -631,6 +642,61 @@ def test_a_site_presentation_longer_or_shorter_than_the_sound_is_reported():
     report = _report(_parse(raw))
     lengths = {s for k, s in report if k == "presentation_length"}
     assert lengths == {f"TNC015a/{VAL_A}@1", f"TNC015a/{VAL_A}@5"}
+
+
+def _mask_kinds(parsed: pe.Parsed) -> dict[str, str]:
+    return {s: d for (k, s), d in _report(parsed).items() if k == "mask_est_disagrees"}
+
+
+def _parse_with_mask(raw: dict, mask) -> pe.Parsed:
+    signals = raw["signals"].to_pylist()
+    signals.append(
+        {"recording": POP, "signal": "mask_est", "signal_type": "rasterized", "fs_hz": 100.0,
+         "n_chans": 1, "n_samples": len(mask), "chans": None, "segments_json": None,
+         "meta_json": None}
+    )  # fmt: skip
+    inputs = pe.area_inputs(
+        raw["recordings"],
+        pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema),
+        raw["epochs"],
+        raw["site_spikes"],
+        mask_est=np.asarray(mask, dtype=np.float32),
+        area="A1",
+    )
+    return pe.parse_area(inputs)
+
+
+def test_mask_est_that_agrees_with_the_names_adds_no_report_row():
+    # population: VAL_A 0-1.5 s, VAL_B 1.5-3, EST_X 3-4.5, EST_Y 4.5-6, ODD 6-7.5 at 100 Hz
+    mask = np.r_[np.zeros(300), np.ones(450)]
+    assert _mask_kinds(_parse_with_mask(_raw(), mask)) == {}
+    # the "other" sound's samples are not checked either way
+    assert _mask_kinds(_parse_with_mask(_raw(), np.r_[np.zeros(300), np.ones(300)])) == {}
+
+
+def test_mask_est_against_a_sounds_name_is_reported_and_the_name_wins():
+    mask = np.r_[np.zeros(300), np.ones(450)]
+    mask[310:320] = 0  # 10 samples of EST_X marked val
+    mask[299] = 1  # the last sample of VAL_B marked est
+    parsed = _parse_with_mask(_raw(), mask)
+    rows = _mask_kinds(parsed)
+    assert set(rows) == {EST_X, VAL_B}
+    assert "est sound by its name" in rows[EST_X]
+    assert "mask_est is 0 on 10 of its 150 samples" in rows[EST_X]
+    assert "mask_est is 1 on 1 of its 150 samples" in rows[VAL_B]
+    subsets = {r["name"]: r["subset"] for r in parsed.stims.to_pylist()}
+    assert (subsets[EST_X], subsets[VAL_B]) == ("est", "val")
+
+
+def test_mask_est_shorter_than_a_sounds_epoch_is_reported():
+    mask = np.r_[np.zeros(300), np.ones(150), np.ones(100)]  # ends at 5.5 s, in EST_Y
+    rows = _mask_kinds(_parse_with_mask(_raw(), mask))
+    assert set(rows) == {EST_Y}
+    assert "misses 50 of its 150" in rows[EST_Y]
+
+
+def test_without_mask_est_nothing_is_checked(parsed):
+    assert _mask_kinds(parsed) == {}
 
 
 def test_the_same_unit_id_at_two_sites():
