@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from nat4etl import __version__
-from nat4etl.errors import FetchError, RemoteUnavailable
+from nat4etl.errors import FetchError, RemoteUnavailable, VerificationError
 
 if TYPE_CHECKING:  # imported where a request is made: a build from a local mirror
     import httpx  # never makes one, and importing httpx costs ~40 ms
@@ -178,7 +178,7 @@ def download(
     max_requests = policy.max_attempts * _RESUME_REQUESTS_FACTOR
     failures = requests = 0
     with open(part_path, "ab") as fh:
-        best_bytes = fh.tell()
+        best_bytes = most_bytes = fh.tell()
         while True:
             requests += 1
             failure = _stream_once(
@@ -194,18 +194,31 @@ def download(
                 fh.flush()
                 os.fsync(fh.fileno())
                 return
-            reason, retry_after = failure
             have_bytes = fh.tell()
             failures = 1 if have_bytes > best_bytes else failures + 1
             best_bytes = max(best_bytes, have_bytes)
+            most_bytes = max(most_bytes, have_bytes, failure.bytes_dropped)
             if failures >= policy.max_attempts or requests >= max_requests:
                 of = f" of {size_bytes}" if size_bytes is not None else ""
-                msg = f"GET {url}: {reason}; gave up after {requests} requests ({have_bytes}{of} bytes received)"
+                got = f"{have_bytes}{of} bytes kept"
+                if most_bytes > have_bytes:
+                    got += f", {most_bytes} received before a restart"
+                msg = f"GET {url}: {failure.reason}; gave up after {requests} requests ({got})"
+                if failure.too_long:  # the last of the tries without progress went past the size
+                    raise VerificationError(
+                        f"{msg}; the file on the server is longer than the record says"
+                    )
                 raise RemoteUnavailable(msg)
-            _wait(policy, failures, retry_after, f"GET {url}: {reason}", on_retry)
+            _wait(policy, failures, failure.retry_after, f"GET {url}: {failure.reason}", on_retry)
 
 
-_Failure = tuple[str, str | None]  # (reason, Retry-After header)
+class _Failure(NamedTuple):
+    """Why one request failed, and how many bytes a restart threw away with it."""
+
+    reason: str
+    retry_after: str | None = None  # the Retry-After header
+    bytes_dropped: int = 0
+    too_long: bool = False  # the body went past the expected size
 
 
 def _stream_once(
@@ -243,16 +256,21 @@ def _stream_once(
                 if on_bytes is not None:
                     on_bytes(len(chunk))
                 if size_bytes is not None and fh.tell() > size_bytes:
+                    dropped = fh.tell()
                     _restart(fh, on_restart)
-                    return f"body longer than the expected {size_bytes} bytes; restarting", None
+                    return _Failure(
+                        f"body longer than the expected {size_bytes} bytes; restarting",
+                        bytes_dropped=dropped,
+                        too_long=True,
+                    )
     except httpx.TransportError as err:
         _raise_if_permanent(err, url)
-        return describe_error(err), None
+        return _Failure(describe_error(err))
     except (httpx.HTTPError, httpx.InvalidURL) as err:
         raise FetchError(f"GET {url}: {describe_error(err)}") from err
     got_bytes = fh.tell()
     if size_bytes is not None and got_bytes < size_bytes:
-        return f"body ended early ({got_bytes} of {size_bytes} bytes)", None
+        return _Failure(f"body ended early ({got_bytes} of {size_bytes} bytes)")
     return None
 
 
@@ -273,9 +291,12 @@ def _accept_response(
         return None
     if status in (206, 416):
         _restart(fh, on_restart)  # a range we did not ask for, or one it cannot serve
-        return f"HTTP {status} for Range bytes={have_bytes}-; restarting from 0", None
+        return _Failure(
+            f"HTTP {status} for Range bytes={have_bytes}-; restarting from 0",
+            bytes_dropped=have_bytes,
+        )
     _raise_if_not_retryable(response, url)
-    return status_text(response), response.headers.get("Retry-After")
+    return _Failure(status_text(response), response.headers.get("Retry-After"))
 
 
 def _range_start(response: httpx.Response) -> int | None:
@@ -299,7 +320,11 @@ def _wait(
 ) -> None:
     delay_s = policy.delay_s(failures, retry_after)
     if on_retry is not None:
-        on_retry(f"{what}; retry {failures + 1}/{policy.max_attempts} in {delay_s:.1f} s")
+        asked_s = parse_retry_after_s(retry_after)
+        capped = ""
+        if asked_s is not None and asked_s > policy.retry_after_cap_s:
+            capped = f" (the server asked for {asked_s:.0f} s; waiting at most {policy.retry_after_cap_s:g} s)"
+        on_retry(f"{what}; retry {failures + 1}/{policy.max_attempts} in {delay_s:.1f} s{capped}")
     policy.sleep(delay_s)
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from nat4etl import __version__
-from nat4etl.errors import FetchError, RemoteUnavailable
+from nat4etl.errors import FetchError, RemoteUnavailable, VerificationError
 from nat4etl.net import (
     USER_AGENT,
     RetryPolicy,
@@ -312,11 +312,55 @@ def test_drops_that_make_progress_do_not_exhaust_attempts(tmp_path: Path) -> Non
 
 def test_drops_without_progress_are_bounded(tmp_path: Path) -> None:
     client, seen = client_for([lambda r: dropped(b"", len(DATA))])
-    with pytest.raises(RemoteUnavailable, match=r"\(0 of 10240 bytes received\)"):
+    with pytest.raises(RemoteUnavailable, match=r"\(0 of 10240 bytes kept\)"):
         download(
             client, URL, tmp_path / "x.part", size_bytes=len(DATA), policy=policy(max_attempts=3)[0]
         )
     assert len(seen) == 3
+
+
+def test_a_body_always_longer_than_the_record_is_a_size_mismatch(tmp_path: Path) -> None:
+    # every attempt restarts from 0: the message says what was received, not just "0 kept",
+    # and the exit code is the verification one (6), not "network" (4)
+    client, seen = client_for([ok(DATA + b"junk")])
+    with pytest.raises(VerificationError) as info:
+        download(
+            client, URL, tmp_path / "x.part", size_bytes=len(DATA), policy=policy(max_attempts=3)[0]
+        )
+    message = str(info.value)
+    assert "longer than the record says" in message and URL in message
+    assert "0 of 10240 bytes kept" in message
+    assert "received before a restart" in message
+    assert info.value.exit_code == 6 and len(seen) == 3
+
+
+def test_bytes_lost_to_a_restart_are_said_when_giving_up(tmp_path: Path) -> None:
+    # 3000 bytes arrive, then the server answers every Range with a 416: the give-up
+    # message says 0 are kept but 3000 had been received
+    def step(request: httpx.Request) -> httpx.Response:
+        if "Range" in request.headers:
+            return httpx.Response(416)
+        return dropped(DATA[:3000], len(DATA))
+
+    client, _ = client_for([step])
+    with pytest.raises(RemoteUnavailable) as info:
+        download(
+            client, URL, tmp_path / "x.part", size_bytes=len(DATA), policy=policy(max_attempts=2)[0]
+        )
+    assert "0 of 10240 bytes kept, 3000 received before a restart" in str(info.value)
+
+
+def test_a_capped_retry_after_says_what_the_server_asked_for(tmp_path: Path) -> None:
+    client, _ = client_for([httpx.Response(503, headers={"Retry-After": "3600"}), ok()])
+    p, sleeps = policy(retry_after_cap_s=5.0, backoff_base_s=0.01)
+    said: list[str] = []
+    download(client, URL, tmp_path / "x.part", size_bytes=len(DATA), policy=p, on_retry=said.append)
+    assert 5.0 <= sleeps[0] < 5.01
+    assert "the server asked for 3600 s; waiting at most 5 s" in said[0]
+    client, _ = client_for([httpx.Response(503, headers={"Retry-After": "2"}), ok()])
+    said.clear()
+    download(client, URL, tmp_path / "y.part", size_bytes=len(DATA), policy=p, on_retry=said.append)
+    assert "asked for" not in said[0]
 
 
 def test_callers_client_user_agent_is_kept(tmp_path: Path) -> None:

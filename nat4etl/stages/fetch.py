@@ -27,6 +27,7 @@ record or the source directory), :class:`ConfigError` (bad arguments).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -50,6 +51,7 @@ from nat4etl.errors import (
     FetchError,
     InputMismatch,
     StoreError,
+    VerificationError,
 )
 from nat4etl.formats.zenodo import RemoteFile, parse_record_bytes, record_url
 from nat4etl.hashing import md5_file, mismatch, mismatch_of
@@ -649,10 +651,31 @@ class _Executor:
         return False
 
     def _download(self, step: FetchStep) -> None:
-        """Download into the cache entry (or straight to the target), then install."""
+        """Download into the cache entry (or straight to the target), then install.
+
+        A cache that cannot take the file (full, over quota, turned read-only) is left
+        out for this file, with a warning: the download goes straight to the target."""
         rf = step.remote
-        kept = step.cache_entry or step.target
-        kept.parent.mkdir(parents=True, exist_ok=True)
+        if step.cache_entry is not None:
+            try:
+                self._download_to(step, step.cache_entry)
+                return
+            except _CacheUnwritable as err:
+                reason = (err.os_error.strerror or str(err.os_error)).replace("\n", " ")
+                self.progress.log(
+                    f"{rf.name}: cannot write the cache entry {step.cache_entry.parent} "
+                    f"({reason}); downloading straight into {step.target.parent}",
+                    level="warning",
+                )
+                step = replace(step, cache_entry=None)
+        self._download_to(step, step.target)
+
+    def _download_to(self, step: FetchStep, kept: Path) -> None:
+        rf = step.remote
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _write_failure(err, kept, step.target) from err
         attempts = min(VERIFY_ATTEMPTS, self.policy.max_attempts)
         why = ""
         for attempt in range(1, attempts + 1):
@@ -697,7 +720,7 @@ class _Executor:
                     on_restart=lambda: self.progress.reset(rf.name),
                     on_retry=_warn(self.progress, rf.name),
                 )
-            except FetchError as err:  # same class, now naming the file and the outcome
+            except (FetchError, VerificationError) as err:  # same class, naming the file
                 msg = f"{err.msg}; nothing written under the final name"
                 raise type(err)(msg, path=target) from err
             why = mismatch(part, size_bytes=rf.size_bytes, md5=rf.md5)
@@ -705,7 +728,7 @@ class _Executor:
                 _publish(part, final)
             return why
         except OSError as err:
-            raise _io_error(err, target, final.parent) from err
+            raise _write_failure(err, final, target) from err
         finally:
             part.unlink(missing_ok=True)
             self.progress.done(rf.name)
@@ -762,6 +785,28 @@ class _Executor:
 
     def _entry(self, rf: RemoteFile, via: str) -> FetchEntry:
         return FetchEntry(rf.name, rf.size_bytes, rf.md5, rf.url, _now_iso(), via)
+
+
+#: a cache entry that fails to write with one of these is skipped, not fatal
+_CACHE_UNWRITABLE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+)
+
+
+class _CacheUnwritable(Exception):
+    """A download into the cache failed on a write the target may still take."""
+
+    def __init__(self, os_error: OSError):
+        super().__init__(str(os_error))
+        self.os_error = os_error
+
+
+def _write_failure(err: OSError, written: Path, target: Path) -> Exception:
+    """What a failed write of ``written`` (a cache entry, or ``target`` itself) raises:
+    :class:`_CacheUnwritable` when the target may still take it, else a StoreError."""
+    if written != target and err.errno in _CACHE_UNWRITABLE_ERRNOS:
+        return _CacheUnwritable(err)
+    return _io_error(err, target, written.parent)
 
 
 def _io_error(err: OSError, target: Path, directory: Path | None = None) -> StoreError:

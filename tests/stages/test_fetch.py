@@ -6,6 +6,7 @@ file under its final name and nothing unverified in the cache.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -977,9 +978,11 @@ def test_disk_full_mid_download_is_one_line_naming_the_file(
     file_size_limit(2**62)
     message = str(info.value)
     assert message.startswith(f"{big[0]}: ") and "\n" not in message
-    assert "File too large" in message and str(cache) in message
+    # the cache could not take it, so the download went straight to dest: that failed too
+    assert "File too large" in message and str(dest) in message
     assert "nothing written under the final name" in message
     assert info.value.exit_code == 7
+    assert any(w.startswith(f"{big[0]}: cannot write the cache entry") for w in progress.warnings())
     # the other failures are logged the same way, each naming its file
     errors = [m for lvl, m in progress.lines if lvl == "error"]
     assert [m.split(":")[0] for m in errors] == big[1:]
@@ -987,6 +990,30 @@ def test_disk_full_mid_download_is_one_line_naming_the_file(
         assert not (dest / name).exists()
     assert parts_under(dest, cache) == []
     assert_cache_clean(cache)
+
+
+def test_a_full_cache_is_left_out_and_files_download_straight_to_dest(
+    server: FakeZenodo, tmp_path: Path, cache: Path, monkeypatch
+) -> None:
+    """A cache on a full disk (a small home, the store on scratch): each file it cannot
+    take is downloaded into dest instead, with a warning naming the cache."""
+    real_download = fetch_stage.net.download
+
+    def cache_disk_full(client, url, part_path, **kw):
+        if Path(part_path).is_relative_to(cache):
+            raise OSError(errno.ENOSPC, "No space left on device", str(part_path))
+        return real_download(client, url, part_path, **kw)
+
+    monkeypatch.setattr(fetch_stage.net, "download", cache_disk_full)
+    progress = Recorder()
+    dest = tmp_path / "raw"
+    result = run(server, dest, cache, areas=["A1"], wav=False, progress=progress)
+    assert_has(dest, server, AREA_FILES["A1"])
+    assert result.count("download") == len(AREA_FILES["A1"])
+    warned = [w for w in progress.warnings() if "cannot write the cache entry" in w]
+    assert sorted(w.split(":")[0] for w in warned) == sorted(AREA_FILES["A1"])
+    assert all("No space left on device" in w and str(dest) in w for w in warned)
+    assert list(cache.rglob("*.*")) == [] and parts_under(dest) == []
 
 
 def test_disk_full_copying_from_source_names_the_file(
