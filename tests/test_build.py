@@ -463,3 +463,28 @@ def test_verify_names_a_table_listed_without_a_digest_and_an_unknown_algorithm(b
     problems = verify(out)
     assert f"{rel}: listed in manifest.json without a digest" in problems
     assert f"{rel}: unknown digest 'whirl9:00ff' (_stages/parse-epochs.json)" in problems
+
+
+def test_the_rebuild_hint_names_a_mirror_only_when_every_file_came_from_it(tmp_path):
+    from nat4etl.stages.build import _fetched_from_dir
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    mirror = tmp_path / "my mirror"
+    local = [{"source_url": (mirror / n).as_uri()} for n in ("a.tgz", "b.zip")]
+    remote = {"source_url": "https://zenodo.org/api/records/1/files/c.csv/content"}
+    for files, want in ((local, str(mirror)), ([*local, remote], None), ([], None)):
+        (raw / "fetch.json").write_text(json.dumps({"files": files}))
+        assert _fetched_from_dir(tmp_path) == want
+    (raw / "fetch.json").write_text("{not json")
+    assert _fetched_from_dir(tmp_path) is None
+
+
+def test_the_rebuild_hint_quotes_paths_for_the_shell(tmp_path):
+    import shlex
+
+    from nat4etl.stages.build import rebuild_command
+
+    out = tmp_path / "a store; rm -rf x"
+    words = shlex.split(rebuild_command(out))
+    assert words[:4] == ["nat4etl", "build", "--out", str(out)]

@@ -62,3 +62,5 @@ def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_samp
     (hint,) = [line for line in result.output.splitlines() if "Hint:" in line]
     assert f"nat4etl build --out {out} --area A1 --dt-ms 20" in hint
     assert "--no-wav" in hint
+    # the mirror it was built from, as fetch.json's file URLs name it (absolute)
+    assert f"--no-wav --source {mini_sample.dir.resolve()}` rebuilds" in hint

@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import os
 import platform
+import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -683,6 +684,8 @@ def rebuild_command(out: str | os.PathLike) -> str:
     if snap is not None:
         try:
             params = (snap.read_manifest() or {}).get("parameters") or {}
+            if not params.get("source_dir"):
+                params = {**params, "source_dir": _fetched_from_dir(snap.root)}
         except (OSError, ValueError):
             pass
         finally:
@@ -701,7 +704,22 @@ def rebuild_command(out: str | os.PathLike) -> str:
         words.append("--no-wav")
     if params.get("source_dir"):
         words += ["--source", str(params["source_dir"])]
-    return " ".join(words)
+    return shlex.join(words)  # pastes into a shell as is, spaces in paths included
+
+
+def _fetched_from_dir(root: Path) -> str | None:
+    """The local mirror fetch copied every file from (``fetch.json``'s file URLs), or None
+    when any came over the network: the build records only what it ran on, ``raw/``."""
+    import json
+    from urllib.parse import unquote, urlparse
+
+    try:
+        files = json.loads((root / RAW / "fetch.json").read_text())["files"]
+        urls = [urlparse(str(e["source_url"])) for e in files]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    dirs = {str(Path(unquote(u.path)).parent) for u in urls if u.scheme == "file"}
+    return dirs.pop() if len(dirs) == 1 and all(u.scheme == "file" for u in urls) else None
 
 
 def verify(out: str | os.PathLike) -> list[str]:
