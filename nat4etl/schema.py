@@ -272,7 +272,8 @@ REPORT = _table(
         doc="Mismatches found while interpreting the data: unmatched units and sites, unit "
         "ids in more than one site file, odd repetition counts (0 for a val sound a site "
         "never played), site presentations of another length than the sound's population "
-        "epoch, sounds without their Pre/PostStimSilence, sounds whose population epoch "
+        "epoch, site presentations whose Pre/PostStimSilence differs from the population's "
+        "(per site), sounds without their Pre/PostStimSilence, sounds whose population epoch "
         "mask_est (row 0) puts in the other subset than their name, case-only wav matches, "
         "unclassified STIM_ epochs, STIM_ epochs with a time that is not finite, site "
         "presentations left out as extract_epoch leaves them out.",

@@ -26,6 +26,8 @@ Choices, each stated once:
 - Sounds are est or val by name, as the old loader classes them; the population's
   ``mask_est`` (row 0 only, as NEMS0 reads it: 1 on est data, 0 on val data) is a check
   on that, and a sound whose own epoch it contradicts is a report row.
+- A site's Pre/PostStimSilence epochs are read only to check them against the
+  population's (where the sound sits in a trial); trials are cut at the STIM_ bounds.
 - Anything that does not line up becomes a ``report`` row, never a silent drop.
 """
 
@@ -94,6 +96,9 @@ class AreaInputs:
     #: (recording, name, start_s, end_s) of the STIM_ epochs with a time that is missing
     #: or not finite: left out as extract_epoch leaves them out, and reported
     unusable_stim_epochs: list[tuple] = field(default_factory=list)
+    #: site -> PreStimSilence/PostStimSilence -> (n, 2) start and end seconds, from the
+    #: site's resp epoch table (as its trials are), to check them against the population's
+    site_silences: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     #: row 0 of the population's ``mask_est`` and its rate; None when it has none
     mask_est: np.ndarray | None = None
     mask_fs_hz: float | None = None
@@ -484,6 +489,78 @@ def report_lengths(
             )
 
 
+def report_site_silences(
+    trials: list[Trial],
+    stims: list[Stim],
+    silences: dict[str, dict[str, np.ndarray]],
+    *,
+    report: Report,
+    stim_fs_hz: float,
+    skip_sites: Iterable[str] = (),
+) -> None:
+    """Sites whose presentations start (end) with a Pre- (Post-)StimSilence of another
+    length than the sound's population epoch has, by half a population frame or more (a
+    missing one counts as 0 s, as it does for the population): in those trials the sound
+    sits elsewhere than in the population's spectrogram and wav placement. One row per
+    site and silence, with counts. ``skip_sites``: trials placed by JSON segments, whose
+    times are positions in the data, not the epoch times the silences have."""
+    tolerance_s = 0.5 / stim_fs_hz if stim_fs_hz else 1e-9
+    expected = {
+        nat4.PRESTIM: np.array([s.prestim_s for s in stims]),
+        nat4.POSTSTIM: np.array([s.poststim_s for s in stims]),
+    }
+    names = [s.name for s in stims]
+    by_site: dict[str, list[Trial]] = {}
+    for t in trials:
+        by_site.setdefault(t.site, []).append(t)
+    skip = set(skip_sites)
+    for site, site_trials in sorted(by_site.items()):
+        if site in skip:
+            continue
+        stim = np.array([t.stim for t in site_trials])
+        for name, at_end in ((nat4.PRESTIM, False), (nat4.POSTSTIM, True)):
+            anchor = np.array([t.end_s if at_end else t.start_s for t in site_trials])
+            length = _silence_lengths(silences.get(site, {}).get(name), anchor, at_end, tolerance_s)
+            want = expected[name][stim]
+            bad = np.flatnonzero(np.abs(np.nan_to_num(length) - want) >= tolerance_s)
+            if len(bad) == 0:
+                continue
+            missing = int(np.isnan(length[bad]).sum())
+            found = length[bad][~np.isnan(length[bad])]
+            parts = []
+            if missing:
+                parts.append(f"{missing} have none at their {'end' if at_end else 'start'}")
+            if len(found):
+                lengths = ", ".join(f"{x:g}" for x in np.unique(np.round(found, 6))[:3])
+                parts.append(f"{len(found)} one of {lengths} s")
+            first = site_trials[int(bad[0])]
+            usual = ", ".join(f"{x:g}" for x in np.unique(np.round(want[bad], 6))[:3])
+            report.add(
+                "site_silence_length",
+                f"{site}/{name}",
+                f"{len(bad)} of {len(site_trials)} presentations differ from the population's "
+                f"{usual} s ({'; '.join(parts)}), first {names[first.stim]}@{first.start_s:g}: "
+                "the sound sits elsewhere in those trials than in the spectrogram",
+            )
+
+
+def _silence_lengths(
+    spans: np.ndarray | None, anchor_s: np.ndarray, at_end: bool, tolerance_s: float
+) -> np.ndarray:
+    """Length of the silence starting (``at_end``: ending) at each anchor time, within
+    the tolerance; NaN where there is none."""
+    out = np.full(len(anchor_s), np.nan)
+    if spans is None or len(spans) == 0:
+        return out
+    keys = spans[:, 1] if at_end else spans[:, 0]
+    order = np.argsort(keys, kind="stable")
+    keys, lengths = keys[order], (spans[:, 1] - spans[:, 0])[order]
+    i = np.minimum(np.searchsorted(keys, anchor_s - tolerance_s), len(keys) - 1)
+    hit = np.abs(keys[i] - anchor_s) < tolerance_s
+    out[hit] = lengths[i[hit]]
+    return out
+
+
 def report_mask_est(
     stims: list[Stim], mask_est: np.ndarray, *, fs_hz: float, report: Report
 ) -> None:
@@ -771,6 +848,14 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     )
     report_repetitions(trials, stims, report=report, sites=inputs.site_epochs)
     report_lengths(trials, stims, report=report, stim_fs_hz=inputs.stim_fs_hz)
+    report_site_silences(
+        trials,
+        stims,
+        inputs.site_silences,
+        report=report,
+        stim_fs_hz=inputs.stim_fs_hz,
+        skip_sites=site_segments,
+    )
     report_wavs(stims, inputs.wav_names, report=report)
     if inputs.mask_est is not None and inputs.mask_fs_hz:
         report_mask_est(stims, inputs.mask_est, fs_hz=inputs.mask_fs_hz, report=report)
@@ -833,12 +918,21 @@ def area_inputs(
     # rows, never become Python objects (parse-epochs 0.5 -> 0.3 s at full scale).
     recording, signal = epochs.column("recording"), epochs.column("signal")
     resp_only = pa.array(sorted(with_resp - {pop_name}), pa.string())
-    needed = pc.and_(
-        pc.or_(
-            pc.equal(recording, pop_name),
-            pc.starts_with(epochs.column("name"), nat4.STIM_PREFIX),
+    read_rows = pc.or_(pc.invert(pc.is_in(recording, value_set=resp_only)), pc.equal(signal, RESP))
+    is_pop = pc.equal(recording, pop_name)
+    silence_names = pa.array([nat4.PRESTIM, nat4.POSTSTIM], pa.string())
+    site_of_recording = {r["recording"]: r["site"] for r in recs if r["kind"] == _SITE}
+    site_silences = _silences(
+        epochs.filter(
+            pc.and_(
+                pc.and_(read_rows, pc.invert(is_pop)),
+                pc.is_in(epochs.column("name"), value_set=silence_names),
+            )
         ),
-        pc.or_(pc.invert(pc.is_in(recording, value_set=resp_only)), pc.equal(signal, RESP)),
+        site_of_recording,
+    )
+    needed = pc.and_(
+        pc.or_(is_pop, pc.starts_with(epochs.column("name"), nat4.STIM_PREFIX)), read_rows
     )
     epochs = epochs.filter(needed)  # a null name is not a STIM_ one: dropped with them
     unusable = epochs.filter(
@@ -893,6 +987,7 @@ def area_inputs(
         stim_fs_hz=float(stim["fs_hz"]),
         resp_chans=list(resp["chans"]),
         site_epochs=site_epochs,
+        site_silences=site_silences,
         site_units=[
             (r["site"], r["unit_id"]) for r in site_spikes.select(["site", "unit_id"]).to_pylist()
         ],
@@ -908,6 +1003,26 @@ def area_inputs(
         mask_est=mask_est,
         mask_fs_hz=(sig.get((pop_name, MASK_EST)) or {}).get("fs_hz"),
     )
+
+
+def _silences(rows: pa.Table, site_of_recording: dict[str, str]) -> dict[str, dict]:
+    """site -> silence name -> (n, 2) seconds, straight from Arrow (tens of thousands of
+    rows per area: no Python object per row)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if rows.num_rows == 0:
+        return out
+    bounds = np.column_stack(
+        [rows.column(c).to_numpy(zero_copy_only=False) for c in ("start_s", "end_s")]
+    ).astype(np.float64)
+    groups = pc.binary_join_element_wise(rows.column("recording"), rows.column("name"), "\0")
+    codes = pc.dictionary_encode(groups).combine_chunks()
+    indices = codes.indices.to_numpy(zero_copy_only=False)
+    for code, key in enumerate(codes.dictionary.to_pylist()):
+        recording, name = key.split("\0", 1)
+        site = site_of_recording.get(recording)
+        if site is not None:
+            out.setdefault(site, {})[name] = bounds[indices == code]
+    return out
 
 
 def _segments(segments_json: str | None) -> np.ndarray | None:

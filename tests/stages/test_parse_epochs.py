@@ -644,6 +644,51 @@ def test_a_site_presentation_longer_or_shorter_than_the_sound_is_reported():
     assert lengths == {f"TNC015a/{VAL_A}@1", f"TNC015a/{VAL_A}@5"}
 
 
+def _silence_rows(parsed: pe.Parsed) -> dict[str, str]:
+    return {s: d for (k, s), d in _report(parsed).items() if k == "site_silence_length"}
+
+
+def test_site_silences_as_long_as_the_populations_add_no_report_row(parsed):
+    assert _silence_rows(parsed) == {}
+
+
+def test_a_site_silence_of_another_length_or_missing_is_reported_per_site():
+    # ARM001a: the 2nd presentation (VAL_A at 3 s) has a 0.5 s PreStimSilence, the 4th
+    # (VAL_A at 7 s) none; TNC015a loses the PostStimSilence of its 1st presentation
+    raw = _raw()
+    rows = []
+    for r in raw["epochs"].to_pylist():
+        if r["recording"] == "ARM001a_rec" and r["name"] == "PreStimSilence":
+            if r["start_s"] == 3.0:
+                r["end_s"] = 3.5
+            elif r["start_s"] == 7.0:
+                continue
+        if r["recording"] == "TNC015a_rec" and r["name"] == "PostStimSilence":
+            if r["end_s"] == 2.5:
+                continue
+        rows.append(r)
+    raw["epochs"] = pa.Table.from_pylist(rows, schema=schema.EPOCHS.schema)
+    found = _silence_rows(_parse(raw))
+    assert set(found) == {"ARM001a/PreStimSilence", "TNC015a/PostStimSilence"}
+    arm = found["ARM001a/PreStimSilence"]
+    assert arm.startswith(f"2 of {len(SITE_ARM)} presentations differ from the population's 0.25 s")
+    assert "1 have none at their start" in arm and "1 one of 0.5 s" in arm
+    assert f"first {VAL_A}@3" in arm
+    tnc = found["TNC015a/PostStimSilence"]
+    assert tnc.startswith(f"1 of {len(SITE_TNC)} presentations") and "none at their end" in tnc
+
+
+def test_site_silences_are_read_from_the_resp_epoch_table_only():
+    # a site file's other signal may carry other epochs: its trials, and so their
+    # silences, come from resp's table (what extract_epoch reads)
+    raw = _raw()
+    odd = _epoch_rows("ARM001a_rec", "stim", [("PreStimSilence", 1.0, 1.9)])
+    raw["epochs"] = pa.Table.from_pylist(  # first: it would be the one matched
+        odd + raw["epochs"].to_pylist(), schema=schema.EPOCHS.schema
+    )
+    assert _silence_rows(_parse(raw)) == {}
+
+
 def _mask_kinds(parsed: pe.Parsed) -> dict[str, str]:
     return {s: d for (k, s), d in _report(parsed).items() if k == "mask_est_disagrees"}
 
