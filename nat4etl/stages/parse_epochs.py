@@ -529,10 +529,10 @@ def report_site_silences(
             found = length[bad][~np.isnan(length[bad])]
             parts = []
             if missing:
-                parts.append(f"{missing} have none at their {'end' if at_end else 'start'}")
+                parts.append(f"{missing} without one at their {'end' if at_end else 'start'}")
             if len(found):
                 lengths = ", ".join(f"{x:g}" for x in np.unique(np.round(found, 6))[:3])
-                parts.append(f"{len(found)} one of {lengths} s")
+                parts.append(f"{len(found)} with one of {lengths} s")
             first = site_trials[int(bad[0])]
             usual = ", ".join(f"{x:g}" for x in np.unique(np.round(want[bad], 6))[:3])
             report.add(

@@ -672,10 +672,10 @@ def test_a_site_silence_of_another_length_or_missing_is_reported_per_site():
     assert set(found) == {"ARM001a/PreStimSilence", "TNC015a/PostStimSilence"}
     arm = found["ARM001a/PreStimSilence"]
     assert arm.startswith(f"2 of {len(SITE_ARM)} presentations differ from the population's 0.25 s")
-    assert "1 have none at their start" in arm and "1 one of 0.5 s" in arm
+    assert "1 without one at their start" in arm and "1 with one of 0.5 s" in arm
     assert f"first {VAL_A}@3" in arm
     tnc = found["TNC015a/PostStimSilence"]
-    assert tnc.startswith(f"1 of {len(SITE_TNC)} presentations") and "none at their end" in tnc
+    assert tnc.startswith(f"1 of {len(SITE_TNC)} presentations") and "without one at their end" in tnc
 
 
 def test_site_silences_are_read_from_the_resp_epoch_table_only():
