@@ -520,8 +520,9 @@ def report_site_silences(
         stim = np.array([t.stim for t in site_trials])
         for name, at_end in ((nat4.PRESTIM, False), (nat4.POSTSTIM, True)):
             anchor = np.array([t.end_s if at_end else t.start_s for t in site_trials])
-            length = _silence_lengths(silences.get(site, {}).get(name), anchor, at_end, tolerance_s)
             want = expected[name][stim]
+            spans = silences.get(site, {}).get(name)
+            length = _silence_lengths(spans, anchor, want, at_end=at_end, tolerance_s=tolerance_s)
             bad = np.flatnonzero(np.abs(np.nan_to_num(length) - want) >= tolerance_s)
             if len(bad) == 0:
                 continue
@@ -545,19 +546,29 @@ def report_site_silences(
 
 
 def _silence_lengths(
-    spans: np.ndarray | None, anchor_s: np.ndarray, at_end: bool, tolerance_s: float
+    spans: np.ndarray | None,
+    anchor_s: np.ndarray,
+    want_s: np.ndarray,
+    *,
+    at_end: bool,
+    tolerance_s: float,
 ) -> np.ndarray:
     """Length of the silence starting (``at_end``: ending) at each anchor time, within
-    the tolerance; NaN where there is none."""
+    the tolerance; of several there (a trial's own silence beside the sound's), the one
+    nearest ``want_s``; NaN where there is none."""
     out = np.full(len(anchor_s), np.nan)
     if spans is None or len(spans) == 0:
         return out
     keys = spans[:, 1] if at_end else spans[:, 0]
     order = np.argsort(keys, kind="stable")
     keys, lengths = keys[order], (spans[:, 1] - spans[:, 0])[order]
-    i = np.minimum(np.searchsorted(keys, anchor_s - tolerance_s), len(keys) - 1)
-    hit = np.abs(keys[i] - anchor_s) < tolerance_s
-    out[hit] = lengths[i[hit]]
+    lo = np.searchsorted(keys, anchor_s - tolerance_s, side="right")
+    hi = np.searchsorted(keys, anchor_s + tolerance_s, side="left")
+    one = hi - lo == 1
+    out[one] = lengths[lo[one]]
+    for i in np.flatnonzero(hi - lo > 1):  # rare: pick the best of the few
+        near = lengths[lo[i] : hi[i]]
+        out[i] = near[np.argmin(np.abs(near - want_s[i]))]
     return out
 
 

@@ -675,7 +675,21 @@ def test_a_site_silence_of_another_length_or_missing_is_reported_per_site():
     assert "1 without one at their start" in arm and "1 with one of 0.5 s" in arm
     assert f"first {VAL_A}@3" in arm
     tnc = found["TNC015a/PostStimSilence"]
-    assert tnc.startswith(f"1 of {len(SITE_TNC)} presentations") and "without one at their end" in tnc
+    assert (
+        tnc.startswith(f"1 of {len(SITE_TNC)} presentations") and "without one at their end" in tnc
+    )
+
+
+def test_a_longer_silence_beside_the_sounds_own_is_not_a_mismatch():
+    # a trial-level PreStimSilence starting with the sound's (baphy writes epochs for
+    # trials too) is not the sound's silence: the one of the expected length is
+    raw = _raw()
+    extra = _epoch_rows("ARM001a_rec", "resp", [("PreStimSilence", 1.0, 1.75)])
+    extra[0]["row"] = 10_000  # a row number of its own
+    raw["epochs"] = pa.Table.from_pylist(
+        extra + raw["epochs"].to_pylist(), schema=schema.EPOCHS.schema
+    )
+    assert _silence_rows(_parse(raw)) == {}
 
 
 def test_site_silences_are_read_from_the_resp_epoch_table_only():
