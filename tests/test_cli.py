@@ -38,7 +38,21 @@ def test_a_single_stage_rerun_names_the_later_stages_it_left_out_of_date(tmp_pat
     warned = [line for line in rerun.output.splitlines() if "now out of date" in line]
     assert len(warned) == 1, rerun.output
     assert "align-wav, normalize now out of date" in warned[0]
-    assert f"nat4etl build --out {out}" in warned[0]
+    # the build that brings them up to date is the store's own: its area, the new bin
+    # width, and the mirror it was fetched from (a bare `build` would fetch from Zenodo)
+    assert f"`nat4etl build --out {out} --area A1 --dt-ms 20" in warned[0]
+    assert f"--source {mini_sample.dir.resolve()}`" in warned[0]
+    # a rerun that changes nothing leaves nothing out of date, though the stage command
+    # has no --source: the stages before it are not judged
+    hint = warned[0].split("`")[1].split()
+    assert hint[:2] == ["nat4etl", "build"]
+    updated = CliRunner().invoke(cli, hint[1:])
+    assert updated.exit_code == 0, updated.output
+    same = CliRunner().invoke(cli, ["rebin-sites", "--out", str(out), "--dt-ms", "20", "--force"])
+    assert same.exit_code == 0, same.output
+    assert "now out of date" not in same.output
+    again = CliRunner().invoke(cli, ["parse-epochs", "--out", str(out), "--force"])
+    assert again.exit_code == 0 and "now out of date" not in again.output, again.output
     # a stage whose later stages were never built warns of nothing
     fresh = tmp_path / "fresh"
     first = CliRunner().invoke(cli, ["fetch", "--area", "A1", "--source", src, "--out", str(fresh)])
@@ -47,6 +61,18 @@ def test_a_single_stage_rerun_names_the_later_stages_it_left_out_of_date(tmp_pat
     # the log names the store by its published path, not the staging copy built into
     assert f"checking files already in {fresh / 'raw'}" in first.output
     assert ".staging-" not in first.output
+
+
+def test_stage_commands_without_area_work_on_the_areas_the_store_holds(tmp_path, mini_sample):
+    # the area default is "all": unpack after `fetch --area A1` looked for PEG's files
+    out = tmp_path / "store"
+    src = str(mini_sample.dir)
+    fetched = CliRunner().invoke(cli, ["fetch", "--area", "A1", "--source", src, "--out", str(out)])
+    assert fetched.exit_code == 0, fetched.output
+    for stage in ("unpack", "parse-epochs"):
+        result = CliRunner().invoke(cli, [stage, "--out", str(out)])
+        assert result.exit_code == 0, (stage, result.output)
+    assert sorted(p.name for p in (out / "stims").iterdir()) == ["area=A1"]
 
 
 def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_sample):

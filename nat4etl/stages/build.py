@@ -25,7 +25,7 @@ import platform
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -570,13 +570,15 @@ def status(
     force: bool = False,
     from_stage: str | None = None,
     stages: Mapping[str, Any] | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """What is built, from which inputs, what a build with ``settings`` would rerun and why.
+    """What is built, from which inputs, what a build with ``settings`` would rerun and why
+    (of the stages in ``only``, when given).
 
     Read-only and lock-free: it reads the generation published now (a snapshot).
     """
     out = store_path(out)
-    chosen = _choose(settings, None, stages, tolerant=True)
+    chosen = _choose(settings, only, stages, tolerant=True)
     forced = forced_reasons([s.name for s in chosen], force=force, from_stage=from_stage)
     report: dict[str, Any] = {"out": str(out), "built": False, "lock": lock_holder(out)}
     if not out.is_dir():
@@ -609,15 +611,61 @@ def status(
 
 def stale_after(out: str | os.PathLike, settings: Settings, stage: str) -> list[str]:
     """The stages after ``stage`` that were built before and are now out of date: what a
-    single stage's rerun leaves behind (its tables changed under them)."""
-    later = STAGES[STAGES.index(stage) + 1 :]
+    single stage's rerun leaves behind (its tables changed under them).
+
+    Judged with the parameters the store records, not ``settings``: a stage command has
+    no ``--source`` or ``--dt-ms`` of the build's, and must not call the stages after it
+    stale for options it was never given (nor look at the stages before it)."""
+    recorded = recorded_settings(out, settings, after=stage)
+    later = [s for s in STAGES[STAGES.index(stage) + 1 :] if s in stages_for(recorded)]
+    if not later:
+        return []
     return [
         row["stage"]
-        for row in status(out, settings)["stages"]
-        if row["stage"] in later
-        and row["state"] != "up to date"
-        and "never built" not in row["reasons"]
+        for row in status(out, recorded, only=later)["stages"]
+        if row["state"] != "up to date" and "never built" not in row["reasons"]
     ]
+
+
+def recorded_parameters(out: str | os.PathLike, *, after: str | None = None) -> dict[str, Any]:
+    """The build parameters ``out``'s manifest records ({} when it has none), with the
+    local mirror fetch copied from, which the manifest leaves out. ``after``: the
+    parameters stage ``after`` last ran with win over the other stages'."""
+    try:
+        snap = open_snapshot(store_path(out))
+    except (OSError, StoreError):
+        return {}
+    try:
+        manifest = snap.read_manifest() or {}
+        params = manifest.get("parameters") or {}
+        if after is not None:  # not its areas: a stage command's default is "all", and
+            # it ran on the areas the store holds
+            stage_params = ((manifest.get("stages") or {}).get(after) or {}).get("params")
+            params = {**params, **{k: v for k, v in (stage_params or {}).items() if k != "areas"}}
+        if not params.get("source_dir"):
+            params = {**params, "source_dir": _fetched_from_dir(snap.root)}
+        return params
+    except (OSError, ValueError):
+        return {}
+    finally:
+        snap.close()
+
+
+def recorded_settings(
+    out: str | os.PathLike, settings: Settings, *, after: str | None = None
+) -> Settings:
+    """``settings`` with what the store records for areas, bin width, waveforms, norm ...
+    (see :func:`recorded_parameters`); the mirror is left out: stages after fetch read
+    ``raw/``."""
+    params = recorded_parameters(out, after=after)
+    given = {
+        f.name: params[f.name]
+        for f in fields(Settings)
+        if params.get(f.name) is not None and f.name != "source_dir"
+    }
+    if "areas" in given:
+        given["areas"] = tuple(given["areas"])
+    return replace(settings, **given)
 
 
 def _manifest_or_empty(store: Store) -> dict:
@@ -672,24 +720,12 @@ def _stage_states(
 # ====================================================================== verify
 
 
-def rebuild_command(out: str | os.PathLike) -> str:
+def rebuild_command(out: str | os.PathLike, *, after: str | None = None) -> str:
     """The ``nat4etl build`` command line that rebuilds ``out`` with the parameters its
-    manifest records (its areas, bin width, waveforms, ...), not the config's defaults."""
+    manifest records (its areas, bin width, waveforms, ...), not the config's defaults;
+    ``after``: those the stage of that name last ran with win (a stage command's)."""
     words = ["nat4etl", "build", "--out", str(out)]
-    try:
-        snap = open_snapshot(store_path(out))
-    except (OSError, StoreError):
-        snap = None
-    params = {}
-    if snap is not None:
-        try:
-            params = (snap.read_manifest() or {}).get("parameters") or {}
-            if not params.get("source_dir"):
-                params = {**params, "source_dir": _fetched_from_dir(snap.root)}
-        except (OSError, ValueError):
-            pass
-        finally:
-            snap.close()
+    params = recorded_parameters(out, after=after)
     areas = params.get("areas")
     if areas:
         words += ["--area", areas[0] if len(areas) == 1 else "all"]
