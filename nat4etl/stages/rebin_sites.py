@@ -868,7 +868,7 @@ def rebin_area(
         "sites": len(sites),
         "val_means": means.num_rows,
         "spectrograms": specs.num_rows,
-        "est_rows_from_population": 0 if plan.est_from_population else n_pop_rows,
+        "est_rows_from_population": n_pop_rows,  # every est row at 10 ms; else fallbacks
         "qc_max_abs_diff": max(diffs, default=None),
         "spikes_before_0": sum(u["spikes_before_0"] for u in early),
     }

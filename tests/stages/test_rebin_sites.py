@@ -157,6 +157,9 @@ def test_dt10_est_from_population_val_from_sites(area):
         assert (2, cell, len(reps)) not in rows
     assert out.metadata["responses"]["est_source"] == "population"
     assert out.metadata["spectrograms"]["unavailable"] is None
+    # the count the log prints: every est row came from the population file
+    assert out.counts["est_rows_from_population"] == list(sources.values()).count("population")
+    assert out.counts["est_rows_from_population"] > 0
 
 
 def test_val_means_and_qc(area):
