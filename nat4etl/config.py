@@ -4,6 +4,7 @@ flags, each overriding the one before."""
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -178,3 +179,27 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
+
+
+def check_audio_bins(audio_fs_hz: int, dt_ms: float) -> int:
+    """Audio samples per bin; a ConfigError saying what would work when it is not whole
+    (waveforms are cut into the response bins). Checked before a build runs anything."""
+    exact = audio_fs_hz * dt_ms / 1000.0
+    hop = round(exact)
+    if hop >= 1 and abs(exact - hop) <= 1e-9:
+        return hop
+    ways = []
+    step_hz = 1000.0 / dt_ms
+    if step_hz == int(step_hz):
+        below = int(audio_fs_hz // step_hz * step_hz)
+        near = " or ".join(str(f) for f in (below, below + int(step_hz)) if f > 0)
+        ways.append(f"--audio-fs a multiple of {step_hz:g} Hz ({near})")
+    if audio_fs_hz == int(audio_fs_hz):
+        unit_ms = 1000 // math.gcd(int(audio_fs_hz), 1000)
+        ways.append(f"--dt-ms a multiple of {unit_ms} ms")
+    ways.append("--no-wav (no waveforms)")
+    raise ConfigError(
+        f"audio_fs_hz={audio_fs_hz} and dt_ms={dt_ms:g} give {exact:g} audio samples per bin; "
+        f"waveforms are cut into the response bins only when that is whole. Hint: choose "
+        f"{', or '.join(ways)}"
+    )

@@ -75,6 +75,18 @@ def test_stage_commands_without_area_work_on_the_areas_the_store_holds(tmp_path,
     assert sorted(p.name for p in (out / "stims").iterdir()) == ["area=A1"]
 
 
+def test_a_bin_width_the_waveforms_cannot_take_fails_before_anything_runs(tmp_path, mini_sample):
+    out = tmp_path / "store"
+    args = ["build", "--source", str(mini_sample.dir), "--dt-ms", "5", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "220.5 audio samples per bin" in result.output
+    assert not out.exists()  # no stage ran: nothing fetched, nothing staged
+    # without waveforms the same width builds
+    result = CliRunner().invoke(cli, [*args, "--no-wav"])
+    assert result.exit_code == 0, result.output
+
+
 def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_sample):
     out = tmp_path / "store"
     src = str(mini_sample.dir)

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from nat4etl import nat4
+from nat4etl.config import check_audio_bins
 from nat4etl.errors import ConfigError, InputMismatch, MissingMember
 from nat4etl.stages import rebin_sites as rs
 from nat4etl.stages.background import WriteBehind
@@ -46,14 +47,7 @@ class AudioGrid:
 
 def audio_grid(stims: pa.Table, *, dt_ms: float, audio_fs_hz: int) -> AudioGrid:
     """Check that a bin is a whole number of audio samples and the trial whole bins."""
-    exact_hop = audio_fs_hz * dt_ms / 1000.0
-    hop = round(exact_hop)
-    if hop < 1 or abs(exact_hop - hop) > 1e-9:
-        raise ConfigError(
-            f"audio_fs_hz={audio_fs_hz} and dt_ms={dt_ms:g} give {exact_hop:g} audio samples "
-            "per bin; waveforms are aligned to the bins only when that is an integer. "
-            f"Hint: choose --audio-fs a multiple of {1000.0 / dt_ms:g} Hz (e.g. 44100 at 10 ms)"
-        )
+    hop = check_audio_bins(audio_fs_hz, dt_ms)
     durations_s = np.unique(stims.column("duration_s").to_numpy())
     n_bins_exact = durations_s * 1000.0 / dt_ms
     n_bins = np.round(n_bins_exact)

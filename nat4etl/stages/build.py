@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nat4etl import SCHEMA_VERSION, memory
-from nat4etl.config import Settings
+from nat4etl.config import Settings, check_audio_bins
 from nat4etl.errors import ConfigError, NotImplementedYet, StoreError
 from nat4etl.fingerprint import (
     FETCH,
@@ -309,6 +309,8 @@ def build(
     out = store_path(out)
     chosen = _choose(settings, only, stages)
     forced = forced_reasons([s.name for s in chosen], force=force, from_stage=from_stage)
+    if any(s.name == "align-wav" for s in chosen):  # fail now, not after the other stages
+        check_audio_bins(settings.audio_fs_hz, settings.dt_ms)
 
     def on_wait(holder: str) -> None:
         progress.log(f"waiting up to {wait_s:g} s for the lock on {out} ({holder})")

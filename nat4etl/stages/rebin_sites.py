@@ -110,9 +110,16 @@ def plan_bins(stims: pa.Table, *, dt_ms: float, pop_fs_hz: float) -> BinPlan:
             "files' 1 ms samples"
         )
     if n_bins < 1 or abs(n_bins_exact - n_bins) > 1e-9:
+        frame_ms = 1000.0 / pop_fs_hz
+        fits = [
+            w
+            for w in range(1, int(window_ms) + 1)
+            if abs(window_ms / w - round(window_ms / w)) < 1e-9
+            and abs(w / frame_ms - round(w / frame_ms)) < 1e-9
+        ]
         raise ConfigError(
-            f"dt_ms={dt_ms:g} does not divide the {window_ms:g} ms presentation; pick a bin "
-            "width that divides it (e.g. 5, 10, 20, 50)"
+            f"dt_ms={dt_ms:g} does not divide the {window_ms:g} ms presentation; bin widths "
+            f"that divide it into whole spectrogram frames: {', '.join(map(str, fits[:6]))} ms"
         )
     k = binning.frames_per_bin(dt_ms, 1000.0 / pop_fs_hz)
     reason = None

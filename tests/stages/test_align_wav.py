@@ -68,8 +68,15 @@ def _zip(path, sounds, cut=None):
 def test_grid_requires_whole_samples_per_bin():
     grid = aw.audio_grid(_stims(), dt_ms=10, audio_fs_hz=44_100)
     assert (grid.hop, grid.n_bins, grid.n_samples) == (441, 150, 66_150)
-    with pytest.raises(ConfigError, match="220.5 audio samples per bin"):
+    with pytest.raises(ConfigError, match="220.5 audio samples per bin") as info:
         aw.audio_grid(_stims(), dt_ms=5, audio_fs_hz=44_100)
+    # every way out it offers works (44100 is not a multiple of 200 Hz, as it once said)
+    hint = str(info.value).split("Hint: ")[1]
+    assert "--audio-fs a multiple of 200 Hz (44000 or 44200)" in hint
+    assert "--dt-ms a multiple of 10 ms" in hint and "--no-wav" in hint
+    for audio_fs_hz in (44_000, 44_200):
+        assert aw.audio_grid(_stims(), dt_ms=5, audio_fs_hz=audio_fs_hz).hop * 200 == audio_fs_hz
+    assert aw.audio_grid(_stims(), dt_ms=30, audio_fs_hz=44_100).hop == 1323
     assert aw.audio_grid(_stims(), dt_ms=5, audio_fs_hz=48_000).hop == 240
 
 

@@ -224,6 +224,15 @@ def test_bad_bin_widths_are_config_errors(area, dt_ms, match):
         rs.rebin_area(area[0], dt_ms=dt_ms)
 
 
+def test_the_bin_widths_offered_are_those_that_fit_the_presentation(area):
+    # 1.5 s presentations of 10 ms frames: each offered width gives whole bins and whole
+    # frames (5 ms divides 1.5 s but leaves the spectrograms out)
+    with pytest.raises(ConfigError) as info:
+        rs.rebin_area(area[0], dt_ms=7)
+    offered = str(info.value).split(": ")[-1].removesuffix(" ms")
+    assert offered == "10, 20, 30, 50, 60, 100"
+
+
 def test_pair_means_same_for_grouped_and_shuffled_rows():
     """The grouped fast path (no sort, float32 summed in float64) and the sorting path
     agree, and NaN counts are left out of each mean (all-NaN pairs give NaN)."""
