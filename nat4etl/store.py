@@ -146,6 +146,12 @@ class Store:
         return self.root / RAW
 
     @property
+    def shown_raw_dir(self) -> Path:
+        """``raw/`` of the published store, for messages: a build writes into a staging
+        copy that is gone (or renamed) by the time the user reads them."""
+        return Path(self.published_at) / RAW
+
+    @property
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
 

@@ -87,6 +87,26 @@ def test_a_bin_width_the_waveforms_cannot_take_fails_before_anything_runs(tmp_pa
     assert result.exit_code == 0, result.output
 
 
+def test_a_missing_raw_file_is_named_in_the_published_store_not_the_staging_copy(
+    tmp_path, mini_sample
+):
+    out = tmp_path / "store"
+    src = str(mini_sample.dir)
+    args = ["fetch", "--area", "A1", "--no-wav", "--source", src, "--out", str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    result = CliRunner().invoke(cli, ["unpack", "--area", "PEG", "--out", str(out)])
+    assert result.exit_code == 3, result.output
+    assert f"PEG_NAT4_ozgf.fs100.ch18.tgz (PEG) not found in {out / 'raw'};" in result.output
+    assert "`nat4etl fetch --area PEG`" in result.output
+    assert ".staging-" not in result.output
+    for stage in ("unpack", "parse-epochs"):
+        assert CliRunner().invoke(cli, [stage, "--out", str(out)]).exit_code == 0
+    result = CliRunner().invoke(cli, ["align-wav", "--out", str(out)])
+    assert result.exit_code == 3, result.output
+    assert f"wav.zip not found (looked in {out / 'raw'})" in result.output
+    assert ".staging-" not in result.output
+
+
 def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_sample):
     out = tmp_path / "store"
     src = str(mini_sample.dir)

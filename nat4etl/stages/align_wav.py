@@ -197,16 +197,16 @@ def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str,
 # ============================================================================ stage
 def wav_zip_path(store, settings) -> Path:
     """wav.zip as fetched into the store's raw dir, else in ``--source``."""
-    candidates = [Path(store.raw_dir) / nat4.WAV_ZIP]
+    candidates = [(Path(store.raw_dir), store.shown_raw_dir)]  # (where, what to call it)
     if settings.source_dir is not None:
-        candidates.append(Path(settings.source_dir) / nat4.WAV_ZIP)
-    for path in candidates:
-        if path.is_file():
-            return path
+        candidates.append((Path(settings.source_dir), Path(settings.source_dir)))
+    for where, _ in candidates:
+        if (where / nat4.WAV_ZIP).is_file():
+            return where / nat4.WAV_ZIP
     raise MissingMember(
-        f"{nat4.WAV_ZIP} not found (looked in {', '.join(str(p.parent) for p in candidates)}); "
+        f"{nat4.WAV_ZIP} not found (looked in {', '.join(str(s) for _, s in candidates)}); "
         "run `nat4etl fetch --wav` first, or build with --no-wav",
-        path=candidates[0],
+        path=candidates[0][1] / nat4.WAV_ZIP,
     )
 
 

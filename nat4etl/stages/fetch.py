@@ -475,7 +475,7 @@ def run(store, settings, progress) -> dict:
         progress=progress,
         max_attempts=settings.max_attempts,
         timeout_s=settings.timeout_s,
-        shown_dir=Path(store.published_at) / store.raw_dir.name,
+        shown_dir=store.shown_raw_dir,
     )
     return {
         "files": len(result.entries),

@@ -644,6 +644,16 @@ def run(store, settings, progress) -> dict:
     """Every area's raw tables. Writes go to a background thread (:class:`WriteBehind`),
     so an area's population is encoded to Parquet while its site files are decoded."""
     src = source_dir(store, settings)
+    shown = Path(settings.source_dir) if settings.source_dir else store.shown_raw_dir
+    for area in settings.areas:  # all there before anything is decoded
+        for name in nat4.area_files(area).names:
+            if not (src / name).is_file():
+                raise MissingMember(
+                    f"{name} ({area}) not found in {shown}; Hint: `nat4etl fetch --area "
+                    f"{area}` gets it, or pass --source DIR",
+                    path=shown,
+                    member=name,
+                )
     # What rebin-sites reads is kept for it only when this build runs it next; otherwise
     # (e.g. `nat4etl unpack` alone) each area's is dropped once written instead of
     # sitting through the later areas (~400 MB for A1).
