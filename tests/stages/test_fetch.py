@@ -621,7 +621,7 @@ def test_source_same_as_dest_is_refused(tmp_path: Path) -> None:
 
 def test_stage_run_uses_settings(server: FakeZenodo, tmp_path: Path, cache: Path) -> None:
     out = tmp_path / "out"
-    store = SimpleNamespace(raw_dir=out / "raw", published_at=out)
+    store = SimpleNamespace(raw_dir=out / "raw", shown_raw_dir=out / "raw")
     settings = SimpleNamespace(
         areas=("A1",),
         wav=False,
