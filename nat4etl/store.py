@@ -875,9 +875,11 @@ def exchange_dirs(a: Path, b: Path) -> bool:
 def publish(staging_dir: Path, out: Path) -> None:
     """Make ``staging_dir`` the store at ``out``.
 
-    The replaced generation is kept as ``.OUT.previous-*``, so a reader that opened it
-    (see :func:`open_snapshot`) can finish reading a consistent store: a later publish
-    removes a previous generation only once no reader pins it any more.
+    The replaced generation is removed at once unless a reader pins it (see
+    :func:`open_snapshot`); a pinned one is kept as ``.OUT.previous-*`` so that reader
+    finishes on a consistent store, and the first publish after it is closed removes it.
+    A reader that opened files by path (polars, pyarrow) holds them open or sees the new
+    ones: it never reads through the ``.previous`` name.
     """
     for p in out.parent.iterdir():
         if p.name.startswith(previous_prefix(out)):
@@ -900,12 +902,17 @@ def publish(staging_dir: Path, out: Path) -> None:
             kill_point("exchanged")
             os.rename(staging_dir, out)
             marker.unlink()
+        fsync_dir(out.parent)
+        # a snapshot that opened it meanwhile sees it replaced and pins the new one
+        remove_unpinned(previous, unknown=False)
     fsync_dir(out.parent)
 
 
-def remove_unpinned(generation: Path) -> bool:
+def remove_unpinned(generation: Path, *, unknown: bool = True) -> bool:
     """Remove a replaced generation unless a reader still pins it (:func:`open_snapshot`
-    holds a shared flock on its directory); True if it was removed."""
+    holds a shared flock on its directory); True if it was removed. Where flock does
+    not work, pins cannot be seen: ``unknown`` says whether to remove it anyway (a publish
+    removes the one before last, and keeps the one it just replaced)."""
     try:
         fd = os.open(generation, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
@@ -916,6 +923,9 @@ def remove_unpinned(generation: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # an open reader's: kept; the first publish after it closes removes it
+        except OSError:
+            if not unknown:
+                return False
         shutil.rmtree(generation, ignore_errors=True)
         return True
     finally:
@@ -937,6 +947,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: tries to pin the published generation while publishes replace it (each a rename)
+_PIN_ATTEMPTS = 100
+
+
+def _same_dir(fd: int, path: Path) -> bool:
+    try:
+        pinned, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (pinned.st_dev, pinned.st_ino) == (now.st_dev, now.st_ino)
+
+
 def open_snapshot(path: str | os.PathLike) -> Store:
     """A read-only Store pinned to the generation published at ``path`` right now.
 
@@ -950,11 +972,21 @@ def open_snapshot(path: str | os.PathLike) -> Store:
         raise MissingTableError(f"no nat4etl store at {path}; build one with `nat4etl build`")
     if not Path("/proc/self/fd").is_dir():
         return Store(path)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # pins the generation: see remove_unpinned
-    except OSError:
-        pass  # a filesystem without flock: pinned by the descriptor until the next publish
+    for _ in range(_PIN_ATTEMPTS):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # between the two renames of a fallback publish
+            time.sleep(0.01)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # pins the generation: see remove_unpinned
+        except OSError:
+            break  # a filesystem without flock: held by the descriptor until a publish
+        if _same_dir(fd, path):
+            break  # still the published one: a publish keeps it from now on
+        os.close(fd)  # replaced (and maybe removed) between open and flock: again
+    else:
+        raise StoreError(f"{path} was replaced {_PIN_ATTEMPTS} times while being opened")
     store = Store(f"/proc/self/fd/{fd}")
     store.published_at = path
     store._dir_fd = fd  # closed with the Store

@@ -150,10 +150,39 @@ def test_a_snapshot_outlives_any_number_of_publishes_until_closed(tmp_path):
         with open_for_write(out) as store:
             store.write_table("trials", _trials(n), area="A1")
         assert snap.read_table("trials").num_rows == 2  # still the generation it opened
+    assert len([p for p in tmp_path.iterdir() if ".previous-" in p.name]) == 1  # its own
     snap.close()
     with open_for_write(out) as store:
         store.write_table("trials", _trials(6), area="A1")
-    assert len([p for p in tmp_path.iterdir() if ".previous-" in p.name]) == 1
+    # the closed reader's generation and the one just replaced (nobody pins it) are gone:
+    # no hidden copy of the store is left on disk
+    assert [p.name for p in tmp_path.iterdir() if ".previous-" in p.name] == []
+
+
+def test_a_snapshot_opened_as_a_publish_replaces_the_store_pins_the_new_one(tmp_path, monkeypatch):
+    """Opened between a publish's rename and its removal of the old generation, a
+    snapshot must not end up on a deleted directory: it sees the swap and pins again."""
+    import nat4etl.store as store_mod
+    from nat4etl.store import open_snapshot
+
+    out = tmp_path / "nat4"
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(2), area="A1")
+    real_flock = store_mod.fcntl.flock
+    swapped = []
+
+    def flock_after_a_publish(fd, op):
+        if op == store_mod.fcntl.LOCK_SH and not swapped:
+            swapped.append(True)  # the reader's first open is now of the old generation
+            with open_for_write(out) as store:
+                store.write_table("trials", _trials(3), area="A1")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(store_mod.fcntl, "flock", flock_after_a_publish)
+    snap = open_snapshot(out)
+    monkeypatch.setattr(store_mod.fcntl, "flock", real_flock)
+    assert snap.read_table("trials").num_rows == 3
+    snap.close()
 
 
 def test_a_generation_left_under_the_staging_name_by_a_kill_stays_while_pinned(tmp_path):
@@ -178,13 +207,16 @@ def test_a_generation_left_under_the_staging_name_by_a_kill_stays_while_pinned(t
 
 def test_publish_without_renameat2_and_recovery_between_its_renames(tmp_path, monkeypatch):
     import nat4etl.store as store_mod
-    from nat4etl.store import recover, swap_marker
+    from nat4etl.store import open_snapshot, recover, swap_marker
 
     monkeypatch.setattr(store_mod, "exchange_dirs", lambda a, b: False)
     out = tmp_path / "nat4"
-    for n in (2, 3):
-        with open_for_write(out) as store:
-            store.write_table("trials", _trials(n), area="A1")
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(2), area="A1")
+    reader = open_snapshot(out)  # pins generation 2, so the publish keeps it as .previous
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(3), area="A1")
+    reader.close()
     assert Store(out).read_table("trials").num_rows == 3
     # a fallback publish killed between its two renames: no OUT, the marker names the old one
     previous = next(p for p in tmp_path.iterdir() if ".previous-" in p.name)
