@@ -166,10 +166,20 @@ def _checked(s: Settings) -> Settings:
 
 def _read_toml(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        data = Path(path).read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read config: {err.strerror}", path=path) from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+            "a TOML file must be saved as UTF-8",
+            path=path,
+        ) from err
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"not valid TOML: {err}", path=path) from err
 

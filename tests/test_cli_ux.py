@@ -69,6 +69,15 @@ def test_cli_config_typo_exits_2_with_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: c.toml")
 
 
+def test_cli_config_not_utf8_exits_2_with_one_line(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_bytes(b"\xff\xfe")  # UTF-16's byte-order mark: a file saved by the wrong editor
+    result = invoke("status", "--out", tmp_path / "o", "--config", cfg)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: c.toml")
+    assert "UTF-8" in result.stderr
+
+
 # ----------------------------------------------------------------------- --json errors
 def test_json_mode_usage_errors_are_one_json_line(tmp_path, monkeypatch, capsys):
     """cron parses stderr line by line: click's own errors must be JSON too with --json."""

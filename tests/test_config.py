@@ -76,3 +76,13 @@ def test_cache_dir_precedence_is_flag_then_env_then_file(tmp_path, monkeypatch):
     assert load_settings().cache_dir == Path("/from/env")
     flagged = load_settings(cfg).with_overrides(cache_dir=Path("/from/flag"))
     assert flagged.cache_dir == Path("/from/flag")
+
+
+def test_config_that_is_not_utf8_is_a_config_error(tmp_path):
+    """TOML is UTF-8: other bytes are the file's fault (exit 2 naming it), not a traceback."""
+    cfg = tmp_path / "latin.toml"
+    cfg.write_bytes(b'[build]\nnorm = "d\xe9epstrf"\n')
+    with pytest.raises(ConfigError, match="latin.toml") as err:
+        load_settings(cfg)
+    assert "UTF-8" in str(err.value) and "line 2" in str(err.value)
+    assert "\n" not in str(err.value)
