@@ -141,6 +141,26 @@ area_option = click.option(
 )
 
 
+def _check_zenodo_url(_ctx, _param, value: str | None) -> str | None:
+    """A malformed --zenodo-url is a usage error (exit 2) before anything runs."""
+    if value is not None:
+        from nat4etl.config import url_problem
+
+        problem = url_problem(value)
+        if problem:
+            raise click.BadParameter(f"{value!r} is not a Zenodo base URL ({problem})")
+    return value
+
+
+def zenodo_url_option(fn):
+    return click.option(
+        "--zenodo-url",
+        default=None,
+        callback=_check_zenodo_url,
+        help="Zenodo base URL, http(s)://HOST[/PATH].",
+    )(fn)
+
+
 def _settings(config_file, **flags):
     from nat4etl.config import load_settings
 
@@ -205,7 +225,7 @@ def _run_stage_command(
 @area_option
 @click.option("--wav/--no-wav", default=None, help="Also fetch wav.zip [default: from config].")
 @click.option("--record", "record_id", type=int, default=None, help="Zenodo record id.")
-@click.option("--zenodo-url", default=None, help="Zenodo base URL.")
+@zenodo_url_option
 @source_option("Take the files from a local mirror.")
 @click.option(
     "--cache",
@@ -327,7 +347,7 @@ def build_settings_options(fn):
         [
             area_option,
             source_option("Use a local mirror instead of Zenodo."),
-            click.option("--zenodo-url", default=None, help="Zenodo base URL."),
+            zenodo_url_option,
             click.option("--record", "record_id", type=int, default=None, help="Zenodo record id."),
             click.option(
                 "--cache",

@@ -94,7 +94,38 @@ def load_settings(config_file: str | os.PathLike | None = None) -> Settings:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"bad or missing setting: {err}", path=config_file) from err
+    check_url(str(z["url"]), "zenodo.url", path=config_file)  # as written, not rstripped
     return _checked(s)
+
+
+def check_url(url: str, name: str = "zenodo_url", *, path=None) -> None:
+    """A Zenodo base URL is http(s)://HOST[:PORT][/PATH]: anything else is a configuration
+    error naming ``name`` (the key or option) and the value, raised before a build starts,
+    not a network failure once it has."""
+    problem = url_problem(url)
+    if problem:
+        raise ConfigError(f"{name}: {url!r} is not a Zenodo base URL ({problem})", path=path)
+
+
+def url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable as a base URL, or None when it is fine."""
+    from urllib.parse import urlsplit
+
+    example = "e.g. https://zenodo.org"
+    if not url or any(c.isspace() for c in url):
+        return f"empty or has white space; {example}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number)
+    except ValueError as err:
+        return f"{err}; {example}"
+    if parts.scheme not in ("http", "https"):
+        return f"it must start with http:// or https://, {example}"
+    if not parts.hostname:
+        return f"it names no host, {example}"
+    if parts.query or parts.fragment:
+        return "a base URL has no ?query or #fragment: the API paths are appended to it"
+    return None
 
 
 def _cache_dir(configured: str | None) -> Path | None:
@@ -154,6 +185,7 @@ def parse_areas(area: str | None, settings: Settings) -> tuple[str, ...] | None:
 
 
 def _checked(s: Settings) -> Settings:
+    check_url(s.zenodo_url)
     bad = [a for a in s.areas if a not in AREAS]
     if bad:
         raise ConfigError(f"unknown areas {bad}; known: {list(AREAS)}")

@@ -78,6 +78,27 @@ def test_cli_config_not_utf8_exits_2_with_one_line(tmp_path):
     assert "UTF-8" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["build", "fetch", "status"])
+def test_cli_malformed_zenodo_url_exits_2_before_anything_runs(tmp_path, command):
+    """A URL without http(s):// and a host is a usage error (2), not a network failure (4)."""
+    out = tmp_path / "o"
+    result = invoke(command, "--zenodo-url", "not-a-url", "--out", out)
+    assert result.exit_code == 2, result.output
+    assert "--zenodo-url" in result.stderr and "not-a-url" in result.stderr
+    assert not out.exists() and not (tmp_path / ".o.lock").exists()
+
+
+def test_cli_malformed_zenodo_url_in_a_config_file_exits_2(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[zenodo]\nurl = "zenodo.org"\n')
+    out = tmp_path / "o"
+    result = invoke("build", "--out", out, "--config", cfg)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: c.toml")
+    assert "zenodo.url" in result.stderr and "'zenodo.org'" in result.stderr
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------- --json errors
 def test_json_mode_usage_errors_are_one_json_line(tmp_path, monkeypatch, capsys):
     """cron parses stderr line by line: click's own errors must be JSON too with --json."""

@@ -86,3 +86,22 @@ def test_config_that_is_not_utf8_is_a_config_error(tmp_path):
         load_settings(cfg)
     assert "UTF-8" in str(err.value) and "line 2" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["not-a-url", "zenodo.org", "ftp://zenodo.org", "https://", "http://:80", "http://h:x"]
+)
+def test_zenodo_url_must_be_http_with_a_host(tmp_path, url):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[zenodo]\nurl = "{url}"\n')
+    with pytest.raises(ConfigError, match="zenodo.url") as err:
+        load_settings(cfg)
+    assert "c.toml" in str(err.value) and repr(url) in str(err.value)
+    with pytest.raises(ConfigError, match="zenodo_url") as err:
+        load_settings().with_overrides(zenodo_url=url)
+    assert repr(url) in str(err.value)
+
+
+def test_zenodo_urls_that_are_fine():
+    for url in ("https://zenodo.org", "http://127.0.0.1:9", "https://sandbox.zenodo.org/x/"):
+        assert load_settings().with_overrides(zenodo_url=url).zenodo_url == url
