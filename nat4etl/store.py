@@ -735,10 +735,14 @@ def store_lock(
             except BlockingIOError:
                 holder = _read_holder(path)
                 if time.monotonic() >= deadline:
-                    waited = f" after waiting {wait_s:g} s" if wait_s > 0 else ""
+                    if wait_s > 0:
+                        waited = f"; waited {wait_s:g} s for it"
+                        hint = "run again once it has finished, or with a longer --wait"
+                    else:
+                        waited, hint = "", "pass --wait SECONDS to wait for it"
                     raise StoreLocked(
                         f"another nat4etl process holds the lock on {out} ({holder}){waited}; "
-                        "nothing was written. Hint: pass --wait SECONDS to wait for it",
+                        f"nothing was written. Hint: {hint}",
                         path=path,
                     ) from None
                 if on_wait is not None and not told:

@@ -113,6 +113,26 @@ def test_lock_held_by_another_process(tmp_path):
         pass
 
 
+def test_lock_timeout_hint_fits_whether_wait_was_given(tmp_path):
+    """After --wait expired, the hint must not tell the user to pass --wait again."""
+    out = tmp_path / "nat4"
+    holder = _lock_holder(out, "sys.stdin.readline()")
+    try:
+        with pytest.raises(StoreLocked) as waited:
+            with open_for_write(out, wait_s=0.3):
+                pass
+        with pytest.raises(StoreLocked) as at_once:
+            with open_for_write(out):
+                pass
+    finally:
+        holder.communicate("go\n", timeout=10)
+    msg = str(waited.value)
+    assert "waited 0.3 s" in msg and "a longer --wait" in msg, msg
+    assert "pass --wait SECONDS" not in msg
+    assert "pass --wait SECONDS" in str(at_once.value)
+    assert "waited" not in str(at_once.value)
+
+
 def test_killed_holder_releases_the_lock(tmp_path):
     out = tmp_path / "nat4"
     (tmp_path / ".nat4.staging-dead").mkdir()  # what a killed build leaves
