@@ -469,7 +469,7 @@ def _render_status(report: dict) -> str:
         lines.append("        not built yet")
     else:
         rec = report.get("record") or {}
-        lines.append(f"built   {report.get('written_at')}, {report.get('tables', 0)} table files")
+        lines.append(f"built   {report.get('written_at')}, {_table_files(report)}")
         lines.append(f"record  {rec.get('id', '?')} version {rec.get('version', '?')}")
         for src in report.get("sources", []):
             lines.append(f"source  {src['name']}  {src['size_bytes']} B  md5 {src['md5']}")
@@ -486,6 +486,17 @@ def _render_status(report: dict) -> str:
             f"next    nat4etl build --out {report['out']}  (with this status's other options)"
         )
     return "\n".join(lines)
+
+
+def _table_files(report: dict) -> str:
+    """ "42 table files (34 Parquet, one per table and area; 8 Arrow sidecars)": the
+    numbers are the manifest's files, counted by kind."""
+    files = report.get("table_files") or {}
+    parquet, arrow = files.get("parquet", 0), files.get("arrow", 0)
+    kinds = f"{parquet} Parquet, one per table and area"
+    if arrow:
+        kinds += f"; {arrow} Arrow sidecars"
+    return f"{parquet + arrow} table files ({kinds})"
 
 
 @cli.command("verify")

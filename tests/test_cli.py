@@ -122,3 +122,27 @@ def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_samp
     assert "--no-wav" in hint
     # the mirror it was built from, as fetch.json's file URLs name it (absolute)
     assert f"--no-wav --source {mini_sample.dir.resolve()}` rebuilds" in hint
+
+
+def test_status_counts_the_table_files_the_store_holds(tmp_path, mini_sample):
+    """status's number is the files on disk (Parquet and the .arrow sidecars), not the
+    (table, area) pairs under the words "table files"."""
+    import json
+
+    out = tmp_path / "store"
+    args = ["--area", "A1", "--source", str(mini_sample.dir), "--out", str(out)]
+    built = CliRunner().invoke(cli, ["build", *args])
+    assert built.exit_code == 0, built.output
+    tables = [p for p in out.glob("*/area=*/*") if p.is_file()]
+    parquet = sum(p.suffix == ".parquet" for p in tables)
+    arrow = sum(p.suffix == ".arrow" for p in tables)
+    assert parquet and arrow and parquet + arrow == len(tables)
+    text = CliRunner().invoke(cli, ["status", *args]).stdout
+    (line,) = [line for line in text.splitlines() if line.startswith("built ")]
+    assert line.endswith(
+        f", {len(tables)} table files ({parquet} Parquet, one per table and area; "
+        f"{arrow} Arrow sidecars)"
+    ), line
+    report = json.loads(CliRunner().invoke(cli, ["status", *args, "--json"]).stdout)
+    assert report["table_files"] == {"parquet": parquet, "arrow": arrow}
+    assert report["tables"] == parquet  # one Parquet file per (table, area)

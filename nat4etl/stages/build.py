@@ -594,12 +594,20 @@ def status(
         root = snap.root
         ctx = Context(settings, root, [s.name for s in chosen])
         manifest = _manifest_or_empty(snap)
+        entries = manifest.get("tables", [])
+        suffixes = [Path(str(t.get("path", ""))).suffix for t in entries]
         report.update(
             built=bool(manifest),
             written_at=manifest.get("written_at"),
             record=manifest.get("record") or record_info(root / RAW),
             sources=manifest.get("sources", []),
-            tables=len({(t.get("table"), t.get("area")) for t in manifest.get("tables", [])}),
+            # one per (table, area); the files are these Parquet files and the .arrow
+            # sidecars of tables with vector columns
+            tables=len({(t.get("table"), t.get("area")) for t in entries}),
+            table_files={
+                "parquet": suffixes.count(".parquet"),
+                "arrow": suffixes.count(".arrow"),
+            },
         )
         report["stages"] = _stage_states(root, chosen, ctx, forced)
         report["manifest"] = manifest_problems(root, ctx) if ctx.records else []
