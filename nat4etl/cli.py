@@ -24,7 +24,7 @@ EXIT_CODE_MEANINGS = {
     "network": "network failure (Zenodo unreachable, retries exhausted)",
     "lock_held": "another build holds the lock",
     "verification": "verification failure (size or digest mismatch)",
-    "store": "the store is unusable (schema version, missing table, OUT is not a store)",
+    "store": "the store is unusable (schema version, missing table, OUT is not a store / sample)",
     "interrupted": "interrupted (Ctrl-C); the store is as it was unless this run had published",
 }
 #: "\b" keeps click from re-flowing the table into one line
@@ -544,7 +544,7 @@ def verify_cmd(out, json_mode, quiet):
     "--out",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to write the synthetic Zenodo mirror into.",
+    help="Directory to write the synthetic Zenodo mirror into: new, empty or an earlier sample.",
 )
 @click.option(
     "--scale",

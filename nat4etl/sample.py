@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from nat4etl.errors import ConfigError
+from nat4etl.errors import ConfigError, StoreError
 from nat4etl.nat4 import ZENODO_FILES
 
 __all__ = [
@@ -345,7 +345,9 @@ def write_sample(
     Parameters
     ----------
     out_dir
-        Directory to write into (created if needed). Files land directly in it:
+        Directory to write into (created if needed): new, empty, or one a sample was
+        written to before (it has ``sample_info.json``); any other raises ``StoreError``
+        (:func:`check_writable`) before a file is written. Files land directly in it:
         ``{A1,PEG}_NAT4_ozgf.fs100.ch18.tgz``, ``{A1,PEG}_pred_correlation.csv``,
         ``{A1,PEG}_single_sites.zip``, ``wav.zip``, ``record.json`` and ``sample_info.json``.
     scale
@@ -369,6 +371,7 @@ def write_sample(
     label, unit_scale = _parse_scale(scale)
     log = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
+    check_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     stims = _plan_stims(label, quirks)
@@ -411,6 +414,25 @@ def write_sample(
     _atomic_write(out_dir / "sample_info.json", info.to_json().encode())
     log(f"done: {out_dir}")
     return info
+
+
+def check_writable(out_dir: Path) -> None:
+    """A sample goes into a new or empty directory, or over a sample written before (it has
+    ``sample_info.json``); anything else (a store, a home directory, a real mirror) is
+    refused with :class:`StoreError` (exit 7), as ``build`` refuses a directory that is not
+    a store, before a file is written."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise StoreError(f"{out_dir} exists and is not a directory; nothing was written")
+    if (out_dir / "sample_info.json").is_file() or not any(out_dir.iterdir()):
+        return
+    what = "a nat4etl store" if (out_dir / "manifest.json").is_file() else "other files"
+    raise StoreError(
+        f"{out_dir} is not empty and holds {what}, not a sample written before (no "
+        "sample_info.json); refusing to write a sample into it; nothing was written. "
+        "Hint: choose a new or empty directory for --out"
+    )
 
 
 def _parse_scale(scale: str | float) -> tuple[str, float]:

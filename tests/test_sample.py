@@ -446,6 +446,39 @@ def test_same_seed_same_bytes_other_seed_other_bytes(mini_sample, tmp_path):
     assert other.areas["A1"].cell_ids == mini_sample.info.areas["A1"].cell_ids  # layout is fixed
 
 
+def test_refuses_a_non_empty_directory_that_is_not_a_sample(tmp_path):
+    """`sample --out` pointed at a store (or a home directory) must not scatter the mirror's
+    files into it; a directory a sample was written to before is re-written."""
+    from click.testing import CliRunner
+
+    from nat4etl.cli import cli
+    from nat4etl.errors import StoreError
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    store = tmp_path / "store"
+    (store / "trials" / "area=A1").mkdir(parents=True)
+    (store / "manifest.json").write_text("{}")
+    for out in (other, store):
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(StoreError, match="sample_info.json"):
+            write_sample(out, scale="mini")
+        result = CliRunner().invoke(cli, ["sample", "--out", str(out)])
+        assert result.exit_code == 7, result.output
+        assert result.stderr.startswith(f"error: {out} ") and result.stderr.count("\n") == 1
+        assert sorted(p.name for p in out.iterdir()) == before  # nothing was written
+    assert "nat4etl store" in result.stderr
+
+    again = tmp_path / "again"
+    first = write_sample(again, scale="mini")  # new, then a previous sample: both fine
+    (again / "wav.zip").write_bytes(b"damaged")
+    result = CliRunner().invoke(cli, ["sample", "--out", str(again), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert SampleInfo.from_json((again / "sample_info.json").read_text()) == first
+    assert (again / "wav.zip").read_bytes() != b"damaged"
+
+
 @pytest.mark.parametrize("scale", ["huge", 0, -1.0, float("nan")])
 def test_bad_scale_is_a_config_error(tmp_path, scale):
     with pytest.raises(ConfigError, match="scale"):
