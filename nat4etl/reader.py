@@ -92,11 +92,13 @@ class Nat4Store:
     """Read access to one generation of a nat4etl store.
 
     Obtain it with ``nat4etl.open(path)``. Use as a context manager, or call
-    :meth:`close`, to release the generation it pins.
+    :meth:`close`, to release the generation it pins. After :meth:`close`, every method
+    raises ``ValueError`` (as a closed file does); arrays read before stay valid.
     """
 
     def __init__(self, store: Store):
         self._store = store
+        self._closed = False
         self.path = Path(store.published_at)
         #: facts of the pinned generation (ids, metadata, constants): its files never
         #: change, so they are read once; results themselves are never kept
@@ -105,22 +107,38 @@ class Nat4Store:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Release the pinned generation (its directory handle)."""
+        """Release the pinned generation (its directory handle). Closing again does nothing;
+        arrays already returned stay valid (they map the files, not the directory)."""
+        self._closed = True
+        self._facts.clear()
         self._store.close()
 
+    def _check_open(self) -> None:
+        """ValueError once closed, as Python's closed files: the pinned generation is
+        released (its ``/proc/self/fd`` path may even name another directory by now)."""
+        if self._closed:
+            raise ValueError(
+                f"the nat4etl store {str(self.path)!r} is closed; open it again with "
+                f"`nat4etl.open({str(self.path)!r})` (or read inside its `with` block)"
+            )
+
     def __enter__(self) -> Nat4Store:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
+        if self._closed:
+            return f"<nat4etl store {str(self.path)!r} closed>"
         return f"<nat4etl store {str(self.path)!r} areas={self.areas}>"
 
     # ------------------------------------------------------------------ tables
     @property
     def areas(self) -> list[str]:
         """Areas with a stims table, e.g. ``["A1", "PEG"]``."""
+        self._check_open()
         return self._store.areas("stims")
 
     def stims(self, area: str) -> pl.DataFrame:
@@ -129,6 +147,7 @@ class Nat4Store:
         Columns as in the ``stims`` table: ``stim``, ``name``, ``subset``, ``wav_name``,
         ``duration_s``, ``prestim_s``, ``poststim_s``, ``n_frames``, ``pop_start_s``.
         """
+        self._check_open()
         return self._frame("stims", area, "stim")
 
     def cells(self, area: str) -> pl.DataFrame:
@@ -137,21 +156,25 @@ class Nat4Store:
         Columns as in the ``cells`` table (``cell``, ``cell_id``, ``site``, ``auditory``,
         ``match``, ...), then the carried-through ``pred_correlation`` columns.
         """
+        self._check_open()
         return self._frame("cells", area, "cell")
 
     def metadata(self, table: str, area: str) -> dict:
         """A table's metadata: units, ``dt_ms``, shapes, provenance."""
+        self._check_open()
         return copy.deepcopy(self._metadata(table, area))
 
     @property
     def dt_ms(self) -> float | None:
         """Bin width of the responses and spectrograms, in ms (None before rebin-sites)."""
+        self._check_open()
         for area in self._store.areas("responses"):
             return float(self._metadata("responses", area)["dt_ms"])
         return None
 
     def default_norm(self, area: str) -> str:
         """The preset ``norm="default"`` means (the ``--norm`` given to `normalize`)."""
+        self._check_open()
         return self._metadata("norm_constants", area)["default_norm"]
 
     # ------------------------------------------------------------------ arrays
@@ -179,6 +202,7 @@ class Nat4Store:
             Raw results are a copy-on-write view of the store's file when the sounds are
             consecutive in the table (they are for every ``subset``).
         """
+        self._check_open()
         md = self._metadata("spectrograms", area)
         if md.get("unavailable"):
             raise ConfigError(f"no spectrograms in {self.path} for {area}: {md['unavailable']}")
@@ -250,6 +274,7 @@ class Nat4Store:
             The dense result exceeds ``max_bytes``: ask for ``trials="mean"``, a subset,
             or fewer sounds/units.
         """
+        self._check_open()
         if trials not in ("all", "mean"):
             raise ValueError(f"`trials` must be 'all' or 'mean', not {trials!r}")
         md = self._metadata("responses", area)
@@ -296,6 +321,7 @@ class Nat4Store:
             ``T * hop``, ``hop = audio_fs_hz * dt_ms / 1000``, so frame ``t`` of a
             spectrogram covers samples ``[t * hop, (t + 1) * hop)``.
         """
+        self._check_open()
         self._metadata("waveforms", area)
         ids = self._stim_ids(area, subset)
         return self._vectors("waveforms", area, "samples", ids)[0]

@@ -299,6 +299,43 @@ def test_reader_pins_one_generation(tmp_path):
     reader.close()
 
 
+def test_every_public_method_of_a_closed_store_says_it_is_closed(tmp_path):
+    """Not a missing table: a closed store raises ValueError (as a closed file does), for
+    every public method, facts read before the close included."""
+    import inspect
+
+    _write_store(tmp_path / "nat4")
+    s = nat4etl.open(tmp_path / "nat4")
+    before = s.responses("A1", norm="default")  # also caches metadata, ids and constants
+    s.metadata("responses", "A1")
+    s.close()
+    calls = {
+        "areas": lambda: s.areas,
+        "dt_ms": lambda: s.dt_ms,
+        "stims": lambda: s.stims("A1"),
+        "cells": lambda: s.cells("A1"),
+        "metadata": lambda: s.metadata("responses", "A1"),
+        "default_norm": lambda: s.default_norm("A1"),
+        "spectrograms": lambda: s.spectrograms("A1"),
+        "responses": lambda: s.responses("A1", norm="default"),
+        "waveforms": lambda: s.waveforms("A1"),
+    }
+    public = {n for n, _ in inspect.getmembers(type(s)) if not n.startswith("_")} - {"close"}
+    assert public == set(calls), "a new public method: add it here"
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="closed") as err:
+            call()
+        assert not isinstance(err.value, MissingTableError), name
+        assert str(tmp_path / "nat4") in str(err.value), name
+        assert "nat4etl.open" in str(err.value), name
+    with pytest.raises(ValueError, match="closed"):
+        with s:
+            pass
+    s.close()  # closing again is harmless
+    assert "closed" in repr(s)
+    assert np.isfinite(before[0, 0, 0]).all()  # results read before the close stay usable
+
+
 def test_fixed_size_view_respects_slices():
     from nat4etl.reader import _fixed_size_values
 
