@@ -380,12 +380,35 @@ class Nat4Store:
             known = self.areas
             if known and area not in known:
                 raise MissingTableError(f"no area {area!r} in {self.path}; it holds {known}")
+            if table == "waveforms":
+                self._built_without_waveforms(area)
             stage = _WRITTEN_BY.get(table, "build")
             raise MissingTableError(
                 f"table {table!r} for {area} is not in {self.path}; run `nat4etl {stage} "
                 f"--out {self.path}` (or `nat4etl build`)"
             )
         return path
+
+    def _built_without_waveforms(self, area: str) -> None:
+        """MissingTableError naming the build that adds waveforms if this store was built
+        without them (its manifest records ``wav`` false): `align-wav` alone cannot, as
+        the store holds no wav.zip."""
+        from nat4etl.stages.build import build_command, store_parameters
+
+        try:
+            params = store_parameters(self._store)  # the pinned generation's manifest
+        except (OSError, ValueError):
+            return
+        if params.get("wav") is not False:
+            return
+        command = build_command(self.path, params, wav=True)
+        raise MissingTableError(
+            f"{self.path} was built without waveforms (its manifest records wav = false: "
+            f"`--no-wav`, or `wav = false` in the config), so {area} has no waveforms "
+            f"table. To add them, run `{command}`: a build with waveforms, which needs "
+            "wav.zip (downloaded from Zenodo, or copied from the --source mirror) and keeps "
+            "the store's other parameters"
+        )
 
     def _parquet(self, table: str, area: str):
         """An open ParquetFile after the schema version check."""

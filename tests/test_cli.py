@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+
+import pytest
 from click.testing import CliRunner
 
+import nat4etl
 from nat4etl.cli import cli
+from nat4etl.errors import MissingTableError
 from nat4etl.stages import STAGES
 
 
@@ -146,3 +152,29 @@ def test_status_counts_the_table_files_the_store_holds(tmp_path, mini_sample):
     report = json.loads(CliRunner().invoke(cli, ["status", *args, "--json"]).stdout)
     assert report["table_files"] == {"parquet": parquet, "arrow": arrow}
     assert report["tables"] == parquet  # one Parquet file per (table, area)
+
+
+def test_waveforms_of_a_no_wav_store_say_it_was_built_without_them(tmp_path, mini_sample):
+    """Not `align-wav` (no wav.zip there, and it says "build with --no-wav"): the store
+    records wav = false, so the hint is the build that adds them, and that build works."""
+    out = tmp_path / "store dir"  # a space: the command is shell-quoted
+    src = str(mini_sample.dir)
+    args = ["build", "--area", "A1", "--dt-ms", "20", "--no-wav", "--source", src]
+    built = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    with nat4etl.open(out) as store:
+        with pytest.raises(MissingTableError, match="built without waveforms") as err:
+            store.waveforms("A1")
+    msg = str(err.value)
+    assert "align-wav" not in msg and "wav = false" in msg and "wav.zip" in msg
+    (command,) = re.findall(r"`(nat4etl build [^`]*)`", msg)
+    words = shlex.split(command)
+    assert words[:4] == ["nat4etl", "build", "--out", str(out)]
+    assert "--wav" in words and "--no-wav" not in words
+    assert words[words.index("--dt-ms") + 1] == "20"  # the store's own parameters
+    assert words[words.index("--source") + 1] == str(mini_sample.dir.resolve())
+    rebuilt = CliRunner().invoke(cli, words[1:])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    with nat4etl.open(out) as store:
+        assert store.waveforms("A1").shape[0] == len(store.stims("A1"))
+        assert store.dt_ms == 20

@@ -638,27 +638,34 @@ def stale_after(out: str | os.PathLike, settings: Settings, stage: str) -> list[
 
 
 def recorded_parameters(out: str | os.PathLike, *, after: str | None = None) -> dict[str, Any]:
-    """The build parameters ``out``'s manifest records ({} when it has none), with the
-    local mirror fetch copied from, which the manifest leaves out. ``after``: the
-    parameters stage ``after`` last ran with win over the other stages'."""
+    """:func:`store_parameters` of the generation published at ``out`` ({} when there is
+    no readable manifest)."""
     try:
         snap = open_snapshot(store_path(out))
     except (OSError, StoreError):
         return {}
     try:
-        manifest = snap.read_manifest() or {}
-        params = manifest.get("parameters") or {}
-        if after is not None:  # not its areas: a stage command's default is "all", and
-            # it ran on the areas the store holds
-            stage_params = ((manifest.get("stages") or {}).get(after) or {}).get("params")
-            params = {**params, **{k: v for k, v in (stage_params or {}).items() if k != "areas"}}
-        if not params.get("source_dir"):
-            params = {**params, "source_dir": _fetched_from_dir(snap.root)}
-        return params
+        return store_parameters(snap, after=after)
     except (OSError, ValueError):
         return {}
     finally:
         snap.close()
+
+
+def store_parameters(store: Store, *, after: str | None = None) -> dict[str, Any]:
+    """The build parameters ``store``'s manifest records, with the local mirror fetch
+    copied from, which the manifest leaves out (see :func:`_fetched_from_dir`).
+    ``after``: the parameters stage ``after`` last ran with win over the other stages'.
+    OSError / ValueError: an unreadable manifest."""
+    manifest = store.read_manifest() or {}
+    params = manifest.get("parameters") or {}
+    if after is not None:  # not its areas: a stage command's default is "all", and it
+        # ran on the areas the store holds
+        stage_params = ((manifest.get("stages") or {}).get(after) or {}).get("params")
+        params = {**params, **{k: v for k, v in (stage_params or {}).items() if k != "areas"}}
+    if not params.get("source_dir"):
+        params = {**params, "source_dir": _fetched_from_dir(store.root)}
+    return params
 
 
 def recorded_settings(
@@ -734,8 +741,14 @@ def rebuild_command(out: str | os.PathLike, *, after: str | None = None) -> str:
     """The ``nat4etl build`` command line that rebuilds ``out`` with the parameters its
     manifest records (its areas, bin width, waveforms, ...), not the config's defaults;
     ``after``: those the stage of that name last ran with win (a stage command's)."""
+    return build_command(out, recorded_parameters(out, after=after))
+
+
+def build_command(out: str | os.PathLike, params: Mapping, *, wav: bool | None = None) -> str:
+    """``nat4etl build --out out`` with ``params`` (:func:`store_parameters`) as flags,
+    shell-quoted. ``wav``: True adds ``--wav``, False ``--no-wav``; None (default) adds
+    ``--no-wav`` only if ``params`` records ``wav`` false."""
     words = ["nat4etl", "build", "--out", str(out)]
-    params = recorded_parameters(out, after=after)
     areas = params.get("areas")
     if areas:
         words += ["--area", areas[0] if len(areas) == 1 else "all"]
@@ -746,8 +759,10 @@ def rebuild_command(out: str | os.PathLike, *, after: str | None = None) -> str:
                 flag,
                 f"{params[key]:g}" if isinstance(params[key], float) else str(params[key]),
             ]
-    if params.get("wav") is False:
-        words.append("--no-wav")
+    if wav is None:
+        wav = False if params.get("wav") is False else None
+    if wav is not None:
+        words.append("--wav" if wav else "--no-wav")
     if params.get("source_dir"):
         words += ["--source", str(params["source_dir"])]
     return shlex.join(words)  # pastes into a shell as is, spaces in paths included
