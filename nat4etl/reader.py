@@ -1049,6 +1049,19 @@ def _fill_missing(out: np.ndarray, dest: np.ndarray) -> None:
     out[missing] = np.nan
 
 
+def _amount(n_bytes: int) -> str:
+    """A byte count for a message: exact below 1 KiB, else in binary units (as the budget's
+    default, 2 GiB) with the exact count, so two amounts that differ never print alike."""
+    if n_bytes < 1024:
+        return f"{n_bytes:,} bytes"
+    size, unit = n_bytes / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.2f} {unit} ({n_bytes:,} bytes)"
+
+
 def _dense_responses(
     source: _SidecarRows | _ParquetRows,
     stim_ids: np.ndarray,
@@ -1078,10 +1091,15 @@ def _dense_responses(
             if trials == "all"
             else "ask for a subset or fewer stims/cells"
         )
+        size = (
+            f"responses({area!r}) would be {shape} float32 = {_amount(n_bytes)}"
+            if trials == "all"
+            else f"responses({area!r}, trials='mean') would be {shape} float32, taking "
+            f"{_amount(n_bytes)} while averaging"
+        )
         raise ResultTooLarge(
-            f"responses({area!r}) would be {shape} float32 = {n_bytes / 2**30:.2f} GiB, over "
-            f"the {max_bytes / 2**30:.2f} GiB budget (max_bytes); nothing was allocated. "
-            f"Hint: {hint}, or raise max_bytes"
+            f"{size}, over the budget of {_amount(max_bytes)} "
+            f"(max_bytes); nothing was allocated. Hint: {hint}, or raise max_bytes"
         )
     scaler = None
     if constants is not None:

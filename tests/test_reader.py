@@ -255,6 +255,29 @@ def test_memory_budget_fails_before_allocating(store):
     assert store.responses("A1", trials="mean", max_bytes=2000).shape == (5, N_CELLS, T)
 
 
+def test_the_memory_budget_error_shows_amounts_that_differ(store):
+    """Not "0.00 GiB, over the 0.00 GiB budget": exact bytes, binary units when large."""
+    shape = (5, N_CELLS, 3, T)
+    need = int(np.prod(shape)) * 4
+    with pytest.raises(ResultTooLarge) as err:
+        store.responses("A1", max_bytes=need - 1)
+    msg = str(err.value)
+    assert "0.00" not in msg
+    assert need == 1440
+    assert f"{shape} float32 = 1.41 KiB (1,440 bytes), over the budget of 1.41 KiB (1,439 " in msg
+    # trials="mean": (5, 4, 6) float32 results, float64 sums and float32 counts while averaging
+    with pytest.raises(ResultTooLarge) as err:
+        store.responses("A1", trials="mean", max_bytes=1000)
+    assert "(1,440 bytes) while averaging, over the budget of 1,000 bytes" in str(err.value)
+
+    from nat4etl.reader import _amount
+
+    assert _amount(1023) == "1,023 bytes"
+    assert _amount(1536) == "1.50 KiB (1,536 bytes)"
+    assert _amount(2 * 1024**3) == "2.00 GiB (2,147,483,648 bytes)"
+    assert _amount(2 * 1024**3 + 1) == "2.00 GiB (2,147,483,649 bytes)"
+
+
 def test_scan_parquet_gives_the_same_numbers(store, tmp_path):
     lazy = pl.scan_parquet(
         str(tmp_path / "nat4" / "responses" / "**" / "*.parquet"), hive_partitioning=True
