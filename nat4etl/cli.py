@@ -326,13 +326,20 @@ def align_wav_cmd(out, wait_s, audio_fs_hz, config_file, json_mode, quiet):
     )
 
 
+#: `--norm` of normalize, build and status: what the preset does, and what it does not
+NORM_HELP = (
+    'Preset recorded in the store as its default: what the reader applies for norm="default". '
+    "The reader returns raw values unless given a norm."
+)
+
+
 @cli.command("normalize")
 @out_options
 @click.option(
     "--norm",
     type=click.Choice(["deepstrf", "nems"]),
     default=None,
-    help="Default preset for the reader; constants for both are always written.",
+    help=f"{NORM_HELP} Constants for both presets are always written. [default: from config]",
 )
 @common_options
 @handle_errors
@@ -369,7 +376,7 @@ def build_settings_options(fn):
                 "--norm",
                 type=click.Choice(["deepstrf", "nems"]),
                 default=None,
-                help="Default normalization preset for the reader.",
+                help=f"{NORM_HELP} [default: from config]",
             ),
             click.option(
                 "--from",

@@ -191,7 +191,8 @@ class Nat4Store:
             None (default): raw ozgf values. ``"deepstrf"``: ``ln(1 + x)`` then one global
             min-max, as the old deepSTRF loader; ``"nems"``: ``ln(1 + x / 0.1)`` then
             min-max per band, values below 1e-6 after scaling set to 0 (NEMS0);
-            ``"default"``: the store's default preset. Constants come from the whole
+            ``"default"``: the preset the store was built with (``--norm``, see
+            :meth:`default_norm`). Constants come from the whole
             population recording. Computed in float32: within about one float32 ulp of
             the old loader's float64 computation cast to float32.
 
@@ -242,7 +243,8 @@ class Nat4Store:
         norm
             None (default): counts per bin. ``"deepstrf"``: one global min-max;
             ``"nems"``: min-max per unit, values below 1e-6 after scaling set to 0;
-            ``"default"``: the store's default preset. Constants come from the whole
+            ``"default"``: the preset the store was built with (``--norm``, see
+            :meth:`default_norm`). Constants come from the whole
             population recording; est responses and val single trials share them (one
             scale). The old deepSTRF loader scaled only est responses and left val
             trials as raw counts: ``subset="est", norm="deepstrf"`` together with

@@ -178,3 +178,24 @@ def test_waveforms_of_a_no_wav_store_say_it_was_built_without_them(tmp_path, min
     with nat4etl.open(out) as store:
         assert store.waveforms("A1").shape[0] == len(store.stims("A1"))
         assert store.dt_ms == 20
+
+
+def test_norm_help_and_config_say_the_reader_returns_raw_values_unless_asked():
+    """`--norm` / config `norm` is recorded in the store and is what the reader's
+    norm="default" applies; the reader itself returns raw values unless given `norm=`."""
+    from nat4etl.config import DEFAULT_CONFIG
+
+    for name in ("build", "normalize", "status"):
+        (option,) = [p for p in cli.commands[name].params if p.name == "norm"]
+        text = " ".join(option.help.split())
+        assert 'norm="default"' in text and "raw values" in text, (name, text)
+        assert "by default" not in text, (name, text)
+    lines = DEFAULT_CONFIG.read_text().splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("norm ="))
+    comment = lines[at].split("#", 1)[1]
+    for more in lines[at + 1 :]:  # the comment may go on below, aligned
+        if not more.lstrip().startswith("#") or not more.startswith(" "):
+            break
+        comment += more.split("#", 1)[1]
+    assert 'norm="default"' in comment and "raw" in comment, comment
+    assert "by default" not in comment, comment

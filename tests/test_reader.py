@@ -278,6 +278,28 @@ def test_the_memory_budget_error_shows_amounts_that_differ(store):
     assert _amount(2 * 1024**3 + 1) == "2.00 GiB (2,147,483,649 bytes)"
 
 
+def test_the_reader_returns_raw_values_unless_asked_as_the_readme_says(store):
+    """The store's preset (`--norm`) applies only with norm="default"; the README says so
+    where it describes the reader's `norm` argument."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    reading = readme[readme.index("## Reading") :]
+    reading = reading[: reading.index("\n## ", 1)]
+    normalize = readme[readme.index("**normalize**") :]
+    for section in (reading, normalize[: normalize.index("\n\n")]):
+        assert any(
+            'norm="default"' in p and "raw values" in p and "--norm" in p
+            for p in section.split("\n\n")
+        ), section[:200]
+    np.testing.assert_array_equal(store.responses("A1", subset="est")[0, 0, 0], _counts(0, 0, 0))
+    assert store.default_norm("A1") == "nems"
+    np.testing.assert_array_equal(
+        store.responses("A1", norm="default"), store.responses("A1", norm="nems")
+    )
+    np.testing.assert_array_equal(
+        store.spectrograms("A1", norm="default"), store.spectrograms("A1", norm="nems")
+    )
+
+
 def test_scan_parquet_gives_the_same_numbers(store, tmp_path):
     lazy = pl.scan_parquet(
         str(tmp_path / "nat4" / "responses" / "**" / "*.parquet"), hive_partitioning=True
