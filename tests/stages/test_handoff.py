@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from nat4etl import nat4
 from nat4etl.stages import handoff
 from nat4etl.store import Store
 
@@ -52,7 +53,9 @@ def test_unpack_keeps_the_population_only_for_a_later_rebin_sites(tmp_path, monk
         "unpack_area",
         lambda writer, src, area, p, *, hand_off: ({}, kept if hand_off else {}),
     )
-    settings = SimpleNamespace(areas=["A1"])
+    settings = SimpleNamespace(areas=["A1"], source_dir=None)
+    for name in nat4.area_files("A1").names:  # unpack checks they are there first
+        (tmp_path / name).touch()
     alone = Store(tmp_path)
     _write(alone, "x")
     unpack.run(alone, settings, None)
