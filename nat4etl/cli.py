@@ -6,6 +6,7 @@ No logic lives here. Heavy imports happen inside commands so ``--help`` stays in
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def _json_line(level: str, msg: str, **fields) -> str:
     return json.dumps({"time": now, "event": "log", "level": level, "msg": msg, **fields})
 
 
+def _interrupted() -> str:
+    """What a Ctrl-C left: whether this run had published its store (then it is whole)."""
+    store = sys.modules.get("nat4etl.store")  # not imported: nothing was published
+    published = list(getattr(store, "PUBLISHED", []))
+    if published:
+        where = ", ".join(str(p) for p in published)
+        return f"interrupted after {where} was published; the new store is complete"
+    return "interrupted; nothing was published, the store is as it was"
+
+
 def handle_errors(fn):
     """Map every nat4etl error to its exit code with a one-line message; no tracebacks."""
 
@@ -71,7 +82,7 @@ def handle_errors(fn):
             _fail(err, err.exit_code, json_mode)
         except KeyboardInterrupt:
             _fail(
-                RuntimeError("interrupted; the store is as it was unless this run had published"),
+                RuntimeError(_interrupted()),
                 EXIT_CODES["interrupted"],
                 json_mode,
                 kind="Interrupted",
@@ -593,7 +604,10 @@ def main() -> None:
             msg = f"{err.ctx.command_path}: {msg}"
         _fail(RuntimeError(msg), err.exit_code, json_mode, kind=type(err).__name__)
     except click.exceptions.Abort:  # Ctrl-C outside a command (e.g. while importing)
-        _fail(RuntimeError("interrupted"), EXIT_CODES["interrupted"], json_mode)
+        _fail(RuntimeError(_interrupted()), EXIT_CODES["interrupted"], json_mode)
+    # the work is done and said: a Ctrl-C now (threads winding down, exit handlers) must
+    # not turn it into a silent exit 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code or 0)
 
 

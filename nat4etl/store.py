@@ -876,6 +876,10 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+#: every store this process published, in order (what a Ctrl-C message can say of them)
+PUBLISHED: list[Path] = []
+
+
 def publish(staging_dir: Path, out: Path) -> None:
     """Make ``staging_dir`` the store at ``out``.
 
@@ -910,6 +914,7 @@ def publish(staging_dir: Path, out: Path) -> None:
         # a snapshot that opened it meanwhile sees it replaced and pins the new one
         remove_unpinned(previous, unknown=False)
     fsync_dir(out.parent)
+    PUBLISHED.append(out)
 
 
 def remove_unpinned(generation: Path, *, unknown: bool = True) -> bool:

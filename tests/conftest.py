@@ -38,3 +38,14 @@ def mini_quirks_sample(tmp_path_factory) -> Mirror:
 def _private_download_cache(tmp_path_factory, monkeypatch):
     """No test writes to the user's real download cache."""
     monkeypatch.setenv("NAT4ETL_CACHE", str(tmp_path_factory.getbasetemp() / "nat4etl-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored():
+    """`nat4etl.cli.main` ignores Ctrl-C once its work is done (it is about to exit);
+    called in-process by a test, it must not leave pytest deaf to Ctrl-C."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)

@@ -132,6 +132,25 @@ def test_json_summary_line_has_a_time(monkeypatch, capsys, tmp_path):
     assert obj["event"] == "summary" and obj["areas"] == [] and "time" in obj
 
 
+# ----------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_says_whether_this_run_had_published(monkeypatch, tmp_path, mini_sample):
+    from nat4etl import cli as cli_mod
+    from nat4etl import store as store_mod
+
+    monkeypatch.setattr(store_mod, "PUBLISHED", [])
+    assert "nothing was published" in cli_mod._interrupted()
+
+    def interrupted(*_args):  # Ctrl-C while the summary is printed: after the publish
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod, "_echo_summary", interrupted)
+    out = tmp_path / "store"
+    result = invoke("build", "--area", "A1", "--no-wav", "--source", mini_sample.dir, "--out", out)
+    assert result.exit_code == 130
+    assert f"interrupted after {out} was published; the new store is complete" in result.output
+    assert (out / "manifest.json").is_file()
+
+
 # ----------------------------------------------------------------------- help
 def test_root_help_explains_exit_codes_in_words():
     out = invoke("--help").output
