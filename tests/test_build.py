@@ -488,3 +488,13 @@ def test_the_rebuild_hint_quotes_paths_for_the_shell(tmp_path):
     out = tmp_path / "a store; rm -rf x"
     words = shlex.split(rebuild_command(out))
     assert words[:4] == ["nat4etl", "build", "--out", str(out)]
+
+
+def test_the_rebuild_command_says_wav_either_way():
+    # a store built with waveforms: --wav, so a config file with wav = false cannot drop them
+    from nat4etl.stages.build import build_command
+
+    assert build_command("o", {"wav": True}).split()[-1] == "--wav"
+    assert build_command("o", {"wav": False}).split()[-1] == "--no-wav"
+    assert "wav" not in build_command("o", {})
+    assert build_command("o", {"wav": False}, wav=True).split()[-1] == "--wav"

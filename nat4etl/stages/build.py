@@ -746,8 +746,8 @@ def rebuild_command(out: str | os.PathLike, *, after: str | None = None) -> str:
 
 def build_command(out: str | os.PathLike, params: Mapping, *, wav: bool | None = None) -> str:
     """``nat4etl build --out out`` with ``params`` (:func:`store_parameters`) as flags,
-    shell-quoted. ``wav``: True adds ``--wav``, False ``--no-wav``; None (default) adds
-    ``--no-wav`` only if ``params`` records ``wav`` false."""
+    shell-quoted. ``wav``: True adds ``--wav``, False ``--no-wav``; None (default) the one
+    ``params`` records (explicit either way: a config file's ``wav`` must not change it)."""
     words = ["nat4etl", "build", "--out", str(out)]
     areas = params.get("areas")
     if areas:
@@ -760,7 +760,7 @@ def build_command(out: str | os.PathLike, params: Mapping, *, wav: bool | None =
                 f"{params[key]:g}" if isinstance(params[key], float) else str(params[key]),
             ]
     if wav is None:
-        wav = False if params.get("wav") is False else None
+        wav = params.get("wav")
     if wav is not None:
         words.append("--wav" if wav else "--no-wav")
     if params.get("source_dir"):
