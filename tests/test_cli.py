@@ -111,6 +111,10 @@ def test_a_missing_raw_file_is_named_in_the_published_store_not_the_staging_copy
     assert result.exit_code == 3, result.output
     assert f"wav.zip not found (looked in {out / 'raw'})" in result.output
     assert ".staging-" not in result.output
+    assert f"`nat4etl fetch --wav --out {out}` gets it" in result.output
+    fetched = CliRunner().invoke(cli, ["fetch", "--wav", "--source", src, "--out", str(out)])
+    assert fetched.exit_code == 0, fetched.output
+    assert CliRunner().invoke(cli, ["align-wav", "--out", str(out)]).exit_code == 0
 
 
 def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_sample):

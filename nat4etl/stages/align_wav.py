@@ -205,7 +205,8 @@ def wav_zip_path(store, settings) -> Path:
             return where / nat4.WAV_ZIP
     raise MissingMember(
         f"{nat4.WAV_ZIP} not found (looked in {', '.join(str(s) for _, s in candidates)}); "
-        "run `nat4etl fetch --wav` first, or build with --no-wav",
+        f"`nat4etl fetch --wav --out {store.published_at}` gets it (with --source DIR from a "
+        "mirror); or, to go without waveforms, build with --no-wav",
         path=candidates[0][1] / nat4.WAV_ZIP,
     )
 
