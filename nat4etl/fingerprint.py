@@ -387,8 +387,10 @@ def _input_changes(old: Mapping[str, str], new: Mapping[str, str], limit: int = 
         for k in sorted(set(old) & set(new))
         if old[k] != new[k]
     ]
-    changes += [f"input {k} is new" for k in sorted(set(new) - set(old))]
-    changes += [f"input {k} is gone" for k in sorted(set(old) - set(new))]
+    # an input set changes with the areas or the mirror asked for, not only when files
+    # come and go: say which, not "is gone" of a file still on disk
+    changes += [f"input {k} is read now (was not)" for k in sorted(set(new) - set(old))]
+    changes += [f"input {k} is no longer read" for k in sorted(set(old) - set(new))]
     if len(changes) > limit:
         changes = changes[:limit] + [f"... and {len(changes) - limit} more input changes"]
     return changes

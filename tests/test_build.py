@@ -498,3 +498,16 @@ def test_the_rebuild_command_says_wav_either_way():
     assert build_command("o", {"wav": False}).split()[-1] == "--no-wav"
     assert "wav" not in build_command("o", {})
     assert build_command("o", {"wav": False}, wav=True).split()[-1] == "--wav"
+
+
+def test_input_changes_say_read_or_no_longer_read_not_gone():
+    # `build --area A1` on an all-area store stops reading PEG's files; they are still there
+    from nat4etl.fingerprint import _input_changes
+
+    old = {"raw/A1.tgz": "md5:a", "raw/PEG.tgz": "md5:p"}
+    new = {"raw/A1.tgz": "md5:b", "raw/wav.zip": "md5:w"}
+    assert _input_changes(old, new) == [
+        "input raw/A1.tgz changed",
+        "input raw/wav.zip is read now (was not)",
+        "input raw/PEG.tgz is no longer read",
+    ]
