@@ -284,6 +284,14 @@ def _listing_from_source(
         )
         # the bytes come from the directory; the record only vouches for them
         remote = [replace(rf, url=_file_uri(source_dir / rf.name)) for rf in listed]
+        listed_id = _record_id(data)
+        if listed_id is not None and listed_id != record_id:
+            progress.log(
+                f"source {source_dir}: its {RECORD_JSON} is record {listed_id}, not the "
+                f"record {record_id} asked for (--record / zenodo.record_id); its files are "
+                f"checked against its {RECORD_JSON}, and the store's manifest names {listed_id}",
+                level="warning",
+            )
         progress.log(f"source {source_dir}: verifying files against its {RECORD_JSON}")
         return Listing(remote, data, str(source_dir), published_checksums=True)
     progress.log(
@@ -299,6 +307,16 @@ def _listing_from_source(
     remote = [_describe_local(source_dir / n) for n in names]
     record = _synthesized_record(remote, record_id, source_dir)
     return Listing(remote, record, str(source_dir), published_checksums=False)
+
+
+def _record_id(record_json: bytes) -> int | None:
+    """The id a record JSON states (``id``, or ``recid`` in older exports), if any."""
+    try:
+        record = json.loads(record_json)
+        value = record.get("id", record.get("recid"))
+        return int(value) if value is not None else None
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def _describe_local(path: Path) -> RemoteFile:

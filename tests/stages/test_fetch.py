@@ -550,6 +550,22 @@ def test_source_with_record(server: FakeZenodo, tmp_path: Path) -> None:
     assert (tmp_path / "raw" / TARGET).stat().st_ino != (src / TARGET).stat().st_ino  # a copy
 
 
+def test_source_record_of_another_id_than_asked_is_a_warning(
+    server: FakeZenodo, tmp_path: Path
+) -> None:
+    src = _mirror(server, tmp_path / "usb", record=True)
+    listed = json.loads((src / "record.json").read_text())["id"]
+    progress = Recorder()
+    fetch(tmp_path / "raw", areas=["A1"], wav=False, source_dir=src, record_id=123,
+          progress=progress)  # fmt: skip
+    (warning,) = [w for w in progress.warnings() if "record.json is record" in w]
+    assert f"is record {listed}, not the record 123 asked for" in warning
+    quiet = Recorder()
+    fetch(tmp_path / "raw2", areas=["A1"], wav=False, source_dir=src, record_id=listed,
+          progress=quiet)  # fmt: skip
+    assert not [w for w in quiet.warnings() if "record.json is record" in w]
+
+
 def test_source_without_record_accepts_files_and_says_so(
     server: FakeZenodo, tmp_path: Path
 ) -> None:
