@@ -186,6 +186,8 @@ def parse_areas(area: str | None, settings: Settings) -> tuple[str, ...] | None:
 
 def _checked(s: Settings) -> Settings:
     check_url(s.zenodo_url)
+    if s.zenodo_url.endswith("/"):  # one spelling, as the config file's: same fingerprint
+        s = replace(s, zenodo_url=s.zenodo_url.rstrip("/"))
     bad = [a for a in s.areas if a not in AREAS]
     if bad:
         raise ConfigError(f"unknown areas {bad}; known: {list(AREAS)}")
