@@ -11,6 +11,7 @@ Five tools, each for a measured peak or cost (see where each is used):
 - :func:`large_blocks_unmapped`: large mallocs on their own mappings within a block.
 - :func:`arrow_allocator_for_builds`: the Arrow allocator that holds least for a build.
 - :func:`fewer_gc_passes`: the cycle collector runs less often during a build.
+- :func:`map_private`: a file mapped copy-on-write for the reader, holding no descriptor.
 
 Only where memory lives changes, never a value.
 """
@@ -23,6 +24,8 @@ import ctypes.util
 import functools
 import gc
 import mmap
+import os
+import weakref
 
 import numpy as np
 
@@ -203,3 +206,55 @@ def fewer_gc_passes(gen0_threshold: int = GC_GEN0_THRESHOLD):
         yield
     finally:
         gc.set_threshold(*previous)
+
+
+def map_private(path: str | os.PathLike) -> ctypes.Array | mmap.mmap:
+    """``path`` mapped copy-on-write: a writable buffer of its bytes, private to the caller.
+
+    Python's ``mmap.mmap`` keeps a duplicate of the file's descriptor for as long as the
+    mapping lives (3.13 adds ``trackfd=False``), so every array the reader handed out
+    held one, and a program keeping about a thousand of them ran out of descriptors.
+    Here the C ``mmap`` maps the file, the descriptor is closed at once, and the mapping
+    goes when the last array on it does. Elsewhere than glibc/Linux: ``mmap.mmap``.
+    OSError / ValueError (an empty file) as ``mmap.mmap`` raises them.
+    """
+    c_mmap = _c_mmap()
+    if c_mmap is None:
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    c_mmap, c_munmap = c_mmap
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise ValueError("cannot mmap an empty file")
+        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE
+        address = c_mmap(None, size, prot, flags, fd, 0)
+        if address is None or address == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+    buffer = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(buffer, c_munmap, address, size)
+    return buffer
+
+
+#: ``(void *) -1`` as ``c_void_p`` returns it
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@functools.cache
+def _c_mmap():
+    """libc's ``mmap`` and ``munmap`` with errno kept, or None where they are not found."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        c_mmap, c_munmap = libc.mmap, libc.munmap
+    except (OSError, AttributeError):
+        return None
+    c_mmap.restype = ctypes.c_void_p
+    c_mmap.argtypes = [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+    ]  # fmt: skip
+    c_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return c_mmap, c_munmap

@@ -30,17 +30,18 @@ Sounds are in stim id order (est, then val, then other), units in cell id order
 from __future__ import annotations
 
 import copy
-import mmap
+import errno
 import os
 import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from nat4etl import memory
 from nat4etl.errors import (
     ConfigError,
     MissingTableError,
@@ -442,11 +443,14 @@ class Nat4Store:
         # warnings name the store's path, not the pinned generation's /proc/self/fd/N
         shown = self.path / path.relative_to(self._store.root)
         try:
-            with open(path, "rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            mapped = memory.map_private(path)  # holds no descriptor, unlike mmap.mmap
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as err:  # e.g. an empty file cannot be mapped
+        except OSError as err:
+            if err.errno in _NOT_THE_FILES_FAULT:  # the process's limits, not the store
+                raise
+            return _unusable(shown, f"unreadable ({err})")
+        except ValueError as err:  # e.g. an empty file cannot be mapped
             return _unusable(shown, f"unreadable ({err})")
         whole = pa.py_buffer(mapped)
         try:
@@ -876,12 +880,16 @@ def _position_lookup(ids: np.ndarray, size: int) -> np.ndarray:
     return lookup
 
 
+#: errors opening or mapping a sidecar that say nothing about the file itself
+_NOT_THE_FILES_FAULT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
 @dataclass
 class _Mapped:
     """Columns of a sidecar mapped copy-on-write; ``base`` is the mapping's address."""
 
     table: pa.Table
-    mapped: mmap.mmap
+    mapped: Any  # memory.map_private's buffer
     base: int
 
     def vectors(self, column: str) -> np.ndarray:

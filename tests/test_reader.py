@@ -436,6 +436,45 @@ def _mapped_file(arr: np.ndarray) -> str | None:
     return None
 
 
+def test_results_hold_no_file_descriptor_and_unmap_when_dropped(store):
+    """Python's mmap kept a descriptor per result: a thousand kept results ran out."""
+    import gc
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def mappings_of_sidecars() -> int:
+        return Path("/proc/self/maps").read_text().count("part-0.arrow")
+
+    store.spectrograms("A1")  # first calls read facts and footers
+    before_fds, before_maps = open_fds(), mappings_of_sidecars()
+    kept = [store.spectrograms("A1") for _ in range(50)]
+    assert _mapped_file(kept[0]).endswith("spectrograms/area=A1/part-0.arrow")  # zero-copy
+    kept[0][0, 0, 0] = -1.0  # writable, private: the next result does not see it
+    assert store.spectrograms("A1")[0, 0, 0] != -1.0
+    assert open_fds() <= before_fds + 2
+    assert mappings_of_sidecars() >= before_maps + 50
+    del kept
+    gc.collect()
+    assert mappings_of_sidecars() <= before_maps + 1
+
+
+def test_running_out_of_descriptors_is_not_called_store_damage(store, monkeypatch):
+    import errno
+
+    from nat4etl import memory
+
+    def no_fds(path):
+        raise OSError(errno.EMFILE, "Too many open files", str(path))
+
+    monkeypatch.setattr(memory, "map_private", no_fds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unreadable ... nat4etl verify" warning
+        with pytest.raises(OSError, match="Too many open files"):
+            store.spectrograms("A1")
+
+
 def test_sidecar_holds_the_parquet_rows_schema_and_metadata(tmp_path):
     import pyarrow.parquet as pq
 
