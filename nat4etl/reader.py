@@ -194,8 +194,8 @@ class Nat4Store:
             min-max per band, values below 1e-6 after scaling set to 0 (NEMS0);
             ``"default"``: the preset the store was built with (``--norm``, see
             :meth:`default_norm`). Constants come from the whole
-            population recording. Computed in float32: within about one float32 ulp of
-            the old loader's float64 computation cast to float32.
+            population recording. Computed in float32: within about 1.2e-7 (absolute)
+            of the old loader's float64 computation cast to float32.
 
         Returns
         -------
@@ -251,8 +251,10 @@ class Nat4Store:
             trials as raw counts: ``subset="est", norm="deepstrf"`` together with
             ``subset="val", norm=None`` gives what it gave.
         cells
-            Units to return, as cell ids (int) or unit ids (``"ARM029a-01-1"``), in the
-            order given. Default: every unit, in cell id order.
+            Units to return, as cell ids (int) or the population's unit ids
+            (``cells.cell_id``, e.g. ``"ARM029a-01-1"``; not a site file's spelling of
+            it, ``site_unit_id``), in the order given. Default: every unit, in cell id
+            order.
         stims
             Sounds to return, as stim ids (int) or epoch names (``"STIM_cat..."``), in the
             order given. Default: every sound of ``subset``, in stim id order.

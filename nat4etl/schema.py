@@ -353,7 +353,8 @@ WAVEFORMS = _table(
             _f("samples", _VEC),
         ),
         key=("stim",),
-        doc="Mono source waveform placed in the trial window (n_frames * hop samples).",
+        doc="Mono source waveform placed in the trial window (n_bins * hop samples, both "
+        "in the metadata: n_bins response bins of hop audio samples).",
         units={"samples": "full scale [-1, 1]"},
         vectors=("samples",),
     )
