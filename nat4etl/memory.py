@@ -236,7 +236,8 @@ def map_private(path: str | os.PathLike) -> ctypes.Array | mmap.mmap:
     finally:
         os.close(fd)
     buffer = (ctypes.c_char * size).from_address(address)
-    weakref.finalize(buffer, c_munmap, address, size)
+    unmap = weakref.finalize(buffer, c_munmap, address, size)
+    unmap.atexit = False  # at exit arrays may still be in use; the OS unmaps after
     return buffer
 
 
