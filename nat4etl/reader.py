@@ -49,6 +49,7 @@ from nat4etl.errors import (
     SchemaError,
     StoreError,
 )
+from nat4etl.reliability import DEFAULT_SPLITS
 
 if TYPE_CHECKING:
     import polars as pl
@@ -330,6 +331,66 @@ class Nat4Store:
         self._metadata("waveforms", area)
         ids = self._stim_ids(area, subset)
         return self._vectors("waveforms", area, "samples", ids)[0]
+
+    def reliability(
+        self,
+        area: str,
+        *,
+        cells: Sequence[int | str] | None = None,
+        seed: int = 0,
+        n_splits: int = DEFAULT_SPLITS,
+    ) -> pl.DataFrame:
+        """Trial-to-trial reliability of each unit's val single trials (raw counts).
+
+        Parameters
+        ----------
+        area
+            ``"A1"`` or ``"PEG"``.
+        cells
+            Units, as in :meth:`responses`. Default: every unit.
+        seed, n_splits
+            The random half-splits for ``rho_half``: ``n_splits`` drawn from a generator
+            seeded by ``(seed, cell)`` (not the old reference's first 126 lexicographic
+            splits, which all share trials 0-6). A unit's figures depend on these alone.
+
+        Returns
+        -------
+        polars.DataFrame
+            One row per unit, in the order asked: ``cell``, ``cell_id``, ``n_trials`` (its
+            trials present for every val sound; a trial is the sounds one after the other),
+            ``ttrc`` (mean Pearson r over all pairs of trials), ``rho_half`` (mean r between
+            the PSTHs of two random halves), ``ccmax`` (``sqrt(2 / (1 + 1 / rho_half))``),
+            ``seed``, ``n_splits``. NaN with fewer than two trials; see
+            :mod:`nat4etl.reliability`.
+        """
+        import polars as pl
+
+        from nat4etl import reliability
+
+        self._check_open()
+        if n_splits < 1:
+            raise ValueError(f"`n_splits` must be at least 1, not {n_splits!r}")
+        cell_ids = self._cell_ids(area, cells)
+        val = self.responses(area, subset="val", cells=cell_ids.tolist())  # (S, N, R, T)
+        rows = [
+            reliability.unit_reliability(val[:, i], cell=int(c), seed=seed, n_splits=n_splits)
+            for i, c in enumerate(cell_ids)
+        ]
+        names = self._frame("cells", area, "cell").select("cell", "cell_id")
+        name_of = dict(zip(names["cell"].to_list(), names["cell_id"].to_list(), strict=True))
+        return pl.DataFrame(
+            {
+                "cell": cell_ids.astype(np.int32),
+                "cell_id": [name_of[int(c)] for c in cell_ids],
+                "n_trials": [r["n_trials"] for r in rows],
+                "ttrc": [r["ttrc"] for r in rows],
+                "rho_half": [r["rho_half"] for r in rows],
+                "ccmax": [r["ccmax"] for r in rows],
+                "seed": [seed] * len(rows),
+                "n_splits": [n_splits] * len(rows),
+            },
+            schema_overrides={"n_trials": pl.Int32, "seed": pl.Int64, "n_splits": pl.Int32},
+        )
 
     # ------------------------------------------------------------------ helpers
     def _fact(self, key: tuple, compute):

@@ -364,6 +364,7 @@ def test_every_public_method_of_a_closed_store_says_it_is_closed(tmp_path):
         "spectrograms": lambda: s.spectrograms("A1"),
         "responses": lambda: s.responses("A1", norm="default"),
         "waveforms": lambda: s.waveforms("A1"),
+        "reliability": lambda: s.reliability("A1"),
     }
     public = {n for n, _ in inspect.getmembers(type(s)) if not n.startswith("_")} - {"close"}
     assert public == set(calls), "a new public method: add it here"
