@@ -449,16 +449,19 @@ def test_results_hold_no_file_descriptor_and_unmap_when_dropped(store):
         return Path("/proc/self/maps").read_text().count("part-0.arrow")
 
     store.spectrograms("A1")  # first calls read facts and footers
+    gc.collect()  # other tests' arrays: gone before counting
     before_fds, before_maps = open_fds(), mappings_of_sidecars()
     kept = [store.spectrograms("A1") for _ in range(50)]
     assert _mapped_file(kept[0]).endswith("spectrograms/area=A1/part-0.arrow")  # zero-copy
     kept[0][0, 0, 0] = -1.0  # writable, private: the next result does not see it
     assert store.spectrograms("A1")[0, 0, 0] != -1.0
-    assert open_fds() <= before_fds + 2
+    # with a descriptor per result it was +50; other threads of the test session may
+    # hold a few for a moment
+    assert open_fds() < before_fds + 10
     assert mappings_of_sidecars() >= before_maps + 50
     del kept
     gc.collect()
-    assert mappings_of_sidecars() <= before_maps + 1
+    assert mappings_of_sidecars() < before_maps + 10
 
 
 def test_running_out_of_descriptors_is_not_called_store_damage(store, monkeypatch):
