@@ -499,6 +499,12 @@ def _render_status(report: dict) -> str:
         lines.append(f"stage   {st['stage']:<13} {st['state']}{ran}{why}")
     for problem in report.get("manifest") or []:
         lines.append(f"manifest  {problem}")
+    if report.get("built_from_mirror"):
+        mirror = report["built_from_mirror"]
+        lines.append(
+            f"note    built from the mirror {mirror}; this status, like a build without "
+            f"--source, goes to Zenodo (add --source {mirror} to judge against the mirror)"
+        )
     if report.get("up_to_date") is False or not report.get("built"):
         lines.append(
             f"next    nat4etl build --out {report['out']}  (with this status's other options)"

@@ -117,6 +117,19 @@ def test_a_missing_raw_file_is_named_in_the_published_store_not_the_staging_copy
     assert CliRunner().invoke(cli, ["align-wav", "--out", str(out)]).exit_code == 0
 
 
+def test_status_without_source_of_a_store_built_from_a_mirror_says_so(tmp_path, mini_sample):
+    out = tmp_path / "store"
+    src = mini_sample.dir
+    args = ["--area", "A1", "--no-wav", "--out", str(out)]
+    assert CliRunner().invoke(cli, ["build", *args, "--source", str(src)]).exit_code == 0
+    text = CliRunner().invoke(cli, ["status", *args]).stdout
+    (note,) = [line for line in text.splitlines() if line.startswith("note ")]
+    assert f"built from the mirror {src.resolve()}" in note
+    assert f"add --source {src.resolve()}" in note
+    text = CliRunner().invoke(cli, ["status", *args, "--source", str(src)]).stdout
+    assert "note " not in text and "next " not in text  # up to date against the mirror
+
+
 def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_sample):
     out = tmp_path / "store"
     src = str(mini_sample.dir)

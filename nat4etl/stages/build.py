@@ -611,6 +611,9 @@ def status(
         )
         report["stages"] = _stage_states(root, chosen, ctx, forced)
         report["manifest"] = manifest_problems(root, ctx) if ctx.records else []
+        mirror = _fetched_from_dir(root)
+        if mirror and settings.source_dir is None:  # judged against Zenodo, built from it
+            report["built_from_mirror"] = mirror
     finally:
         snap.close()
     report["up_to_date"] = (
