@@ -212,13 +212,15 @@ def _run_stage_command(
     stage: str, out: Path, wait_s: float, config_file, json_mode, quiet, **flags
 ) -> None:
     """One stage through `build`: locked, skipped when up to date, published atomically;
-    a warning names the later stages it left out of date. Without ``--area`` it works on
-    the areas the store was built for (a bare ``rebin-sites`` on an A1 store is A1's)."""
+    a warning names the later stages it left out of date. Without ``--area`` (or a
+    ``--config`` file) it works on the areas the store was built for (a bare
+    ``rebin-sites`` on an A1 store is A1's)."""
     from nat4etl.stages.build import build, rebuild_command, recorded_parameters, stale_after
 
-    held = recorded_parameters(out).get("areas") if flags.get("areas") is None else None
-    if held:
-        flags["areas"] = tuple(held)
+    if flags.get("areas") is None and config_file is None:  # a --config file's areas win
+        held = recorded_parameters(out).get("areas")
+        if held:
+            flags["areas"] = tuple(held)
     settings = _settings(config_file, **flags)
     with _progress(json_mode, quiet) as progress:
         build(out, settings, progress, wait_s=wait_s, force=_forced(), only=(stage,))

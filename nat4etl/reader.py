@@ -389,7 +389,16 @@ class Nat4Store:
                 "seed": [seed] * len(rows),
                 "n_splits": [n_splits] * len(rows),
             },
-            schema_overrides={"n_trials": pl.Int32, "seed": pl.Int64, "n_splits": pl.Int32},
+            schema={
+                "cell": pl.Int32,
+                "cell_id": pl.String,
+                "n_trials": pl.Int32,
+                "ttrc": pl.Float64,
+                "rho_half": pl.Float64,
+                "ccmax": pl.Float64,
+                "seed": pl.Int64,
+                "n_splits": pl.Int32,
+            },
         )
 
     # ------------------------------------------------------------------ helpers

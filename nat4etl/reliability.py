@@ -9,7 +9,7 @@ reliability metrics"):
 
 A unit's trial is its responses to every val sound, one after the other; a trial index
 counts only if the unit has it for every val sound (a site that played one sound fewer
-times gives that many fewer whole trials). The old reference split trials with the first
+times gives that many fewer whole trials), and only bins every kept trial has are used. The old reference split trials with the first
 126 lexicographic half-splits, which all share trials 0-6; here every split is drawn at
 random from a generator seeded by ``(seed, cell)``, so a unit's figures depend on the seed
 and on nothing else (not on which other units were asked for). Pairs or splits whose r is
@@ -26,11 +26,13 @@ DEFAULT_SPLITS = 126
 
 
 def whole_trials(val: np.ndarray) -> np.ndarray:
-    """One unit's val trials ``(S, R, T)`` -> ``(R', S * T)``: the trials it has for every
-    sound (no NaN anywhere in them), each the sounds one after the other."""
-    present = ~np.isnan(val).any(axis=2).any(axis=0)  # (R,)
+    """One unit's val trials ``(S, R, T)`` -> ``(R', T')``: the trials it has for every
+    sound, each the sounds one after the other, over the bins every one of them has (a
+    presentation a sample short leaves its last bin NaN: that bin goes, not the trial)."""
+    present = ~np.isnan(val).all(axis=2).any(axis=0)  # (R,): no sound missing
     n_sounds, _, n_bins = val.shape
-    return val[:, present, :].transpose(1, 0, 2).reshape(int(present.sum()), n_sounds * n_bins)
+    kept = val[:, present, :].transpose(1, 0, 2).reshape(int(present.sum()), n_sounds * n_bins)
+    return kept[:, ~np.isnan(kept).any(axis=0)]
 
 
 def ttrc(trials: np.ndarray) -> float:

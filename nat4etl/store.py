@@ -895,9 +895,11 @@ def publish(staging_dir: Path, out: Path) -> None:
     kill_point("publish")
     if not out.exists():
         os.rename(staging_dir, out)
+        PUBLISHED.append(out)
     else:
         previous = out.parent / f"{previous_prefix(out)}{time.time_ns()}"
         if exchange_dirs(staging_dir, out):
+            PUBLISHED.append(out)  # from here a Ctrl-C leaves the new store in place
             kill_point("exchanged")
             os.rename(staging_dir, previous)
         else:
@@ -909,12 +911,16 @@ def publish(staging_dir: Path, out: Path) -> None:
             os.rename(out, previous)
             kill_point("exchanged")
             os.rename(staging_dir, out)
+            PUBLISHED.append(out)
             marker.unlink()
         fsync_dir(out.parent)
         # a snapshot that opened it meanwhile sees it replaced and pins the new one
         remove_unpinned(previous, unknown=False)
     fsync_dir(out.parent)
-    PUBLISHED.append(out)
+
+
+#: flock errors that mean "no flock here" (pins cannot be seen), not "pinned"
+_FLOCK_UNSUPPORTED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
 
 
 def remove_unpinned(generation: Path, *, unknown: bool = True) -> bool:
@@ -932,9 +938,9 @@ def remove_unpinned(generation: Path, *, unknown: bool = True) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # an open reader's: kept; the first publish after it closes removes it
-        except OSError:
-            if not unknown:
-                return False
+        except OSError as err:
+            if err.errno not in _FLOCK_UNSUPPORTED or not unknown:
+                return False  # e.g. NFS refusing an exclusive lock on a directory: keep it
         shutil.rmtree(generation, ignore_errors=True)
         return True
     finally:
@@ -963,9 +969,14 @@ _PIN_ATTEMPTS = 100
 def _same_dir(fd: int, path: Path) -> bool:
     try:
         pinned, now = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
+    except OSError:
         return False
     return (pinned.st_dev, pinned.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _swap_in_progress(out: Path) -> bool:
+    """A fallback publish is between its two renames (its marker is there)."""
+    return swap_marker(out).exists()
 
 
 def open_snapshot(path: str | os.PathLike) -> Store:
@@ -977,20 +988,28 @@ def open_snapshot(path: str | os.PathLike) -> Store:
     pinned one). Linux only (``/proc/self/fd``); elsewhere it reads ``path`` directly.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise MissingTableError(f"no nat4etl store at {path}; build one with `nat4etl build`")
+    missing = MissingTableError(f"no nat4etl store at {path}; build one with `nat4etl build`")
+    if not path.is_dir() and not _swap_in_progress(path):
+        raise missing
     if not Path("/proc/self/fd").is_dir():
         return Store(path)
     for _ in range(_PIN_ATTEMPTS):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:  # between the two renames of a fallback publish
-            time.sleep(0.01)
+        except FileNotFoundError:
+            if not _swap_in_progress(path):
+                raise missing from None
+            time.sleep(0.01)  # between the two renames of a fallback publish
             continue
+        except NotADirectoryError:
+            raise missing from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # pins the generation: see remove_unpinned
         except OSError:
             break  # a filesystem without flock: held by the descriptor until a publish
+        except BaseException:  # Ctrl-C while a publish holds it: no descriptor left open
+            os.close(fd)
+            raise
         if _same_dir(fd, path):
             break  # still the published one: a publish keeps it from now on
         os.close(fd)  # replaced (and maybe removed) between open and flock: again
@@ -1022,6 +1041,7 @@ def staging(
     store = Store(staging_dir)
     store.published_at = out
     store.sync_at_publish = True
+    published_before = len(PUBLISHED)
     try:
         yield store
         kill_point("manifest")
@@ -1029,7 +1049,12 @@ def staging(
         store.sync_written()
         publish(staging_dir, out)
     except BaseException:
-        shutil.rmtree(staging_dir, ignore_errors=True)
+        if len(PUBLISHED) > published_before and staging_dir.exists():
+            # interrupted between the exchange and its rename: the staging name holds the
+            # replaced generation now, which a reader may pin
+            remove_unpinned(staging_dir, unknown=False)
+        else:
+            shutil.rmtree(staging_dir, ignore_errors=True)
         raise
 
 

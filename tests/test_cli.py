@@ -59,6 +59,9 @@ def test_a_single_stage_rerun_names_the_later_stages_it_left_out_of_date(tmp_pat
     assert "now out of date" not in same.output
     again = CliRunner().invoke(cli, ["parse-epochs", "--out", str(out), "--force"])
     assert again.exit_code == 0 and "now out of date" not in again.output, again.output
+    # fetch from the mirror again: the later stages read raw/, which did not change
+    fetched = CliRunner().invoke(cli, ["fetch", "--out", str(out), "--source", src])
+    assert fetched.exit_code == 0 and "now out of date" not in fetched.output, fetched.output
     # a stage whose later stages were never built warns of nothing
     fresh = tmp_path / "fresh"
     first = CliRunner().invoke(cli, ["fetch", "--area", "A1", "--source", src, "--out", str(fresh)])
@@ -79,6 +82,14 @@ def test_stage_commands_without_area_work_on_the_areas_the_store_holds(tmp_path,
         result = CliRunner().invoke(cli, [stage, "--out", str(out)])
         assert result.exit_code == 0, (stage, result.output)
     assert sorted(p.name for p in (out / "stims").iterdir()) == ["area=A1"]
+    # a --config file's areas are asked for, not the store's
+    config = tmp_path / "both.toml"
+    config.write_text('[build]\nareas = ["A1", "PEG"]\nwav = false\n')
+    both = CliRunner().invoke(
+        cli, ["fetch", "--config", str(config), "--source", src, "--out", str(out)]
+    )
+    assert both.exit_code == 0, both.output
+    assert (out / "raw" / "PEG_single_sites.zip").is_file()
 
 
 def test_a_bin_width_the_waveforms_cannot_take_fails_before_anything_runs(tmp_path, mini_sample):

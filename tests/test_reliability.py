@@ -64,6 +64,12 @@ def test_only_trials_present_for_every_sound_count():
     assert rel.whole_trials(val).shape == (4, 3 * 40)
     np.testing.assert_array_equal(rel.whole_trials(val)[2], val[:, 2].reshape(-1))
     assert rel.unit_reliability(val, cell=0, seed=0)["n_trials"] == 4
+    # a presentation a sample short: its last bin is NaN; the bin goes, not the trials
+    short = _trials(rng, r=5)
+    short[2, 1, -1] = np.nan
+    kept = rel.whole_trials(short)
+    assert kept.shape == (5, 3 * 40 - 1) and not np.isnan(kept).any()
+    assert rel.unit_reliability(short, cell=0, seed=0)["n_trials"] == 5
 
 
 def test_fewer_than_two_trials_or_no_positive_rho_give_nan():
@@ -111,3 +117,5 @@ def test_the_reader_gives_one_row_per_unit_from_the_stores_val_trials(tmp_path, 
         assert some.row(0, named=True)["ttrc"] == want["ttrc"]
         with pytest.raises(ValueError, match="n_splits"):
             store.reliability("A1", n_splits=0)
+        none = store.reliability("A1", cells=[])  # the same columns and types, no rows
+        assert none.height == 0 and none.schema == table.schema

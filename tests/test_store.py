@@ -225,6 +225,73 @@ def test_a_generation_left_under_the_staging_name_by_a_kill_stays_while_pinned(t
     assert not staged.exists()
 
 
+def test_ctrl_c_after_the_swap_counts_as_published_and_spares_a_pinned_old_generation(
+    tmp_path, monkeypatch
+):
+    """Interrupted between the exchange and what follows it, the new store is in place (so
+    a Ctrl-C message must say it was published) and the old one, under the staging name
+    for a moment, is still a reader's: the cleanup must not delete it from under it."""
+    import nat4etl.store as store_mod
+    from nat4etl.store import open_snapshot
+
+    out = tmp_path / "nat4"
+    with open_for_write(out) as store:
+        store.write_table("trials", _trials(2), area="A1")
+    reader = open_snapshot(out)
+
+    def interrupted(name):
+        if name == "exchanged":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "kill_point", interrupted)
+    monkeypatch.setattr(store_mod, "PUBLISHED", [])
+    with pytest.raises(KeyboardInterrupt):
+        with open_for_write(out) as store:
+            store.write_table("trials", _trials(3), area="A1")
+    assert store_mod.PUBLISHED == [out]
+    assert Store(out).read_table("trials").num_rows == 3
+    assert reader.read_table("trials").num_rows == 2  # its generation was not removed
+    reader.close()
+
+
+def test_a_flock_error_other_than_unsupported_keeps_the_generation(tmp_path, monkeypatch):
+    """NFS refuses an exclusive flock on a directory (EBADF) while shared ones work: a
+    reader's generation must not be taken for unpinned and deleted."""
+    import errno
+
+    import nat4etl.store as store_mod
+    from nat4etl.store import remove_unpinned
+
+    generation = tmp_path / ".nat4.previous-1"
+    generation.mkdir()
+    real_flock = store_mod.fcntl.flock
+
+    def refuses(fd, op):
+        if op & store_mod.fcntl.LOCK_EX:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(store_mod.fcntl, "flock", refuses)
+    assert remove_unpinned(generation) is False and generation.is_dir()
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store_mod.fcntl, "flock", unsupported)
+    assert remove_unpinned(generation, unknown=False) is False and generation.is_dir()
+    assert remove_unpinned(generation) is True and not generation.exists()
+
+
+def test_open_snapshot_of_a_missing_store_says_so(tmp_path):
+    from nat4etl.store import open_snapshot
+
+    with pytest.raises(MissingTableError, match="no nat4etl store"):
+        open_snapshot(tmp_path / "nothing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MissingTableError, match="no nat4etl store"):
+        open_snapshot(tmp_path / "file")
+
+
 def test_publish_without_renameat2_and_recovery_between_its_renames(tmp_path, monkeypatch):
     import nat4etl.store as store_mod
     from nat4etl.store import open_snapshot, recover, swap_marker

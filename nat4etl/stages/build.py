@@ -629,7 +629,8 @@ def stale_after(out: str | os.PathLike, settings: Settings, stage: str) -> list[
     Judged with the parameters the store records, not ``settings``: a stage command has
     no ``--source`` or ``--dt-ms`` of the build's, and must not call the stages after it
     stale for options it was never given (nor look at the stages before it)."""
-    recorded = recorded_settings(out, settings, after=stage)
+    # the later stages read raw/, whatever mirror this stage was given (as in a build)
+    recorded = replace(recorded_settings(out, settings, after=stage), source_dir=None)
     later = [s for s in STAGES[STAGES.index(stage) + 1 :] if s in stages_for(recorded)]
     if not later:
         return []

@@ -27,6 +27,7 @@ record or the source directory), :class:`ConfigError` (bad arguments).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -748,7 +749,8 @@ class _Executor:
         except OSError as err:
             raise _write_failure(err, final, target) from err
         finally:
-            part.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a cache turned read-only: not the error
+                part.unlink(missing_ok=True)
             self.progress.done(rf.name)
 
     def _install(
