@@ -148,7 +148,7 @@ area_option = click.option(
     "--area",
     type=click.Choice(["A1", "PEG", "all"], case_sensitive=False),
     default=None,
-    help="Area(s) to process [default: all].",
+    help="Area(s) to process [default: all; for a stage command on a built store, its areas].",
 )
 
 
