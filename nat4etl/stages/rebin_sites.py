@@ -119,7 +119,8 @@ def plan_bins(stims: pa.Table, *, dt_ms: float, pop_fs_hz: float) -> BinPlan:
         ]
         raise ConfigError(
             f"dt_ms={dt_ms:g} does not divide the {window_ms:g} ms presentation; bin widths "
-            f"that divide it into whole spectrogram frames: {', '.join(map(str, fits[:6]))} ms"
+            f"that divide it into whole spectrogram frames: "
+            f"{', '.join(map(str, fits[:6])) or 'none'} ms"
         )
     k = binning.frames_per_bin(dt_ms, 1000.0 / pop_fs_hz)
     reason = None
