@@ -252,9 +252,9 @@ class Nat4Store:
             trials as raw counts: ``subset="est", norm="deepstrf"`` together with
             ``subset="val", norm=None`` gives what it gave.
         cells
-            Units to return, as cell ids (int) or the population's unit ids
-            (``cells.cell_id``, e.g. ``"ARM029a-01-1"``; not a site file's spelling of
-            it, ``site_unit_id``), in the order given. Default: every unit, in cell id
+            Units to return, as cell ids (int) or unit ids (``"ARM029a-01-1"``, as
+            ``cells.cell_id`` or a site file writes it: ``TNC015a-015-1`` is
+            ``TNC015a-15-1``), in the order given. Default: every unit, in cell id
             order.
         stims
             Sounds to return, as stim ids (int) or epoch names (``"STIM_cat..."``), in the
@@ -597,7 +597,8 @@ class Nat4Store:
             return self._fact(("cell ids", area), read)
         table = self._table("cells", area, ["cell", "cell_id"])
         ids = table.column("cell").to_numpy()
-        return _resolve(cells, ids, table.column("cell_id").to_pylist(), what="cells")
+        names = table.column("cell_id").to_pylist()
+        return _resolve(cells, ids, names, what="cells", alias=_unit_aliases(names, ids))
 
     def _vectors(
         self, table: str, area: str, column: str, ids: np.ndarray
@@ -834,10 +835,36 @@ def _run_threaded(fn, args: list[tuple]) -> None:
             future.result()
 
 
+def _unit_aliases(names: list[str], ids: np.ndarray):
+    """A unit id as a site file may spell it (``TNC015a-015-1`` for ``TNC015a-15-1``: the
+    same site, electrode and unit numbers, as parse-epochs matches them) -> its cell id;
+    None when no single cell has those numbers."""
+    from nat4etl.nat4 import canonical_unit_key
+
+    by_key: dict[tuple, list[int]] = {}
+    for name, cell in zip(names, ids.tolist(), strict=True):
+        key = canonical_unit_key(name) if isinstance(name, str) else None
+        if key is not None:
+            by_key.setdefault(key, []).append(cell)
+
+    def alias(name: str) -> int | None:
+        key = canonical_unit_key(name)
+        hits = by_key.get(key, []) if key is not None else []
+        return hits[0] if len(hits) == 1 else None
+
+    return alias
+
+
 def _resolve(
-    wanted: Sequence[int | str], ids: np.ndarray, names: list[str], *, what: str
+    wanted: Sequence[int | str],
+    ids: np.ndarray,
+    names: list[str],
+    *,
+    what: str,
+    alias=None,
 ) -> np.ndarray:
-    """User selection (ids or names) -> ids, in the given order; unknown or repeated: error."""
+    """User selection (ids or names) -> ids, in the given order; unknown or repeated: error.
+    ``alias(name)``: the id of a name spelled otherwise, or None."""
     if isinstance(wanted, str | int | np.integer):
         wanted = [wanted]
     by_name = dict(zip(names, ids.tolist(), strict=True))
@@ -846,6 +873,8 @@ def _resolve(
     for w in wanted:
         if isinstance(w, str):
             v = by_name.get(w)
+            if v is None and alias is not None:
+                v = alias(w)
         elif isinstance(w, bool | np.bool_) or not isinstance(w, int | np.integer):
             # 1.5, True, None: not an id (int(1.5) would silently select id 1)
             raise TypeError(

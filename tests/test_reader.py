@@ -158,6 +158,13 @@ def test_selection_by_id_or_name_keeps_the_given_order(store):
     np.testing.assert_array_equal(arr[0, 0, 1], _counts(4, 2, 1))
     np.testing.assert_array_equal(arr[1, 1, 0], _counts(0, 0, 0))
     assert np.isnan(arr[1, :, 1:]).all()  # est: one trial, the rest padding
+    # a unit id as a site file spells it (a padded electrode) is the same unit
+    padded = store.responses("A1", stims=[0], cells=["ARM029a-002-1", "ARM029a-0-1"])
+    np.testing.assert_array_equal(padded, store.responses("A1", stims=[0], cells=[2, 0]))
+    with pytest.raises(ValueError, match="repeats an entry"):
+        store.responses("A1", cells=["ARM029a-02-1", "ARM029a-002-1"])
+    with pytest.raises(ValueError, match="unknown cells"):
+        store.responses("A1", cells=["ARM029a-02-2"])  # another unit number: not a spelling
     with pytest.raises(ValueError, match="unknown stims"):
         store.responses("A1", stims=["STIM_nope.wav"])
     with pytest.raises(ValueError, match="not in subset"):
