@@ -565,6 +565,48 @@ def verify_cmd(out, json_mode, quiet):
         click.echo(msg, err=True)
 
 
+@cli.command("report")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store."
+)
+@click.option(
+    "--area",
+    type=click.Choice(["A1", "PEG", "all"], case_sensitive=False),
+    default="all",
+    help="Area(s) to list [default: all].",
+)
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    help="Only rows of this kind (repeatable), e.g. repetition_count.",
+)
+@click.option("--json", "json_mode", is_flag=True, help="One JSON object per row.")
+@handle_errors
+def report_cmd(out, area, kinds, json_mode):
+    """The mismatches parse-epochs found (the `report` table), one per line."""
+    from nat4etl.summary import render_report, report_rows
+
+    areas = None if area.lower() == "all" else [area.upper()]
+    rows = report_rows(out, areas=areas, kinds=list(kinds) or None)
+    if json_mode:
+        import json
+
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    selection = " ".join(
+        part
+        for part in (
+            f"of kind {', '.join(kinds)}" if kinds else "",
+            f"in {areas[0]}" if areas else "",
+        )
+        if part
+    )
+    for line in render_report(rows, selection=selection):
+        click.echo(line)
+
+
 @cli.command("sample")
 @click.option(
     "--out",

@@ -99,3 +99,44 @@ def render(out: str | Path, summaries: list[AreaSummary]) -> list[str]:
 
 def as_dicts(summaries: list[AreaSummary]) -> list[dict]:
     return [asdict(s) for s in summaries]
+
+
+def report_rows(
+    out: str | Path, *, areas: list[str] | None = None, kinds: list[str] | None = None
+) -> list[dict]:
+    """The ``report`` rows of the store at ``out`` (area, kind, subject, detail), in key
+    order; only ``areas`` / ``kinds`` when given."""
+    from nat4etl.errors import MissingTableError
+    from nat4etl.store import open_snapshot
+
+    store = open_snapshot(Path(out))
+    try:
+        held = store.areas("report")
+        if not held:
+            raise MissingTableError(
+                f"{out} has no report table; `nat4etl build --out {out}` makes one"
+            )
+        rows = []
+        for area in held:
+            if areas is None or area in areas:
+                rows += store.read_table("report", area=area).to_pylist()
+        return [r for r in rows if kinds is None or r["kind"] in kinds]
+    finally:
+        store.close()
+
+
+def render_report(rows: list[dict], *, selection: str = "") -> list[str]:
+    """One line per row, then the count per kind (or that there is nothing to report);
+    ``selection`` names the filter the rows passed ("of kind X in A1"), if any."""
+    if not rows:
+        if selection:
+            return [f"no report rows {selection}"]
+        return ["no report rows: every unit, sound and presentation lines up"]
+    lines = [f"{r['area']}  {r['kind']}  {r['subject']}: {r['detail']}" for r in rows]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    lines.append(
+        f"{len(rows)} report rows: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+    )
+    return lines

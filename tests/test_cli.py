@@ -141,6 +141,34 @@ def test_status_without_source_of_a_store_built_from_a_mirror_says_so(tmp_path, 
     assert "note " not in text and "next " not in text  # up to date against the mirror
 
 
+def test_report_lists_the_report_table(tmp_path, mini_quirks_sample):
+    import json
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "store"
+    args = ["build", "--no-wav", "--source", str(mini_quirks_sample.dir), "--out", str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    table = [
+        {"area": area, **row}
+        for area in ("A1", "PEG")
+        for row in pq.read_table(out / "report" / f"area={area}" / "part-0.parquet").to_pylist()
+    ]
+    assert table, "the quirks sample has report rows"
+    listed = CliRunner().invoke(cli, ["report", "--out", str(out), "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [json.loads(line) for line in listed.stdout.splitlines()] == table
+    text = CliRunner().invoke(cli, ["report", "--out", str(out)]).stdout.splitlines()
+    assert len(text) == len(table) + 1 and text[-1].startswith(f"{len(table)} report rows: ")
+    kind = table[0]["kind"]
+    only = CliRunner().invoke(cli, ["report", "--out", str(out), "--kind", kind, "--json"])
+    assert {json.loads(line)["kind"] for line in only.stdout.splitlines()} == {kind}
+    none = CliRunner().invoke(cli, ["report", "--out", str(out), "--kind", "no_such_kind"])
+    assert none.exit_code == 0 and none.stdout.strip() == "no report rows of kind no_such_kind"
+    missing = CliRunner().invoke(cli, ["report", "--out", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 7
+
+
 def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_sample):
     out = tmp_path / "store"
     src = str(mini_sample.dir)
