@@ -25,7 +25,8 @@ EXIT_CODE_MEANINGS = {
     "network": "network failure (Zenodo unreachable, retries exhausted)",
     "lock_held": "another build holds the lock",
     "verification": "verification failure (size or digest mismatch)",
-    "store": "the store is unusable (schema version, missing table, OUT is not a store / sample)",
+    "store": "the store is unusable (schema version, missing table, OUT is not a store / "
+    "sample, a write that failed, e.g. a full disk)",
     "interrupted": "interrupted (Ctrl-C); the store is as it was unless this run had published",
 }
 #: "\b" keeps click from re-flowing the table into one line
@@ -213,12 +214,13 @@ def _run_stage_command(
 ) -> None:
     """One stage through `build`: locked, skipped when up to date, published atomically;
     a warning names the later stages it left out of date. Without ``--area`` (or a
-    ``--config`` file) it works on the areas the store was built for (a bare
-    ``rebin-sites`` on an A1 store is A1's)."""
+    ``--config`` file that sets ``areas``) it works on the areas the store was built for
+    (a bare ``rebin-sites`` on an A1 store is A1's)."""
+    from nat4etl.config import file_sets
     from nat4etl.stages.build import build, rebuild_command, recorded_parameters, stale_after
 
-    if flags.get("areas") is None and config_file is None:  # a --config file's areas win
-        held = recorded_parameters(out).get("areas")
+    if flags.get("areas") is None and not file_sets(config_file, "build", "areas"):
+        held = recorded_parameters(out).get("areas")  # a --config file's own areas win
         if held:
             flags["areas"] = tuple(held)
     settings = _settings(config_file, **flags)

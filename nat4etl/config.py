@@ -71,6 +71,14 @@ _EXPECTED = {
 }
 
 
+def file_sets(config_file: str | os.PathLike | None, section: str, key: str) -> bool:
+    """Does ``config_file`` itself set ``[section] key`` (not merely inherit the default)?"""
+    if config_file is None:
+        return False
+    table = _read_toml(Path(config_file)).get(section)
+    return isinstance(table, dict) and key in table
+
+
 def load_settings(config_file: str | os.PathLike | None = None) -> Settings:
     raw = _read_toml(DEFAULT_CONFIG)
     if config_file is not None:

@@ -207,7 +207,8 @@ STIMS = _table(
             _f("pop_start_s", pa.float64()),
         ),
         key=("stim",),
-        doc="Sounds: est then val, each in order of first appearance in the population file. "
+        doc="Sounds: est, then val, then any unclassified (other) ones, each in order of first "
+        "appearance in the population file. "
         "pop_start_s: where the first occurrence starts in the population's data (its time "
         "as written, unless the JSON segments make the data spans of that time).",
         units={"duration_s": "s", "prestim_s": "s", "poststim_s": "s", "pop_start_s": "s"},

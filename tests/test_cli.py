@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 
@@ -82,6 +83,15 @@ def test_stage_commands_without_area_work_on_the_areas_the_store_holds(tmp_path,
         result = CliRunner().invoke(cli, [stage, "--out", str(out)])
         assert result.exit_code == 0, (stage, result.output)
     assert sorted(p.name for p in (out / "stims").iterdir()) == ["area=A1"]
+    # a --config file that does not set areas leaves the store's
+    other = tmp_path / "other.toml"
+    other.write_text("[build]\ndt_ms = 10\n")
+    again = CliRunner().invoke(
+        cli, ["parse-epochs", "--config", str(other), "--out", str(out), "--force"]
+    )
+    assert again.exit_code == 0, again.output
+    record = json.loads((out / "_stages" / "parse-epochs.json").read_text())
+    assert record["params"]["areas"] == ["A1"]
     # a --config file's areas are asked for, not the store's
     config = tmp_path / "both.toml"
     config.write_text('[build]\nareas = ["A1", "PEG"]\nwav = false\n')
