@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     import polars as pl
     import pyarrow as pa
 
+    from nat4etl.stages.normalize import Rule
     from nat4etl.store import Store
 
 Subset = Literal["all", "est", "val"]
@@ -216,7 +217,7 @@ class Nat4Store:
         if preset is None:
             return values.reshape(len(ids), n_bands, n_bins)
         offset, lo, hi = self._constants(area, preset, "spectrogram", n_bands)
-        scaler = _Scaler(offset, lo, hi, _floor(preset, "spectrogram"))
+        scaler = _Scaler(offset, lo, hi, _rule(preset, "spectrogram"))
         rows = values.reshape(len(ids) * n_bands, n_bins)
         out = rows if private else _aligned_empty(rows.shape)
         scaler.apply(rows, out, np.tile(np.arange(n_bands), len(ids)))
@@ -291,7 +292,7 @@ class Nat4Store:
         constants = None
         if preset is not None:
             offset, lo, hi = self._constants(area, preset, "responses", self._n_cells(area))
-            constants = (offset, lo, hi, _floor(preset, "responses"))
+            constants = (offset, lo, hi, _rule(preset, "responses"))
         sidecar = self._sidecar("responses", area, ["stim", "cell", "trial", "counts"])
         if sidecar is not None:
             source = _SidecarRows(sidecar, n_bins)
@@ -668,11 +669,11 @@ class Nat4Store:
 
 
 # ============================================================================ helpers
-def _floor(preset: str, signal: str) -> float:
-    """Values below this after scaling are 0 (1e-6 for nems, 0 for deepstrf)."""
+def _rule(preset: str, signal: str) -> Rule:
+    """How ``preset`` scales ``signal`` (its floor, how a zero range is treated)."""
     from nat4etl.stages.normalize import RULES
 
-    return RULES[(preset, signal)].floor
+    return RULES[(preset, signal)]
 
 
 #: alignment of the arrays the reader fills: jax (CPU) takes a DLPack buffer without a copy
@@ -705,12 +706,12 @@ class _Scaler:
     the source and writing the result is one pass over memory, not five.
     """
 
-    def __init__(self, offset: float, lo: np.ndarray, hi: np.ndarray, floor: float):
+    def __init__(self, offset: float, lo: np.ndarray, hi: np.ndarray, rule: Rule):
+        from nat4etl.stages.normalize import float32_constants
+
         self.offset = offset
-        self.floor = np.float32(floor)
-        self.lo = np.asarray(lo, dtype=np.float32)
-        span = np.asarray(hi, dtype=np.float32) - self.lo
-        self.span = np.where(span == 0, np.float32(1), span).astype(np.float32)
+        self.floor = np.float32(rule.floor)
+        self.lo, self.span = float32_constants(lo, hi, flat_unscaled=rule.flat_unscaled)
 
     def apply(self, x: np.ndarray, out: np.ndarray, channel: np.ndarray) -> None:
         """``out = scale(x)`` for 2-D ``x`` (rows, width); row ``i`` uses the constants of
@@ -1180,7 +1181,7 @@ def _dense_responses(
     n_bins: int,
     *,
     trials: Trials,
-    constants: tuple[float, np.ndarray, np.ndarray, float] | None,
+    constants: tuple[float, np.ndarray, np.ndarray, Rule] | None,
     max_bytes: int,
     area: str,
 ) -> np.ndarray:
@@ -1214,8 +1215,8 @@ def _dense_responses(
         )
     scaler = None
     if constants is not None:
-        offset, lo, hi, floor = constants
-        scaler = _Scaler(offset, lo[cell_ids], hi[cell_ids], floor)  # channel: cell_ids position
+        offset, lo, hi, rule = constants
+        scaler = _Scaler(offset, lo[cell_ids], hi[cell_ids], rule)  # channel: cell_ids position
     n_slots = n_s * n_n
     if trials == "all":
         n_rows = n_slots * n_r

@@ -163,3 +163,14 @@ def test_a_partly_missing_est_response_stays_partly_nan(mini_sample, tmp_path):
         return resp
 
     _compare(_edited_mirror(mini_sample, tmp_path, "resp", holes), tmp_path)
+
+
+@pytest.mark.parametrize("signal", ["stim", "resp"])
+def test_a_flat_signal_is_left_unscaled_as_the_old_loader(mini_sample, tmp_path, signal):
+    """The old loader scaled only when max > min: a flat spectrogram stayed log1p(x), flat
+    responses their counts (not x - min, which would be all 0)."""
+
+    def flat(values):
+        return np.where(np.isnan(values), np.nan, 3.0)
+
+    _compare(_edited_mirror(mini_sample, tmp_path, signal, flat), tmp_path)

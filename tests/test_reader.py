@@ -549,17 +549,29 @@ def test_normalization_is_bit_identical_to_normalize_scale(store):
     raw = store.responses("A1")
     for preset in ("nems", "deepstrf"):
         c = store._constants("A1", preset, "responses", N_CELLS)
-        floor = nz.RULES[(preset, "responses")].floor
+        rule = nz.RULES[(preset, "responses")]
         want = nz.scale(
-            raw, c[0], c[1][None, :, None, None], c[2][None, :, None, None], floor=floor
+            raw,
+            c[0],
+            c[1][None, :, None, None],
+            c[2][None, :, None, None],
+            floor=rule.floor,
+            flat_unscaled=rule.flat_unscaled,
         )
         np.testing.assert_array_equal(
             store.responses("A1", norm=preset).view(np.uint32), want.view(np.uint32)
         )
         spec = store.spectrograms("A1")
         c = store._constants("A1", preset, "spectrogram", F)
-        floor = nz.RULES[(preset, "spectrogram")].floor
-        want = nz.scale(spec, c[0], c[1][None, :, None], c[2][None, :, None], floor=floor)
+        rule = nz.RULES[(preset, "spectrogram")]
+        want = nz.scale(
+            spec,
+            c[0],
+            c[1][None, :, None],
+            c[2][None, :, None],
+            floor=rule.floor,
+            flat_unscaled=rule.flat_unscaled,
+        )
         np.testing.assert_array_equal(store.spectrograms("A1", norm=preset), want)
 
 

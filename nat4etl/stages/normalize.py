@@ -9,9 +9,11 @@ legitimate, so both are always written and the reader applies either on read:
   min-max PER BAND; responses min-max PER UNIT, no log.
 
 In both, constants come from the whole population recording (before any est/val split),
-NaN ignored, and a zero range counts as 1. After scaling, ``nems`` sets values below 1e-6
-to 0 (NEMS0 ``_normalize_data``); ``deepstrf`` does not (the reference loader has no such
-cut), it only sets float32 rounding's tiny negatives to 0. Val single trials are scaled with the same constants as the
+NaN ignored. A zero range (a flat signal or unit): ``nems`` counts it as 1, so values
+become ``y - min`` (NEMS0); ``deepstrf`` leaves ``y`` unscaled (the reference loader scaled
+only when max > min). After scaling, ``nems`` sets values below 1e-6 to 0 (NEMS0
+``_normalize_data``); ``deepstrf`` does not (the reference loader has no such cut), it
+only sets float32 rounding's tiny negatives to 0. Val single trials are scaled with the same constants as the
 est responses, so all responses of a preset share one scale (the reference loader left
 val trials as raw counts: its scale defect).
 
@@ -52,11 +54,13 @@ class Rule:
     offset: float  # d in ln(1 + x / d); 0 = no log
     per_channel: bool
     floor: float = 0.0  # values below it after scaling -> 0 (0: negatives only)
+    #: a zero range leaves y as it is (the reference loader), instead of counting as 1
+    flat_unscaled: bool = False
 
 
 RULES: dict[tuple[str, str], Rule] = {
-    ("deepstrf", SPECTROGRAM): Rule(offset=1.0, per_channel=False),
-    ("deepstrf", RESPONSES): Rule(offset=0.0, per_channel=False),
+    ("deepstrf", SPECTROGRAM): Rule(offset=1.0, per_channel=False, flat_unscaled=True),
+    ("deepstrf", RESPONSES): Rule(offset=0.0, per_channel=False, flat_unscaled=True),
     ("nems", SPECTROGRAM): Rule(offset=0.1, per_channel=True, floor=FLOOR),
     ("nems", RESPONSES): Rule(offset=0.0, per_channel=True, floor=FLOOR),
 }
@@ -87,6 +91,25 @@ def constants(rows: Rows, rule: Rule) -> tuple[np.ndarray, np.ndarray]:
     return log_compress(lo, rule.offset), log_compress(hi, rule.offset)
 
 
+def float32_constants(
+    lo: np.ndarray | float, hi: np.ndarray | float, *, flat_unscaled: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(min, range) as float32, as :func:`scale` and the reader apply them.
+
+    A zero range counts as 1; with ``flat_unscaled`` (``deepstrf``) a channel whose max is
+    not above its min (float64, as the reference loader tested it) gets min 0 and range 1,
+    so its values stay as they are.
+    """
+    lo32 = np.asarray(lo, dtype=np.float32)
+    span = np.asarray(hi, dtype=np.float32) - lo32
+    flat = span == 0
+    if flat_unscaled:
+        with np.errstate(invalid="ignore"):
+            flat = flat | ~(np.asarray(hi, dtype=np.float64) > np.asarray(lo, dtype=np.float64))
+        lo32 = np.where(flat, np.float32(0), lo32).astype(np.float32)
+    return lo32, np.where(flat, np.float32(1), span).astype(np.float32)
+
+
 def scale(
     x: np.ndarray,
     offset: float,
@@ -95,18 +118,19 @@ def scale(
     *,
     in_place: bool = False,
     floor: float = FLOOR,
+    flat_unscaled: bool = False,
 ) -> np.ndarray:
     """Normalize ``x``: log-compress, ``(y - lo) / range``, values < ``floor`` -> 0 (the
     preset's :attr:`Rule.floor`: 1e-6 for ``nems``, 0 for ``deepstrf``), NaN kept.
 
-    ``lo`` and ``hi`` broadcast against ``x``; a zero range counts as 1. Returns float32,
-    written into ``x`` itself when ``in_place`` (``x`` must then be writable float32), so a
-    large array is normalized without temporaries of its size.
+    ``lo`` and ``hi`` broadcast against ``x``; a zero range counts as 1, or with
+    ``flat_unscaled`` (the preset's :attr:`Rule.flat_unscaled`) leaves ``y`` as it is
+    (:func:`float32_constants`). Returns float32, written into ``x`` itself when
+    ``in_place`` (``x`` must then be writable float32), so a large array is normalized
+    without temporaries of its size.
     """
     y = x if in_place else np.array(x, dtype=np.float32)
-    lo32 = np.asarray(lo, dtype=np.float32)
-    span = np.asarray(hi, dtype=np.float32) - lo32
-    span = np.where(span == 0, np.float32(1), span).astype(np.float32)
+    lo32, span = float32_constants(lo, hi, flat_unscaled=flat_unscaled)
     if offset:
         if offset != 1:
             np.divide(y, np.float32(offset), out=y)
@@ -240,8 +264,8 @@ def load_and_compute(store, area: str) -> tuple[pa.Table, dict]:
         "dt_ms": dt_ms,
         "source": source,
         "formula": "y = ln(1 + x/offset) (offset 0: y = x); (y - min) / (max - min), "
-        "a zero range counts as 1; values < 0 -> 0, and for nems values < 1e-6 -> 0; "
-        "NaN stays NaN",
+        "a zero range counts as 1 for nems and leaves y unscaled for deepstrf; values < 0 "
+        "-> 0, and for nems values < 1e-6 -> 0; NaN stays NaN",
         "presets": list(PRESETS),
     }
     return table, metadata

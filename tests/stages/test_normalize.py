@@ -156,3 +156,25 @@ def test_constants_from_stored_extremes_equal_the_decoded_recording(
                 g, w = _constants(got, method, signal), _constants(want, method, signal)
                 for a, b in zip(g, w, strict=True):
                     np.testing.assert_array_equal(a, b)  # exact, NaN where no value
+
+
+def test_a_zero_range_is_1_for_nems_and_unscaled_for_deepstrf():
+    """NEMS0 counts a zero range as 1 (y - min); the old loader scaled only when max > min,
+    so a flat signal kept its values."""
+    flat = np.full((2, 3), 2.0, np.float32)
+    flat[1, 0] = np.nan
+    lo, hi = np.float64(2.0), np.float64(2.0)
+    for preset, want in (("nems", 0.0), ("deepstrf", np.log1p(np.float32(2.0)))):
+        rule = nz.RULES[(preset, "spectrogram")]
+        got = nz.scale(
+            flat,
+            rule.offset,
+            *(np.log1p(v / rule.offset) for v in (lo, hi)),
+            floor=rule.floor,
+            flat_unscaled=rule.flat_unscaled,
+        )
+        assert np.isnan(got[1, 0])
+        np.testing.assert_allclose(got[~np.isnan(got)], want, rtol=1e-6, err_msg=preset)
+    rule = nz.RULES[("deepstrf", "responses")]
+    got = nz.scale(flat, 0.0, lo, hi, floor=rule.floor, flat_unscaled=rule.flat_unscaled)
+    np.testing.assert_array_equal(got, flat)
