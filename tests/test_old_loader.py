@@ -58,6 +58,7 @@ def recipe(store, area: str, *, waveforms: bool = True) -> Recipe:
     """What the README section says to call, and the changes it says to make."""
     stims, cells = store.stims(area), store.cells(area)
     known = stims.filter(pl.col("subset") != "other")  # "other" sounds come last
+    s_est = (stims["subset"] == "est").sum()
     val = store.responses(area, subset="val")
     canonical = (cells["match"] == "canonical").to_numpy()
     val[:, canonical] = np.nan  # "set their val responses to NaN to get the old arrays"
@@ -77,7 +78,7 @@ def recipe(store, area: str, *, waveforms: bool = True) -> Recipe:
         stim_meta=known.select("name", "subset").to_dicts(),
         nrn_meta=nrn_meta,
         spectrograms=store.spectrograms(area, norm="deepstrf")[: known.height],
-        est=store.responses(area, subset="est", norm="deepstrf"),
+        est=store.responses(area, subset="est", norm="deepstrf")[:s_est],
         val=val,
         waveforms=store.waveforms(area)[: known.height] if waveforms else None,
     )
