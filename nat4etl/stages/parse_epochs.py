@@ -470,22 +470,44 @@ def report_repetitions(
 
 
 def report_lengths(
-    trials: list[Trial], stims: list[Stim], *, report: Report, stim_fs_hz: float
+    trials: list[Trial],
+    stims: list[Stim],
+    *,
+    report: Report,
+    stim_fs_hz: float,
+    site_fs_hz: dict[str, float] | None = None,
 ) -> None:
     """Presentations whose length differs from their sound's population epoch by half a
-    population frame or more: rebin-sites cuts as many bins from every start, so the end
-    of a longer one is not counted and a shorter one is NaN-padded."""
+    population frame or more, or (with ``site_fs_hz``) by a sample once both bounds are
+    snapped to the site's grid, as they are cut: rebin-sites cuts as many bins from every
+    start, so the end of a longer one is not counted and a shorter one is NaN-padded (a
+    presentation 1 ms short at 1 kHz loses its last 10 ms bin; the old loader failed)."""
     duration = {s.stim: s.duration_s for s in stims}
+    frames = {s.stim: s.n_frames for s in stims}
     name = {s.stim: s.name for s in stims}
     tolerance_s = 0.5 / stim_fs_hz if stim_fs_hz else 0.0
-    for t in trials:
+    # snapped lengths of all trials at once (tens of thousands at full scale)
+    fs = np.array([(site_fs_hz or {}).get(t.site, np.nan) for t in trials], np.float64)
+    bounds = np.array([(t.start_s, t.end_s) for t in trials], np.float64).reshape(-1, 2)
+    with np.errstate(invalid="ignore"):
+        n_samples = np.round(bounds[:, 1] * fs) - np.round(bounds[:, 0] * fs)
+        want = np.round(np.array([frames[t.stim] for t in trials]) * fs / (stim_fs_hz or np.nan))
+    off_grid = np.isfinite(want) & (n_samples != want)
+    for i, t in enumerate(trials):
         length_s = t.end_s - t.start_s
+        detail = None
         if abs(length_s - duration[t.stim]) >= tolerance_s:
+            detail = f"{length_s:g} s long, the population epoch {duration[t.stim]:g} s"
+        elif off_grid[i]:
+            detail = (
+                f"{n_samples[i]:.0f} samples at {fs[i]:g} Hz once its bounds are snapped to "
+                f"the sample grid, the population epoch {want[i]:.0f}"
+            )
+        if detail is not None:
             report.add(
                 "presentation_length",
                 f"{t.site}/{name[t.stim]}@{t.start_s:g}",
-                f"{length_s:g} s long, the population epoch {duration[t.stim]:g} s: "
-                "binned from its start, cut or NaN-padded to the population's length",
+                f"{detail}: binned from its start, cut or NaN-padded to the population's length",
             )
 
 
@@ -858,7 +880,9 @@ def parse_area(inputs: AreaInputs) -> Parsed:
         segments=site_segments,
     )
     report_repetitions(trials, stims, report=report, sites=inputs.site_epochs)
-    report_lengths(trials, stims, report=report, stim_fs_hz=inputs.stim_fs_hz)
+    report_lengths(
+        trials, stims, report=report, stim_fs_hz=inputs.stim_fs_hz, site_fs_hz=inputs.site_fs_hz
+    )
     report_site_silences(
         trials,
         stims,

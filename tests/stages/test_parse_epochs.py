@@ -793,3 +793,28 @@ def test_a_unit_found_only_in_another_sites_file_is_placed_at_that_site():
     assert (cell["site"], cell["n_val_trials"]) == ("XYZ001a", 4)
     others = [c for c in _parse(raw).cells.to_pylist()[1:] if c["match"] != "none"]
     assert others and all(c["site"] == c["cell_id"].split("-")[0] for c in others)
+
+
+def test_a_presentation_one_sample_short_on_the_site_grid_is_reported():
+    """1.4998 s written, within half a population frame of 1.5 s, but [round(0.0006 *
+    1000), round(1.5004 * 1000)) is 1499 samples: its last 10 ms bin is NaN (the old loader
+    failed on it), which must not pass silently."""
+    raw = _raw()
+    signals = raw["signals"].to_pylist() + [
+        {"recording": "TNC015a_rec", "signal": "resp", "signal_type": "point_process",
+         "fs_hz": 1000.0, "n_chans": 1, "n_samples": None, "chans": None,
+         "segments_json": None, "meta_json": None},
+    ]  # fmt: skip
+    raw["signals"] = pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema)
+    rows = raw["epochs"].to_pylist()
+    (row,) = [
+        r
+        for r in rows
+        if r["recording"] == "TNC015a_rec" and r["name"] == VAL_A and r["start_s"] == 1.0
+    ]
+    row["start_s"], row["end_s"] = 1.0006, 2.5004
+    raw["epochs"] = pa.Table.from_pylist(rows, schema=schema.EPOCHS.schema)
+    report = _report(_parse(raw))
+    lengths = {s: d for (k, s), d in report.items() if k == "presentation_length"}
+    assert list(lengths) == [f"TNC015a/{VAL_A}@1.0006"]
+    assert lengths[f"TNC015a/{VAL_A}@1.0006"].startswith("1499 samples at 1000 Hz")
