@@ -275,7 +275,8 @@ REPORT = _table(
         "never played), site presentations of another length than the sound's population "
         "epoch, site presentations whose Pre/PostStimSilence differs from the population's "
         "(per site), sounds without their Pre/PostStimSilence, sounds whose population epoch "
-        "mask_est (row 0) puts in the other subset than their name, case-only wav matches, "
+        "mask_est (row 0) puts in the other subset than their name, sounds whose population "
+        "epoch runs past the population's data (NaN-padded), case-only wav matches, "
         "unclassified STIM_ epochs, STIM_ epochs with a time that is not finite, site "
         "presentations left out as extract_epoch leaves them out.",
     )

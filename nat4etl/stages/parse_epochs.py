@@ -102,6 +102,9 @@ class AreaInputs:
     #: row 0 of the population's ``mask_est`` and its rate; None when it has none
     mask_est: np.ndarray | None = None
     mask_fs_hz: float | None = None
+    #: samples in the population's stim signal (resp has as many: unpack checks); None
+    #: when its JSON and data left it unknown
+    pop_n_samples: int | None = None
 
 
 @dataclass
@@ -628,6 +631,25 @@ def report_mask_est(
         )
 
 
+def report_population_extent(
+    stims: list[Stim], *, n_samples: int, fs_hz: float, report: Report
+) -> None:
+    """Sounds whose population epoch runs past the end of the population's data: their
+    spectrogram and est responses are NaN-padded there (NEMS0 extract_epoch), which the
+    values alone would not tell from a unit not recorded."""
+    for s in stims:
+        start = int(binning.epoch_samples(np.array([s.pop_start_s]), fs_hz)[0])
+        beyond = start + s.n_frames - max(n_samples, start)
+        if beyond > 0:
+            report.add(
+                "population_epoch_past_data",
+                s.name,
+                f"its population epoch (frames {start}-{start + s.n_frames}) runs {beyond} of "
+                f"its {s.n_frames} frames past the population's {n_samples} samples: NaN-padded "
+                "in its spectrogram and est responses",
+            )
+
+
 def trials_table(trials: list[Trial]) -> pa.Table:
     return pa.Table.from_pylist([t.__dict__ for t in trials], schema=schema.TRIALS.schema)
 
@@ -894,6 +916,10 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     report_wavs(stims, inputs.wav_names, report=report)
     if inputs.mask_est is not None and inputs.mask_fs_hz:
         report_mask_est(stims, inputs.mask_est, fs_hz=inputs.mask_fs_hz, report=report)
+    if inputs.pop_n_samples is not None:
+        report_population_extent(
+            stims, n_samples=inputs.pop_n_samples, fs_hz=inputs.stim_fs_hz, report=report
+        )
     cells = build_cells(
         inputs.resp_chans,
         inputs.site_units,
@@ -1037,6 +1063,7 @@ def area_inputs(
         unusable_stim_epochs=unusable_rows,
         mask_est=mask_est,
         mask_fs_hz=(sig.get((pop_name, MASK_EST)) or {}).get("fs_hz"),
+        pop_n_samples=stim["n_samples"],
     )
 
 

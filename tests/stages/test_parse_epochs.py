@@ -758,6 +758,26 @@ def test_without_mask_est_nothing_is_checked(parsed):
     assert _mask_kinds(parsed) == {}
 
 
+def _extent_rows(parsed: pe.Parsed) -> dict[str, str]:
+    return {s: d for (k, s), d in _report(parsed).items() if k == "population_epoch_past_data"}
+
+
+def test_a_population_epoch_past_the_data_is_reported(parsed):
+    assert _extent_rows(parsed) == {}  # 750 samples hold every epoch (the last ends at 750)
+    raw = _raw()
+    signals = [
+        {**r, "n_samples": 550} if r["signal"] in ("resp", "stim") and r["recording"] == POP else r
+        for r in raw["signals"].to_pylist()
+    ]
+    raw["signals"] = pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema)
+    rows = _extent_rows(_parse(raw))
+    # EST_Y holds frames 450-600, ODD 600-750: NaN-padded past sample 550
+    assert set(rows) == {EST_Y, ODD}
+    assert "runs 50 of its 150 frames past the population's 550 samples" in rows[EST_Y]
+    assert "runs 150 of its 150 frames" in rows[ODD]
+    assert "NaN-padded" in rows[EST_Y]
+
+
 def test_the_same_unit_id_at_two_sites():
     # ARM001a-01-1 is in the population; a copy of its id in XYZ001a's file listed first
     # must not take the match from the unit's own site (rebin-sites bins cells at the
