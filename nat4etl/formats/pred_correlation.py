@@ -37,7 +37,8 @@ def read_pred_correlation(
     Raises
     ------
     FormatError
-        Not CSV, no ``cellid`` column, or ``sig_auditory`` not True/False.
+        Not CSV, no ``cellid`` column, a ``cellid`` empty or repeated, or
+        ``sig_auditory`` not True/False.
     """
     if path is None and isinstance(source, str | os.PathLike):
         path = source
@@ -72,6 +73,17 @@ def read_pred_correlation(
     cellid = table.column("cellid")
     if cellid.null_count or pc.any(pc.equal(cellid, "")).as_py():
         raise bad("empty cellid")
+    counts = pc.value_counts(cellid)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):  # which row is the unit's? (the old loader silently took the last)
+        ids = cellid.to_pylist()
+        first = repeated[0].as_py()
+        lines = [i + 2 for i, c in enumerate(ids) if c == first]  # line 1 is the header
+        raise bad(
+            f"cellid {first!r} occurs on lines {', '.join(map(str, lines))}"
+            + (f" ({len(repeated) - 1} more repeated)" if len(repeated) > 1 else "")
+            + ": one row per unit expected"
+        )
     return table
 
 

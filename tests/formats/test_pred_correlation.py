@@ -40,6 +40,8 @@ def test_types_and_columns_carried_through(tmp_path):
         (b"cellid,sig_auditory\n,True\n", "empty cellid"),
         (b"", "unreadable CSV"),
         (b"cellid,x\nA,1,2\n", "unreadable CSV"),
+        (b"cellid,x\nA,1\nB,2\nA,1\n", r"cellid 'A' occurs on lines 2, 4: one row per unit"),
+        (b"cellid,x\nA,1\nB,2\nA,1\nB,3\n", r"lines 2, 4 \(1 more repeated\)"),
     ],
 )
 def test_errors(text, match):
