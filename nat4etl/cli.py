@@ -518,13 +518,17 @@ def _render_status(report: dict) -> str:
 
 def _table_files(report: dict) -> str:
     """ "42 table files (34 Parquet, one per table and area; 8 Arrow sidecars)": the
-    numbers are the manifest's files, counted by kind."""
+    numbers are the manifest's files of the areas asked, counted by kind; "of A1" when
+    the store holds other areas' too."""
     files = report.get("table_files") or {}
     parquet, arrow = files.get("parquet", 0), files.get("arrow", 0)
     kinds = f"{parquet} Parquet, one per table and area"
     if arrow:
         kinds += f"; {arrow} Arrow sidecars"
-    return f"{parquet + arrow} table files ({kinds})"
+    of = ""
+    if report.get("other_areas"):
+        of = f" of {' and '.join(report.get('table_areas') or [])}"
+    return f"{parquet + arrow} table files{of} ({kinds})"
 
 
 @cli.command("verify")

@@ -198,26 +198,39 @@ def test_verify_hint_rebuilds_with_the_stores_own_parameters(tmp_path, mini_samp
 
 def test_status_counts_the_table_files_the_store_holds(tmp_path, mini_sample):
     """status's number is the files on disk (Parquet and the .arrow sidecars), not the
-    (table, area) pairs under the words "table files"."""
+    (table, area) pairs under the words "table files"; those of the areas asked (--area),
+    every area's without --area."""
     import json
 
     out = tmp_path / "store"
-    args = ["--area", "A1", "--source", str(mini_sample.dir), "--out", str(out)]
-    built = CliRunner().invoke(cli, ["build", *args])
+    src = ["--source", str(mini_sample.dir), "--out", str(out)]
+    built = CliRunner().invoke(cli, ["build", "--area", "all", *src])
     assert built.exit_code == 0, built.output
-    tables = [p for p in out.glob("*/area=*/*") if p.is_file()]
-    parquet = sum(p.suffix == ".parquet" for p in tables)
-    arrow = sum(p.suffix == ".arrow" for p in tables)
-    assert parquet and arrow and parquet + arrow == len(tables)
-    text = CliRunner().invoke(cli, ["status", *args]).stdout
-    (line,) = [line for line in text.splitlines() if line.startswith("built ")]
-    assert line.endswith(
-        f", {len(tables)} table files ({parquet} Parquet, one per table and area; "
-        f"{arrow} Arrow sidecars)"
-    ), line
-    report = json.loads(CliRunner().invoke(cli, ["status", *args, "--json"]).stdout)
-    assert report["table_files"] == {"parquet": parquet, "arrow": arrow}
-    assert report["tables"] == parquet  # one Parquet file per (table, area)
+
+    def on_disk(area: str) -> tuple[int, int]:
+        tables = [p for p in out.glob(f"*/area={area}/*") if p.is_file()]
+        parquet = sum(p.suffix == ".parquet" for p in tables)
+        arrow = sum(p.suffix == ".arrow" for p in tables)
+        assert parquet and arrow and parquet + arrow == len(tables)
+        return parquet, arrow
+
+    a1, peg = on_disk("A1"), on_disk("PEG")
+    assert a1 != (a1[0] + peg[0], a1[1] + peg[1])  # the test tells them apart
+    for args, (parquet, arrow), of in (
+        (["--area", "A1"], a1, " of A1"),
+        (["--area", "PEG"], peg, " of PEG"),
+        ([], (a1[0] + peg[0], a1[1] + peg[1]), ""),
+        (["--area", "all"], (a1[0] + peg[0], a1[1] + peg[1]), ""),
+    ):
+        text = CliRunner().invoke(cli, ["status", *args, *src]).stdout
+        (line,) = [line for line in text.splitlines() if line.startswith("built ")]
+        assert line.endswith(
+            f", {parquet + arrow} table files{of} ({parquet} Parquet, one per table and "
+            f"area; {arrow} Arrow sidecars)"
+        ), (args, line)
+        report = json.loads(CliRunner().invoke(cli, ["status", *args, *src, "--json"]).stdout)
+        assert report["table_files"] == {"parquet": parquet, "arrow": arrow}, args
+        assert report["tables"] == parquet, args  # one Parquet file per (table, area)
 
 
 def test_waveforms_of_a_no_wav_store_say_it_was_built_without_them(tmp_path, mini_sample):

@@ -594,7 +594,10 @@ def status(
         root = snap.root
         ctx = Context(settings, root, [s.name for s in chosen])
         manifest = _manifest_or_empty(snap)
-        entries = manifest.get("tables", [])
+        # the files of the areas asked (--area, else the config's: both), as the stages
+        # below are judged for those areas
+        every = manifest.get("tables", [])
+        entries = [t for t in every if t.get("area") in settings.areas]
         suffixes = [Path(str(t.get("path", ""))).suffix for t in entries]
         report.update(
             built=bool(manifest),
@@ -608,6 +611,8 @@ def status(
                 "parquet": suffixes.count(".parquet"),
                 "arrow": suffixes.count(".arrow"),
             },
+            table_areas=list(settings.areas),
+            other_areas=sorted({str(t.get("area")) for t in every} - set(settings.areas)),
         )
         report["stages"] = _stage_states(root, chosen, ctx, forced)
         report["manifest"] = manifest_problems(root, ctx) if ctx.records else []
