@@ -43,7 +43,6 @@ import numpy as np
 
 from nat4etl import memory
 from nat4etl.errors import (
-    ConfigError,
     MissingTableError,
     Nat4EtlError,
     SchemaError,
@@ -205,11 +204,20 @@ class Nat4Store:
             float32 ``(S, F, T)``, ``F`` bands, ``T`` bins of ``dt_ms`` (10 ms by default).
             Raw results are a copy-on-write view of the store's file when the sounds are
             consecutive in the table (they are for every ``subset``).
+
+        Raises
+        ------
+        MissingTableError
+            When the store has no spectrograms for ``area``: as for any table it lacks,
+            also when it was built at a bin width that is not a whole number of the
+            population's spectrogram frames (the message says why, and what to rebuild).
         """
         self._check_open()
         md = self._metadata("spectrograms", area)
-        if md.get("unavailable"):
-            raise ConfigError(f"no spectrograms in {self.path} for {area}: {md['unavailable']}")
+        if md.get("unavailable"):  # the table is there, empty: a store without spectrograms
+            raise MissingTableError(
+                f"no spectrograms in {self.path} for {area}: {md['unavailable']}"
+            )
         ids = self._stim_ids(area, subset)
         n_bands, n_bins = int(md["n_bands"]), int(md["n_bins"])
         preset = self._preset(area, norm)

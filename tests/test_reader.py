@@ -966,8 +966,10 @@ def test_many_row_groups_read_on_threads_give_the_same_arrays(tmp_path):
 
 @pytest.mark.parametrize("dt_ms", [20, 5])
 def test_other_bin_widths_follow_the_reference_route(mini_quirks_sample, tmp_path, dt_ms):
-    """dt 20: everything re-binned; dt 5: responses only, spectrograms a clear error."""
-    from nat4etl.errors import ConfigError
+    """dt 20: everything re-binned; dt 5: responses only, spectrograms a clear error: the
+    one the reader raises for any table a store lacks (not a configuration error: the
+    reader has no option to fix), with the reason and the rebuild that adds them."""
+    from nat4etl.errors import ConfigError, MissingTableError, StoreError
 
     audio_fs_hz = 44_100 if dt_ms == 20 else 48_000  # 5 ms at 44.1 kHz is not whole samples
     out = build_store(
@@ -987,8 +989,17 @@ def test_other_bin_widths_follow_the_reference_route(mini_quirks_sample, tmp_pat
             np.testing.assert_allclose(reader.spectrograms("A1"), spec, rtol=1e-6)
             assert reader.waveforms("A1").shape == (len(ref.names), n_bins * 882)
         else:
-            with pytest.raises(ConfigError, match="not a whole number of the population"):
+            with pytest.raises(MissingTableError, match="not a whole number of the population"):
                 reader.spectrograms("A1")
+            with pytest.raises(StoreError) as err:
+                reader.spectrograms("A1", subset="val", norm="nems")
+            assert not isinstance(err.value, ConfigError)
+            assert err.value.exit_code == 7  # the store's exit code, as a missing table's
+            assert str(err.value) == (
+                f"no spectrograms in {out} for A1: dt_ms=5 is not a whole number of the "
+                "population spectrogram's 10 ms frames, so frames cannot be averaged into "
+                "bins; rebuild with `--dt-ms` a multiple of 10 for spectrograms"
+            )
             assert reader.waveforms("A1").shape == (len(ref.names), n_bins * 240)
         norm = reader.responses("A1", subset="est", norm="nems")
         assert np.nanmax(norm) == pytest.approx(1.0) and np.nanmin(norm) == 0.0
