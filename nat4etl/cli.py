@@ -585,20 +585,21 @@ def verify_cmd(out, json_mode, quiet):
     "--kind",
     "kinds",
     multiple=True,
-    help="Only rows of this kind (repeatable), e.g. repetition_count.",
+    help="Only rows of this kind (repeatable), e.g. repetition_count or spikes_before_0.",
 )
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object per row.")
 @handle_errors
 def report_cmd(out, area, kinds, json_mode):
-    """The mismatches parse-epochs found (the `report` table), one per line."""
+    """The mismatches parse-epochs found (the `report` table) and the spike times before 0
+    rebin-sites found (kind spikes_before_0, from the responses metadata), one per line."""
     from nat4etl.summary import render_report, report_rows
 
     areas = None if area.lower() == "all" else [area.upper()]
-    rows = report_rows(out, areas=areas, kinds=list(kinds) or None)
+    listing = report_rows(out, areas=areas, kinds=list(kinds) or None)
     if json_mode:
         import json
 
-        for row in rows:
+        for row in [*listing.rows, *listing.unavailable]:
             click.echo(json.dumps(row))
         return
     selection = " ".join(
@@ -609,7 +610,7 @@ def report_cmd(out, area, kinds, json_mode):
         )
         if part
     )
-    for line in render_report(rows, selection=selection):
+    for line in render_report(listing, selection=selection):
         click.echo(line)
 
 

@@ -101,11 +101,29 @@ def as_dicts(summaries: list[AreaSummary]) -> list[dict]:
     return [asdict(s) for s in summaries]
 
 
+#: the kind `nat4etl report` lists beside the ``report`` table's: spike times before 0,
+#: which rebin-sites finds (it reads the spike times; parse-epochs does not, to stay fast)
+#: and records per unit in the ``responses`` metadata
+SPIKES_BEFORE_0 = "spikes_before_0"
+
+
+@dataclass(frozen=True)
+class ReportListing:
+    """What `nat4etl report` lists: ``rows`` (area, kind, subject, detail, in key order;
+    a spikes_before_0 row also has its unit's metadata entry), and the (area, kind)
+    pairs it could not read, each with why (``unavailable``)."""
+
+    rows: list[dict]
+    unavailable: list[dict]
+
+
 def report_rows(
     out: str | Path, *, areas: list[str] | None = None, kinds: list[str] | None = None
-) -> list[dict]:
-    """The ``report`` rows of the store at ``out`` (area, kind, subject, detail), in key
-    order; only ``areas`` / ``kinds`` when given."""
+) -> ReportListing:
+    """The ``report`` rows of the store at ``out`` (parse-epochs' table) and its spike
+    times before 0 (the ``responses`` metadata, per unit); only ``areas`` / ``kinds``
+    when given. An area without a ``responses`` table gives an ``unavailable`` entry for
+    that kind, not an error."""
     from nat4etl.errors import MissingTableError
     from nat4etl.store import open_snapshot
 
@@ -116,27 +134,84 @@ def report_rows(
             raise MissingTableError(
                 f"{out} has no report table; `nat4etl build --out {out}` makes one"
             )
-        rows = []
+        rows, unavailable = [], []
         for area in held:
-            if areas is None or area in areas:
-                rows += store.read_table("report", area=area).to_pylist()
-        return [r for r in rows if kinds is None or r["kind"] in kinds]
+            if areas is not None and area not in areas:
+                continue
+            rows += [
+                r
+                for r in store.read_table("report", area=area).to_pylist()
+                if kinds is None or r["kind"] in kinds
+            ]
+            if kinds is None or SPIKES_BEFORE_0 in kinds:
+                early, why = _spikes_before_0(store, area, out)
+                rows += early
+                if why:
+                    unavailable.append({"area": area, "kind": SPIKES_BEFORE_0, "unavailable": why})
+        rows.sort(key=lambda r: (r["area"], r["kind"], r["subject"]))
+        return ReportListing(rows, unavailable)
     finally:
         store.close()
 
 
-def render_report(rows: list[dict], *, selection: str = "") -> list[str]:
-    """One line per row, then the count per kind (or that there is nothing to report);
-    ``selection`` names the filter the rows passed ("of kind X in A1"), if any."""
-    if not rows:
-        if selection:
-            return [f"no report rows {selection}"]
-        return ["no report rows: every unit, sound and presentation lines up"]
+def _spikes_before_0(store, area: str, out: str | Path) -> tuple[list[dict], str | None]:
+    """Report rows of the units with spike times before 0, from the responses metadata
+    rebin-sites wrote (the subject is site/unit id, as a unit id may be in two site
+    files); or why there are none to read."""
+    from nat4etl.stages.rebin_sites import SPIKES_UNCOUNTED
+
+    if not store.has("responses", area):
+        return [], f"no responses table for {area}; `nat4etl rebin-sites --out {out}` makes it"
+    units = store.table_metadata("responses", area).get(SPIKES_BEFORE_0)
+    if units is None:
+        return [], (
+            f"the responses metadata of {area} does not list them (written by an older "
+            f"nat4etl); `nat4etl rebin-sites --out {out}` rewrites it"
+        )
+    rows = []
+    for unit in units:
+        n, uncounted = unit[SPIKES_BEFORE_0], unit[SPIKES_UNCOUNTED]
+        detail = (
+            f"{n} spike time{'s' if n != 1 else ''} before 0 in site {unit['site']}'s file, "
+            "counted from the end of the site's raster, as NEMS0 counts them"
+        )
+        if uncounted:
+            detail += (
+                f", but for {uncounted} earlier than the raster is long (where NEMS0 fails): "
+                "not counted"
+            )
+        rows.append(
+            {
+                "area": area,
+                "kind": SPIKES_BEFORE_0,
+                "subject": f"{unit['site']}/{unit['unit_id']}",
+                "detail": detail,
+                **unit,
+            }
+        )
+    return rows, None
+
+
+def render_report(listing: ReportListing, *, selection: str = "") -> list[str]:
+    """One line per row, then the count per kind (or that there is nothing to report),
+    then each kind that could not be read and why; ``selection`` names the filter the
+    rows passed ("of kind X in A1"), if any."""
+    rows = listing.rows
     lines = [f"{r['area']}  {r['kind']}  {r['subject']}: {r['detail']}" for r in rows]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["kind"]] = counts.get(r["kind"], 0) + 1
-    lines.append(
-        f"{len(rows)} report rows: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
-    )
+    if rows:
+        lines.append(
+            f"{len(rows)} report rows: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+        )
+    elif selection:
+        lines.append(f"no report rows {selection}")
+    elif listing.unavailable:
+        lines.append("no report rows among the kinds that could be read")
+    else:
+        lines.append("no report rows: every unit, sound and presentation lines up")
+    lines += [
+        f"{u['area']}  {u['kind']}: not known: {u['unavailable']}" for u in listing.unavailable
+    ]
     return lines

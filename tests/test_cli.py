@@ -233,6 +233,85 @@ def test_status_counts_the_table_files_the_store_holds(tmp_path, mini_sample):
         assert report["tables"] == parquet, args  # one Parquet file per (table, area)
 
 
+def test_report_lists_spike_times_before_0_from_the_responses_metadata(tmp_path, mini_sample):
+    """Kind spikes_before_0: one row per unit, as rebin-sites records them in the
+    responses metadata (parse-epochs does not read spike times); --kind and --area select
+    them as any kind; a store without responses says so for that kind, exit 0."""
+    import shutil
+
+    from nat4etl.store import Store
+    from tests.stages.test_rebin_sites import _with_spike_added
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(mini_sample.dir, mirror)
+    (mirror / "record.json").unlink()  # sizes and md5s are computed from the files then
+    sites_zip = mirror / "A1_single_sites.zip"
+    site, unit = _with_spike_added(sites_zip, -0.25)
+    _with_spike_added(sites_zip, -1e5)  # earlier than the raster is long: not counted
+    out = tmp_path / "store"
+    args = ["--area", "A1", "--no-wav", "--source", str(mirror), "--out", str(out)]
+    built = CliRunner().invoke(cli, ["build", *args])
+    assert built.exit_code == 0, built.output
+    early = Store(out).table_metadata("responses", "A1")["spikes_before_0"]
+    assert early == [
+        {"site": site, "unit_id": unit, "spikes_before_0": 2, "spikes_before_raster": 1}
+    ]
+    table = Store(out).read_table("report", area="A1").to_pylist()
+
+    def listed(*extra: str) -> list[dict]:
+        result = CliRunner().invoke(cli, ["report", "--out", str(out), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    (row,) = [r for r in listed() if r["kind"] == "spikes_before_0"]
+    assert row == {
+        "area": "A1",
+        "kind": "spikes_before_0",
+        "subject": f"{site}/{unit}",
+        "detail": f"2 spike times before 0 in site {site}'s file, counted from the end of "
+        "the site's raster, as NEMS0 counts them, but for 1 earlier than the raster is "
+        "long (where NEMS0 fails): not counted",
+        **early[0],
+    }
+    others = [r for r in listed() if r["kind"] != "spikes_before_0"]
+    assert others == table  # the report table's rows as before, in key order
+    assert listed("--kind", "spikes_before_0") == [row]
+    assert listed("--kind", "spikes_before_0", "--area", "PEG") == []
+    assert listed("--kind", "repetition_count") == [
+        r for r in table if r["kind"] == "repetition_count"
+    ]
+    text = CliRunner().invoke(cli, ["report", "--out", str(out)]).stdout.splitlines()
+    assert f"A1  spikes_before_0  {site}/{unit}: {row['detail']}" in text
+    assert text[-1].startswith(f"{len(table) + 1} report rows: ")
+    assert "spikes_before_0 1" in text[-1]
+
+    # a store parse-epochs has been run on, rebin-sites not: no responses table
+    part = tmp_path / "part"
+    fetched = CliRunner().invoke(cli, ["fetch", *args[:-1], str(part)])
+    assert fetched.exit_code == 0, fetched.output
+    for stage in ("unpack", "parse-epochs"):
+        ran = CliRunner().invoke(cli, [stage, "--out", str(part)])
+        assert ran.exit_code == 0, (stage, ran.output)
+    assert not (part / "responses").exists()
+    result = CliRunner().invoke(cli, ["report", "--out", str(part)])
+    assert result.exit_code == 0, result.output
+    why = f"no responses table for A1; `nat4etl rebin-sites --out {part}` makes it"
+    assert result.stdout.splitlines()[-1] == f"A1  spikes_before_0: not known: {why}"
+    result = CliRunner().invoke(cli, ["report", "--out", str(part), "--json"])
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "area": "A1",
+        "kind": "spikes_before_0",
+        "unavailable": why,
+    }
+    only = CliRunner().invoke(cli, ["report", "--out", str(part), "--kind", "spikes_before_0"])
+    assert only.stdout.splitlines() == [
+        "no report rows of kind spikes_before_0",
+        f"A1  spikes_before_0: not known: {why}",
+    ]
+    other = CliRunner().invoke(cli, ["report", "--out", str(part), "--kind", "x", "--json"])
+    assert other.exit_code == 0 and other.stdout == ""  # that kind alone: nothing missing
+
+
 def test_waveforms_of_a_no_wav_store_say_it_was_built_without_them(tmp_path, mini_sample):
     """Not `align-wav` (no wav.zip there, and it says "build with --no-wav"): the store
     records wav = false, so the hint is the build that adds them, and that build works."""
