@@ -33,6 +33,7 @@ up-to-date fetch does not touch the network; ``--force`` or ``--from fetch`` re-
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -56,12 +57,19 @@ FETCH = "fetch"
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage's declared contract: see :mod:`nat4etl.stages`."""
+    """A stage's declared contract: see :mod:`nat4etl.stages`.
+
+    ``reads``: tables, and Zenodo files in raw/ (``"raw"``: all of them; ``"raw/<name>"``:
+    the ones matching a glob, ``{area}`` standing for each area built). ``lists``: raw
+    files of which the stage reads only the member names: inputs of its fingerprint, but
+    not what its tables are made from (:func:`source_reads`).
+    """
 
     name: str
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
+    lists: tuple[str, ...] = ()
 
     @property
     def writes_raw(self) -> bool:
@@ -233,34 +241,74 @@ def fingerprint(
     inputs: dict[str, str] = {}
     if spec.name == FETCH:
         inputs.update(outside_inputs(settings))
+    raw = [r for r in (*spec.reads, *spec.lists) if is_raw(r)]
+    if raw and not spec.writes_raw:
+        inputs.update(raw_inputs(root, settings, cache, raw))
     for name in spec.reads:
-        if name == "raw":
-            if not spec.writes_raw:
-                inputs.update(raw_inputs(root, settings, cache))
-        else:
+        if not is_raw(name):
             rels = table_files(root, name, sidecars=False)  # a sidecar adds no information
             inputs.update({rel: cache.digest(root, rel) for rel in rels})
     return Fingerprint(spec.name, inputs, param_values(spec, settings), __version__, schema_version)
 
 
-def raw_inputs(root: Path, settings: Any, cache: DigestCache) -> dict[str, str]:
-    """md5 of each Zenodo file the stage reads, and the record they belong to.
+def is_raw(read: str) -> bool:
+    """``"raw"`` or ``"raw/<glob>"``: Zenodo files, not a table."""
+    return read == RAW or read.startswith(f"{RAW}/")
+
+
+def raw_selected(names: Iterable[str], reads: Iterable[str], areas: Iterable[str]) -> list[str]:
+    """The file names of ``names`` that the raw ``reads`` name (see :class:`StageSpec`)."""
+    globs: list[str] = []
+    for read in reads:
+        if read == RAW:
+            return list(names)
+        glob = read.removeprefix(f"{RAW}/")
+        globs += [glob.format(area=a) for a in areas] if "{area}" in glob else [glob]
+    return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+
+
+def raw_inputs(
+    root: Path, settings: Any, cache: DigestCache, reads: Iterable[str] = (RAW,)
+) -> dict[str, str]:
+    """md5 of each Zenodo file the stage reads (``reads``), and the record they belong to.
 
     Without raw files in the store (``unpack --source DIR``), the mirror's files are read.
     """
+    areas = getattr(settings, "areas", ())
     rels = raw_data_files(root)
     if rels:
-        inputs = {rel: cache.digest(root, rel) for rel in rels}
+        names = raw_selected((rel.split("/", 1)[1] for rel in rels), reads, areas)
+        inputs = {f"{RAW}/{n}": cache.digest(root, f"{RAW}/{n}") for n in names}
         inputs[f"{RAW}/record.json#record"] = record_label(record_info(root / RAW))
         return inputs
     source = getattr(settings, "source_dir", None)
     if source is None or not Path(source).is_dir():
         return {}
     src = Path(source)
-    files = [p for p in sorted(src.iterdir()) if _is_plain_file(p) and p.name not in RAW_META]
-    inputs = {f"source/{p.name}": file_digest(p, "md5") for p in files}
+    files = [p.name for p in sorted(src.iterdir()) if _is_plain_file(p) and p.name not in RAW_META]
+    inputs = {f"source/{n}": file_digest(src / n, "md5") for n in raw_selected(files, reads, areas)}
     inputs["source/record.json#record"] = record_label(record_info(src))
     return inputs
+
+
+def source_reads(spec: StageSpec, specs: Iterable[StageSpec]) -> list[str]:
+    """The raw reads a stage's tables are made from: its own (not ``lists``) and, through
+    the tables it reads, those of the stages that wrote them (by ``specs``)."""
+    writer = {t: s for s in specs for t in s.tables}
+    out: list[str] = []
+    seen: set[str] = set()
+    todo = [spec]
+    while todo:
+        s = todo.pop()
+        if s.name in seen:
+            continue
+        seen.add(s.name)
+        for read in s.reads:
+            if is_raw(read):
+                out.append(read)
+            elif read in writer:
+                todo.append(writer[read])
+    return list(dict.fromkeys(out))
 
 
 def outside_inputs(settings: Any) -> dict[str, str]:

@@ -181,12 +181,13 @@ SOURCE_MEMBERS = _table(
         (
             _f("file", pa.string()),  # Zenodo file name
             _f("member", pa.string()),
-            _f("kind", pa.string()),  # recording | wav | skipped
+            _f("kind", pa.string()),  # recording | skipped
             _f("size_bytes", pa.int64()),
         ),
         key=("file", "member"),
-        doc="Members of the Zenodo zip files (per-site tgz, wav.zip listing, skipped stray "
-        "members such as __MACOSX/), as listed by unpack.",
+        doc="Members of the area's single-sites zip (per-site tgz, skipped stray members "
+        "such as __MACOSX/), as listed by unpack. wav.zip is listed by parse-epochs, which "
+        "checks the wav names against it, and not stored.",
         units={"size_bytes": "bytes"},
     )
 )

@@ -335,3 +335,56 @@ def test_real_two_builds_give_identical_tables(real, tmp_path):
 
     assert digests(tmp_path / "again") == digests(reference)
     assert table_bytes(tmp_path / "again") == table_bytes(reference)
+
+
+def test_real_waveforms_added_to_a_no_wav_store_rerun_only_what_reads_wav_zip(
+    tmp_path, mini_quirks_sample
+):
+    """`build --no-wav`, then `build --wav` on the same store: wav.zip's arrival reruns
+    fetch (it gets it), parse-epochs (it checks the sounds' names against wav.zip's) and
+    align-wav, not unpack nor what follows it; and every table file is byte for byte the
+    one a fresh `build --wav` writes."""
+    mirror = mini_quirks_sample.dir
+    out, fresh = tmp_path / "nat4", tmp_path / "fresh"
+    r = nat4("build", "--no-wav", "--source", mirror, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    without = Store(out).read_table("report", area="A1").to_pylist()
+    r = nat4("build", "--wav", "--source", mirror, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stderr.splitlines()[-1])
+    assert last["ran"] == ["fetch", "parse-epochs", "align-wav"]
+    assert last["skipped"] == ["unpack", "rebin-sites", "normalize"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["build"]["ran"] == last["ran"]
+    assert manifest["parameters"]["wav"] is True
+    r = nat4("build", "--wav", "--source", mirror, "--out", fresh, "--quiet")
+    assert r.returncode == 0, r.stderr
+
+    def tables(store: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(store)): p.read_bytes()
+            for p in sorted(store.glob("*/area=*/part-0.*"))
+        }
+
+    assert tables(out) == tables(fresh)
+    assert any(p.startswith("waveforms/") for p in tables(out))
+    # what made that possible: a table's provenance names the files it is made from
+    a1 = {"A1_NAT4_ozgf.fs100.ch18.tgz", "A1_single_sites.zip", "A1_pred_correlation.csv"}
+    sources = {
+        table: {s["name"] for s in Store(out).table_metadata(table, "A1")["sources"]}
+        for table in ("epochs", "stims", "report", "responses", "waveforms", "norm_constants")
+    }
+    assert sources.pop("waveforms") == a1 | {"wav.zip"}
+    assert all(names == a1 for names in sources.values()), sources
+    # parse-epochs had to rerun: the quirks sample's case-only wav names are reported
+    report = Store(out).read_table("report", area="A1").to_pylist()
+    added = [r for r in report if r not in without]
+    assert added and {r["kind"] for r in added} == {"wav_case_only_match"}
+    r = nat4("build", "--wav", "--source", mirror, "--out", out, "--json")
+    assert json.loads(r.stderr.splitlines()[-1])["up_to_date"]
+    # and back: wav.zip stays in raw/, but no longer fetched, it is not read (as the
+    # fingerprints say): the report is the --no-wav one again
+    r = nat4("build", "--no-wav", "--source", mirror, "--out", out, "--json")
+    assert json.loads(r.stderr.splitlines()[-1])["ran"] == ["fetch", "parse-epochs"]
+    assert (out / "raw/wav.zip").is_file()
+    assert Store(out).read_table("report", area="A1").to_pylist() == without

@@ -7,6 +7,15 @@ through :class:`nat4etl.store.Store`.
 What each stage reads, writes and depends on is declared here, in :data:`CONTRACTS`, not
 in the stage modules: `build` decides what is up to date from these alone, so a no-op build
 never imports numpy, h5py or pyarrow.
+
+Each stage names the Zenodo files it reads, not all of raw/: unpack an area's three files,
+align-wav ``wav.zip``, and parse-epochs, which checks the sounds' names against the wav
+files', only ``wav.zip``'s member list (``lists``). So adding waveforms to a ``--no-wav``
+store (``build --wav``) reruns fetch, parse-epochs and align-wav, not unpack and what it
+feeds. A table's provenance names the files it is made from: its stage's reads and those
+of the stages whose tables it reads, not ``lists`` (``fingerprint.source_reads``). So
+parse-epochs rewrites ``stims``, ``cells`` and ``trials`` byte for byte, rebin-sites stays
+up to date, and the store is the one a fresh ``build --wav`` writes.
 """
 
 from __future__ import annotations
@@ -16,12 +25,14 @@ from types import ModuleType
 
 from nat4etl.errors import NotImplementedYet
 from nat4etl.fingerprint import StageSpec
+from nat4etl.nat4 import WAV_ZIP, area_files
 
 #: CLI names, in build order
 STAGES = ("fetch", "unpack", "parse-epochs", "rebin-sites", "align-wav", "normalize")
 
-#: reads: "raw" and/or tables; writes: tables ("raw" for fetch); params: Settings fields the
-#: output depends on (part of the stage's fingerprint)
+#: reads: Zenodo files ("raw/<glob>", "{area}" for each area built) and/or tables; lists:
+#: Zenodo archives whose member names only are read; writes: tables ("raw" for fetch);
+#: params: Settings fields the output depends on (all part of the stage's fingerprint)
 CONTRACTS: dict[str, StageSpec] = {
     s.name: s
     for s in (
@@ -30,7 +41,7 @@ CONTRACTS: dict[str, StageSpec] = {
         ),
         StageSpec(
             "unpack",
-            reads=("raw",),
+            reads=tuple(f"raw/{name}" for name in area_files("{area}").names),
             writes=(
                 "recordings",
                 "signals",
@@ -55,6 +66,7 @@ CONTRACTS: dict[str, StageSpec] = {
             ),
             writes=("stims", "cells", "trials", "report"),
             params=("areas",),
+            lists=(f"raw/{WAV_ZIP}",),  # the report's wav name checks
         ),
         StageSpec(
             "rebin-sites",
@@ -73,7 +85,7 @@ CONTRACTS: dict[str, StageSpec] = {
         ),
         StageSpec(
             "align-wav",
-            reads=("raw", "stims"),
+            reads=(f"raw/{WAV_ZIP}", "stims"),
             writes=("waveforms",),
             params=("areas", "dt_ms", "audio_fs_hz"),
         ),

@@ -42,8 +42,10 @@ from nat4etl.fingerprint import (
     fingerprint,
     new_record,
     raw_data_files,
+    raw_selected,
     record_info,
     settle,
+    source_reads,
     table_files,
     why_stale,
 )
@@ -165,8 +167,17 @@ class Context:
     the mirror lives (moving it reruns fetch only, which then finds nothing new).
     """
 
-    def __init__(self, settings: Settings, root: Path, stages: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        root: Path,
+        stages: Sequence[str] = (),
+        specs: Sequence[StageSpec] = (),
+    ) -> None:
         self.settings = settings
+        # who writes each table, for a table's provenance: the build's stages (tests'
+        # fakes too: the later win), else the real contracts (a single-stage command)
+        self.specs = [*CONTRACTS.values(), *specs]
         self.after_fetch = replace(settings, source_dir=None) if FETCH in stages else settings
         self.cache = DigestCache()
         self.schema_version = SCHEMA_VERSION
@@ -318,7 +329,7 @@ def build(
     with store_lock(out, wait_s=wait_s, on_wait=on_wait):
         for note in recover(out):
             progress.log(note, level="warning")
-        ctx = Context(settings, out, [s.name for s in chosen])
+        ctx = Context(settings, out, [s.name for s in chosen], [s.spec for s in chosen])
         plan = [decide(out, s, ctx, forced=forced.get(s.name)) for s in chosen]
         stale_manifest = [] if not ctx.records else manifest_problems(out, ctx)
         moved = stale_states(ctx)
@@ -502,10 +513,13 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def sources(root: Path, cache: DigestCache) -> list[dict[str, Any]]:
-    """Every Zenodo file in raw/: name, size, md5."""
+def sources(
+    root: Path, cache: DigestCache, reads: Sequence[str] = (RAW,), areas: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """The Zenodo files in raw/ that ``reads`` name (all by default): name, size, md5."""
     out = []
-    for rel in raw_data_files(root):
+    names = raw_selected((rel.split("/", 1)[1] for rel in raw_data_files(root)), reads, areas)
+    for rel in (f"{RAW}/{name}" for name in names):
         state = cache.state(root, rel)
         md5 = state.digest.removeprefix("md5:")
         out.append({"name": rel.split("/", 1)[1], "size_bytes": state.size_bytes, "md5": md5})
@@ -514,17 +528,21 @@ def sources(root: Path, cache: DigestCache) -> list[dict[str, Any]]:
 
 def table_provenance(root: Path, spec: StageSpec, fp: Fingerprint, ctx: Context) -> dict:
     """What goes into every table the stage writes. No timestamps and no paths, so the same
-    inputs give the same bytes wherever the mirror lives."""
+    inputs give the same bytes wherever the mirror lives. ``sources``: the Zenodo files the
+    tables are made from (:func:`~nat4etl.fingerprint.source_reads`), not every file in
+    raw/, so a file that arrives later (wav.zip) changes only the tables made from it."""
+    settings = ctx.settings_for(spec.name)
     params = {
         k: v
         for k, v in fp.params.items()
-        if not isinstance(getattr(ctx.settings_for(spec.name), k, None), os.PathLike)
+        if not isinstance(getattr(settings, k, None), os.PathLike)
     }
+    reads = source_reads(spec, ctx.specs)
     return {
         "stage": spec.name,
         "params": params,
         "record": record_info(root / RAW),
-        "sources": sources(root, ctx.cache),
+        "sources": sources(root, ctx.cache, reads, settings.areas),
         "libraries": library_versions(),
     }
 
@@ -592,7 +610,7 @@ def status(
     snap = open_snapshot(out)
     try:
         root = snap.root
-        ctx = Context(settings, root, [s.name for s in chosen])
+        ctx = Context(settings, root, [s.name for s in chosen], [s.spec for s in chosen])
         manifest = _manifest_or_empty(snap)
         # the files of the areas asked (--area, else the config's: both), as the stages
         # below are judged for those areas

@@ -1,6 +1,9 @@
 """`parse-epochs`: raw epochs and unit ids -> ``stims``, ``cells``, ``trials`` and ``report``.
 
-Everything here is interpretation of tables ``unpack`` wrote verbatim; nothing reads files.
+Everything here is interpretation of tables ``unpack`` wrote verbatim, with one file read
+here: ``wav.zip``'s member list, when the store has it (the sounds' wav names are checked
+against it). Listing it here, not in unpack, keeps a later wav.zip (a ``--no-wav`` store
+built ``--wav``) from rerunning unpack and every stage after it (see :mod:`nat4etl.stages`).
 Choices, each stated once:
 
 - A recording's epochs are the union of its signals' epoch tables, exact duplicates
@@ -39,6 +42,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -1174,6 +1178,13 @@ def _segments_applied(
 # ============================================================================ stage
 def run(store, settings, progress) -> dict:
     summary = {}
+    wavs = wav_members(store, settings)
+    if wavs is None and settings.wav:
+        progress.log(
+            f"no {nat4.WAV_ZIP} in {store.shown_raw_dir}: the sounds' wav names are not "
+            f"checked (`nat4etl fetch --wav --out {store.published_at}` gets it)",
+            level="warning",
+        )
     for area in store.areas_with("epochs", settings.areas, made_by="unpack"):
         inputs = area_inputs(
             store.read_table("recordings", area=area),
@@ -1183,7 +1194,7 @@ def run(store, settings, progress) -> dict:
                 "site_spikes", area=area, columns=["site", "recording", "signal", "unit_id"]
             ),
             pred_correlation=_optional(store, "pred_correlation", area),
-            source_members=_optional(store, "source_members", area),
+            source_members=_with_rows(_optional(store, "source_members", area), wavs),
             mask_est=read_mask_est(store, area),
             area=area,
         )
@@ -1213,6 +1224,49 @@ def read_mask_est(store, area: str) -> np.ndarray | None:
             return batch.column("values")[row - seen].values.to_numpy(zero_copy_only=False)
         seen += batch.num_rows
     return None  # not reached: the row was counted above
+
+
+def wav_members(store, settings) -> pa.Table | None:
+    """``wav.zip``'s members as ``source_members`` rows (no audio is decoded: align-wav
+    does that); None without wav.zip (a ``--no-wav`` store): then no wav name is checked.
+
+    The file is the one the stage's fingerprint covers: raw/wav.zip if fetch got it
+    (a ``--no-wav`` fetch leaves an earlier one in raw/ but not in fetch.json, and it is
+    not read), else, in a store without raw files, the ``--source`` mirror's."""
+    from nat4etl.fingerprint import raw_data_files
+    from nat4etl.formats import archive
+    from nat4etl.stages.unpack import is_stray
+    from nat4etl.store import RAW
+
+    fetched = raw_data_files(store.root)
+    if fetched:
+        if f"{RAW}/{nat4.WAV_ZIP}" not in fetched:
+            return None
+        path = store.raw_dir / nat4.WAV_ZIP
+    elif settings.source_dir is not None:
+        path = Path(settings.source_dir) / nat4.WAV_ZIP
+    else:
+        return None
+    if not path.is_file():
+        return None
+    rows = []
+    for m in archive.iter_members(path):
+        is_wav = not is_stray(m.name) and m.name.lower().endswith(".wav")
+        rows.append(
+            {
+                "file": path.name,
+                "member": m.name,
+                "kind": "wav" if is_wav else "skipped",
+                "size_bytes": m.size_bytes,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=schema.SOURCE_MEMBERS.schema)
+
+
+def _with_rows(table: pa.Table | None, more: pa.Table | None) -> pa.Table | None:
+    if table is None or more is None:
+        return more if table is None else table
+    return pa.concat_tables([table, more.select(table.column_names)])
 
 
 def _optional(store, name: str, area: str) -> pa.Table | None:

@@ -2,9 +2,10 @@
 extracting anything to disk.
 
 Per area it reads ``<area>_NAT4_ozgf.fs100.ch18.tgz`` (the population recording),
-``<area>_single_sites.zip`` (one NEMS0 tgz per site), ``<area>_pred_correlation.csv`` and,
-when present, the listing of ``wav.zip``, and writes ``recordings``, ``signals``,
-``pop_signals``, ``site_spikes``, ``epochs``, ``pred_correlation`` and ``source_members``.
+``<area>_single_sites.zip`` (one NEMS0 tgz per site) and ``<area>_pred_correlation.csv``,
+and writes ``recordings``, ``signals``, ``pop_signals``, ``site_spikes``, ``epochs``,
+``pred_correlation`` and ``source_members``. Not ``wav.zip``: parse-epochs lists it and
+align-wav decodes it, so that its arrival reruns those two only (:mod:`nat4etl.stages`).
 
 Memory: the population CSVs stream from the tar into one float32 (C, T) array per signal
 (``nems0_csv.iter_raster_blocks``), which Arrow then wraps without copying; the
@@ -604,22 +605,6 @@ def read_pred_table(path: Path) -> pa.Table:
     return table
 
 
-def list_wavs(path: Path) -> list[dict]:
-    """``wav.zip`` listing (no audio is decoded here: align-wav does that)."""
-    out = []
-    for m in archive.iter_members(path):
-        ok = not is_stray(m.name) and m.name.lower().endswith(".wav")
-        out.append(
-            {
-                "file": path.name,
-                "member": m.name,
-                "kind": "wav" if ok else "skipped",
-                "size_bytes": m.size_bytes,
-            }
-        )
-    return out
-
-
 def _empty(spec: schema.TableSpec) -> pa.Table:
     return spec.schema.empty_table()
 
@@ -700,8 +685,6 @@ def unpack_area(
     sites = SiteData()
     read_sites(sites_path, rows, sites, progress)
     pred = read_pred_table(pred_path)
-    if (src / nat4.WAV_ZIP).is_file():
-        rows.members += list_wavs(src / nat4.WAV_ZIP)
     spikes = in_key_order("site_spikes", spikes_table(sites), area=area)
     del sites
     raw_tables = rows.tables()

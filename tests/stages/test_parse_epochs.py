@@ -338,10 +338,38 @@ def built(request, tmp_path_factory, mini_sample, mini_quirks_sample):
 
     mirror = mini_sample if request.param == "clean" else mini_quirks_sample
     out = tmp_path_factory.mktemp(f"parse_{request.param}") / "store"
-    for args in (["unpack", "--source", str(mirror.dir)], ["parse-epochs"]):
+    # fetched, so that parse-epochs finds wav.zip in raw/ (as align-wav does)
+    for args in (["fetch", "--source", str(mirror.dir)], ["unpack"], ["parse-epochs"]):
         result = CliRunner().invoke(cli, [*args, "--out", str(out)])
         assert result.exit_code == 0, result.output
     return mirror.info, Store(out), result.output
+
+
+def test_without_wav_zip_the_wav_names_are_not_checked_and_a_warning_says_so(
+    tmp_path, mini_quirks_sample
+):
+    """wav.zip is read from raw/ (as align-wav reads it), not from where unpack's --source
+    was: without it the wav checks are left out, and said to be (not in a --no-wav
+    build, which asks for no waveforms)."""
+    from click.testing import CliRunner
+
+    from nat4etl.cli import cli
+    from nat4etl.store import Store
+
+    out = tmp_path / "store"
+    src = str(mini_quirks_sample.dir)
+    for args in (["unpack", "--area", "A1", "--source", src], ["parse-epochs"]):
+        result = CliRunner().invoke(cli, [*args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    (warning,) = [line for line in result.output.splitlines() if "wav.zip" in line]
+    assert f"no wav.zip in {out / 'raw'}: the sounds' wav names are not checked" in warning
+    assert f"`nat4etl fetch --wav --out {out}` gets it" in warning
+    kinds = {r["kind"] for r in Store(out).read_table("report", area="A1").to_pylist()}
+    assert "skipped_member" in kinds and not kinds & {"wav_case_only_match", "wav_missing"}
+    built = CliRunner().invoke(
+        cli, ["build", "--area", "A1", "--no-wav", "--source", src, "--out", str(tmp_path / "b")]
+    )
+    assert built.exit_code == 0 and "wav names are not checked" not in built.output
 
 
 AREAS = ("A1", "PEG")
