@@ -6,6 +6,7 @@ No logic lives here. Heavy imports happen inside commands so ``--help`` stays in
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ EXIT_CODE_MEANINGS = {
     "store": "the store is unusable (schema version, missing table, OUT is not a store / "
     "sample, a write that failed, e.g. a full disk)",
     "interrupted": "interrupted (Ctrl-C); the store is as it was unless this run had published",
+    "output_closed": "stdout closed before the output was written (piped into `head`)",
 }
 #: "\b" keeps click from re-flowing the table into one line
 EXIT_CODE_HELP = "\b\n" + "\n".join(
@@ -61,6 +63,16 @@ def _json_line(level: str, msg: str, **fields) -> str:
     return json.dumps({"time": now, "event": "log", "level": level, "msg": msg, **fields})
 
 
+def _output_closed() -> None:
+    """stdout's reader went away (``nat4etl report | head``): exit quietly with SIGPIPE's
+    code, as Unix tools do, with stdout on /dev/null so that the interpreter's last flush
+    cannot fail again with a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(EXIT_CODES["output_closed"])
+
+
 def _interrupted() -> str:
     """What a Ctrl-C left: whether this run had published its store (then it is whole)."""
     store = sys.modules.get("nat4etl.store")  # not imported: nothing was published
@@ -81,6 +93,8 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except Nat4EtlError as err:
             _fail(err, err.exit_code, json_mode)
+        except BrokenPipeError:
+            _output_closed()
         except KeyboardInterrupt:
             _fail(
                 RuntimeError(_interrupted()),

@@ -117,4 +117,5 @@ EXIT_CODES = {
     "verification": VerificationError.exit_code,
     "store": StoreError.exit_code,
     "interrupted": 130,  # Ctrl-C / SIGINT; the store is as it was unless this run had published
+    "output_closed": 141,  # stdout's reader went away (`| head`), as SIGPIPE ends Unix tools
 }

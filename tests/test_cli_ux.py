@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -149,6 +152,28 @@ def test_ctrl_c_says_whether_this_run_had_published(monkeypatch, tmp_path, mini_
     assert result.exit_code == 130
     assert f"interrupted after {out} was published; the new store is complete" in result.output
     assert (out / "manifest.json").is_file()
+
+
+# ----------------------------------------------------------------------- closed stdout
+def test_output_into_a_closed_pipe_exits_141_without_a_traceback(mini_quirks_sample, tmp_path):
+    """`nat4etl report | head -1`: the reader goes away; exit as SIGPIPE ends Unix tools."""
+    out = tmp_path / "store"
+    built = invoke("build", "--area", "A1", "--source", mini_quirks_sample.dir, "--out", out)
+    assert built.exit_code == 0, built.output
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout fails with EPIPE
+    try:
+        for args in (["report", "--out", str(out)], ["status", "--out", str(out), "--json"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "nat4etl", *args],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                timeout=120,
+            )
+            assert done.returncode == 141, done.stderr
+            assert done.stderr == b"", done.stderr  # no traceback, no "Broken pipe" line
+    finally:
+        os.close(write_end)
 
 
 # ----------------------------------------------------------------------- help
