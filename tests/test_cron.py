@@ -349,6 +349,11 @@ def test_real_waveforms_added_to_a_no_wav_store_rerun_only_what_reads_wav_zip(
     r = nat4("build", "--no-wav", "--source", mirror, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     without = Store(out).read_table("report", area="A1").to_pylist()
+    # status cannot know what fetch will bring; it must not call parse-epochs up to date
+    r = nat4("status", "--wav", "--source", mirror, "--out", out, "--json", *AREA)
+    states = {row["stage"]: row["state"] for row in json.loads(r.stdout)["stages"]}
+    assert states["fetch"] == "will run" and states["align-wav"] == "will run"
+    assert states["parse-epochs"] == "may run", states  # it lists wav.zip's members
     r = nat4("build", "--wav", "--source", mirror, "--out", out, "--json")
     assert r.returncode == 0, r.stderr
     last = json.loads(r.stderr.splitlines()[-1])

@@ -40,6 +40,7 @@ from nat4etl.fingerprint import (
     StageSpec,
     check_outputs,
     fingerprint,
+    is_raw,
     new_record,
     raw_data_files,
     raw_selected,
@@ -732,7 +733,8 @@ def _stage_states(
             rows.append({"stage": stage.name, "state": "not available", "reasons": [stage.missing]})
             continue
         d = decide(root, stage, ctx, forced=forced.get(stage.name))
-        upstream = sorted({rerun_tables[r] for r in stage.spec.reads if r in rerun_tables})
+        reads = (RAW if is_raw(r) else r for r in (*stage.spec.reads, *stage.spec.lists))
+        upstream = sorted({rerun_tables[r] for r in reads if r in rerun_tables})
         if d.run:
             state = "will run"
         elif upstream:
@@ -741,12 +743,13 @@ def _stage_states(
             state = "up to date"
         reasons = list(d.reasons)
         if state == "may run":
-            reasons = [f"if {', '.join(upstream)} writes different files"]
+            verb = "writes" if len(upstream) == 1 else "write"
+            reasons = [f"if {', '.join(upstream)} {verb} different files"]
         if state != "up to date":
             for t in stage.spec.writes:
                 rerun_tables[t] = stage.name
             if stage.spec.writes_raw:
-                rerun_tables["raw"] = stage.name
+                rerun_tables[RAW] = stage.name
         rows.append(
             {
                 "stage": stage.name,
