@@ -7,7 +7,7 @@ never sources.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -26,6 +26,8 @@ class AreaSummary:
     #: cells with no val trial for any val sound
     cells_without_val: int
     n_report_rows: int
+    #: units with spike times before 0 (the responses metadata; not in the report table)
+    n_units_spikes_before_0: int = 0
 
 
 def summarize(out: str | Path) -> list[AreaSummary]:
@@ -44,7 +46,9 @@ def summarize(out: str | Path) -> list[AreaSummary]:
             ).unique()
             report = store.read_table("report", area=area)
             trials = pl.from_arrow(store.read_table("trials", area=area, columns=["site"]))
-            result.append(_area_summary(area, cells, stims, pairs, report.num_rows, trials))
+            summary = _area_summary(area, cells, stims, pairs, report.num_rows, trials)
+            early = store.table_metadata("responses", area).get(SPIKES_BEFORE_0) or []
+            result.append(replace(summary, n_units_spikes_before_0=len(early)))
         return result
     finally:
         store.close()
@@ -91,7 +95,14 @@ def render(out: str | Path, summaries: list[AreaSummary]) -> list[str]:
             f"{s.missing_pairs['val']} val"
             + (f", {s.missing_pairs.get('other', 0)} other" if s.n_stims_other else "")
             + f"; units with no val trial: {s.cells_without_val}; "
-            f"{s.n_report_rows} report rows (see the `report` table)"
+            f"{s.n_report_rows} report rows"
+            + (
+                f" and {s.n_units_spikes_before_0} "
+                f"unit{'s' if s.n_units_spikes_before_0 != 1 else ''} with spike times before 0"
+                if s.n_units_spikes_before_0
+                else ""
+            )
+            + f" (`nat4etl report --out {out}` lists them)"
         )
     lines.append(f"tables: {Path(out)}/<table>/area=<AREA>/part-0.parquet; read with nat4etl.open")
     return lines

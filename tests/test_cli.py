@@ -257,6 +257,11 @@ def test_report_lists_spike_times_before_0_from_the_responses_metadata(tmp_path,
         {"site": site, "unit_id": unit, "spikes_before_0": 2, "spikes_before_raster": 1}
     ]
     table = Store(out).read_table("report", area="A1").to_pylist()
+    # the build's summary counts them beside the report table's rows
+    assert (
+        f"{len(table)} report rows and 1 unit with spike times before 0 "
+        f"(`nat4etl report --out {out}` lists them)"
+    ) in built.stdout
 
     def listed(*extra: str) -> list[dict]:
         result = CliRunner().invoke(cli, ["report", "--out", str(out), "--json", *extra])
