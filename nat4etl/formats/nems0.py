@@ -538,8 +538,8 @@ def parse_signal_json(
         raise bad(f'"name" must be a non-empty string, got {name!r}')
     if not isinstance(recording, str):
         raise bad(f'"recording" must be a string, got {recording!r}')
-    if isinstance(fs, bool) or not isinstance(fs, int | float) or not math.isfinite(fs) or fs <= 0:
-        raise bad(f'"fs" must be a positive number of Hz, got {fs!r}')
+    if isinstance(fs, bool) or not isinstance(fs, int | float) or not _finite(fs) or fs <= 0:
+        raise bad(f'"fs" must be a positive number of Hz, got {_shown(fs)}')
     raw_type = obj.get("signal_type")
     return SignalHeader(
         name=name,
@@ -552,6 +552,19 @@ def parse_signal_json(
         signal_type_raw=raw_type,
         raw=obj,
     )
+
+
+def _finite(value: int | float) -> bool:
+    """A JSON integer of hundreds of digits is not a float (``math.isfinite`` raises)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _signal_type(raw: Any, bad) -> SignalType:
@@ -579,7 +592,10 @@ def _segments(raw: Any, bad) -> np.ndarray | None:
     ok = isinstance(raw, list) and all(
         isinstance(row, list)
         and len(row) == 2
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in row)
+        and all(
+            isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool) and _finite(v))
+            for v in row
+        )
         for row in raw
     )
     if not ok:

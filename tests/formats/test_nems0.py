@@ -185,6 +185,9 @@ def test_missing_required_json_key_names_member(key):
         {"chans": [1, 2]},
         {"segments": [[0, 1, 2]]},
         {"segments": "x"},
+        {"segments": [[0, True]]},
+        {"fs": 10**400},  # no float holds it (was an OverflowError traceback)
+        {"segments": [[0, 10**400]]},
         {"name": ""},
         {"recording": 3},
         {"signal_type": 5},
@@ -193,8 +196,9 @@ def test_missing_required_json_key_names_member(key):
 def test_bad_json_values(patch):
     obj = json.loads(signal_json("resp"))
     obj.update(patch)
-    with pytest.raises(FormatError):
-        parse_signal_json(json.dumps(obj).encode())
+    with pytest.raises(FormatError, match="^R/R.resp.json: ") as info:
+        parse_signal_json(json.dumps(obj).encode(), member="R/R.resp.json")
+    assert len(str(info.value)) < 200  # a 400-digit fs is not printed whole
 
 
 @pytest.mark.parametrize("text", [b"", b"{", b"[1, 2]", b"\xff\xfe", b"[" * 100000, b"null"])
