@@ -331,7 +331,7 @@ def _check_population(rec: nems0.Recording, path: Path) -> list[str]:
         raise FormatError("no signal names a recording", path=path)
     others = []
     for sig in rec.signals.values():
-        where = {"path": path, "member": f"{rec.name}/{PurePosixPath(sig.data_member).name}"}
+        where = {"path": path, "member": sig.data_member}
         if sig.signal_type != "rasterized":
             if sig.name in HANDED_OFF:
                 msg = f"signal {sig.name!r} is {sig.signal_type}; the population's {sig.name} must be rasterized"
@@ -351,14 +351,10 @@ def _check_population(rec: nems0.Recording, path: Path) -> list[str]:
             f"resp has {resp.data.shape[1]} samples, stim {stim.data.shape[1]}: the signals "
             "of one recording share a time base; nothing written"
         )
-        raise FormatError(
-            msg, path=path, member=f"{rec.name}/{PurePosixPath(short.data_member).name}"
-        )
+        raise FormatError(msg, path=path, member=short.data_member)
     if resp is not None and resp.data.shape[1] == 0:  # an empty CSV: a raster of C x 0
         msg = "resp has no samples (an empty CSV); nothing written"
-        raise FormatError(
-            msg, path=path, member=f"{rec.name}/{PurePosixPath(resp.data_member).name}"
-        )
+        raise FormatError(msg, path=path, member=resp.data_member)
     return others
 
 

@@ -388,6 +388,28 @@ def _csv_width(d: Path) -> tuple[str, str]:
     return POP_A1, "resp.csv"
 
 
+def _csv_width_under_another_directory(d: Path) -> tuple[str, str]:
+    """``as_targz`` names the directory after ``Recording.name`` and the files after the
+    signals' ``recording``, which may differ (nems0-format.md §1): the error names the
+    member as it is in the tar (it named ``<recording>/<file>``, a path not there)."""
+    _edit_population(d, "A1", ".resp.csv", _drop_last_column)
+    path = d / POP_A1
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r:gz") as src,
+        tarfile.open(fileobj=out, mode="w:gz") as dst,
+    ):
+        for m in src.getmembers():
+            body = src.extractfile(m).read()
+            info = tarfile.TarInfo("A1_NAT4_ozgf.fs100.ch18/" + PurePosixPath(m.name).name)
+            info.size = len(body)
+            dst.addfile(info, io.BytesIO(body))
+            if m.name.endswith(".resp.csv"):
+                member = info.name
+    path.write_bytes(out.getvalue())
+    return POP_A1, f"{POP_A1}:{member}:"
+
+
 def _epoch_header(d: Path) -> tuple[str, str]:
     _edit_population(d, "A1", ".stim.epoch.csv", lambda b: b.replace(b"name,", b"label,", 1))
     return POP_A1, "stim.epoch.csv"
@@ -451,6 +473,7 @@ def _empty_population(d: Path) -> tuple[str, str]:
 BAD_INPUTS = {
     "truncated archive": _truncate,
     "csv width": _csv_width,
+    "csv width, directory named otherwise": _csv_width_under_another_directory,
     "epoch csv header": _epoch_header,
     "json": _bad_json,
     "hdf5": _bad_hdf5,
