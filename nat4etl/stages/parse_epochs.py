@@ -885,7 +885,11 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     """The four tables of one area from its raw inputs."""
     report = Report()
     for skipped in inputs.skipped_members:
-        report.add("skipped_member", skipped, "not part of a NEMS0 recording; not read")
+        report.add(
+            "skipped_member",
+            skipped,
+            "not read: not a file of view 0 of a recording (unpack's log says why)",
+        )
     site_of = {rec: site for site, rec in inputs.site_recordings.items()}
     for recording, name, start_s, end_s in inputs.unusable_stim_epochs:
         where = _POPULATION if recording == inputs.pop_recording else site_of.get(recording)

@@ -183,6 +183,9 @@ class RawRows:
         default_factory=lambda: {c: [] for c in schema.EPOCHS.column_names}
     )
     members: list[dict] = field(default_factory=list)
+    #: why a recording's member was skipped, by (file, recording member or name, member):
+    #: for the log only (the recordings table lists the names)
+    skip_reasons: dict[tuple[str, str, str], str] = field(default_factory=dict)
 
     def tables(self) -> dict[str, pa.Table]:
         return {
@@ -205,6 +208,7 @@ def add_recording(
     member: str | None,
 ) -> None:
     """Recording, signal and epoch rows of one recording (view 0, file units)."""
+    views = _extra_view_members(rec)
     rows.recordings.append(
         {
             "recording": rec.name,
@@ -213,23 +217,29 @@ def add_recording(
             "file": file,
             "member": member,
             "meta_json": _json(rec.meta) if rec.meta is not None else None,
-            "skipped_members": [s.name for s in rec.skipped] + _extra_view_members(rec),
+            "skipped_members": [s.name for s in rec.skipped] + list(views),
         }
     )
+    where = member or rec.name
+    rows.skip_reasons.update({(file, where, s.name): s.reason for s in rec.skipped})
+    rows.skip_reasons.update({(file, where, m): why for m, why in views.items()})
     for name, sig in rec.signals.items():
         rows.signals.append(_signal_row(rec.name, sig))
         if sig.epochs is not None:
             _add_epochs(rows.epochs, rec.name, name, sig.epochs)
 
 
-def _extra_view_members(rec: nems0.Recording) -> list[str]:
-    """Jackknife views (``NN.R.S.*``) are not stored: list their members as skipped."""
-    names = []
+def _extra_view_members(rec: nems0.Recording) -> dict[str, str]:
+    """Jackknife views (``NN.R.S.*``) are not stored: their members, sorted, each with
+    why it is listed as skipped."""
+    names = {}
     for view in rec.views[1:]:
         for sig in view.values():
             if sig.view > 0:
-                names += [m for m in (sig.json_member, sig.data_member, sig.epoch_member) if m]
-    return sorted(set(names))
+                for m in (sig.json_member, sig.data_member, sig.epoch_member):
+                    if m:
+                        names[m] = f"jackknife view {sig.view}; only view 0 is stored"
+    return dict(sorted(names.items()))
 
 
 def _signal_row(recording: str, sig: nems0.Signal) -> dict:
@@ -699,10 +709,13 @@ def unpack_area(
 
 def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, counts: dict) -> None:
     n_sites = sum(1 for r in rows.recordings if r["kind"] == "site")
-    skipped = [m for m in rows.members if m["kind"] == "skipped"]
+    skipped = [
+        (m["file"], m["member"], "not a recording") for m in rows.members if m["kind"] == "skipped"
+    ]
     skipped += [
-        {"file": r["file"], "member": f"{r['member'] or r['recording']}:{s}"}
+        (r["file"], f"{where}:{s}", rows.skip_reasons.get((r["file"], where, s), "not read"))
         for r in rows.recordings
+        for where in [r["member"] or r["recording"]]
         for s in r["skipped_members"]
     ]
     progress.log(
@@ -710,7 +723,5 @@ def _log_summary(progress, area: str, rows: RawRows, spikes: pa.Table, counts: d
         f"{spikes.num_rows} site units, {counts['epochs']} epochs, "
         f"{counts['pred']} pred_correlation rows"
     )
-    for m in skipped:
-        progress.log(
-            f"{area}: skipped {m['file']}:{m['member']} (not a recording)", level="warning"
-        )
+    for file, member, why in skipped:
+        progress.log(f"{area}: skipped {file}:{member} ({why})", level="warning")

@@ -202,6 +202,10 @@ def test_report_names_every_mismatch(parsed):
         ("skipped_member", "A1_single_sites.zip:._x.h5"),
     }
     assert report[("repetition_count", f"TNC015a/{VAL_B}")].startswith("2 repetitions")
+    # true of OS litter and of a jackknife view's files alike (these are NEMS0's own)
+    assert report[("skipped_member", "A1_single_sites.zip:._x.h5")] == (
+        "not read: not a file of view 0 of a recording (unpack's log says why)"
+    )
     schema.validate("report", parsed.report)
 
 

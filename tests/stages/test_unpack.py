@@ -653,3 +653,52 @@ def test_spike_times_that_are_not_finite_are_a_warning_naming_the_units(tmp_path
     warned = [line for line in result.output.splitlines() if "NaN or infinite" in line]
     assert len(warned) == 1
     assert member in warned[0] and f"{spoiled[0]} (2)" in warned[0]
+
+
+def _rename_members(data: bytes, rename) -> bytes:
+    """Re-tar ``data`` with ``rename(name) -> [names]``: each member under every new name."""
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as src,
+        tarfile.open(fileobj=out, mode="w:gz") as dst,
+    ):
+        for m in src.getmembers():
+            body = src.extractfile(m).read()
+            for name in rename(m.name):
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                dst.addfile(info, io.BytesIO(body))
+    return out.getvalue()
+
+
+def test_skipped_recording_members_are_logged_with_the_reason(tmp_path, mini_sample):
+    """A jackknife view (``01.R.S.*``, which as_targz writes) and a ``.epochs.csv`` (the
+    stale spelling in NEMS0's docs) are not read; the log said of both "not a recording",
+    which hid that a site had lost its epoch table."""
+    src = tmp_path / "src"
+    shutil.copytree(mini_sample.dir, src)
+    pop = src / POP_A1
+
+    def with_view(name: str) -> list[str]:
+        head, base = name.rsplit("/", 1)
+        return [name, f"{head}/01.{base}"] if ".mask_est." in base else [name]
+
+    pop.write_bytes(_rename_members(pop.read_bytes(), with_view))
+    site = _edit_site(src, "A1", ".nothing", lambda b: b)
+    zip_path = src / "A1_single_sites.zip"
+    with zipfile.ZipFile(zip_path) as zf:
+        items = [(i, zf.read(i.filename)) for i in zf.infolist()]
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for info, body in items:
+            if info.filename == site:
+                body = _rename_members(body, lambda n: [n.replace(".epoch.csv", ".epochs.csv")])
+            zf.writestr(info, body)
+
+    result = _run("unpack", "--area", "A1", "--out", str(tmp_path / "store"), "--source", str(src))
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.output.splitlines() if "skipped" in line]
+    views = [line for line in skipped if "/01." in line]
+    assert len(views) == 3 and all("(jackknife view 1; only view 0 is stored)" in v for v in views)
+    (stale,) = [line for line in skipped if ".epochs.csv" in line]
+    assert "'.epochs.csv' is not the NEMS0 spelling" in stale, stale
+    assert f"A1_single_sites.zip:{site}:" in stale
