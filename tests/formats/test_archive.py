@@ -474,3 +474,90 @@ def test_a_complete_gzip_stream_without_the_tar_end_blocks_reads_as_tarfile_does
         contents(plain, path="x.tar")  # plain: the marker is the only sign of a cut
     with pytest.raises(ArchiveError, match="x.tgz"):
         contents(gzip.compress(plain)[:-4], path="x.tgz")  # the gzip trailer is cut
+
+
+# --- other writers' gzip, tar and zip framing -----------------------------------------------
+
+
+def _gzip_with_every_header_field(data: bytes) -> bytes:
+    """One gzip member with FEXTRA, FNAME, FCOMMENT and FHCRC set (RFC 1952; gzip(1)
+    and tarfile write only FNAME)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = deflate.compress(data) + deflate.flush()
+    extra = b"AB\x02\x00hi"
+    head = b"\x1f\x8b\x08\x1e" + struct.pack("<I", 0) + b"\x00\x03"
+    head += struct.pack("<H", len(extra)) + extra + b"R.tar\x00" + b"a comment\x00"
+    head += struct.pack("<H", zlib.crc32(head) & 0xFFFF)
+    return head + body + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
+
+
+def _gzip_members(data: bytes) -> bytes:
+    """The tar split across two gzip members (``cat a.gz b.gz``, pigz/bgzip-style)."""
+    import gzip
+
+    cut = len(data) // 3
+    return gzip.compress(data[:cut]) + gzip.compress(data[cut:])
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        _gzip_with_every_header_field,
+        _gzip_members,
+        lambda plain: __import__("gzip").compress(plain) + bytes(4096),  # padded to a block
+    ],
+    ids=["header-fields", "two-gzip-members", "zero-padded"],
+)
+def test_gzip_framing_of_other_writers(wrap):
+    plain = tar_bytes(MEMBERS, gz=False)
+    assert contents(wrap(plain), path="x.tgz") == dict(MEMBERS)
+
+
+@pytest.mark.parametrize(
+    "fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=str
+)
+def test_tar_formats_and_a_pax_global_header(fmt):
+    """GNU tar, bsdtar and ``git archive`` (a pax_global_header first) write these."""
+    headers = {"comment": "git archive"} if fmt == tarfile.PAX_FORMAT else {}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=fmt, pax_headers=headers) as tf:
+        for name, data in MEMBERS:
+            info = tarfile.TarInfo(name)
+            info.size, info.uname, info.gname = len(data), "nems", "users"
+            tf.addfile(info, io.BytesIO(data))
+    assert contents(buf.getvalue(), path="x.tgz") == dict(MEMBERS)
+
+
+class _Unseekable(io.RawIOBase):
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += b
+        return len(b)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_zip64_and_streamed_zip_with_data_descriptors(method):
+    """Zip64 records (``force_zip64``; any member or archive past 4 GiB) and sizes in a
+    data descriptor after each member (a zip written to a pipe)."""
+    tgz = tar_bytes(MEMBERS)
+    members = [("A1_single_sites/A1_TNC015a_ab.tgz", tgz), ("wav/x.wav", b"RIFF" * 300)]
+    zip64 = io.BytesIO()
+    with zipfile.ZipFile(zip64, "w", method) as zf:
+        for name, data in members:
+            with zf.open(name, "w", force_zip64=True) as f:
+                f.write(data)
+    streamed = _Unseekable()
+    with zipfile.ZipFile(streamed, "w", method) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    for data in (zip64.getvalue(), bytes(streamed.data)):
+        assert contents(data, path="sites.zip") == dict(members)
+        (site,) = [m for m in iter_members(data, path="sites.zip") if m.name.endswith(".tgz")]
+        assert contents(site.read()) == dict(MEMBERS)
+    with zipfile.ZipFile(io.BytesIO(bytes(streamed.data))) as zf:
+        assert all(i.flag_bits & 0x08 for i in zf.infolist())  # data descriptors indeed

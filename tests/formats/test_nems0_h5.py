@@ -186,3 +186,51 @@ def test_datasets_are_views_back_to_back_in_one_buffer_whatever_their_route():
     addresses = [got[k].__array_interface__["data"][0] for k in "abcd"]
     sizes = [got[k].nbytes for k in "abcd"]
     assert [addresses[i] + sizes[i] for i in range(3)] == addresses[1:]
+
+
+def _compact(h5, key: str, values: np.ndarray) -> None:
+    """A compact dataset (data kept in the object header), as small arrays may be stored."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.COMPACT)
+    space = h5py.h5s.create_simple(values.shape)
+    ds = h5py.h5d.create(h5.id, key.encode(), h5py.h5t.IEEE_F64LE, space, dcpl)
+    ds.write(h5py.h5s.ALL, h5py.h5s.ALL, values)
+
+
+@pytest.mark.parametrize(
+    "file_options",
+    [{}, {"track_order": True}, {"libver": "latest"}, {"libver": "earliest"}],
+    ids=["default", "creation-order", "latest-format", "earliest-format"],
+)
+def test_storage_layouts_and_link_orders_other_writers_use(file_options):
+    """Compact, scale-offset, resizable and big-endian datasets among 20 units (more than
+    the 8 links a compact group holds, so newer formats index them densely); a file that
+    tracks creation order still comes back in code-point order, as NEMS0 rasterizes."""
+    rng = np.random.default_rng(5)
+    units = {f"TNC015a-{i:02d}-1": np.sort(rng.uniform(0, 30, i * 7)) for i in range(20, 0, -1)}
+    layouts = [
+        {"compression": "gzip"},
+        {"scaleoffset": 6},
+        {"maxshape": (None,)},
+        {"dtype": ">f8", "compression": "gzip"},
+        "compact",
+    ]
+
+    def build(h5):
+        for i, (key, times) in enumerate(units.items()):
+            layout = layouts[i % len(layouts)]
+            if layout == "compact":
+                _compact(h5, key, times)
+            else:
+                h5.create_dataset(key, data=times, **layout)
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w", **file_options) as h5:
+        build(h5)
+    data = buf.getvalue()
+    got = read_point_process(data, member="R/R.resp.h5")
+    assert list(got) == sorted(units)
+    with h5py.File(io.BytesIO(data), "r") as h5:
+        for key in units:
+            np.testing.assert_array_equal(got[key], np.asarray(h5[key][()], np.float64))
+            assert got[key].dtype == np.float64

@@ -594,3 +594,24 @@ def test_recording_without_meta_member_has_empty_meta_as_nems0():
     members = {k: v for k, v in tar_members(as_targz("R", {}, views)).items() if "meta" not in k}
     rec = read_recording(rewrap(members, lambda n: n))
     assert rec.meta == {} and rec.signals["resp"].data.shape == (2, 5)
+
+
+def test_directory_named_with_dots_and_a_sidecar_without_optional_keys():
+    """The directory may carry dots (a re-tar under the Zenodo file's name,
+    ``A1_NAT4_ozgf.fs100.ch18``): the reader pairs members by file name alone, and only
+    file names must be free of dots. A sidecar from an older writer may lack ``chans``,
+    ``segments`` and ``signal_type`` (all read with ``js.get``): rasterized, no chans,
+    no segments."""
+    views = [{"resp": Sig("raster", "resp", np.arange(6.0).reshape(2, 3), recording="NAT4")}]
+    members = tar_members(as_targz("NAT4", {"a": 1}, views))
+    header = json.loads(members["NAT4/NAT4.resp.json"])
+    for key in ("chans", "segments", "signal_type"):
+        del header[key]
+    members["NAT4/NAT4.resp.json"] = json.dumps(header).encode()
+    rec = read_recording(rewrap(members, lambda n: "A1_NAT4_ozgf.fs100.ch18/" + n[5:]))
+    assert rec.name == "NAT4" and rec.skipped == [] and rec.meta == {"a": 1}
+    got = rec.signals["resp"]
+    assert got.json_member == "A1_NAT4_ozgf.fs100.ch18/NAT4.resp.json"
+    assert got.signal_type == "rasterized" and got.header.signal_type_raw is None
+    assert got.header.chans is None and got.header.segments is None
+    np.testing.assert_array_equal(got.data, np.arange(6.0).reshape(2, 3))

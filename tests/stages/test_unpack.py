@@ -702,3 +702,148 @@ def test_skipped_recording_members_are_logged_with_the_reason(tmp_path, mini_sam
     (stale,) = [line for line in skipped if ".epochs.csv" in line]
     assert "'.epochs.csv' is not the NEMS0 spelling" in stale, stale
     assert f"A1_single_sites.zip:{site}:" in stale
+
+
+# ============================================================================ other writers
+def _reframe(data: bytes, edit=lambda name, body: body) -> bytes:
+    """The tgz as ``Recording.as_targz`` frames it on Python >= 3.8 (PAX headers, float
+    mtime, uname nems), then re-tarred by hand: members reversed (meta last, JSON before
+    data), ``./`` names, directory entries; ``edit(name, body)`` changes a member."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as src:
+        members = [(m.name, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT) as dst:
+        for directory in (".", "./" + members[0][0].split("/")[0]):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            dst.addfile(info)
+        for name, body in reversed(members):
+            body = edit(name, body)
+            info = tarfile.TarInfo("./" + name)
+            info.size, info.mtime = len(body), 1.7e9 + 0.25
+            info.uname, info.gname = "nems", "users"
+            dst.addfile(info, io.BytesIO(body))
+    return out.getvalue()
+
+
+class _Pipe(io.RawIOBase):
+    """An unseekable sink: zipfile then writes each member's sizes in a data descriptor."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += b
+        return len(b)
+
+
+def _rewrite_mirror(mirror: Path, dest: Path, edit) -> None:
+    """A copy of the mirror with every tgz reframed (``edit`` applied to its members) and
+    each site zip streamed: stored members, data descriptors, no directory entries."""
+    shutil.copytree(mirror, dest)
+    (dest / "record.json").unlink()  # edited files no longer have the published md5s
+    for area in AREAS:
+        pop = dest / f"{area}_NAT4_ozgf.fs100.ch18.tgz"
+        pop.write_bytes(_reframe(pop.read_bytes(), edit))
+        sites = dest / f"{area}_single_sites.zip"
+        with zipfile.ZipFile(sites) as zf:
+            items = [(i.filename, zf.read(i)) for i in zf.infolist() if not i.is_dir()]
+        pipe = _Pipe()
+        with zipfile.ZipFile(pipe, "w", zipfile.ZIP_STORED) as zf:
+            for name, body in items:
+                if unpack.is_recording_member(name):
+                    body = _reframe(body, edit)
+                zf.writestr(name, body)
+        sites.write_bytes(bytes(pipe.data))
+
+
+def _windows_text(name: str, body: bytes) -> bytes:
+    """Recording.save_dir on Windows, re-tarred: savetxt rows end CRLF, to_csv's through a
+    text handle CR CR LF."""
+    if name.endswith(".epoch.csv"):
+        return body.replace(b"\n", b"\r\r\n")
+    return body.replace(b"\n", b"\r\n") if name.endswith(".csv") else body
+
+
+def _other_epoch_columns(name: str, body: bytes) -> bytes:
+    """add_epoch's start,end,name order, a leftover pandas index, an extra column."""
+    if not name.endswith(".epoch.csv"):
+        return body
+    rows = list(csv.DictReader(io.StringIO(body.decode(), newline="")))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["", "start", "end", "name", "stim_rep"])
+    for i, row in enumerate(rows):
+        writer.writerow([i, row["start"], row["end"], row["name"], i % 3])
+    return out.getvalue().encode()
+
+
+def _other_hdf5_and_json(name: str, body: bytes) -> bytes:
+    """Spike times as big-endian (n, 1) columns, stored contiguous; sidecars with fs a
+    float, the keys in another order and indented."""
+    if name.endswith(".h5"):
+        with h5py.File(io.BytesIO(body), "r") as f:
+            data = {key: f[key][()] for key in f}
+        out = io.BytesIO()
+        with h5py.File(out, "w") as f:
+            for key, times in reversed(list(data.items())):
+                f.create_dataset(key, data=times.astype(">f8").reshape(-1, 1))
+        return out.getvalue()
+    if name.endswith(".json") and not name.endswith(".meta.json"):
+        header = json.loads(body)
+        header["fs"] = float(header["fs"])
+        return json.dumps(dict(reversed(header.items())), indent=2).encode()
+    return body
+
+
+def _same_values(got: pa.Table, want: pa.Table, skip: tuple[str, ...] = ()) -> None:
+    assert got.column_names == want.column_names and got.num_rows == want.num_rows
+    for name in got.column_names:
+        if name in skip:
+            continue
+        a, b = got.column(name), want.column(name)
+        if pa.types.is_list(a.type):
+            assert pc.list_value_length(a).equals(pc.list_value_length(b)), name
+            a, b = pc.list_flatten(a), pc.list_flatten(b)
+        if pa.types.is_floating(a.type):
+            np.testing.assert_array_equal(a.to_numpy(), b.to_numpy(), err_msg=name)  # NaN ok
+        else:
+            assert a.to_pylist() == b.to_pylist(), name
+
+
+@pytest.mark.parametrize(
+    ("edit", "differ"),
+    [
+        (lambda name, body: body, {}),
+        (_windows_text, {}),
+        (_other_epoch_columns, {"epochs": ("extra_json",)}),
+        (_other_hdf5_and_json, {}),
+    ],
+    ids=["framing", "windows-text", "epoch-columns", "hdf5-and-json"],
+)
+def test_unpack_reads_archives_other_writers_frame_the_same(edit, differ, tmp_path, mini_sample):
+    """The mini mirror's archives as other writers could have made them (nems0-format.md
+    §1-§2 leave these free) unpack to the same raw tables, value for value."""
+    want = _unpacked_store(tmp_path / "want", mini_sample.dir)
+    src = tmp_path / "src"
+    _rewrite_mirror(mini_sample.dir, src, edit)
+    got = _unpacked_store(tmp_path / "got", src)
+    for area in AREAS:
+        for table in ("recordings", "signals", "pop_signals", "site_spikes", "epochs"):
+            _same_values(
+                got.read_table(table, area=area),
+                want.read_table(table, area=area),
+                skip=differ.get(table, ()),
+            )
+    if "epochs" in differ:
+        extra = got.read_table("epochs", area="A1").column("extra_json").to_pylist()
+        assert {json.loads(e)["stim_rep"] for e in extra} == {"0", "1", "2"}
+
+
+def _unpacked_store(out: Path, source: Path) -> Store:
+    result = _run("unpack", "--out", str(out), "--source", str(source))
+    assert result.exit_code == 0, result.output
+    return Store(out)
