@@ -339,6 +339,21 @@ def _peek(raw: BinaryIO, where: _Where) -> bytes:
         return peek(8)[:8]
 
 
+def _printable(name: str) -> str:
+    """A name whose bytes are not UTF-8 (an old tar's Latin-1, a directory's) with those
+    bytes as ``\\xNN``: tarfile and os.walk give them as surrogates, which no message or
+    Parquet string can hold."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _check_name(name: str, where: _Where) -> None:
     """Refuse names that would escape an extraction directory."""
     norm = name.replace("\\", "/")
@@ -597,6 +612,7 @@ def _iter_tar(
                 info = tar.next()
             if info is None:
                 break
+            info.name = _printable(info.name)  # the data is found by offset, not name
             stream.member = info.name
             _check_name(info.name, where)
             if info.isdir():
@@ -716,9 +732,10 @@ def _iter_dir(root: Path, where: _Where, limits: Limits) -> Iterator[Member]:
     budget = _Budget(limits, where)
     with _damage_as_archive_error(where.path, where.qual(None)):
         names = sorted(_walk(root))
-    for name in names:
+    for raw_name in names:
+        name = _printable(raw_name)
         _check_name(name, where)
-        file = root.joinpath(*name.split("/"))
+        file = root.joinpath(*raw_name.split("/"))
         with _damage_as_archive_error(where.path, where.qual(name)):
             st = file.lstat()
         if stat.S_ISLNK(st.st_mode):

@@ -561,3 +561,28 @@ def test_zip64_and_streamed_zip_with_data_descriptors(method):
         assert contents(site.read()) == dict(MEMBERS)
     with zipfile.ZipFile(io.BytesIO(bytes(streamed.data))) as zf:
         assert all(i.flag_bits & 0x08 for i in zf.infolist())  # data descriptors indeed
+
+
+def test_member_names_that_are_not_utf8_come_out_printable(tmp_path):
+    """An old tar's Latin-1 name (or a directory's): tarfile and os.walk give its bytes as
+    surrogates, which no message or Parquet string holds (unpack failed with a
+    UnicodeEncodeError traceback); they come out as ``\\xNN`` and read as any member."""
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w:gz", format=tarfile.GNU_FORMAT, encoding="latin-1"
+    ) as tf:
+        for name, data in [("R/notes caf\u00e9.txt", b"abc"), *MEMBERS]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    shown = "R/notes caf\\xe9.txt"
+    assert contents(data, path="x.tgz") == {shown: b"abc", **dict(MEMBERS)}
+    members = list(iter_members(data, path="x.tgz"))
+    assert members[0].read() == b"abc"  # again once the archive is closed
+    with open_member(data, shown) as stream:
+        assert stream.read() == b"abc"
+    root = tmp_path / "dir"
+    (root / "R").mkdir(parents=True)
+    (root / "R").joinpath(os.fsdecode(b"caf\xe9.txt")).write_bytes(b"xyz")
+    assert contents(root) == {"R/caf\\xe9.txt": b"xyz"}

@@ -847,3 +847,31 @@ def _unpacked_store(out: Path, source: Path) -> Store:
     result = _run("unpack", "--out", str(out), "--source", str(source))
     assert result.exit_code == 0, result.output
     return Store(out)
+
+
+def test_a_stray_member_named_in_latin1_is_listed_not_a_traceback(tmp_path, mini_sample):
+    """A member whose name is not UTF-8 (a tar from an old Latin-1 system): skipped and
+    listed with its byte escaped (unpack failed with a UnicodeEncodeError traceback)."""
+    src = tmp_path / "src"
+    shutil.copytree(mini_sample.dir, src)
+    pop = src / POP_A1
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(pop.read_bytes()), mode="r:gz") as old,
+        tarfile.open(
+            fileobj=out, mode="w:gz", format=tarfile.GNU_FORMAT, encoding="latin-1"
+        ) as new,
+    ):
+        for m in old.getmembers():
+            new.addfile(m, old.extractfile(m))
+        info = tarfile.TarInfo(m.name.rsplit("/", 1)[0] + "/notes caf\u00e9.txt")
+        info.size = 3
+        new.addfile(info, io.BytesIO(b"abc"))
+    pop.write_bytes(out.getvalue())
+    store = _unpacked_store(tmp_path / "store", src)
+    (row,) = [
+        r
+        for r in store.read_table("recordings", area="A1").to_pylist()
+        if r["kind"] == "population"
+    ]
+    assert [s.rsplit("/", 1)[1] for s in row["skipped_members"]] == ["notes caf\\xe9.txt"]
