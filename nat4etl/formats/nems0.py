@@ -541,12 +541,20 @@ def parse_signal_json(
     if isinstance(fs, bool) or not isinstance(fs, int | float) or not _finite(fs) or fs <= 0:
         raise bad(f'"fs" must be a positive number of Hz, got {_shown(fs)}')
     raw_type = obj.get("signal_type")
+    chans = _chans(obj.get("chans"), bad)
+    for key, text in [
+        ("name", name),
+        ("recording", recording),
+        *(("chans", c) for c in chans or ()),
+    ]:
+        if not _unicode(text):
+            raise bad(f'"{key}" holds {_shown(text)}: a lone surrogate escape, not Unicode text')
     return SignalHeader(
         name=name,
         fs_hz=float(fs),
         recording=recording,
         signal_type=_signal_type(raw_type, bad),
-        chans=_chans(obj.get("chans"), bad),
+        chans=chans,
         segments=_segments(obj.get("segments"), bad),
         meta=obj["meta"],
         signal_type_raw=raw_type,
@@ -560,6 +568,16 @@ def _finite(value: int | float) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def _unicode(text: str) -> bool:
+    """JSON may escape a lone surrogate (``"\\udce9"``, as json.dump writes a name read
+    with surrogateescape); no message or Parquet string can hold one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _shown(value: Any) -> str:

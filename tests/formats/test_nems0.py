@@ -188,6 +188,11 @@ def test_missing_required_json_key_names_member(key):
         {"segments": [[0, True]]},
         {"fs": 10**400},  # no float holds it (was an OverflowError traceback)
         {"segments": [[0, 10**400]]},
+        # json.dump escapes a lone surrogate (a name decoded with surrogateescape); no
+        # Parquet string holds one (unpack failed with a UnicodeEncodeError traceback)
+        {"chans": ["TNC015a-01-1", "TNC015a-0\udce9-1"]},
+        {"name": "resp\udce9"},
+        {"recording": "\ud800"},
         {"name": ""},
         {"recording": 3},
         {"signal_type": 5},
