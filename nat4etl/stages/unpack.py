@@ -15,6 +15,7 @@ dropped once written, while the site files are decoded.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -289,16 +290,26 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, default=_numpy_default, allow_nan=True)
 
 
+#: dtype kinds whose ``tolist()`` JSON cannot hold (complex, datetime, timedelta, bytes,
+#: void): such arrays are written as the base64 form NEMS0's older NumpyEncoder wrote
+_BASE64_KINDS = "cMmSV"
+
+
 def _numpy_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return (
+            obj.item() if obj.dtype.kind not in _BASE64_KINDS else _numpy_default(np.asarray(obj))
+        )
     if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in _BASE64_KINDS:
+            payload = base64.b64encode(np.ascontiguousarray(obj).tobytes()).decode("ascii")
+            return {"__ndarray__": payload, "dtype": str(obj.dtype), "shape": list(obj.shape)}
         return {
             "__ndarray__": obj.tolist(),
             "dtype": str(obj.dtype),
             "shape": list(obj.shape),
             "encoding": "list",
         }
-    if isinstance(obj, np.generic):
-        return obj.item()
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 

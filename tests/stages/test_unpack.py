@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import io
@@ -875,3 +876,42 @@ def test_a_stray_member_named_in_latin1_is_listed_not_a_traceback(tmp_path, mini
         if r["kind"] == "population"
     ]
     assert [s.rsplit("/", 1)[1] for s in row["skipped_members"]] == ["notes caf\\xe9.txt"]
+
+
+def test_meta_arrays_json_has_no_list_form_for_are_kept(tmp_path, mini_sample):
+    """NEMS0's older NumpyEncoder wrote any array as base64 (``{"__ndarray__": "<b64>",
+    "dtype", "shape"}``), so a meta may hold complex, datetime, timedelta or bytes arrays;
+    their ``tolist()`` is no JSON (unpack failed with a TypeError traceback). They are
+    stored in that base64 form, which reads back to the same arrays."""
+    from nat4etl.formats.nems0 import parse_meta_json
+
+    arrays = {
+        "gain": np.array([1 + 2j, -0.5j]),
+        "when": np.array(["2019-03-01T10:00:00.000001"], dtype="datetime64[us]"),
+        "took": np.array([1500, 20], dtype="timedelta64[ms]"),
+        "tag": np.array([b"ab", b"c"]),
+        "n": np.array([3, 4]),
+    }
+    encoded = {
+        key: {
+            "__ndarray__": base64.b64encode(a.tobytes()).decode(),
+            "dtype": str(a.dtype),
+            "shape": list(a.shape),
+        }
+        for key, a in arrays.items()
+    }
+    src = tmp_path / "src"
+    shutil.copytree(mini_sample.dir, src)
+    _edit_population(
+        src, "A1", ".meta.json", lambda b: json.dumps({**json.loads(b), **encoded}).encode()
+    )
+    store = _unpacked_store(tmp_path / "store", src)
+    (row,) = [
+        r
+        for r in store.read_table("recordings", area="A1").to_pylist()
+        if r["kind"] == "population"
+    ]
+    meta = parse_meta_json(row["meta_json"].encode())
+    for key, want in arrays.items():
+        assert meta[key].dtype == want.dtype
+        np.testing.assert_array_equal(meta[key], want)
