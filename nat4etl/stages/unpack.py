@@ -385,6 +385,10 @@ class SiteData:
     spikes: dict[str, list] = field(
         default_factory=lambda: {c: [] for c in schema.SITE_SPIKES.column_names}
     )
+    #: (site, unit id) -> the member and signal its spike times came from
+    origin: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: recording name -> the member it came from
+    recordings: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> pa.Table:
         return pa.table(self.spikes, schema=schema.SITE_SPIKES.schema)
@@ -423,8 +427,12 @@ def read_sites(path: Path, rows: RawRows, sites: SiteData, progress) -> None:
                 raise FormatError("no signal names a recording", path=path, member=m.name)
             _check_raster_lengths(rec, path, m.name)
             site = site_id(rec, m.name)
+            first = sites.recordings.setdefault(rec.name, m.name)
+            if first != m.name:
+                msg = f"recording {rec.name!r} again (first in {first}); nothing written"
+                raise FormatError(msg, path=path, member=m.name)
             add_recording(rows, rec, kind="site", site=site, file=path.name, member=m.name)
-            not_finite = _add_spikes(sites, rec, site)
+            not_finite = _add_spikes(sites, rec, site, path=path, member=m.name)
             if not_finite:
                 # NEMS0 cannot rasterize such a time (int() of NaN or inf fails); no bin
                 # counts it here, and the log says so rather than nothing
@@ -493,15 +501,23 @@ def site_id(rec: nems0.Recording, member: str) -> str:
     return nat4.site_from_file_name(member) or rec.name or PurePosixPath(member).stem
 
 
-def _add_spikes(sites: SiteData, rec: nems0.Recording, site: str) -> dict[str, int]:
+def _add_spikes(
+    sites: SiteData, rec: nems0.Recording, site: str, *, path: Path, member: str
+) -> dict[str, int]:
     """One row per unit of every PointProcess signal, spike times float64 as stored;
-    returns, by unit, how many of its times are NaN or infinite (none: {})."""
+    returns, by unit, how many of its times are NaN or infinite (none: {}). A unit of the
+    site that another signal or file already gave is an error naming both."""
     out = sites.spikes
     not_finite = {}
     for name, sig in rec.signals.items():
         if sig.signal_type != "point_process":
             continue
         for unit_id, times_s in sig.data.items():
+            here = f"{member}:{sig.data_member}"
+            first = sites.origin.setdefault((site, unit_id), here)
+            if first != here:
+                msg = f"site {site} unit {unit_id!r} again (first in {first}); nothing written"
+                raise FormatError(msg, path=path, member=here)
             times_s = np.asarray(times_s, np.float64)
             out["site"].append(site)
             out["recording"].append(rec.name)

@@ -471,6 +471,48 @@ def _empty_population(d: Path) -> tuple[str, str]:
     return POP_A1, "resp.csv"
 
 
+def _site_tgz_twice(d: Path) -> tuple[str, str]:
+    """The same site file twice in the zip: the store's key error named no file."""
+    path = d / "A1_single_sites.zip"
+    with zipfile.ZipFile(path) as zf:
+        first = next(n for n in zf.namelist() if unpack.is_recording_member(n))
+        body = zf.read(first)
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("copy/" + PurePosixPath(first).name, body)
+    return path.name, f"copy/{PurePosixPath(first).name}: recording"
+
+
+def _units_in_two_signals(d: Path) -> tuple[str, str]:
+    """A second PointProcess signal with the same units (NEMS0 reads it): site_spikes
+    holds one set of times per unit, and the store's key error named no file."""
+
+    def add_copy(data: bytes) -> bytes:
+        out = io.BytesIO()
+        with (
+            tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as src,
+            tarfile.open(fileobj=out, mode="w:gz") as dst,
+        ):
+            for m in src.getmembers():
+                body = src.extractfile(m).read()
+                dst.addfile(m, io.BytesIO(body))
+                if ".resp." in m.name:
+                    if m.name.endswith(".json"):
+                        body = json.dumps({**json.loads(body), "name": "resp2"}).encode()
+                    info = tarfile.TarInfo(m.name.replace(".resp.", ".resp2."))
+                    info.size = len(body)
+                    dst.addfile(info, io.BytesIO(body))
+        return out.getvalue()
+
+    member = _edit_site(d, "A1", ".nothing", lambda b: b)
+    path = d / "A1_single_sites.zip"
+    with zipfile.ZipFile(path) as zf:
+        items = [(i, zf.read(i.filename)) for i in zf.infolist()]
+    with zipfile.ZipFile(path, "w") as zf:
+        for info, body in items:
+            zf.writestr(info, add_copy(body) if info.filename == member else body)
+    return path.name, f"{member}:"
+
+
 BAD_INPUTS = {
     "truncated archive": _truncate,
     "csv width": _csv_width,
@@ -484,6 +526,8 @@ BAD_INPUTS = {
     "infinite epoch end": _infinite_epoch_end,
     "stim cut short": _stim_cut_short,
     "empty population": _empty_population,
+    "site tgz twice": _site_tgz_twice,
+    "units in two signals": _units_in_two_signals,
 }
 
 
