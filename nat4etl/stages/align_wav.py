@@ -70,8 +70,11 @@ class WavMatch:
 
 
 def match_wavs(stims: pa.Table, members: list[str]) -> WavMatch:
-    """Exact file name first, then the same name ignoring case (unique), per stim."""
-    exact = {PurePosixPath(m).name: m for m in members if m.lower().endswith(".wav")}
+    """Exact file name first, then the same name ignoring case (unique), per stim. A
+    backslash separates folders too, as in zips made by some Windows tools."""
+    exact = {
+        PurePosixPath(m.replace("\\", "/")).name: m for m in members if m.lower().endswith(".wav")
+    }
     folded: dict[str, list[str]] = {}
     for name, member in exact.items():
         folded.setdefault(name.lower(), []).append(member)

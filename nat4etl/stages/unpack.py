@@ -395,8 +395,9 @@ class SiteData:
 
 
 def is_stray(name: str) -> bool:
-    """OS litter in a zip: ``__MACOSX/``, AppleDouble ``._x``, ``.DS_Store``, hidden files."""
-    parts = PurePosixPath(name).parts
+    """OS litter in a zip: ``__MACOSX/``, AppleDouble ``._x``, ``.DS_Store``, hidden files
+    (a backslash separates folders too, as in zips made by some Windows tools)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
     return "__MACOSX" in parts or any(p.startswith(".") for p in parts)
 
 

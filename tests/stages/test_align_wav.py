@@ -88,6 +88,13 @@ def test_matching_is_case_insensitive_and_lists_every_miss():
     assert m.missing == ["STIM_cat1_Bird.wav", "STIM_00cat3.wav"]
 
 
+def test_matching_takes_backslash_folders_of_windows_zips():
+    """PowerShell's Compress-Archive (Windows PowerShell 5) writes ``wav\\x.wav``."""
+    names = ["wav\\cat1_Bird.wav", "wav\\cat2.wav", "wav\\00cat3.wav", "__MACOSX\\wav\\._cat2.wav"]
+    m = aw.match_wavs(_stims(), names)
+    assert m.member_of == {0: names[0], 1: names[1], 2: names[2]} and not m.missing
+
+
 def test_placement_downmix_resample_crop():
     grid = aw.audio_grid(_stims(), dt_ms=10, audio_fs_hz=44_100)
     sounds = _sounds()

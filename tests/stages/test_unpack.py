@@ -302,6 +302,8 @@ def test_float64_lists_take_back_to_back_views_without_copying(monkeypatch):
         ("__MACOSX/A1_single_sites/._A1_x.tgz", True),
         ("A1_single_sites/.DS_Store", True),
         ("A1_single_sites/A1_ARM029a_ab.tgz", False),
+        ("__MACOSX\\A1_single_sites\\._A1_x.tgz", True),  # a Windows tool's separators
+        ("A1_single_sites\\A1_ARM029a_ab.tgz", False),
     ],
 )
 def test_stray_members(name, stray):
