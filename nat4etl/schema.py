@@ -76,7 +76,11 @@ RECORDINGS = _table(
             _f("skipped_members", pa.list_(pa.string())),
         ),
         key=("recording",),
-        doc="One row per NEMS0 recording found in the archives, with its meta.json verbatim.",
+        doc=(
+            "One row per NEMS0 recording found in the archives, with its meta.json as read "
+            "(arrays in NumpyEncoder form: a list, or base64 where JSON has no list form, "
+            "as for complex, datetime or bytes arrays)."
+        ),
     )
 )
 
