@@ -509,7 +509,14 @@ def _lines(buf: np.ndarray, lo: int, hi: int) -> Iterator[tuple[int, int]]:
 
 
 def _parse_fixed(buf: np.ndarray, lo: int, hi: int, n_chans: int) -> _Parsed | None:
-    """Every row is n_chans fields of 25 bytes: strided views, no field search."""
+    """Every row is n_chans fields of 25 bytes: strided views, no field search; None
+    when the block is not laid out so.
+
+    A delimiter in every 25th byte does not prove it: shorter rows can put theirs there
+    too (``-inf``, 5 bytes a row, five to 25 bytes). A field that decodes is 24 bytes of
+    digits and signs, so only a field that does not can hide a delimiter; one that does
+    sends the block to `_parse_general`.
+    """
     n_fields = (hi - lo) // _FIELD_WIDTH
 
     def strided(offset: int, dtype: str) -> np.ndarray:
@@ -527,6 +534,10 @@ def _parse_fixed(buf: np.ndarray, lo: int, hi: int, n_chans: int) -> _Parsed | N
     values, ok = _decode_standard(column, n_fields)
     if not ok.all():
         starts = lo + np.arange(n_fields, dtype=np.int64) * _FIELD_WIDTH
+        odd = starts[~ok]
+        window = buf[odd[:, None] + np.arange(_FIELD_WIDTH - 1)]
+        if np.any((window == _COMMA) | (window == _NEWLINE)):
+            return None
         _fallback(buf, starts, starts + _FIELD_WIDTH - 1, ~ok, values)
     return _Parsed(values.reshape(-1, n_chans), n_lines=n_fields // n_chans)
 

@@ -345,3 +345,35 @@ def test_a_cr_inside_an_lf_file_is_still_an_error():
     text = b"1.0,2.0\n3.0\r4.0\n"
     with pytest.raises(FormatError, match="line 2"):
         parse_raster_bytes(text)
+
+
+def _savetxt(data_tc: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savetxt(buf, data_tc, fmt="%.18e", delimiter=",")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _savetxt(np.full((5, 1), -np.inf)),  # 5-byte rows: '\n' every 25th byte
+        _savetxt(np.full((5, 3), -np.inf)),  # 15-byte rows: ',' ',' '\n' on the slots
+        _savetxt(np.array([[0.5] + [-np.inf] * 5 + [0.25] + [-np.inf] * 10]).T),
+        _savetxt(np.array([[0.5, -np.inf, -np.inf, -np.inf, -np.inf, -np.inf] * 40]).T),
+        b",,\n" * 25,  # empty fields, NaN to pandas
+    ],
+    ids=["inf-column", "inf-rows", "runs-of-inf", "runs-of-inf-many", "empty-fields"],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_whose_delimiters_fall_every_25th_byte_are_not_taken_for_fixed_width(text, threads):
+    """np.savetxt writes -inf in 4 bytes: five such rows are 25 bytes with a delimiter in
+    every 25th, as fixed-width rows have; they were read as 24-byte fields ('not a number:
+    "-inf\\n-inf\\n..."'), so a signal with runs of -inf could not be read."""
+    n_chans = text.split(b"\n")[0].count(b",") + 1
+    assert len(text) % (25 * n_chans) == 0
+    if text.startswith(b","):
+        want = np.full((3, 25), np.nan, np.float32)
+    else:
+        want = reference(text, n_chans)
+    got = read_raster(io.BytesIO(text), threads=threads)
+    assert same_bits(got, want)

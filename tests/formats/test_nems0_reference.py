@@ -192,8 +192,9 @@ def test_single_channel_and_single_sample_csv(shape, lines):
         np.array([[True, False, True], [False, False, True]]),
         np.array([[3, -2, 0], [2**40, 7, -(2**53) + 1]], dtype=np.int64),
         np.array([[0.1, 1 / 3, 3.4e38, 1e-45]], dtype=np.float32),
+        np.array([[0.5] + [-np.inf] * 5 + [0.25] + [-np.inf] * 10]),  # log of silence
     ],
-    ids=["specials-one-channel", "specials-one-sample", "bool", "int64", "float32"],
+    ids=["specials-one-channel", "specials-one-sample", "bool", "int64", "float32", "inf-runs"],
 )
 def test_csv_values_and_dtypes_as_savetxt_spells_them(data):
     text = raster_csv(data)
