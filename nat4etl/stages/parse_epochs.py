@@ -972,7 +972,8 @@ def area_inputs(
     sig = {(r["recording"], r["signal"]): r for r in signals.to_pylist()}
     resp, stim = sig.get((pop_name, "resp")), sig.get((pop_name, "stim"))
     if resp is None or stim is None or not resp["chans"]:
-        msg = f"area {area}: population recording {pop_name!r} lacks resp chans or stim"
+        lacks = "stim signal" if stim is None else "resp signal with chans (unit ids)"
+        msg = f"{pop[0]['file']}: population recording {pop_name!r} has no {lacks}"
         raise InputMismatch(msg)
     # A site's trials are what resp.rasterize().extract_epoch(name) returns: it reads
     # resp's own epoch table (each signal has its own, nems0-format.md section 3), so a

@@ -716,7 +716,8 @@ def unpack_area(
     written = {"pop_signals": writer.submit("pop_signals", pop, area=area)}
     n_chans = pop.num_rows
     del pop
-    sites = SiteData()
+    # a site recording named as the population would make two rows of one key
+    sites = SiteData(recordings={rows.recordings[0]["recording"]: pop_path.name})
     read_sites(sites_path, rows, sites, progress)
     pred = read_pred_table(pred_path)
     spikes = in_key_order("site_spikes", spikes_table(sites), area=area)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -788,6 +789,25 @@ def test_mask_est_shorter_than_a_sounds_epoch_is_reported():
 
 def test_without_mask_est_nothing_is_checked(parsed):
     assert _mask_kinds(parsed) == {}
+
+
+@pytest.mark.parametrize(
+    ("drop", "lacks"),
+    [("chans", "resp signal with chans (unit ids)"), ("stim", "stim signal")],
+)
+def test_a_population_without_resp_chans_or_stim_names_its_file(drop, lacks):
+    raw = _raw()
+    signals = raw["signals"].to_pylist()
+    if drop == "chans":
+        signals = [{**r, "chans": None} if r["signal"] == "resp" else r for r in signals]
+    else:
+        signals = [r for r in signals if not (r["recording"] == POP and r["signal"] == "stim")]
+    raw["signals"] = pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema)
+    file = raw["recordings"].to_pylist()[0]["file"]
+    with pytest.raises(InputMismatch, match="^" + re.escape(f"{file}: population recording")):
+        _parse(raw)
+    with pytest.raises(InputMismatch, match=f"has no {re.escape(lacks)}$"):
+        _parse(raw)
 
 
 def _extent_rows(parsed: pe.Parsed) -> dict[str, str]:

@@ -515,6 +515,20 @@ def _units_in_two_signals(d: Path) -> tuple[str, str]:
     return path.name, f"{member}:"
 
 
+def _site_named_as_population(d: Path) -> tuple[str, str]:
+    """A site recording whose signals name the population's recording: two rows of one
+    key in ``recordings``, which the store refused naming no file."""
+
+    def rename(body: bytes) -> bytes:
+        header = json.loads(body)
+        if "recording" in header:
+            header["recording"] = "A1_NAT4_ozgf_fs100_ch18"
+        return json.dumps(header).encode()
+
+    member = _edit_site(d, "A1", ".json", rename)
+    return "A1_single_sites.zip", f"{member}: recording 'A1_NAT4_ozgf_fs100_ch18' again"
+
+
 BAD_INPUTS = {
     "truncated archive": _truncate,
     "csv width": _csv_width,
@@ -530,6 +544,7 @@ BAD_INPUTS = {
     "empty population": _empty_population,
     "site tgz twice": _site_tgz_twice,
     "units in two signals": _units_in_two_signals,
+    "site named as the population": _site_named_as_population,
 }
 
 
