@@ -144,3 +144,17 @@ def simple_recording(rec: str = "R", *, gz: bool = True, rng=None):
     ]
     truth = {"resp": resp, "stim": stim, "spikes": spikes, "epochs": epochs}
     return tar_bytes(members, gz=gz), truth
+
+
+class Unseekable(io.RawIOBase):
+    """A sink that cannot seek, as a pipe: zipfile then writes data descriptors."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += b
+        return len(b)

@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 from isal.isal_zlib import crc32_combine
-from nems0_build import tar_bytes, zip_bytes
+from nems0_build import Unseekable, tar_bytes, zip_bytes
 
 from nat4etl.errors import ArchiveError, MissingMember, UnsafeMember
 from nat4etl.formats import archive
@@ -528,18 +528,6 @@ def test_tar_formats_and_a_pax_global_header(fmt):
     assert contents(buf.getvalue(), path="x.tgz") == dict(MEMBERS)
 
 
-class _Unseekable(io.RawIOBase):
-    def __init__(self):
-        self.data = bytearray()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.data += b
-        return len(b)
-
-
 @pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
 def test_zip64_and_streamed_zip_with_data_descriptors(method):
     """Zip64 records (``force_zip64``; any member or archive past 4 GiB) and sizes in a
@@ -551,7 +539,7 @@ def test_zip64_and_streamed_zip_with_data_descriptors(method):
         for name, data in members:
             with zf.open(name, "w", force_zip64=True) as f:
                 f.write(data)
-    streamed = _Unseekable()
+    streamed = Unseekable()
     with zipfile.ZipFile(streamed, "w", method) as zf:
         for name, data in members:
             zf.writestr(name, data)

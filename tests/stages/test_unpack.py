@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from nat4etl.cli import cli
 from nat4etl.stages import unpack
 from nat4etl.store import Store
+from tests.formats.nems0_build import Unseekable
 
 AREAS = ("A1", "PEG")
 
@@ -321,18 +322,26 @@ def _digest(root: Path) -> dict[str, str]:
 
 def _retar(data: bytes, edit) -> bytes:
     """Rewrite a tgz: ``edit(name, bytes) -> bytes | None`` (None drops the member)."""
+
+    def edited(name: str, body: bytes) -> list[tuple[str, bytes]]:
+        body = edit(name, body)
+        return [] if body is None else [(name, body)]
+
+    return _retar_members(data, edited)
+
+
+def _retar_members(data: bytes, edit) -> bytes:
+    """Rewrite a tgz: ``edit(name, bytes) -> [(name, bytes), ...]`` for each member."""
     out = io.BytesIO()
     with (
         tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as src,
         tarfile.open(fileobj=out, mode="w:gz") as dst,
     ):
         for m in src.getmembers():
-            body = edit(m.name, src.extractfile(m).read())
-            if body is None:
-                continue
-            info = tarfile.TarInfo(m.name)
-            info.size = len(body)
-            dst.addfile(info, io.BytesIO(body))
+            for name, body in edit(m.name, src.extractfile(m).read()):
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                dst.addfile(info, io.BytesIO(body))
     return out.getvalue()
 
 
@@ -343,15 +352,20 @@ def _edit_population(mirror_dir: Path, area: str, suffix: str, fn) -> None:
 
 def _edit_site(mirror_dir: Path, area: str, suffix: str, fn) -> str:
     """Apply ``fn`` to one member of the first site tgz; returns that tgz's zip member."""
+    return _rewrite_site(
+        mirror_dir, area, lambda tgz: _retar(tgz, lambda n, b: fn(b) if n.endswith(suffix) else b)
+    )
+
+
+def _rewrite_site(mirror_dir: Path, area: str, rewrite) -> str:
+    """Replace the first site tgz with ``rewrite(tgz bytes)``; returns its zip member."""
     path = mirror_dir / f"{area}_single_sites.zip"
     with zipfile.ZipFile(path) as zf:
         items = [(i, zf.read(i.filename)) for i in zf.infolist()]
     target = next(i.filename for i, _ in items if unpack.is_recording_member(i.filename))
     with zipfile.ZipFile(path, "w") as zf:
         for info, body in items:
-            if info.filename == target:
-                body = _retar(body, lambda n, b: fn(b) if n.endswith(suffix) else b)
-            zf.writestr(info, body)
+            zf.writestr(info, rewrite(body) if info.filename == target else body)
     return target
 
 
@@ -438,14 +452,8 @@ def _pred_repeated_column(d: Path) -> tuple[str, None]:
 
 def _empty_site_tgz(d: Path) -> tuple[str, str]:
     """A site tgz with no members: no recording name, so a null key (was a traceback)."""
-    member = _edit_site(d, "A1", ".nothing", lambda b: b)
-    path = d / "A1_single_sites.zip"
-    with zipfile.ZipFile(path) as zf:
-        items = [(i, zf.read(i.filename)) for i in zf.infolist()]
-    with zipfile.ZipFile(path, "w") as zf:
-        for info, body in items:
-            zf.writestr(info, _retar(body, lambda n, b: None) if info.filename == member else body)
-    return path.name, member
+    member = _rewrite_site(d, "A1", lambda tgz: _retar(tgz, lambda n, b: None))
+    return "A1_single_sites.zip", member
 
 
 def _infinite_epoch_end(d: Path) -> tuple[str, str]:
@@ -488,31 +496,16 @@ def _units_in_two_signals(d: Path) -> tuple[str, str]:
     """A second PointProcess signal with the same units (NEMS0 reads it): site_spikes
     holds one set of times per unit, and the store's key error named no file."""
 
-    def add_copy(data: bytes) -> bytes:
-        out = io.BytesIO()
-        with (
-            tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as src,
-            tarfile.open(fileobj=out, mode="w:gz") as dst,
-        ):
-            for m in src.getmembers():
-                body = src.extractfile(m).read()
-                dst.addfile(m, io.BytesIO(body))
-                if ".resp." in m.name:
-                    if m.name.endswith(".json"):
-                        body = json.dumps({**json.loads(body), "name": "resp2"}).encode()
-                    info = tarfile.TarInfo(m.name.replace(".resp.", ".resp2."))
-                    info.size = len(body)
-                    dst.addfile(info, io.BytesIO(body))
-        return out.getvalue()
+    def with_copy(name: str, body: bytes) -> list[tuple[str, bytes]]:
+        if ".resp." not in name:
+            return [(name, body)]
+        copy = body
+        if name.endswith(".json"):
+            copy = json.dumps({**json.loads(body), "name": "resp2"}).encode()
+        return [(name, body), (name.replace(".resp.", ".resp2."), copy)]
 
-    member = _edit_site(d, "A1", ".nothing", lambda b: b)
-    path = d / "A1_single_sites.zip"
-    with zipfile.ZipFile(path) as zf:
-        items = [(i, zf.read(i.filename)) for i in zf.infolist()]
-    with zipfile.ZipFile(path, "w") as zf:
-        for info, body in items:
-            zf.writestr(info, add_copy(body) if info.filename == member else body)
-    return path.name, f"{member}:"
+    member = _rewrite_site(d, "A1", lambda tgz: _retar_members(tgz, with_copy))
+    return "A1_single_sites.zip", f"{member}:"
 
 
 def _site_named_as_population(d: Path) -> tuple[str, str]:
@@ -719,18 +712,7 @@ def test_spike_times_that_are_not_finite_are_a_warning_naming_the_units(tmp_path
 
 def _rename_members(data: bytes, rename) -> bytes:
     """Re-tar ``data`` with ``rename(name) -> [names]``: each member under every new name."""
-    out = io.BytesIO()
-    with (
-        tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as src,
-        tarfile.open(fileobj=out, mode="w:gz") as dst,
-    ):
-        for m in src.getmembers():
-            body = src.extractfile(m).read()
-            for name in rename(m.name):
-                info = tarfile.TarInfo(name)
-                info.size = len(body)
-                dst.addfile(info, io.BytesIO(body))
-    return out.getvalue()
+    return _retar_members(data, lambda name, body: [(new, body) for new in rename(name)])
 
 
 def test_skipped_recording_members_are_logged_with_the_reason(tmp_path, mini_sample):
@@ -788,20 +770,6 @@ def _reframe(data: bytes, edit=lambda name, body: body) -> bytes:
     return out.getvalue()
 
 
-class _Pipe(io.RawIOBase):
-    """An unseekable sink: zipfile then writes each member's sizes in a data descriptor."""
-
-    def __init__(self):
-        self.data = bytearray()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.data += b
-        return len(b)
-
-
 def _rewrite_mirror(mirror: Path, dest: Path, edit) -> None:
     """A copy of the mirror with every tgz reframed (``edit`` applied to its members) and
     each site zip streamed: stored members, data descriptors, no directory entries."""
@@ -813,7 +781,7 @@ def _rewrite_mirror(mirror: Path, dest: Path, edit) -> None:
         sites = dest / f"{area}_single_sites.zip"
         with zipfile.ZipFile(sites) as zf:
             items = [(i.filename, zf.read(i)) for i in zf.infolist() if not i.is_dir()]
-        pipe = _Pipe()
+        pipe = Unseekable()  # zipfile then writes sizes in data descriptors
         with zipfile.ZipFile(pipe, "w", zipfile.ZIP_STORED) as zf:
             for name, body in items:
                 if unpack.is_recording_member(name):
