@@ -1038,8 +1038,8 @@ def area_inputs(
             if m["kind"] == "skipped":
                 skipped.append(f"{m['file']}:{m['member']}")
         if any(m == nat4.WAV_ZIP for m in source_members.column("file").to_pylist()):
-            wav_names = [
-                m["member"].rsplit("/", 1)[-1]
+            wav_names = [  # by file name; folders split on / or \ (as align-wav)
+                m["member"].replace("\\", "/").rsplit("/", 1)[-1]
                 for m in source_members.to_pylist()
                 if m["kind"] == "wav"
             ]

@@ -216,6 +216,19 @@ def test_no_wav_listing_means_no_wav_report():
     assert not kinds & {"wav_case_only_match", "wav_missing"}
 
 
+def test_wav_names_in_backslash_folders_are_checked_by_their_file_name():
+    """Some Windows tools write ``wav\\x.wav`` (align-wav matches it by its file name): the
+    names are checked as with ``wav/x.wav``, not every sound reported missing."""
+    raw = _raw()
+    rows = [
+        {**m, "member": m["member"].replace("/", "\\")} if m["file"] == "wav.zip" else m
+        for m in raw["source_members"].to_pylist()
+    ]
+    raw["source_members"] = pa.Table.from_pylist(rows, schema=schema.SOURCE_MEMBERS.schema)
+    assert any("\\" in m["member"] for m in rows)
+    assert _report(_parse(raw)) == _report(_parse(_raw()))
+
+
 def test_counts_come_from_the_data(parsed):
     c = parsed.counts
     assert (c["stims_est"], c["stims_val"], c["stims_other"]) == (2, 2, 1)
