@@ -291,6 +291,17 @@ def raw_inputs(
     return inputs
 
 
+def raw_file(root: Path, name: str, source_dir: Any = None) -> Path | None:
+    """The Zenodo file ``name`` as :func:`raw_inputs` covers it: in raw/ if fetch got it
+    (not one an earlier fetch left there, such as a ``--no-wav`` fetch's wav.zip), else,
+    in a store without raw files, in the ``--source`` mirror; None when neither has it."""
+    fetched = raw_data_files(root)
+    if fetched:
+        return root / RAW / name if f"{RAW}/{name}" in fetched else None
+    path = Path(source_dir) / name if source_dir is not None else None
+    return path if path is not None and _is_plain_file(path) else None
+
+
 def source_reads(spec: StageSpec, specs: Iterable[StageSpec]) -> list[str]:
     """The raw reads a stage's tables are made from: its own (not ``lists``) and, through
     the tables it reads, those of the stages that wrote them (by ``specs``)."""

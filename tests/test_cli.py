@@ -13,6 +13,7 @@ import nat4etl
 from nat4etl.cli import cli
 from nat4etl.errors import MissingTableError
 from nat4etl.stages import STAGES
+from nat4etl.store import Store
 
 
 def test_help_lists_every_stage_build_and_sample():
@@ -136,6 +137,31 @@ def test_a_missing_raw_file_is_named_in_the_published_store_not_the_staging_copy
     fetched = CliRunner().invoke(cli, ["fetch", "--wav", "--source", src, "--out", str(out)])
     assert fetched.exit_code == 0, fetched.output
     assert CliRunner().invoke(cli, ["align-wav", "--out", str(out)]).exit_code == 0
+
+
+def test_align_wav_decodes_only_the_wav_zip_fetch_got_as_parse_epochs_lists(tmp_path, mini_sample):
+    """A --no-wav fetch leaves an earlier wav.zip in raw/ but not among the files it got:
+    no fingerprint covers it and parse-epochs does not list it, so align-wav does not
+    decode it either (its waveforms would name no wav.zip among their sources)."""
+    out = tmp_path / "store"
+    src = str(mini_sample.dir)
+    for wav in ("--wav", "--no-wav"):
+        args = ["build", "--area", "A1", wav, "--source", src, "--out", str(out)]
+        built = CliRunner().invoke(cli, args)
+        assert built.exit_code == 0, built.output
+    assert (out / "raw" / "wav.zip").is_file()
+    result = CliRunner().invoke(cli, ["align-wav", "--out", str(out), "--force"])
+    assert result.exit_code == 3, result.output
+    assert f"wav.zip in {out / 'raw'} is not one the last fetch got" in result.output
+    assert f"`nat4etl fetch --wav --out {out}` gets it" in result.output
+    fetched = CliRunner().invoke(cli, ["fetch", "--wav", "--source", src, "--out", str(out)])
+    assert fetched.exit_code == 0, fetched.output
+    result = CliRunner().invoke(cli, ["align-wav", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "_stages" / "align-wav.json").read_text())
+    assert "raw/wav.zip" in record["inputs"]
+    sources = Store(out).table_metadata("waveforms", "A1")["sources"]
+    assert "wav.zip" in {s["name"] for s in sources}
 
 
 def test_status_without_source_of_a_store_built_from_a_mirror_says_so(tmp_path, mini_sample):

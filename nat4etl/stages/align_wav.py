@@ -199,18 +199,24 @@ def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str,
 
 # ============================================================================ stage
 def wav_zip_path(store, settings) -> Path:
-    """wav.zip as fetched into the store's raw dir, else in ``--source``."""
-    candidates = [(Path(store.raw_dir), store.shown_raw_dir)]  # (where, what to call it)
-    if settings.source_dir is not None:
-        candidates.append((Path(settings.source_dir), Path(settings.source_dir)))
-    for where, _ in candidates:
-        if (where / nat4.WAV_ZIP).is_file():
-            return where / nat4.WAV_ZIP
+    """wav.zip as fetched into the store's raw dir, else, in a store without raw files,
+    in ``--source``: the one the stage's fingerprint covers and parse-epochs lists
+    (:func:`nat4etl.fingerprint.raw_file`), not one a ``--no-wav`` fetch left in raw/."""
+    from nat4etl.fingerprint import raw_data_files, raw_file
+
+    path = raw_file(store.root, nat4.WAV_ZIP, settings.source_dir)
+    if path is not None:
+        return path
+    looked = [store.shown_raw_dir]
+    if settings.source_dir is not None and not raw_data_files(store.root):
+        looked.append(Path(settings.source_dir))
+    what = f"{nat4.WAV_ZIP} not found (looked in {', '.join(map(str, looked))})"
+    if (store.raw_dir / nat4.WAV_ZIP).is_file():
+        what = f"{nat4.WAV_ZIP} in {store.shown_raw_dir} is not one the last fetch got"
     raise MissingMember(
-        f"{nat4.WAV_ZIP} not found (looked in {', '.join(str(s) for _, s in candidates)}); "
-        f"`nat4etl fetch --wav --out {store.published_at}` gets it (with --source DIR from a "
-        "mirror); or, to go without waveforms, build with --no-wav",
-        path=candidates[0][1] / nat4.WAV_ZIP,
+        f"{what}; `nat4etl fetch --wav --out {store.published_at}` gets it (with --source DIR "
+        "from a mirror); or, to go without waveforms, build with --no-wav",
+        path=store.shown_raw_dir / nat4.WAV_ZIP,
     )
 
 

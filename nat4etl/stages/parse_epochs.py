@@ -42,7 +42,6 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -1238,21 +1237,12 @@ def wav_members(store, settings) -> pa.Table | None:
     The file is the one the stage's fingerprint covers: raw/wav.zip if fetch got it
     (a ``--no-wav`` fetch leaves an earlier one in raw/ but not in fetch.json, and it is
     not read), else, in a store without raw files, the ``--source`` mirror's."""
-    from nat4etl.fingerprint import raw_data_files
+    from nat4etl.fingerprint import raw_file
     from nat4etl.formats import archive
     from nat4etl.stages.unpack import is_stray
-    from nat4etl.store import RAW
 
-    fetched = raw_data_files(store.root)
-    if fetched:
-        if f"{RAW}/{nat4.WAV_ZIP}" not in fetched:
-            return None
-        path = store.raw_dir / nat4.WAV_ZIP
-    elif settings.source_dir is not None:
-        path = Path(settings.source_dir) / nat4.WAV_ZIP
-    else:
-        return None
-    if not path.is_file():
+    path = raw_file(store.root, nat4.WAV_ZIP, settings.source_dir)  # align-wav's too
+    if path is None:
         return None
     rows = []
     for m in archive.iter_members(path):
