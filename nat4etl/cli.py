@@ -229,14 +229,19 @@ def _run_stage_command(
     """One stage through `build`: locked, skipped when up to date, published atomically;
     a warning names the later stages it left out of date. Without ``--area`` (or a
     ``--config`` file that sets ``areas``) it works on the areas the store was built for
-    (a bare ``rebin-sites`` on an A1 store is A1's)."""
+    (a bare ``rebin-sites`` on an A1 store is A1's); a stage after fetch, with its
+    waveforms or without them (parse-epochs on a ``--no-wav`` store does not warn that
+    it has no wav.zip to check the names against)."""
     from nat4etl.config import file_sets
     from nat4etl.stages.build import build, rebuild_command, recorded_parameters, stale_after
 
+    recorded = recorded_parameters(out)
     if flags.get("areas") is None and not file_sets(config_file, "build", "areas"):
-        held = recorded_parameters(out).get("areas")  # a --config file's own areas win
+        held = recorded.get("areas")  # a --config file's own areas win
         if held:
             flags["areas"] = tuple(held)
+    if stage != "fetch" and not file_sets(config_file, "build", "wav"):
+        flags["wav"] = recorded.get("wav")  # fetch's --wav/--no-wav is its own
     settings = _settings(config_file, **flags)
     with _progress(json_mode, quiet) as progress:
         build(out, settings, progress, wait_s=wait_s, force=_forced(), only=(stage,))

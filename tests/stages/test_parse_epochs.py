@@ -388,6 +388,9 @@ def test_without_wav_zip_the_wav_names_are_not_checked_and_a_warning_says_so(
         cli, ["build", "--area", "A1", "--no-wav", "--source", src, "--out", str(tmp_path / "b")]
     )
     assert built.exit_code == 0 and "wav names are not checked" not in built.output
+    # nor in a stage command on that store: it asks for the store's waveforms (none)
+    again = CliRunner().invoke(cli, ["parse-epochs", "--out", str(tmp_path / "b"), "--force"])
+    assert again.exit_code == 0 and "wav names are not checked" not in again.output
 
 
 AREAS = ("A1", "PEG")
