@@ -887,7 +887,9 @@ def parse_area(inputs: AreaInputs) -> Parsed:
         report.add(
             "skipped_member",
             skipped,
-            "not read: not a file of view 0 of a recording (unpack's log says why)",
+            f"not read: not a sound of {nat4.WAV_ZIP} (OS litter, or not a .wav)"
+            if skipped.startswith(f"{nat4.WAV_ZIP}:")  # listed here, not by unpack
+            else "not read: not a file of view 0 of a recording (unpack's log says why)",
         )
     site_of = {rec: site for site, rec in inputs.site_recordings.items()}
     for recording, name, start_s, end_s in inputs.unusable_stim_epochs:

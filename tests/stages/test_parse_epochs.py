@@ -216,6 +216,18 @@ def test_no_wav_listing_means_no_wav_report():
     assert not kinds & {"wav_case_only_match", "wav_missing"}
 
 
+def test_a_stray_member_of_wav_zip_is_reported_as_not_a_wav_not_as_unpack_s():
+    """parse-epochs lists wav.zip itself (unpack does not read it): unpack's log says
+    nothing of its litter."""
+    raw = _raw()
+    litter = {"file": "wav.zip", "member": "__MACOSX/wav/._catX.wav", "kind": "skipped",
+              "size_bytes": 1}  # fmt: skip
+    rows = [*raw["source_members"].to_pylist(), litter]
+    raw["source_members"] = pa.Table.from_pylist(rows, schema=schema.SOURCE_MEMBERS.schema)
+    detail = _report(_parse(raw))[("skipped_member", "wav.zip:__MACOSX/wav/._catX.wav")]
+    assert detail == "not read: not a sound of wav.zip (OS litter, or not a .wav)"
+
+
 def test_wav_names_in_backslash_folders_are_checked_by_their_file_name():
     """Some Windows tools write ``wav\\x.wav`` (align-wav matches it by its file name): the
     names are checked as with ``wav/x.wav``, not every sound reported missing."""
