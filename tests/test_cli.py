@@ -74,6 +74,28 @@ def test_a_single_stage_rerun_names_the_later_stages_it_left_out_of_date(tmp_pat
     assert ".staging-" not in first.output
 
 
+def test_fetching_wav_zip_for_a_no_wav_store_leaves_only_parse_epochs_out_of_date(
+    tmp_path, mini_sample
+):
+    """parse-epochs lists wav.zip, nothing else after fetch reads it but align-wav (never
+    built): the stages that read parse-epochs' tables are not named, as it may rewrite
+    them byte for byte (it does: the rebuild then skips them)."""
+    out = tmp_path / "store"
+    src = str(mini_sample.dir)
+    args = ["build", "--area", "A1", "--no-wav", "--source", src, "--out", str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    fetched = CliRunner().invoke(cli, ["fetch", "--wav", "--source", src, "--out", str(out)])
+    assert fetched.exit_code == 0, fetched.output
+    (warned,) = [line for line in fetched.output.splitlines() if "now out of date" in line]
+    assert "warning: parse-epochs now out of date (built from tables fetch replaced)" in warned
+    hint = warned.split("`")[1].split()
+    assert hint[:2] == ["nat4etl", "build"] and "--wav" in hint
+    rebuilt = CliRunner().invoke(cli, [*hint[1:], "--json"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    last = json.loads(rebuilt.stderr.splitlines()[-1])
+    assert last["ran"] == ["parse-epochs", "align-wav"], last
+
+
 def test_stage_commands_without_area_work_on_the_areas_the_store_holds(tmp_path, mini_sample):
     # the area default is "all": unpack after `fetch --area A1` looked for PEG's files
     out = tmp_path / "store"

@@ -648,7 +648,8 @@ def status(
 
 def stale_after(out: str | os.PathLike, settings: Settings, stage: str) -> list[str]:
     """The stages after ``stage`` that were built before and are now out of date: what a
-    single stage's rerun leaves behind (its tables changed under them).
+    single stage's rerun leaves behind (its tables changed under them; not the stages
+    after those, which may be left as they are).
 
     Judged with the parameters the store records, not ``settings``: a stage command has
     no ``--source`` or ``--dt-ms`` of the build's, and must not call the stages after it
@@ -658,10 +659,10 @@ def stale_after(out: str | os.PathLike, settings: Settings, stage: str) -> list[
     later = [s for s in STAGES[STAGES.index(stage) + 1 :] if s in stages_for(recorded)]
     if not later:
         return []
-    return [
+    return [  # not "may run": its inputs may come back byte for byte (they are rewritten)
         row["stage"]
         for row in status(out, recorded, only=later)["stages"]
-        if row["state"] != "up to date" and "never built" not in row["reasons"]
+        if row["state"] == "will run" and "never built" not in row["reasons"]
     ]
 
 
