@@ -96,6 +96,45 @@ def test_fetching_wav_zip_for_a_no_wav_store_leaves_only_parse_epochs_out_of_dat
     assert last["ran"] == ["parse-epochs", "align-wav"], last
 
 
+def test_a_new_wav_zip_reruns_what_reads_it_and_each_area_set_its_own_files(tmp_path, mini_sample):
+    """wav.zip changed in the mirror: fetch, parse-epochs (it lists it) and align-wav
+    rerun, not unpack; the rest is skipped as parse-epochs rewrites its tables byte for
+    byte. unpack's inputs are the areas' files asked for: A1's, then both, then A1's."""
+    import shutil
+    import zipfile
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(mini_sample.dir, mirror)
+    (mirror / "record.json").unlink()  # sizes and md5s are taken from the files then
+    out = tmp_path / "store"
+
+    def build(*args: str) -> dict:
+        argv = ["build", *args, "--wav", "--source", str(mirror), "--out", str(out), "--json"]
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stderr.splitlines()[-1])
+
+    def unpack_reads() -> set[str]:
+        record = json.loads((out / "_stages" / "unpack.json").read_text())
+        return {k.split("/", 1)[1].split("_", 1)[0] for k in record["inputs"] if "#" not in k}
+
+    build("--area", "A1")
+    assert unpack_reads() == {"A1"}
+    with zipfile.ZipFile(mirror / "wav.zip", "a") as zf:
+        zf.writestr("wav/readme.txt", b"not a sound")
+    last = build("--area", "A1")
+    assert last["ran"] == ["fetch", "parse-epochs", "align-wav"], last
+    report = Store(out).read_table("report", area="A1").to_pylist()
+    assert {"area": "A1", "kind": "skipped_member", "subject": "wav.zip:wav/readme.txt"} in [
+        {k: r[k] for k in ("area", "kind", "subject")} for r in report
+    ]
+    assert build("--area", "all")["ran"] == list(STAGES)
+    assert unpack_reads() == {"A1", "PEG"}
+    assert build("--area", "A1")["ran"] == list(STAGES)
+    assert unpack_reads() == {"A1"}
+    assert build("--area", "A1")["up_to_date"]
+
+
 def test_stage_commands_without_area_work_on_the_areas_the_store_holds(tmp_path, mini_sample):
     # the area default is "all": unpack after `fetch --area A1` looked for PEG's files
     out = tmp_path / "store"
