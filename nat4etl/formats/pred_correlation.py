@@ -6,6 +6,7 @@ through with the type pyarrow infers. Row order is the file's, not the populatio
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import re
@@ -78,13 +79,28 @@ def read_pred_correlation(
     if len(repeated):  # which row is the unit's? (the old loader silently took the last)
         ids = cellid.to_pylist()
         first = repeated[0].as_py()
-        lines = [i + 2 for i, c in enumerate(ids) if c == first]  # line 1 is the header
+        starts = _row_lines(data)
+        if len(starts) != len(ids):  # not read as pyarrow read it: count rows from 2
+            starts = list(range(2, len(ids) + 2))
+        lines = [starts[i] for i, c in enumerate(ids) if c == first]
         raise bad(
             f"cellid {first!r} occurs on lines {', '.join(map(str, lines))}"
             + (f" ({len(repeated) - 1} more repeated)" if len(repeated) > 1 else "")
             + ": one row per unit expected"
         )
     return table
+
+
+def _row_lines(data: bytes) -> list[int]:
+    """The line of the file each data row starts on (a blank line is no row, a quoted
+    field may hold line ends), for messages."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""))
+    starts, line = [], 1
+    for row in reader:
+        if row:
+            starts.append(line)
+        line = reader.line_num + 1
+    return starts[1:]  # the first is the header's
 
 
 def _read_bytes(source: bytes | BinaryIO | str | os.PathLike, bad) -> bytes:

@@ -42,6 +42,9 @@ def test_types_and_columns_carried_through(tmp_path):
         (b"cellid,x\nA,1,2\n", "unreadable CSV"),
         (b"cellid,x\nA,1\nB,2\nA,1\n", r"cellid 'A' occurs on lines 2, 4: one row per unit"),
         (b"cellid,x\nA,1\nB,2\nA,1\nB,3\n", r"lines 2, 4 \(1 more repeated\)"),
+        # the file's lines: a blank line is skipped, a quoted field may hold a line end
+        (b"cellid,x\nA,1\n\nB,2\nA,1\n", r"cellid 'A' occurs on lines 2, 5:"),
+        (b'cellid,x\nB,"a\nb"\nA,1\r\nA,2\n', r"cellid 'A' occurs on lines 4, 5:"),
     ],
 )
 def test_errors(text, match):
