@@ -123,16 +123,22 @@ class DigestCache:
 
     def state(self, root: Path, rel: str) -> FileState:
         """The file's state, from memory when its stat matches, else by hashing it."""
-        path = root / rel
-        algo = algo_for(rel)
+        return self._state(root / rel, rel, algo_for(rel))
+
+    def mirror_state(self, path: Path) -> FileState:
+        """A ``--source`` mirror file's state (md5, as Zenodo lists it), hashed once a run
+        however many stages and tables name it."""
+        return self._state(path, f"source:{path}", "md5")
+
+    def _state(self, path: Path, key: str, algo: str) -> FileState:
         st = path.stat()
-        known = self.states.get(rel)
+        known = self.states.get(key)
         if known is not None and known.still_valid(st, algo):
             return known
         digest = file_digest(path, algo)
-        self.hashed.append(rel)
+        self.hashed.append(key)
         fresh = FileState(st.st_size, st.st_mtime_ns, digest)
-        self.states[rel] = fresh
+        self.states[key] = fresh
         return fresh
 
     def digest(self, root: Path, rel: str) -> str:
@@ -272,34 +278,49 @@ def raw_inputs(
 ) -> dict[str, str]:
     """md5 of each Zenodo file the stage reads (``reads``), and the record they belong to.
 
-    Without raw files in the store (``unpack --source DIR``), the mirror's files are read.
+    A stage given ``--source DIR`` (``unpack --source DIR``) reads the mirror's files,
+    whatever raw/ holds; the others read the ones fetch got into raw/. A mirror whose
+    files are raw/'s, byte for byte, is the same input as raw/ (a built store's own
+    mirror passed again leaves unpack up to date).
     """
     areas = getattr(settings, "areas", ())
-    rels = raw_data_files(root)
-    if rels:
+    fetched: dict[str, str] | None = None
+    if rels := raw_data_files(root):
         names = raw_selected((rel.split("/", 1)[1] for rel in rels), reads, areas)
-        inputs = {f"{RAW}/{n}": cache.digest(root, f"{RAW}/{n}") for n in names}
-        inputs[f"{RAW}/record.json#record"] = record_label(record_info(root / RAW))
-        return inputs
+        fetched = {f"{RAW}/{n}": cache.digest(root, f"{RAW}/{n}") for n in names}
+        fetched[f"{RAW}/record.json#record"] = record_label(record_info(root / RAW))
+    src = source_files_dir(settings)
+    if src is None:
+        return fetched or {}
+    names = raw_selected(source_file_names(src), reads, areas)
+    mirror = {n: cache.mirror_state(src / n).digest for n in names}
+    mirror["record.json#record"] = record_label(record_info(src))
+    if fetched == {f"{RAW}/{n}": digest for n, digest in mirror.items()}:
+        return fetched
+    return {f"source/{n}": digest for n, digest in mirror.items()}
+
+
+def source_files_dir(settings: Any) -> Path | None:
+    """The ``--source`` mirror a stage other than fetch reads instead of raw/ (a stage
+    command given one; a build hands later stages raw/), if it is a directory."""
     source = getattr(settings, "source_dir", None)
-    if source is None or not Path(source).is_dir():
-        return {}
-    src = Path(source)
-    files = [p.name for p in sorted(src.iterdir()) if _is_plain_file(p) and p.name not in RAW_META]
-    inputs = {f"source/{n}": file_digest(src / n, "md5") for n in raw_selected(files, reads, areas)}
-    inputs["source/record.json#record"] = record_label(record_info(src))
-    return inputs
+    return Path(source) if source is not None and Path(source).is_dir() else None
+
+
+def source_file_names(src: Path) -> list[str]:
+    """The Zenodo files of a mirror directory (not its record.json and checksums)."""
+    return [p.name for p in sorted(src.iterdir()) if _is_plain_file(p) and p.name not in RAW_META]
 
 
 def raw_file(root: Path, name: str, source_dir: Any = None) -> Path | None:
-    """The Zenodo file ``name`` as :func:`raw_inputs` covers it: in raw/ if fetch got it
-    (not one an earlier fetch left there, such as a ``--no-wav`` fetch's wav.zip), else,
-    in a store without raw files, in the ``--source`` mirror; None when neither has it."""
+    """The Zenodo file ``name`` as :func:`raw_inputs` covers it: in the ``--source``
+    mirror when a stage is given one, else in raw/ if fetch got it (not one an earlier
+    fetch left there, such as a ``--no-wav`` fetch's wav.zip); None when it has none."""
+    if source_dir is not None:
+        path = Path(source_dir) / name
+        return path if _is_plain_file(path) else None
     fetched = raw_data_files(root)
-    if fetched:
-        return root / RAW / name if f"{RAW}/{name}" in fetched else None
-    path = Path(source_dir) / name if source_dir is not None else None
-    return path if path is not None and _is_plain_file(path) else None
+    return root / RAW / name if f"{RAW}/{name}" in fetched else None
 
 
 def source_reads(spec: StageSpec, specs: Iterable[StageSpec]) -> list[str]:

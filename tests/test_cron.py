@@ -8,6 +8,7 @@ mini sample and are skipped until every stage module has landed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -393,3 +394,35 @@ def test_real_waveforms_added_to_a_no_wav_store_rerun_only_what_reads_wav_zip(
     assert json.loads(r.stderr.splitlines()[-1])["ran"] == ["fetch", "parse-epochs"]
     assert (out / "raw/wav.zip").is_file()
     assert Store(out).read_table("report", area="A1").to_pylist() == without
+
+
+def test_unpack_with_source_records_the_mirror_it_read(tmp_path, mini_sample, mini_quirks_sample):
+    """`unpack --source M` on a store whose raw/ fetch filled from another mirror reads M:
+    its fingerprint and the tables' sources are M's files (they named raw/'s, so a change
+    to M did not rerun unpack and the md5s recorded were not the ones read)."""
+    out = tmp_path / "nat4"
+    r = nat4("fetch", "--no-wav", "--source", mini_quirks_sample.dir, "--out", out, *AREA)
+    assert r.returncode == 0, r.stderr
+
+    def md5s(mirror: Path) -> dict[str, str]:
+        return {
+            p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(mirror.glob("A1_*"))
+        }
+
+    read, fetched = md5s(mini_sample.dir), md5s(mini_quirks_sample.dir)
+    assert read != fetched
+    r = nat4("unpack", "--source", mini_sample.dir, "--out", out, *AREA)
+    assert r.returncode == 0, r.stderr
+    inputs = json.loads((out / "_stages/unpack.json").read_text())["inputs"]
+    assert {k: v for k, v in inputs.items() if not k.endswith("#record")} == {
+        f"source/{name}": f"md5:{md5}" for name, md5 in read.items()
+    }
+    sources = Store(out).table_metadata("epochs", "A1")["sources"]
+    assert {s["name"]: s["md5"] for s in sources} == read
+    r = nat4("unpack", "--source", mini_sample.dir, "--out", out, *AREA, "--json")
+    assert json.loads(r.stderr.splitlines()[-1])["up_to_date"]
+    # without --source it reads raw/, which fetch filled from the other mirror
+    r = nat4("unpack", "--out", out, *AREA, "--json")
+    assert json.loads(r.stderr.splitlines()[-1])["ran"] == ["unpack"]
+    sources = Store(out).table_metadata("epochs", "A1")["sources"]
+    assert {s["name"]: s["md5"] for s in sources} == fetched

@@ -46,6 +46,8 @@ from nat4etl.fingerprint import (
     raw_selected,
     record_info,
     settle,
+    source_file_names,
+    source_files_dir,
     source_reads,
     table_files,
     why_stale,
@@ -515,16 +517,24 @@ def library_versions() -> dict[str, str | None]:
 
 
 def sources(
-    root: Path, cache: DigestCache, reads: Sequence[str] = (RAW,), areas: Sequence[str] = ()
+    root: Path,
+    cache: DigestCache,
+    reads: Sequence[str] = (RAW,),
+    areas: Sequence[str] = (),
+    source_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """The Zenodo files in raw/ that ``reads`` name (all by default): name, size, md5."""
-    out = []
-    names = raw_selected((rel.split("/", 1)[1] for rel in raw_data_files(root)), reads, areas)
-    for rel in (f"{RAW}/{name}" for name in names):
-        state = cache.state(root, rel)
-        md5 = state.digest.removeprefix("md5:")
-        out.append({"name": rel.split("/", 1)[1], "size_bytes": state.size_bytes, "md5": md5})
-    return out
+    """The Zenodo files that ``reads`` name (all by default): name, size, md5; in raw/, or
+    in ``source_dir``, the mirror a stage command was given (what it read)."""
+    if source_dir is not None:
+        names = raw_selected(source_file_names(source_dir), reads, areas)
+        states = {name: cache.mirror_state(source_dir / name) for name in names}
+    else:
+        names = raw_selected((rel.split("/", 1)[1] for rel in raw_data_files(root)), reads, areas)
+        states = {name: cache.state(root, f"{RAW}/{name}") for name in names}
+    return [
+        {"name": name, "size_bytes": s.size_bytes, "md5": s.digest.removeprefix("md5:")}
+        for name, s in states.items()
+    ]
 
 
 def table_provenance(root: Path, spec: StageSpec, fp: Fingerprint, ctx: Context) -> dict:
@@ -539,11 +549,12 @@ def table_provenance(root: Path, spec: StageSpec, fp: Fingerprint, ctx: Context)
         if not isinstance(getattr(settings, k, None), os.PathLike)
     }
     reads = source_reads(spec, ctx.specs)
+    mirror = source_files_dir(settings)  # a stage command's --source: what it read
     return {
         "stage": spec.name,
         "params": params,
-        "record": record_info(root / RAW),
-        "sources": sources(root, ctx.cache, reads, settings.areas),
+        "record": record_info(mirror or root / RAW),
+        "sources": sources(root, ctx.cache, reads, settings.areas, mirror),
         "libraries": library_versions(),
     }
 
