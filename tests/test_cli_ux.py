@@ -176,6 +176,30 @@ def test_output_into_a_closed_pipe_exits_141_without_a_traceback(mini_quirks_sam
         os.close(write_end)
 
 
+def test_shell_completion_as_the_readme_says():
+    """`_NAT4ETL_COMPLETE=bash_source nat4etl` (README): click's completion reaches through
+    main(), which runs the group outside click's standalone mode."""
+    script = subprocess.run(
+        [sys.executable, "-m", "nat4etl"],
+        env={**os.environ, "_NAT4ETL_COMPLETE": "bash_source"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert script.returncode == 0 and "_nat4etl_completion()" in script.stdout
+
+    def complete(words: str, cword: int) -> list[str]:
+        env = {**os.environ, "_NAT4ETL_COMPLETE": "bash_complete"}
+        env |= {"COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        done = subprocess.run(
+            [sys.executable, "-m", "nat4etl"], env=env, capture_output=True, text=True, timeout=60
+        )
+        return [line.split(",", 1)[1] for line in done.stdout.splitlines()]
+
+    assert complete("nat4etl re", 1) == ["rebin-sites", "report"]
+    assert "--area" in complete("nat4etl build --ar", 2)
+
+
 # ----------------------------------------------------------------------- help
 def test_root_help_explains_exit_codes_in_words():
     out = invoke("--help").output
