@@ -2,13 +2,15 @@
 a nat4etl exit code, the published store byte-identical, no staging copy left behind.
 
 Inputs from tests/stages/test_unpack.py's BAD_INPUTS that once crashed a *build* (in
-unpack's hand-off to rebin-sites, or in rebin-sites) rather than the unpack command, and a
-full disk in the middle of writing a table."""
+unpack's hand-off to rebin-sites, or in rebin-sites) rather than the unpack command, inputs
+only the later stages read (wav.zip), and a full disk in the middle of writing a table."""
 
 from __future__ import annotations
 
 import errno
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -39,19 +41,39 @@ def _check_failed(result, out: Path, before: dict, *names: str) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize(
-    "fault",
-    [
-        "infinite epoch end",
-        "empty population",
-        "empty site tgz",
-        "pred_correlation repeated column",
-    ],
-)
+def _wav_twice_under_one_name(d: Path) -> tuple[str, str]:
+    """wav.zip listing one wav twice, the second another sound's bytes (unpack does not
+    read wav.zip): align-wav decoded both and placed whichever finished last."""
+    path = d / "wav.zip"
+    with zipfile.ZipFile(path) as zf:
+        first, other = [n for n in zf.namelist() if n.endswith(".wav")][:2]
+        body = zf.read(other)
+    with zipfile.ZipFile(path, "a") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
+        zf.writestr(first, body)
+    return path.name, f"{first}: member appears twice"
+
+
+#: BAD_INPUTS' faults that once crashed a build, and those only a build reads
+FAULTS = {
+    **{
+        fault: BAD_INPUTS[fault]
+        for fault in (
+            "infinite epoch end",
+            "empty population",
+            "empty site tgz",
+            "pred_correlation repeated column",
+        )
+    },
+    "wav.zip member twice": _wav_twice_under_one_name,
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
 def test_build_on_bad_input_fails_naming_it(fault, tmp_path, mini_sample, built):
     bad = tmp_path / "bad"
     shutil.copytree(mini_sample.dir, bad)
-    file_name, member = BAD_INPUTS[fault](bad)
+    file_name, member = FAULTS[fault](bad)
     (bad / "record.json").unlink()  # edited files no longer have the published md5s
     before = _digest(built)
     args = ["build", "--area", "all", "--source", str(bad), "--out", str(built)]

@@ -10,7 +10,8 @@ Knows nothing about NEMS0 or NAT4. What it guarantees to the layers above:
 - sizes are bounded by `Limits`, checked on the declared sizes up front and on the bytes
   actually inflated while reading, so a decompression bomb is an error, not a full disk;
 - a truncated or corrupt archive raises `ArchiveError` naming the file (and member), never
-  a raw ``EOFError``/``zlib.error``/``tarfile.ReadError``/``BadZipFile``;
+  a raw ``EOFError``/``zlib.error``/``tarfile.ReadError``/``BadZipFile``; so does a zip
+  that lists one file name twice (which of the two is meant?);
 - gzip and deflated zip members are inflated with ``isal`` when installed (2-3x faster
   than zlib here), else ``gzip`` and ``zipfile``.
 
@@ -788,6 +789,7 @@ def _iter_zip(
         zf = zipfile.ZipFile(raw)
     budget = _Budget(limits, where)
     with zf:
+        _check_zip_names_unique(zf, where)
         for info in zf.infolist():
             _check_name(info.filename, where)
             if info.is_dir():
@@ -802,6 +804,20 @@ def _iter_zip(
                 _opener=_zip_opener(zf, info, where, reopen),
                 _limits=limits,
             )
+
+
+def _check_zip_names_unique(zf: zipfile.ZipFile, where: _Where) -> None:
+    """A file name listed twice in the central directory (``zipfile`` appends one rather
+    than replace it) is two files under one name: which one is meant? A reader by name
+    gets the last, a loop over members both (align-wav placed whichever decoded last, and
+    a site file twice was one site's units twice, refused by the store naming no file)."""
+    seen: set[str] = set()
+    for info in zf.infolist():
+        if info.is_dir():
+            continue
+        if info.filename in seen:
+            raise where.error(ArchiveError, "member appears twice", info.filename)
+        seen.add(info.filename)
 
 
 def _check_zip_type(info: zipfile.ZipInfo, where: _Where) -> None:

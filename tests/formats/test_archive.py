@@ -207,6 +207,17 @@ def test_extract_all_refuses_duplicates(tmp_path):
         extract_all(zip_bytes([("a", b"1"), ("a", b"2")]), tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_zip_listing_a_name_twice_is_refused_before_any_member():
+    """Which of the two is meant? Iterating gave both (align-wav then placed whichever
+    decoded last), a reader by name the last. Directories listed twice carry no data."""
+    data = zip_bytes([("d/", b""), ("d/", b""), ("d/a", b"1"), ("d/b", b"2"), ("d/a", b"3")])
+    members = iter_members(data, path="/x/sites.zip")
+    with pytest.raises(ArchiveError, match="member appears twice") as info:
+        next(members)
+    assert str(info.value) == "sites.zip:d/a: member appears twice"
+
+
 # --- bombs ---------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -492,6 +493,19 @@ def _site_tgz_twice(d: Path) -> tuple[str, str]:
     return path.name, f"copy/{PurePosixPath(first).name}: recording"
 
 
+def _site_tgz_twice_under_one_name(d: Path) -> tuple[str, str]:
+    """A site file listed twice under its own name (``zipfile`` in append mode adds an
+    entry): both were read as one site, and the store's key error named no file."""
+    path = d / "A1_single_sites.zip"
+    with zipfile.ZipFile(path) as zf:
+        first = next(n for n in zf.namelist() if unpack.is_recording_member(n))
+        body = zf.read(first)
+    with zipfile.ZipFile(path, "a") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
+        zf.writestr(first, body)
+    return path.name, f"{first}: member appears twice"
+
+
 def _units_in_two_signals(d: Path) -> tuple[str, str]:
     """A second PointProcess signal with the same units (NEMS0 reads it): site_spikes
     holds one set of times per unit, and the store's key error named no file."""
@@ -536,6 +550,7 @@ BAD_INPUTS = {
     "stim cut short": _stim_cut_short,
     "empty population": _empty_population,
     "site tgz twice": _site_tgz_twice,
+    "site tgz twice, one name": _site_tgz_twice_under_one_name,
     "units in two signals": _units_in_two_signals,
     "site named as the population": _site_named_as_population,
 }
