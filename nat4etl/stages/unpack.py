@@ -426,6 +426,7 @@ def read_sites(path: Path, rows: RawRows, sites: SiteData, progress) -> None:
             rec = nems0.read_recording(m)
             if rec.name is None:  # no signal at all (an empty tar): nothing to key it by
                 raise FormatError("no signal names a recording", path=path, member=m.name)
+            _check_site_resp(rec, path, m.name)
             _check_raster_lengths(rec, path, m.name)
             site = site_id(rec, m.name)
             first = sites.recordings.setdefault(rec.name, m.name)
@@ -447,6 +448,21 @@ def read_sites(path: Path, rows: RawRows, sites: SiteData, progress) -> None:
             progress.advance(task, 1)
     finally:
         progress.done(task)
+
+
+def _check_site_resp(rec: nems0.Recording, path: Path, member: str) -> None:
+    """A site's spikes are its ``resp`` signal (NEMS0's ``rec['resp']``, what rebin-sites
+    bins): a site tgz without one (only a meta.json, or its signal under another name)
+    was read as a site without units, and its units' val trials were silently NaN."""
+    if SITE_RESP in rec.signals:
+        return
+    found = ", ".join(repr(s) for s in sorted(rec.signals)) or "none"
+    msg = f"no {SITE_RESP!r} signal, the site's spikes (signals: {found}); nothing written"
+    raise FormatError(msg, path=path, member=member)
+
+
+#: the signal of a site recording that holds its units' spike times (nat4-dataset.md)
+SITE_RESP = "resp"
 
 
 def _check_raster_lengths(rec: nems0.Recording, path: Path, member: str) -> None:

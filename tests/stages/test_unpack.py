@@ -457,6 +457,29 @@ def _empty_site_tgz(d: Path) -> tuple[str, str]:
     return "A1_single_sites.zip", member
 
 
+def _site_tgz_of_a_meta_json_only(d: Path) -> tuple[str, str]:
+    """A site tgz holding its meta.json only: the directory names the recording, so it was
+    read as a site without units and its units' val trials were NaN, exit 0."""
+    member = _rewrite_site(
+        d, "A1", lambda tgz: _retar(tgz, lambda n, b: b if n.endswith(".meta.json") else None)
+    )
+    return "A1_single_sites.zip", f"{member}: no 'resp' signal, the site's spikes (signals: none)"
+
+
+def _site_spikes_not_named_resp(d: Path) -> tuple[str, str]:
+    """The site's PointProcess named otherwise in its JSON: parse-epochs matched its units
+    and counted their trials, rebin-sites binned none (it bins resp), exit 0 and no word."""
+
+    def rename(body: bytes) -> bytes:
+        return json.dumps({**json.loads(body), "name": "spikes"}).encode()
+
+    member = _edit_site(d, "A1", ".resp.json", rename)
+    return (
+        "A1_single_sites.zip",
+        f"{member}: no 'resp' signal, the site's spikes (signals: 'spikes')",
+    )
+
+
 def _infinite_epoch_end(d: Path) -> tuple[str, str]:
     """A site epoch ending at inf: NEMS0 cannot rasterize it (was an OverflowError)."""
 
@@ -551,6 +574,8 @@ BAD_INPUTS = {
     "empty population": _empty_population,
     "site tgz twice": _site_tgz_twice,
     "site tgz twice, one name": _site_tgz_twice_under_one_name,
+    "site tgz of a meta.json only": _site_tgz_of_a_meta_json_only,
+    "site spikes not named resp": _site_spikes_not_named_resp,
     "units in two signals": _units_in_two_signals,
     "site named as the population": _site_named_as_population,
 }
