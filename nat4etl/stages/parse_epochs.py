@@ -79,7 +79,8 @@ class AreaInputs:
     resp_chans: list[str]
     #: site -> epochs of that site's recording, in time order
     site_epochs: dict[str, list[Epoch]]
-    #: (site, unit id as written) of every per-site unit
+    #: (site, unit id as written) of every unit of a site's resp signal (what rebin-sites
+    #: bins; NEMS0's ``rec['resp']``)
     site_units: list[tuple[str, str]]
     #: site -> sampling rate of its spike times (its resp signal); bounds snap to it
     site_fs_hz: dict[str, float] = field(default_factory=dict)
@@ -108,6 +109,9 @@ class AreaInputs:
     #: samples in the population's stim signal (resp has as many: unpack checks); None
     #: when its JSON and data left it unknown
     pop_n_samples: int | None = None
+    #: unit id -> ``site/signal`` of the units of a site's other PointProcess signals:
+    #: stored, never matched (rebin-sites bins resp only), named where a unit is unmatched
+    unbinned_units: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -705,12 +709,23 @@ def report_unit_matches(
     sites: Iterable[str],
     *,
     report: Report,
+    unbinned: dict[str, str] | None = None,
 ) -> None:
     """Population units without site data, site units without a population unit, and
-    site files none of whose units are in the population."""
+    site files none of whose units are in the population. ``unbinned``: unit id ->
+    ``site/signal`` of site units outside a resp signal, named where such a unit is."""
+    elsewhere = {}
+    for unit_id, where in (unbinned or {}).items():
+        elsewhere.setdefault(unit_id, where)
+        if (key := nat4.canonical_unit_key(unit_id)) is not None:
+            elsewhere.setdefault(key, where)
     for cell_id, m in zip(cell_ids, matches, strict=True):
         if m.match == "none":
-            report.add("unit_without_site_data", cell_id, "no per-site unit with this id")
+            where = elsewhere.get(cell_id) or elsewhere.get(nat4.canonical_unit_key(cell_id))
+            detail = "no per-site unit with this id"
+            if where:
+                detail += f" in a site's resp ({where} has it: only resp is binned)"
+            report.add("unit_without_site_data", cell_id, detail)
     used = {(m.site, m.site_unit_id) for m in matches if m.match != "none"}
     used_at = {m.site_unit_id: m.site for m in matches if m.match != "none"}
     matched_sites = {m.site for m in matches if m.match != "none"}
@@ -751,10 +766,11 @@ def build_cells(
     *,
     sites: Iterable[str],
     report: Report,
+    unbinned: dict[str, str] | None = None,
 ) -> pa.Table:
     """The cells table; pred_correlation columns other than cellid/sig_auditory follow."""
     matches = match_units(cell_ids, site_units)
-    report_unit_matches(cell_ids, matches, site_units, sites, report=report)
+    report_unit_matches(cell_ids, matches, site_units, sites, report=report, unbinned=unbinned)
     parsed = [nat4.parse_unit_id(c) for c in cell_ids]
     for cell_id, p in zip(cell_ids, parsed, strict=True):
         if p is None:
@@ -936,6 +952,7 @@ def parse_area(inputs: AreaInputs) -> Parsed:
         val_trials_per_site(trials, stims),
         sites=inputs.site_epochs,
         report=report,
+        unbinned=inputs.unbinned_units,
     )
     subsets = Counter(s.subset for s in stims)
     matches = Counter(cells.column("match").to_pylist())
@@ -1059,9 +1076,18 @@ def area_inputs(
         resp_chans=list(resp["chans"]),
         site_epochs=site_epochs,
         site_silences=site_silences,
+        # a site's units are its resp's (rec['resp'], what rebin-sites bins): a unit of
+        # another PointProcess signal matched here was counted trials and binned nowhere
         site_units=[
-            (r["site"], r["unit_id"]) for r in site_spikes.select(["site", "unit_id"]).to_pylist()
+            (r["site"], r["unit_id"])
+            for r in site_spikes.select(["site", "signal", "unit_id"]).to_pylist()
+            if r["signal"] == RESP
         ],
+        unbinned_units={
+            r["unit_id"]: f"{r['site']}/{r['signal']}"
+            for r in site_spikes.select(["site", "signal", "unit_id"]).to_pylist()
+            if r["signal"] != RESP
+        },
         site_fs_hz={
             r["site"]: float(sig[(r["recording"], "resp")]["fs_hz"])
             for r in recs

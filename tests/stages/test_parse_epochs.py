@@ -210,6 +210,25 @@ def test_report_names_every_mismatch(parsed):
     schema.validate("report", parsed.report)
 
 
+def test_a_site_unit_outside_its_resp_signal_is_not_matched_and_is_named():
+    """A site's units are its resp's (``rec['resp']``), which rebin-sites bins: a unit of
+    another PointProcess signal was matched, its trials counted, and binned nowhere (its
+    val responses NaN with no report row)."""
+    raw = _raw()
+    spikes = raw["site_spikes"].to_pylist() + [
+        {"site": "ARM001a", "recording": "ARM001a_rec", "signal": "spikes",
+         "unit_id": "ARM001a-02-1", "spike_times_s": []},
+    ]  # fmt: skip
+    raw["site_spikes"] = pa.Table.from_pylist(spikes, schema=schema.SITE_SPIKES.schema)
+    parsed = _parse(raw)
+    row = parsed.cells.to_pylist()[2]
+    assert (row["cell_id"], row["match"], row["n_val_trials"]) == ("ARM001a-02-1", "none", 0)
+    assert _report(parsed)[("unit_without_site_data", "ARM001a-02-1")] == (
+        "no per-site unit with this id in a site's resp (ARM001a/spikes has it: only resp "
+        "is binned)"
+    )
+
+
 def test_no_wav_listing_means_no_wav_report():
     parsed = _parse(_raw(wav=False))
     kinds = {r["kind"] for r in parsed.report.to_pylist()}
