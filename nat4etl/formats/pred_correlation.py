@@ -38,8 +38,8 @@ def read_pred_correlation(
     Raises
     ------
     FormatError
-        Not CSV, no ``cellid`` column, a ``cellid`` empty or repeated, or
-        ``sig_auditory`` not True/False.
+        Not CSV, no ``cellid`` column, a ``cellid`` empty or repeated, no
+        ``sig_auditory`` column, or one not True/False.
     """
     if path is None and isinstance(source, str | os.PathLike):
         path = source
@@ -88,6 +88,8 @@ def read_pred_correlation(
             + (f" ({len(repeated) - 1} more repeated)" if len(repeated) > 1 else "")
             + ": one row per unit expected"
         )
+    if "sig_auditory" not in table.column_names:  # every unit's `auditory` was null, unsaid
+        raise bad(f"column 'sig_auditory' missing; header is {table.column_names}")
     return table
 
 

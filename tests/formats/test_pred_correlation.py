@@ -36,6 +36,8 @@ def test_types_and_columns_carried_through(tmp_path):
     ("text", "match"),
     [
         (b"unit,sig_auditory\nA,True\n", "'cellid' missing"),
+        # the unit's auditory flag is one of the two columns known to be there
+        (b"cellid,r_test\nA,0.5\n", r"'sig_auditory' missing; header is \['cellid', 'r_test'\]"),
         (b"cellid,sig_auditory\nA,maybe\n", "unreadable CSV"),
         (b"cellid,sig_auditory\n,True\n", "empty cellid"),
         (b"", "unreadable CSV"),

@@ -451,6 +451,14 @@ def _pred_repeated_column(d: Path) -> tuple[str, None]:
     return path.name, None
 
 
+def _pred_without_sig_auditory(d: Path) -> tuple[str, None]:
+    """No sig_auditory column: every unit's auditory was null, exit 0, nothing said."""
+    path = d / "A1_pred_correlation.csv"
+    rows = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(line.rsplit(b",", 1)[0] + b"\n" for line in rows))
+    return path.name, None
+
+
 def _empty_site_tgz(d: Path) -> tuple[str, str]:
     """A site tgz with no members: no recording name, so a null key (was a traceback)."""
     member = _rewrite_site(d, "A1", lambda tgz: _retar(tgz, lambda n, b: None))
@@ -568,6 +576,7 @@ BAD_INPUTS = {
     "hdf5": _bad_hdf5,
     "unsafe member": _unsafe,
     "pred_correlation repeated column": _pred_repeated_column,
+    "pred_correlation without sig_auditory": _pred_without_sig_auditory,
     "empty site tgz": _empty_site_tgz,
     "infinite epoch end": _infinite_epoch_end,
     "stim cut short": _stim_cut_short,
