@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -386,6 +387,8 @@ class _Builder:
 
     def finish(self, *, check_default_data: bool, handler: DataHandler | None) -> Recording:
         by_view: dict[int, dict[str, Signal]] = {}
+        #: (view, signal name) -> its JSON member as errors name it (nested: parent:member)
+        json_at: dict[tuple[int, str], str] = {}
         described: dict[str, _Group] = {}  # key -> the latest group with a JSON
         for (view, key), group in sorted(self.groups.items(), key=lambda kv: kv[0][0]):
             has_data = group.data is not None or group.empty
@@ -404,17 +407,20 @@ class _Builder:
                 described[key] = group
             sig = self._signal(view, key, group, check_default_data)
             signals = by_view.setdefault(view, {})
+            assert group.json is not None  # _signal refused a signal without one
+            where = group.json[0].qualname
             if sig.name in signals:
                 msg = f"two signals named {sig.name!r} in view {view}"
-                raise FormatError(msg, path=self.path, member=sig.json_member)
+                raise FormatError(msg, path=self.path, member=where)
             signals[sig.name] = sig
+            json_at[(view, sig.name)] = where
         views: list[dict[str, Signal]] = []
         for view in range(max(by_view, default=-1) + 1):
             current = dict(views[-1]) if views else {}
             current.update(by_view.get(view, {}))
             views.append(current)
         return Recording(
-            name=self._recording_name(by_view),
+            name=self._recording_name(by_view, json_at),
             meta=self.meta if self.meta_member is not None else {},  # NEMS0 starts from {}
             signals=views[0] if views else {},
             views=views,
@@ -452,13 +458,23 @@ class _Builder:
             data=data,
         )
 
-    def _recording_name(self, by_view: dict[int, dict[str, Signal]]) -> str | None:
-        names = {s.header.recording for sigs in by_view.values() for s in sigs.values()}
+    def _recording_name(
+        self, by_view: dict[int, dict[str, Signal]], json_at: dict[tuple[int, str], str]
+    ) -> str | None:
+        """The one recording name every signal's JSON gives; a JSON that disagrees is named
+        (the one that differs from what most say, else from the first in archive order)."""
+        signals = [(view, sig) for view, sigs in by_view.items() for sig in sigs.values()]
+        names = Counter(sig.header.recording for _, sig in signals)
         if len(names) > 1:
-            msg = f"signals disagree on the recording name: {sorted(names)}"
-            raise FormatError(msg, path=self.path)
+            usual = names.most_common(1)[0][0]  # on a tie, the first signal's
+            view, odd = next((v, s) for v, s in signals if s.header.recording != usual)
+            msg = (
+                f"signals disagree on the recording name: this one says "
+                f"{odd.header.recording!r}, {names[usual]} other(s) {usual!r}"
+            )
+            raise FormatError(msg, path=self.path, member=json_at[(view, odd.name)])
         if names:
-            return names.pop()
+            return next(iter(names))
         if len(self.dirs) == 1:
             (only,) = self.dirs
             return only if only != "." else None

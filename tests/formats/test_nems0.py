@@ -389,7 +389,9 @@ def test_point_process_with_2d_dataset_is_an_error():
                 ("R/R.b.json", signal_json("b", recording="Q")),
             ],
             FormatError,
-            "disagree on the recording name",
+            # the JSON that differs is named (it named only the file)
+            r"R/R.b.json: signals disagree on the recording name: this one says 'Q', "
+            r"1 other\(s\) 'R'$",
         ),
         (
             [
@@ -497,4 +499,32 @@ def test_recording_inside_a_zip_names_both_in_errors():
         read_recording(members[1])
     assert str(info.value).startswith(
         "A1_single_sites.zip:A1_single_sites/A1_B_cd.tgz:B/B.resp.csv: line 2:"
+    )
+
+
+@pytest.mark.parametrize(
+    ("second", "problem"),
+    [
+        (signal_json("stim", recording="Q"), "signals disagree on the recording name"),
+        (signal_json("resp", recording="B"), "two signals named 'resp'"),
+    ],
+)
+def test_signals_that_clash_name_the_json_inside_the_zip_member(second, problem):
+    """Two signals that cannot both be: the error names the JSON of the second as the
+    other errors name a member (zip member, then tar member); it named the zip alone,
+    or the tar member without the zip member holding it."""
+    tgz = tar_bytes(
+        [
+            ("B/B.resp.csv", b"1\n"),
+            ("B/B.resp.json", signal_json("resp", recording="B")),
+            ("B/B.stim.csv", b"1\n"),
+            ("B/B.stim.json", second),
+        ]
+    )
+    outer = zip_bytes([("A1_single_sites/A1_B_cd.tgz", tgz)])
+    (member,) = archive.iter_members(outer, path="/d/A1_single_sites.zip")
+    with pytest.raises(FormatError) as info:
+        read_recording(member)
+    assert str(info.value).startswith(
+        f"A1_single_sites.zip:A1_single_sites/A1_B_cd.tgz:B/B.stim.json: {problem}"
     )

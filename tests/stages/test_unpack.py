@@ -438,6 +438,17 @@ def _bad_json(d: Path) -> tuple[str, str]:
     return POP_A1, "resp.json"
 
 
+def _json_of_another_recording(d: Path) -> tuple[str, str]:
+    """resp's JSON naming another recording than stim's and mask_est's: the error named
+    the tgz only, not which JSON disagrees."""
+
+    def rename(body: bytes) -> bytes:
+        return json.dumps({**json.loads(body), "recording": ""}).encode()
+
+    _edit_population(d, "A1", ".resp.json", rename)
+    return POP_A1, f"{POP_A1}:A1_NAT4_ozgf_fs100_ch18/A1_NAT4_ozgf_fs100_ch18.resp.json: "
+
+
 def _bad_hdf5(d: Path) -> tuple[str, str]:
     _edit_site(d, "A1", ".h5", lambda b: b"not hdf5")
     return "A1_single_sites.zip", "resp.h5"
@@ -573,6 +584,7 @@ BAD_INPUTS = {
     "csv width, directory named otherwise": _csv_width_under_another_directory,
     "epoch csv header": _epoch_header,
     "json": _bad_json,
+    "json of another recording": _json_of_another_recording,
     "hdf5": _bad_hdf5,
     "unsafe member": _unsafe,
     "pred_correlation repeated column": _pred_repeated_column,
