@@ -60,6 +60,7 @@ FAULTS = {
         fault: BAD_INPUTS[fault]
         for fault in (
             "infinite epoch end",
+            "site fs of a gigahertz",
             "empty population",
             "empty site tgz",
             "pred_correlation repeated column",

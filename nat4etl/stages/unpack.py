@@ -467,8 +467,9 @@ SITE_RESP = "resp"
 
 def _check_raster_lengths(rec: nems0.Recording, path: Path, member: str) -> None:
     """Each PointProcess's raster length, as NEMS0 rasterizes it (fs times the last epoch
-    end, else the last spike), must be a number: NEMS0 fails on an infinite one, and so
-    would rebin-sites, with a traceback instead of the file's name."""
+    end, else the last spike), must be a number of samples that can be held: NEMS0 fails
+    on an infinite one or one too long for memory, and so did rebin-sites, with a
+    traceback instead of the file's name (a site JSON's fs of 1e9 Hz: a 448 GiB array)."""
     from nat4etl.binning import raster_samples
 
     for sig in rec.signals.values():
@@ -490,14 +491,16 @@ def _check_raster_lengths(rec: nems0.Recording, path: Path, member: str) -> None
             msg = (
                 f"signal {sig.name!r}: its raster would be {sig.header.fs_hz:g} Hz x "
                 f"{last_end if last_end > 0 else 'the last spike'} s long, not a usable "
-                "number of samples (an infinite epoch end or spike time, a wrong fs?)"
+                f"number of samples (at most 2**{_MAX_RASTER.bit_length() - 1}; an infinite "
+                "or huge epoch end or spike time, a wrong fs?)"
             )
             raise FormatError(msg, path=path, member=f"{member}:{inner}")
 
 
-#: the longest PointProcess raster `_check_raster_lengths` lets through: sample indices
-#: and bin arithmetic stay exact in float64 and int64 (2**53 samples: 285 years at 1 MHz)
-_MAX_RASTER = 2**53
+#: the longest PointProcess raster `_check_raster_lengths` lets through: rebin-sites maps
+#: every sample of a site's session to its bin (4 bytes a sample: 2 GiB), NEMS0 holds 8
+#: bytes per unit and sample; 2**29 samples are 6 days at 1 kHz (a NAT4 site: 2 minutes)
+_MAX_RASTER = 2**29
 
 
 def site_id(rec: nems0.Recording, member: str) -> str:

@@ -511,6 +511,17 @@ def _infinite_epoch_end(d: Path) -> tuple[str, str]:
     return "A1_single_sites.zip", "resp.epoch.csv"
 
 
+def _site_fs_of_a_gigahertz(d: Path) -> tuple[str, str]:
+    """A site JSON's fs of 1e9 Hz: a raster of 1.2e11 samples, which NEMS0 cannot hold,
+    and neither could rebin-sites (a MemoryError traceback for a 448 GiB array)."""
+
+    def faster(body: bytes) -> bytes:
+        return json.dumps({**json.loads(body), "fs": 1e9}).encode()
+
+    member = _edit_site(d, "A1", ".resp.json", faster)
+    return "A1_single_sites.zip", f"{member}:"
+
+
 def _stim_cut_short(d: Path) -> tuple[str, str]:
     """stim.csv cut at a line end: every spectrogram was NaN, exit 0, nothing said."""
     _edit_population(d, "A1", ".stim.csv", lambda b: b"".join(b.splitlines(True)[:100]))
@@ -591,6 +602,7 @@ BAD_INPUTS = {
     "pred_correlation without sig_auditory": _pred_without_sig_auditory,
     "empty site tgz": _empty_site_tgz,
     "infinite epoch end": _infinite_epoch_end,
+    "site fs of a gigahertz": _site_fs_of_a_gigahertz,
     "stim cut short": _stim_cut_short,
     "empty population": _empty_population,
     "site tgz twice": _site_tgz_twice,
