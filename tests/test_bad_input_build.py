@@ -8,6 +8,7 @@ only the later stages read (wav.zip), and a full disk in the middle of writing a
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import warnings
 import zipfile
@@ -17,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from nat4etl.cli import cli
-from tests.stages.test_unpack import BAD_INPUTS, _digest
+from tests.stages.test_unpack import BAD_INPUTS, _digest, _edit_site
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,17 @@ def _wav_twice_under_one_name(d: Path) -> tuple[str, str]:
     return path.name, f"{first}: member appears twice"
 
 
+def _site_fs_off_the_bin_grid(d: Path) -> tuple[str, str]:
+    """A site JSON's fs of 99 Hz: no whole number of samples makes a 10 ms bin. The error
+    named the site (its recording) but not the file holding the JSON."""
+
+    def slower(body: bytes) -> bytes:
+        return json.dumps({**json.loads(body), "fs": 99}).encode()
+
+    member = _edit_site(d, "A1", ".resp.json", slower)
+    return "A1_single_sites.zip", f"{member}: site "
+
+
 #: BAD_INPUTS' faults that once crashed a build, and those only a build reads
 FAULTS = {
     **{
@@ -67,6 +79,7 @@ FAULTS = {
         )
     },
     "wav.zip member twice": _wav_twice_under_one_name,
+    "site fs off the bin grid": _site_fs_off_the_bin_grid,
 }
 
 

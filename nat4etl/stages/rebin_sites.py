@@ -26,7 +26,7 @@ import json
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -296,6 +296,9 @@ class Site:
     spikes: pa.Table  # unit_id, spike_times_s or spike_samples (see with_spike_samples)
     trials: pa.Table  # stim, trial, start_s, end_s
     cells: pa.Table  # cell, site_unit_id (matched cells of this site)
+    #: the site file and its zip member, named in errors (None: not known)
+    file: str | None = None
+    member: str | None = None
 
 
 class SiteJob:
@@ -310,7 +313,8 @@ class SiteJob:
         try:
             self.group = binning.samples_per_bin(dt_ms, site.fs_hz)
         except ConfigError as err:  # the bin width, or this one site's fs: name the site
-            raise ConfigError(f"site {site.site}: {err.msg}") from None
+            msg = f"site {site.site}: {err.msg}"  # and its file: its JSON holds the fs
+            raise ConfigError(msg, path=site.file, member=site.member) from None
         trials = site.trials.filter(
             pc.is_in(site.trials.column("stim"), pa.array(stim_ids, pa.int32()))
         )
@@ -483,12 +487,17 @@ def last_epoch_ends(epochs: pa.Table) -> dict[tuple[str, str], float]:
 
 
 def split_sites(
-    site_spikes: pa.Table, trials: pa.Table, cells: pa.Table, site_fs_hz: dict[str, float]
+    site_spikes: pa.Table,
+    trials: pa.Table,
+    cells: pa.Table,
+    site_fs_hz: dict[str, float],
+    site_files: dict[str, tuple[str, str | None]] | None = None,
 ) -> list[Site]:
     """One :class:`Site` per site with spike data, in site order."""
     matched = cells.filter(pc.invert(pc.is_null(cells.column("site_unit_id"))))
     sites = []
     for name in sorted(set(site_spikes.column("site").to_pylist())):
+        file, member = (site_files or {}).get(name, (None, None))
         sites.append(
             Site(
                 site=name,
@@ -502,6 +511,8 @@ def split_sites(
                         pc.equal(matched.column("site"), name), pc.is_null(matched.column("site"))
                     )
                 ).select(["cell", "site_unit_id"]),
+                file=file,
+                member=member,
             )
         )
     return sites
@@ -650,6 +661,8 @@ class AreaInputs:
     pop_stim: np.ndarray  # (bands, samples)
     pop_fs_hz: float
     site_fs_hz: dict[str, float]
+    #: site -> (file, zip member) of its recording, named in errors
+    site_files: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -788,7 +801,9 @@ def rebin_area(
     site_ids = val_ids
     if not plan.est_from_population:
         site_ids = np.concatenate([other_stims.column("stim").to_numpy(), val_ids])
-    sites = split_sites(inputs.site_spikes, inputs.trials, inputs.cells, inputs.site_fs_hz)
+    sites = split_sites(
+        inputs.site_spikes, inputs.trials, inputs.cells, inputs.site_fs_hz, inputs.site_files
+    )
     early = spikes_before_0(inputs.site_spikes)
     jobs = [SiteJob(site, site_ids, dt_ms=dt_ms, n_bins=plan.n_bins) for site in sites]
 
@@ -971,6 +986,12 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
         site_spikes = schema.SITE_SPIKES.schema.empty_table()
         trials = schema.TRIALS.schema.empty_table()
     population = read_population_signals(store, area, (RESP, STIM))
+    recordings = store.read_table(
+        "recordings", area=area, columns=["kind", "site", "file", "member"]
+    )
+    site_files = {
+        r["site"]: (r["file"], r["member"]) for r in recordings.to_pylist() if r["kind"] == "site"
+    }
     return AreaInputs(
         stims=store.read_table("stims", area=area).drop_columns(["area"]),
         cells=store.read_table("cells", area=area).drop_columns(["area"]),
@@ -980,6 +1001,7 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
         pop_stim=population[STIM],
         pop_fs_hz=pop_fs_hz,
         site_fs_hz=site_fs_hz,
+        site_files=site_files,
     )
 
 
