@@ -73,6 +73,7 @@ FAULTS = {
         for fault in (
             "infinite epoch end",
             "site fs of a gigahertz",
+            "stim at another rate",
             "empty population",
             "empty site tgz",
             "pred_correlation repeated column",

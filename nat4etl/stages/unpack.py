@@ -373,6 +373,14 @@ def _check_population(rec: nems0.Recording, path: Path) -> list[str]:
             "of one recording share a time base; nothing written"
         )
         raise FormatError(msg, path=path, member=short.data_member)
+    if resp is not None and stim is not None and resp.header.fs_hz != stim.header.fs_hz:
+        # rebin-sites refused it naming the area only, after every other stage had run
+        msg = (
+            f"resp is at {resp.header.fs_hz:g} Hz ({resp.json_member}), stim at "
+            f"{stim.header.fs_hz:g} Hz: the signals of one recording share a time base; "
+            "nothing written"
+        )
+        raise FormatError(msg, path=path, member=stim.json_member)
     if resp is not None and resp.data.shape[1] == 0:  # an empty CSV: a raster of C x 0
         msg = "resp has no samples (an empty CSV); nothing written"
         raise FormatError(msg, path=path, member=resp.data_member)

@@ -528,6 +528,17 @@ def _stim_cut_short(d: Path) -> tuple[str, str]:
     return POP_A1, "stim.csv"
 
 
+def _stim_at_another_rate(d: Path) -> tuple[str, str]:
+    """stim's JSON at 99 Hz, resp's at 100: unpack wrote it, and rebin-sites refused it
+    naming the area only ("population resp and stim differ in fs")."""
+
+    def slower(body: bytes) -> bytes:
+        return json.dumps({**json.loads(body), "fs": 99}).encode()
+
+    _edit_population(d, "A1", ".stim.json", slower)
+    return POP_A1, f"{POP_A1}:A1_NAT4_ozgf_fs100_ch18/A1_NAT4_ozgf_fs100_ch18.stim.json: "
+
+
 def _empty_population(d: Path) -> tuple[str, str]:
     """resp and stim 0-byte CSVs (rasters of C x 0): rebin-sites failed with a traceback."""
     for suffix in (".resp.csv", ".stim.csv", ".mask_est.csv"):
@@ -604,6 +615,7 @@ BAD_INPUTS = {
     "infinite epoch end": _infinite_epoch_end,
     "site fs of a gigahertz": _site_fs_of_a_gigahertz,
     "stim cut short": _stim_cut_short,
+    "stim at another rate": _stim_at_another_rate,
     "empty population": _empty_population,
     "site tgz twice": _site_tgz_twice,
     "site tgz twice, one name": _site_tgz_twice_under_one_name,
