@@ -74,6 +74,7 @@ FAULTS = {
             "infinite epoch end",
             "site fs of a gigahertz",
             "stim at another rate",
+            "population at a gigahertz",
             "empty population",
             "empty site tgz",
             "pred_correlation repeated column",

@@ -381,6 +381,8 @@ def _check_population(rec: nems0.Recording, path: Path) -> list[str]:
             "nothing written"
         )
         raise FormatError(msg, path=path, member=stim.json_member)
+    if stim is not None:
+        _check_presentations_fit(rec, stim, path)
     if resp is not None and resp.data.shape[1] == 0:  # an empty CSV: a raster of C x 0
         msg = "resp has no samples (an empty CSV); nothing written"
         raise FormatError(msg, path=path, member=resp.data_member)
@@ -456,6 +458,34 @@ def read_sites(path: Path, rows: RawRows, sites: SiteData, progress) -> None:
             progress.advance(task, 1)
     finally:
         progress.done(task)
+
+
+def _check_presentations_fit(rec: nems0.Recording, stim: nems0.Signal, path: Path) -> None:
+    """No population STIM_ epoch may be longer, at stim's fs, than all of the data: the
+    JSON fs is wrong (at 1e9 Hz a 1.5 s sound is 1.5e9 samples, and rebin-sites failed
+    with a traceback allocating 101 GiB). One that runs past the data's end is NaN-padded
+    as NEMS0 pads it (parse-epochs reports it); one longer than the data would be nothing
+    else."""
+    fs_hz, n_samples = stim.header.fs_hz, stim.data.shape[1]
+    longest, where = 0.0, None
+    for sig in rec.signals.values():  # the recording's epochs: every signal's (section 3)
+        if sig.epochs is None or not n_samples:
+            continue
+        names = sig.epochs.column("name").to_pylist()
+        starts = sig.epochs.column("start_s").to_numpy(zero_copy_only=False)
+        ends = sig.epochs.column("end_s").to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore", over="ignore"):
+            lengths = np.where([nat4.is_stim(n) for n in names], ends - starts, np.nan)
+        lengths[~np.isfinite(lengths)] = np.nan
+        if np.any(~np.isnan(lengths)) and np.nanmax(lengths) > longest:
+            longest, where = float(np.nanmax(lengths)), sig
+    if where is not None and longest * fs_hz > n_samples + 0.5:
+        msg = (
+            f"a STIM_ epoch of {longest:g} s ({where.epoch_member}) is {longest * fs_hz:g} "
+            f"samples at this JSON's fs of {fs_hz:g} Hz, more than all {n_samples} of the "
+            "data (a wrong fs?); nothing written"
+        )
+        raise FormatError(msg, path=path, member=stim.json_member)
 
 
 def _check_site_resp(rec: nems0.Recording, path: Path, member: str) -> None:

@@ -539,6 +539,24 @@ def _stim_at_another_rate(d: Path) -> tuple[str, str]:
     return POP_A1, f"{POP_A1}:A1_NAT4_ozgf_fs100_ch18/A1_NAT4_ozgf_fs100_ch18.stim.json: "
 
 
+def _population_at_a_gigahertz(d: Path) -> tuple[str, str]:
+    """Every population JSON at 1e9 Hz: each 1.5 s sound is 1.5e9 samples of 1650, and
+    rebin-sites failed with a MemoryError traceback (101 GiB)."""
+
+    def faster(body: bytes) -> bytes:
+        return json.dumps({**json.loads(body), "fs": 1e9}).encode()
+
+    path = d / POP_A1
+    meta = ".meta.json"
+    path.write_bytes(
+        _retar(
+            path.read_bytes(),
+            lambda n, b: faster(b) if n.endswith(".json") and not n.endswith(meta) else b,
+        )
+    )
+    return POP_A1, f"{POP_A1}:A1_NAT4_ozgf_fs100_ch18/A1_NAT4_ozgf_fs100_ch18.stim.json: "
+
+
 def _empty_population(d: Path) -> tuple[str, str]:
     """resp and stim 0-byte CSVs (rasters of C x 0): rebin-sites failed with a traceback."""
     for suffix in (".resp.csv", ".stim.csv", ".mask_est.csv"):
@@ -616,6 +634,7 @@ BAD_INPUTS = {
     "site fs of a gigahertz": _site_fs_of_a_gigahertz,
     "stim cut short": _stim_cut_short,
     "stim at another rate": _stim_at_another_rate,
+    "population at a gigahertz": _population_at_a_gigahertz,
     "empty population": _empty_population,
     "site tgz twice": _site_tgz_twice,
     "site tgz twice, one name": _site_tgz_twice_under_one_name,
