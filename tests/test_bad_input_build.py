@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from nat4etl.cli import cli
-from tests.stages.test_unpack import BAD_INPUTS, _digest, _edit_site
+from tests.stages.test_unpack import BAD_INPUTS, POP_A1, _digest, _edit_site, _retar
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,24 @@ def _site_fs_off_the_bin_grid(d: Path) -> tuple[str, str]:
     return "A1_single_sites.zip", f"{member}: site "
 
 
+def _population_at_99_hz(d: Path) -> tuple[str, None]:
+    """Every population JSON at 99 Hz: a sound is 148 frames of 10.1 ms, which no whole-ms
+    bin divides. It was a configuration error (exit 2) naming no file, and suggesting the
+    bin widths that would do: "none"."""
+
+    def slower(body: bytes) -> bytes:
+        return json.dumps({**json.loads(body), "fs": 99}).encode()
+
+    path = d / POP_A1
+    path.write_bytes(
+        _retar(
+            path.read_bytes(),
+            lambda n, b: slower(b) if n.endswith(".json") and not n.endswith(".meta.json") else b,
+        )
+    )
+    return POP_A1, None
+
+
 #: BAD_INPUTS' faults that once crashed a build, and those only a build reads
 FAULTS = {
     **{
@@ -82,6 +100,7 @@ FAULTS = {
     },
     "wav.zip member twice": _wav_twice_under_one_name,
     "site fs off the bin grid": _site_fs_off_the_bin_grid,
+    "population at 99 Hz": _population_at_99_hz,
 }
 
 

@@ -82,12 +82,16 @@ class BinPlan:
         return self.frames_per_bin == 1
 
 
-def plan_bins(stims: pa.Table, *, dt_ms: float, pop_fs_hz: float) -> BinPlan:
+def plan_bins(
+    stims: pa.Table, *, dt_ms: float, pop_fs_hz: float, pop_file: str | None = None
+) -> BinPlan:
     """Check ``dt_ms`` against the presentation length and the population frame width.
 
     Raises ConfigError when ``dt_ms`` does not divide the presentation (responses cannot
     be binned at all); a width that only the spectrogram cannot follow is recorded in
-    ``spectrogram_unavailable`` instead, because responses are still well defined.
+    ``spectrogram_unavailable`` instead, because responses are still well defined. When
+    no bin width could, the population's own grid is at fault: an InputMismatch naming
+    ``pop_file``, whose JSON holds the fs.
     """
     if stims.num_rows == 0:
         raise InputMismatch("no stims to bin; rerun parse-epochs")
@@ -117,10 +121,17 @@ def plan_bins(stims: pa.Table, *, dt_ms: float, pop_fs_hz: float) -> BinPlan:
             if abs(window_ms / w - round(window_ms / w)) < 1e-9
             and abs(w / frame_ms - round(w / frame_ms)) < 1e-9
         ]
+        if not fits:  # at 99 Hz a sound is 148 frames of 10.1 ms: no --dt-ms helps
+            msg = (
+                f"the population's presentations are {pop_frames} frames at {pop_fs_hz:g} Hz "
+                f"({window_ms:g} ms): no bin width of whole ms divides them into whole "
+                "frames (a wrong JSON fs?)"
+            )
+            raise InputMismatch(msg, path=pop_file)
         raise ConfigError(
             f"dt_ms={dt_ms:g} does not divide the {window_ms:g} ms presentation; bin widths "
             f"that divide it into whole spectrogram frames: "
-            f"{', '.join(map(str, fits[:6])) or 'none'} ms"
+            f"{', '.join(map(str, fits[:6]))} ms"
         )
     k = binning.frames_per_bin(dt_ms, 1000.0 / pop_fs_hz)
     reason = None
@@ -661,8 +672,10 @@ class AreaInputs:
     pop_stim: np.ndarray  # (bands, samples)
     pop_fs_hz: float
     site_fs_hz: dict[str, float]
-    #: site -> (file, zip member) of its recording, named in errors
+    #: site -> (file, zip member) of its recording, and the population's file, named in
+    #: errors
     site_files: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    pop_file: str | None = None
 
 
 @dataclass
@@ -788,7 +801,9 @@ def rebin_area(
     rows are filled (A1: 300 MB of population and 280 MB of rows are never both held)
     and is dropped before the site pass.
     """
-    plan = plan_bins(inputs.stims, dt_ms=dt_ms, pop_fs_hz=inputs.pop_fs_hz)
+    plan = plan_bins(
+        inputs.stims, dt_ms=dt_ms, pop_fs_hz=inputs.pop_fs_hz, pop_file=inputs.pop_file
+    )
     if inputs.pop_resp.shape[0] != inputs.cells.num_rows:
         raise InputMismatch(
             f"population resp has {inputs.pop_resp.shape[0]} channels, the cells table "
@@ -992,6 +1007,7 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
     site_files = {
         r["site"]: (r["file"], r["member"]) for r in recordings.to_pylist() if r["kind"] == "site"
     }
+    pop_file = next((r["file"] for r in recordings.to_pylist() if r["kind"] == "population"), None)
     return AreaInputs(
         stims=store.read_table("stims", area=area).drop_columns(["area"]),
         cells=store.read_table("cells", area=area).drop_columns(["area"]),
@@ -1002,6 +1018,7 @@ def load_area(store, area: str, *, sites: bool = True) -> AreaInputs:
         pop_fs_hz=pop_fs_hz,
         site_fs_hz=site_fs_hz,
         site_files=site_files,
+        pop_file=pop_file,
     )
 
 
