@@ -65,7 +65,10 @@ def read_wav(
     try:
         samples, rate = soundfile.read(source, dtype="float32", always_2d=always_2d)
     except Exception as err:  # LibsndfileError, TypeError, RuntimeError for bad bytes
-        msg = f"not a readable sound file ({type(err).__name__}: {err})"
+        # libsndfile's own words: str(err) names the buffer ("<_io.BytesIO object at
+        # 0x7f...>"), an address that differs every run and tells nothing
+        why = getattr(err, "error_string", None) or err
+        msg = f"not a readable sound file ({type(err).__name__}: {why})"
         raise FormatError(msg, path=path, member=member) from err
     if rate <= 0:
         raise FormatError(f"sample rate {rate} Hz", path=path, member=member)

@@ -40,6 +40,7 @@ def test_garbage(data):
     with pytest.raises(FormatError) as info:
         read_wav(data, path="/d/wav.zip", member="wav/cat.wav")
     assert str(info.value).startswith("wav.zip:wav/cat.wav: not a readable sound file")
+    assert " object at 0x" not in str(info.value)  # libsndfile's reason, not the buffer's id
 
 
 @pytest.mark.parametrize("channels", [1, 2])
