@@ -105,6 +105,8 @@ class Decoded(NamedTuple):
 
     fs_hz: int
     missing_frames: int = 0
+    #: frames the file holds: 0 places nothing (a waveform of zeros), which is said
+    n_frames: int = -1
 
 
 def decode_wav(data: bytes, *, name: str = "", path: Path | None = None):
@@ -150,7 +152,7 @@ def table_recipe(stims: pa.Table, match: WavMatch, grid: AudioGrid) -> Recipe:
 def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str, Decoded]]:
     """The waveforms table, one row per stim of ``recipe``, and what decoding each wav
     member of ``path`` it used told (:class:`Decoded`); each member is decoded once and
-    placed straight into its rows. A cut wav is a warning.
+    placed straight into its rows. A cut wav, or one without audio, is a warning.
 
     The main thread inflates members in archive order while two workers decode and place
     them (libsndfile, soxr and numpy's copies release the GIL): align-wav alone went from
@@ -169,8 +171,14 @@ def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str,
     def decode_and_place(name: str, data: bytes) -> None:
         wav = decode_wav(data, name=name, path=path)
         fs_hz = int(wav.sample_rate_hz)
-        decoded[name] = Decoded(fs_hz, wav.missing_frames)
-        if wav.missing_frames:
+        n_frames = len(wav.samples)
+        decoded[name] = Decoded(fs_hz, wav.missing_frames, n_frames)
+        if n_frames == 0:
+            progress.log(
+                f"{path.name}:{name}: no audio (0 frames); its waveform is all zeros",
+                level="warning",
+            )
+        elif wav.missing_frames:
             progress.log(
                 f"{path.name}:{name}: the file ends {wav.missing_frames} frames before its "
                 "header says; placed as it is, zero-padded",
@@ -232,6 +240,7 @@ def _metadata(grid: AudioGrid, decoded: dict[str, Decoded], match: WavMatch) -> 
         "resampled": rates != [grid.audio_fs_hz],
         "case_only_matches": [list(x) for x in match.case_only],
         "cut_wavs": {m: d.missing_frames for m, d in sorted(decoded.items()) if d.missing_frames},
+        "empty_wavs": [m for m, d in sorted(decoded.items()) if d.n_frames == 0],
     }
 
 

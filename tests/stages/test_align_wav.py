@@ -218,3 +218,17 @@ def test_a_cut_wav_is_placed_as_it_is_with_a_warning_and_listed(tmp_path):
     mono = sounds["wav/cat1_bird.wav"][0]
     np.testing.assert_array_equal(values[0, start : start + 44_100 - 1000], mono[:-1000])
     assert not values[0, start + 44_100 - 1000 :].any()
+
+
+def test_a_wav_without_audio_is_a_warning_and_listed(tmp_path):
+    """A wav of 0 frames places nothing: its waveform is all zeros, which is said and
+    listed (before: silently, like a short sound)."""
+    sounds = _sounds()
+    sounds["wav/cat2.wav"] = (np.zeros((0, 2), np.float32), 48_000)
+    store, _, logs = _run(tmp_path, sounds)
+    warned = [line for line in logs if "wav/cat2.wav" in line and "0 frames" in line]
+    assert len(warned) == 1 and "all zeros" in warned[0]
+    md = store.table_metadata("waveforms", "A1")
+    assert md["empty_wavs"] == ["wav/cat2.wav"] and md["cut_wavs"] == {}
+    values = rs.vector_view(store.read_table("waveforms", area="A1"), "samples")
+    assert not values[1].any() and values[0].any() and values[2].any()
