@@ -941,6 +941,13 @@ def parse_area(inputs: AreaInputs) -> Parsed:
     report_wavs(stims, inputs.wav_names, report=report)
     if inputs.mask_est is not None and inputs.mask_fs_hz:
         report_mask_est(stims, inputs.mask_est, fs_hz=inputs.mask_fs_hz, report=report)
+    elif inputs.mask_fs_hz is not None:  # the signal is there, without a row to read
+        report.add(
+            "mask_est_disagrees",
+            MASK_EST,
+            "the population's mask_est has no row 0 (an empty CSV): no sound's subset was "
+            "checked against it; sounds are classed by name",
+        )
     if inputs.pop_n_samples is not None:
         report_population_extent(
             stims, n_samples=inputs.pop_n_samples, fs_hz=inputs.stim_fs_hz, report=report

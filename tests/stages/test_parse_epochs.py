@@ -791,7 +791,8 @@ def _parse_with_mask(raw: dict, mask) -> pe.Parsed:
     signals = raw["signals"].to_pylist()
     signals.append(
         {"recording": POP, "signal": "mask_est", "signal_type": "rasterized", "fs_hz": 100.0,
-         "n_chans": 1, "n_samples": len(mask), "chans": None, "segments_json": None,
+         "n_chans": 1, "n_samples": None if mask is None else len(mask), "chans": None,
+         "segments_json": None,
          "meta_json": None}
     )  # fmt: skip
     inputs = pe.area_inputs(
@@ -799,7 +800,7 @@ def _parse_with_mask(raw: dict, mask) -> pe.Parsed:
         pa.Table.from_pylist(signals, schema=schema.SIGNALS.schema),
         raw["epochs"],
         raw["site_spikes"],
-        mask_est=np.asarray(mask, dtype=np.float32),
+        mask_est=None if mask is None else np.asarray(mask, dtype=np.float32),
         area="A1",
     )
     return pe.parse_area(inputs)
@@ -836,6 +837,13 @@ def test_mask_est_shorter_than_a_sounds_epoch_is_reported():
 
 def test_without_mask_est_nothing_is_checked(parsed):
     assert _mask_kinds(parsed) == {}
+
+
+def test_a_mask_est_without_rows_is_reported_not_skipped():
+    """An empty mask_est CSV (a signal of no channels): nothing to check, which is said."""
+    rows = _mask_kinds(_parse_with_mask(_raw(), None))
+    assert list(rows) == ["mask_est"]
+    assert "no row 0" in rows["mask_est"] and "classed by name" in rows["mask_est"]
 
 
 @pytest.mark.parametrize(
