@@ -95,7 +95,7 @@ def render(out: str | Path, summaries: list[AreaSummary]) -> list[str]:
             f"{s.missing_pairs['val']} val"
             + (f", {s.missing_pairs.get('other', 0)} other" if s.n_stims_other else "")
             + f"; units with no val trial: {s.cells_without_val}; "
-            f"{s.n_report_rows} report rows"
+            f"{s.n_report_rows} report row{'s' if s.n_report_rows != 1 else ''}"
             + (
                 f" and {s.n_units_spikes_before_0} "
                 f"unit{'s' if s.n_units_spikes_before_0 != 1 else ''} with spike times before 0"
@@ -214,7 +214,8 @@ def render_report(listing: ReportListing, *, selection: str = "") -> list[str]:
         counts[r["kind"]] = counts.get(r["kind"], 0) + 1
     if rows:
         lines.append(
-            f"{len(rows)} report rows: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+            f"{len(rows)} report row{'s' if len(rows) != 1 else ''}: "
+            + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
         )
     elif selection:
         lines.append(f"no report rows {selection}")

@@ -374,7 +374,8 @@ def test_report_lists_spike_times_before_0_from_the_responses_metadata(tmp_path,
     ]
     text = CliRunner().invoke(cli, ["report", "--out", str(out)]).stdout.splitlines()
     assert f"A1  spikes_before_0  {site}/{unit}: {row['detail']}" in text
-    assert text[-1].startswith(f"{len(table) + 1} report rows: ")
+    n = len(table) + 1
+    assert text[-1].startswith(f"{n} report row{'s' if n != 1 else ''}: ")
     assert "spikes_before_0 1" in text[-1]
 
     # a store parse-epochs has been run on, rebin-sites not: no responses table
