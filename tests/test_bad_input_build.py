@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -18,7 +17,14 @@ import pytest
 from click.testing import CliRunner
 
 from nat4etl.cli import cli
-from tests.stages.test_unpack import BAD_INPUTS, POP_A1, _digest, _edit_site, _retar
+from tests.stages.test_unpack import (
+    BAD_INPUTS,
+    POP_A1,
+    _append_again,
+    _digest,
+    _edit_site,
+    _retar,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +55,7 @@ def _wav_twice_under_one_name(d: Path) -> tuple[str, str]:
     with zipfile.ZipFile(path) as zf:
         first, other = [n for n in zf.namelist() if n.endswith(".wav")][:2]
         body = zf.read(other)
-    with zipfile.ZipFile(path, "a") as zf, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
-        zf.writestr(first, body)
+    _append_again(path, first, body)
     return path.name, f"{first}: member appears twice"
 
 

@@ -582,10 +582,16 @@ def _site_tgz_twice_under_one_name(d: Path) -> tuple[str, str]:
     with zipfile.ZipFile(path) as zf:
         first = next(n for n in zf.namelist() if unpack.is_recording_member(n))
         body = zf.read(first)
+    _append_again(path, first, body)
+    return path.name, f"{first}: member appears twice"
+
+
+def _append_again(path: Path, name: str, body: bytes) -> None:
+    """Add ``name`` to the zip at ``path`` once more (``zipfile`` in append mode adds an
+    entry, as some tools do; the listing then names it twice)."""
     with zipfile.ZipFile(path, "a") as zf, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
-        zf.writestr(first, body)
-    return path.name, f"{first}: member appears twice"
+        zf.writestr(name, body)
 
 
 def _units_in_two_signals(d: Path) -> tuple[str, str]:
