@@ -537,7 +537,7 @@ def _check_raster_lengths(rec: nems0.Recording, path: Path, member: str) -> None
 
 #: the longest PointProcess raster `_check_raster_lengths` lets through: rebin-sites maps
 #: every sample of a site's session to its bin (4 bytes a sample: 2 GiB), NEMS0 holds 8
-#: bytes per unit and sample; 2**29 samples are 6 days at 1 kHz (a NAT4 site: 2 minutes)
+#: bytes per unit and sample; 2**29 samples are 6 days at 1 kHz (a NAT4 site: about 28 min)
 _MAX_RASTER = 2**29
 
 
