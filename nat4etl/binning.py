@@ -139,6 +139,17 @@ def samples_per_bin(dt_ms: float, fs_hz: float) -> int:
     return int(n)
 
 
+def whole_sample_widths_ms(fs_hz: float, up_to_ms: int = 10_000) -> np.ndarray:
+    """The bin widths of whole milliseconds, up to ``up_to_ms``, that hold a whole number
+    of samples at ``fs_hz`` (as :func:`samples_per_bin` accepts them): none means the
+    rate itself is odd (99 Hz, a wrong JSON fs), not the chosen width."""
+    widths = np.arange(1, up_to_ms + 1, dtype=np.float64)
+    exact = widths * float(fs_hz) / 1000.0
+    n = np.round(exact)
+    whole = (n >= 1) & (np.abs(exact - n) <= _TOL * np.maximum(1.0, exact))
+    return widths[whole].astype(np.int64)
+
+
 def bins_per_window(window_samples: int, group: int, *, what: str, dt_ms: float) -> int:
     """Bins in one presentation window; a ConfigError unless ``group`` divides it."""
     if window_samples % group:

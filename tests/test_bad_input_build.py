@@ -70,6 +70,18 @@ def _site_fs_off_the_bin_grid(d: Path) -> tuple[str, str]:
     return "A1_single_sites.zip", f"{member}: site "
 
 
+def _site_fs_no_bin_holds(d: Path) -> tuple[str, str]:
+    """A site JSON's fs of 1 mHz: no bin of whole ms up to 10 s holds whole samples, so
+    no --dt-ms helps: bad input (exit 3) naming the file, not a configuration error whose
+    hint was "a multiple of 1e+06 ms"."""
+
+    def slower(body: bytes) -> bytes:
+        return json.dumps({**json.loads(body), "fs": 1e-3}).encode()
+
+    member = _edit_site(d, "A1", ".resp.json", slower)
+    return "A1_single_sites.zip", f"{member}: site "
+
+
 def _population_at_99_hz(d: Path) -> tuple[str, None]:
     """Every population JSON at 99 Hz: a sound is 148 frames of 10.1 ms, which no whole-ms
     bin divides. It was a configuration error (exit 2) naming no file, and suggesting the
@@ -104,6 +116,7 @@ FAULTS = {
     },
     "wav.zip member twice": _wav_twice_under_one_name,
     "site fs off the bin grid": _site_fs_off_the_bin_grid,
+    "site fs no bin holds": _site_fs_no_bin_holds,
     "population at 99 Hz": _population_at_99_hz,
 }
 
@@ -117,7 +130,11 @@ def test_build_on_bad_input_fails_naming_it(fault, tmp_path, mini_sample, built)
     before = _digest(built)
     args = ["build", "--area", "all", "--source", str(bad), "--out", str(built)]
     result = CliRunner().invoke(cli, args)
-    _check_failed(result, built, before, file_name, *([member] if member else []))
+    error = _check_failed(result, built, before, file_name, *([member] if member else []))
+    if fault == "site fs no bin holds":
+        assert result.exit_code == 3 and "a wrong JSON fs?" in error
+    if fault == "site fs off the bin grid":  # 99 Hz: only whole seconds hold whole samples
+        assert result.exit_code == 2 and "Widths that are: 1000, 2000, 3000" in error
 
 
 def _enospc(*args, **kwargs):

@@ -248,3 +248,12 @@ def test_segments_concatenate_and_an_epoch_out_of_order_ends_the_loop():
         np.array([[0.5, 1.0], [0.5, 1.01], [4.0, 5.5], [5.0, 6.0]]), segments
     )
     assert inside.tolist() == [True, False, False, True]  # both ends included
+
+
+def test_whole_sample_widths_ms():
+    """The whole-ms bin widths samples_per_bin accepts at a rate, and none at an odd one."""
+    assert binning.whole_sample_widths_ms(1000.0, up_to_ms=5).tolist() == [1, 2, 3, 4, 5]
+    assert binning.whole_sample_widths_ms(99.0).tolist()[:3] == [1000, 2000, 3000]
+    assert binning.whole_sample_widths_ms(1e-3).tolist() == []
+    for w in binning.whole_sample_widths_ms(44_100.0, up_to_ms=100):
+        assert binning.samples_per_bin(float(w), 44_100.0) == w * 441 // 10
