@@ -207,9 +207,10 @@ def waveforms(recipe: Recipe, path: Path, progress) -> tuple[pa.Table, dict[str,
 
 # ============================================================================ stage
 def wav_zip_path(store, settings) -> Path:
-    """wav.zip as fetched into the store's raw dir, else, in a store without raw files,
-    in ``--source``: the one the stage's fingerprint covers and parse-epochs lists
-    (:func:`nat4etl.fingerprint.raw_file`), not one a ``--no-wav`` fetch left in raw/."""
+    """wav.zip in the ``--source`` mirror when the stage is given one, else as fetched
+    into the store's raw dir: the one the stage's fingerprint covers and parse-epochs
+    lists (:func:`nat4etl.fingerprint.raw_file`), not one a ``--no-wav`` fetch left in
+    raw/."""
     from nat4etl.fingerprint import raw_data_files, raw_file
 
     path = raw_file(store.root, nat4.WAV_ZIP, settings.source_dir)

@@ -1269,9 +1269,10 @@ def wav_members(store, settings) -> pa.Table | None:
     """``wav.zip``'s members as ``source_members`` rows (no audio is decoded: align-wav
     does that); None without wav.zip (a ``--no-wav`` store): then no wav name is checked.
 
-    The file is the one the stage's fingerprint covers: raw/wav.zip if fetch got it
-    (a ``--no-wav`` fetch leaves an earlier one in raw/ but not in fetch.json, and it is
-    not read), else, in a store without raw files, the ``--source`` mirror's."""
+    The file is the one the stage's fingerprint covers (:func:`~nat4etl.fingerprint.raw_file`):
+    the ``--source`` mirror's when the stage is given one, else raw/wav.zip if fetch got
+    it (a ``--no-wav`` fetch leaves an earlier one in raw/ but not in fetch.json, and it is
+    not read)."""
     from nat4etl.fingerprint import raw_file
     from nat4etl.formats import archive
     from nat4etl.stages.unpack import is_stray
