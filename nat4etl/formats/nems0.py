@@ -720,7 +720,8 @@ def read_epochs(
     """Read an ``R.S.epoch.csv`` by header names.
 
     Returns ``name`` (string, as written: ``NA``/``NULL`` stay names), ``start_s`` and
-    ``end_s`` (float64 seconds, empty field = NaN), then any extra columns as strings, in
+    ``end_s`` (float64 seconds; an empty field, or another of pandas' NA strings such as
+    ``NA`` or ``NULL``, is NaN, as NEMS0 reads it), then any extra columns as strings, in
     file row order (rows are not sorted or deduplicated). An unnamed leading column (a
     pandas index) is dropped.
     """
@@ -785,10 +786,15 @@ def read_epochs(
     return pa.table(out)
 
 
+#: a start/end field pandas reads as NaN (its default ``na_values``: "", "NA", "NULL", ...)
+_NA_TIMES = frozenset(na.decode() for na in nems0_csv.PANDAS_NA) | {""}
+
+
 def _float_column(
     values: Sequence[str], column: str, line_of: Callable[[int], int], bad
 ) -> pa.Array:
-    """Python's ``float`` of each field ("" is NaN; no digit-group underscores)."""
+    """Python's ``float`` of each field, as ``pd.read_csv`` reads it (one of pandas'
+    default NA strings, the empty field among them, is NaN; no digit-group underscores)."""
     if "_" not in "".join(values):
         try:  # every field a number: one pass in C (0.2 s per build in the row loop)
             return pa.array(np.fromiter(map(float, values), np.float64, len(values)))
@@ -796,7 +802,7 @@ def _float_column(
             pass  # an empty field, or a bad one to name: field by field below
     out = np.empty(len(values), np.float64)
     for i, text in enumerate(values):
-        if text == "":
+        if text in _NA_TIMES:
             out[i] = np.nan
             continue
         try:

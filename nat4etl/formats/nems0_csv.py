@@ -79,12 +79,12 @@ _ABOVE = 1.0 + 2.0**-49
 
 #: pandas' default ``na_values``: NEMS0 reads the data with ``pd.read_csv``, so a field
 #: spelled any of these is NaN to it (``np.savetxt`` itself writes ``nan``)
-_PANDAS_NA = (
+PANDAS_NA = (
     b"#N/A", b"#N/A N/A", b"#NA", b"-1.#IND", b"-1.#QNAN", b"-NaN", b"-nan", b"1.#IND",
     b"1.#QNAN", b"<NA>", b"N/A", b"NA", b"NULL", b"NaN", b"None", b"n/a", b"nan", b"null",
 )  # fmt: skip
 _SPECIAL = {
-    **dict.fromkeys(_PANDAS_NA, math.nan),
+    **dict.fromkeys(PANDAS_NA, math.nan),
     b"inf": math.inf,
     b"-inf": -math.inf,
     b"": math.nan,

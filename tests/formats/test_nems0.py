@@ -271,6 +271,18 @@ def test_epoch_csv_quirks():
     assert d["extra"] == ["x", "", "y", "y", "z"]
 
 
+def test_epoch_times_in_pandas_na_spellings_are_nan():
+    """NEMS0 reads the table with pd.read_csv: a start/end of NA, NULL, N/A, None ... is
+    NaN to it (such an epoch is then left out, and a STIM_ one reported), not an error."""
+    spellings = ["NA", "NULL", "N/A", "None", "#N/A", "<NA>", "n/a", "null", "-NaN", "1.#IND"]
+    text = "name,start,end\n" + "".join(f"E{i},{na},{i}\n" for i, na in enumerate(spellings))
+    table = read_epochs(text.encode())
+    assert np.isnan(table.column("start_s").to_numpy()).all()
+    assert table.column("end_s").to_pylist() == [float(i) for i in range(len(spellings))]
+    with pytest.raises(FormatError, match="start is not a number: 'NAN!'"):
+        read_epochs(b"name,start,end\nA,NAN!,1\n")
+
+
 @pytest.mark.parametrize("missing", ["name", "start", "end"])
 def test_epoch_csv_missing_column_names_member(missing):
     cols = [c for c in ("name", "start", "end") if c != missing]
