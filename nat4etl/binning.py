@@ -130,10 +130,12 @@ def samples_per_bin(dt_ms: float, fs_hz: float) -> int:
     exact = dt_ms * fs_hz / 1000.0
     n = round(exact)
     if n < 1 or abs(exact - n) > _TOL * max(1.0, exact):
+        widths = whole_sample_widths_ms(fs_hz)
+        hint = ", ".join(f"{w:d}" for w in widths[:6]) + (", ..." if len(widths) > 6 else "")
         msg = (
             f"dt_ms={dt_ms:g} is not a whole number of samples at the site files' "
             f"{fs_hz:g} Hz ({exact:g} samples); responses are summed from whole samples. "
-            f"Hint: choose a multiple of {1000.0 / fs_hz:g} ms"
+            + (f"Widths that are: {hint} ms" if len(widths) else "No bin of whole ms up to 10 s is")
         )
         raise ConfigError(msg)
     return int(n)

@@ -324,16 +324,14 @@ class SiteJob:
         try:
             self.group = binning.samples_per_bin(dt_ms, site.fs_hz)
         except ConfigError as err:  # the bin width, or this one site's fs: name the site
-            # and its file (its JSON holds the fs), and the widths that would do, if any
-            widths = binning.whole_sample_widths_ms(site.fs_hz)
-            if not len(widths):
+            # and its file (its JSON holds the fs); with no width that would do, the fs
+            if not len(binning.whole_sample_widths_ms(site.fs_hz)):
                 msg = (
                     f"site {site.site}: its fs of {site.fs_hz:g} Hz gives no bin of whole "
                     "milliseconds (up to 10 s) a whole number of samples (a wrong JSON fs?)"
                 )
                 raise InputMismatch(msg, path=site.file, member=site.member) from None
-            hint = ", ".join(f"{w:d}" for w in widths[:6]) + (", ..." if len(widths) > 6 else "")
-            msg = f"site {site.site}: {err.msg.split(' Hint:')[0]} Widths that are: {hint} ms"
+            msg = f"site {site.site}: {err.msg}"
             raise ConfigError(msg, path=site.file, member=site.member) from None
         trials = site.trials.filter(
             pc.is_in(site.trials.column("stim"), pa.array(stim_ids, pa.int32()))
