@@ -644,8 +644,8 @@ def report_population_extent(
     """Sounds whose population epoch runs past the end of the population's data: their
     spectrogram and est responses are NaN-padded there (NEMS0 extract_epoch), which the
     values alone would not tell from a unit not recorded."""
-    for s in stims:
-        start = int(binning.epoch_samples(np.array([s.pop_start_s]), fs_hz)[0])
+    starts = binning.epoch_samples(np.array([s.pop_start_s for s in stims]), fs_hz)
+    for s, start in zip(stims, starts.tolist(), strict=True):
         beyond = start + s.n_frames - max(n_samples, start)
         if beyond > 0:
             report.add(
@@ -1068,6 +1068,7 @@ def area_inputs(
                 for m in source_members.to_pylist()
                 if m["kind"] == "wav"
             ]
+    units = site_spikes.select(["site", "signal", "unit_id"]).to_pylist()
     segments, segment_signal_types = {}, {}
     for r in signals.to_pylist():
         if (spans := _segments(r["segments_json"])) is not None:
@@ -1085,15 +1086,9 @@ def area_inputs(
         site_silences=site_silences,
         # a site's units are its resp's (rec['resp'], what rebin-sites bins): a unit of
         # another PointProcess signal matched here was counted trials and binned nowhere
-        site_units=[
-            (r["site"], r["unit_id"])
-            for r in site_spikes.select(["site", "signal", "unit_id"]).to_pylist()
-            if r["signal"] == RESP
-        ],
+        site_units=[(r["site"], r["unit_id"]) for r in units if r["signal"] == RESP],
         unbinned_units={
-            r["unit_id"]: f"{r['site']}/{r['signal']}"
-            for r in site_spikes.select(["site", "signal", "unit_id"]).to_pylist()
-            if r["signal"] != RESP
+            r["unit_id"]: f"{r['site']}/{r['signal']}" for r in units if r["signal"] != RESP
         },
         site_fs_hz={
             r["site"]: float(sig[(r["recording"], "resp")]["fs_hz"])

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from nat4etl import memory, nat4, schema
 from nat4etl.errors import FormatError, MissingMember
@@ -471,11 +472,11 @@ def _check_presentations_fit(rec: nems0.Recording, stim: nems0.Signal, path: Pat
     for sig in rec.signals.values():  # the recording's epochs: every signal's (section 3)
         if sig.epochs is None or not n_samples:
             continue
-        names = sig.epochs.column("name").to_pylist()
+        is_stim = pc.starts_with(sig.epochs.column("name"), nat4.STIM_PREFIX).fill_null(False)
         starts = sig.epochs.column("start_s").to_numpy(zero_copy_only=False)
         ends = sig.epochs.column("end_s").to_numpy(zero_copy_only=False)
         with np.errstate(invalid="ignore", over="ignore"):
-            lengths = np.where([nat4.is_stim(n) for n in names], ends - starts, np.nan)
+            lengths = np.where(is_stim.to_numpy(zero_copy_only=False), ends - starts, np.nan)
         lengths[~np.isfinite(lengths)] = np.nan
         if np.any(~np.isnan(lengths)) and np.nanmax(lengths) > longest:
             longest, where = float(np.nanmax(lengths)), sig
