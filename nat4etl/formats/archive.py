@@ -71,6 +71,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
 _PIECE_BYTES = 4 << 20  # inflate into the caller's buffer this much at a time
 _DRAIN_LIMIT_BYTES = 64 << 20  # bytes after the tar end marker we inflate to check the gzip CRC
+_GZIP_READ_BYTES = 512 << 10  # compressed bytes read at a time from a gzip stream
 _ZIP_READ_BYTES = 1 << 20  # compressed bytes read at a time from a zip member
 
 # Everything a damaged archive can raise from the standard library or isal.
@@ -478,9 +479,7 @@ class _Inflated(io.RawIOBase):
     def __init__(self, raw: BinaryIO, gzipped: bool, limits: Limits, where: _Where):
         super().__init__()
         self._counter = _CountingReader(raw)
-        self._inner: BinaryIO = (
-            _gzip.GzipFile(fileobj=self._counter, mode="rb") if gzipped else self._counter
-        )
+        self._inner: BinaryIO = _gunzipped(self._counter) if gzipped else self._counter
         self._gzipped = gzipped
         self._pos = 0
         self._seen = 0  # furthest decompressed byte reached
@@ -503,8 +502,7 @@ class _Inflated(io.RawIOBase):
         return self._pos
 
     def readinto(self, b) -> int:
-        # Cache-sized pieces: GzipFile.readinto is read()+copy, and a fresh 16 MiB bytes
-        # object per call costs more in page faults than the inflate itself.
+        # At most _PIECE_BYTES a call, so the ratio and total bounds are checked as we go.
         view = memoryview(b).cast("B")[:_PIECE_BYTES]
         got = self._inner.readinto(view)
         self._advance(got)
@@ -554,6 +552,18 @@ class _Inflated(io.RawIOBase):
         if not self._gzipped:
             return
         self.seek(self._pos + _DRAIN_LIMIT_BYTES)
+
+
+def _gunzipped(raw: BinaryIO) -> BinaryIO:
+    """A gzip stream's inflated bytes, read into the caller's buffer where the inflate can.
+
+    GzipFile.readinto is read() + copy (a fresh bytes object per call); isal's reader
+    under it inflates straight into a buffer, so that reader is used without the wrapper.
+    """
+    reader = getattr(_isal_zlib, "_GzipReader", None)  # isal's own, private: checked
+    if reader is not None:
+        return io.BufferedReader(reader(raw, _GZIP_READ_BYTES))
+    return _gzip.GzipFile(fileobj=raw, mode="rb")
 
 
 class _CountingReader(io.RawIOBase):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import os
 import struct
@@ -360,12 +361,16 @@ def test_missing_file_is_an_archive_error(tmp_path):
 def test_isal_is_used_when_installed():
     pytest.importorskip("isal")
     assert archive._gzip.__name__ == "isal.igzip"
+    # isal's reader itself, not GzipFile, whose readinto is read() plus a copy
+    stream = archive._gunzipped(io.BytesIO(gzip.compress(b"x" * 10)))
+    assert type(stream.raw).__name__ == "_GzipReader"
+    assert stream.read() == b"x" * 10
 
 
 def test_works_with_the_standard_gzip_module(monkeypatch):
-    import gzip
-
     monkeypatch.setattr(archive, "_gzip", gzip)
+    monkeypatch.setattr(archive, "_isal_zlib", None)
+    assert isinstance(archive._gunzipped(io.BytesIO(gzip.compress(b""))), gzip.GzipFile)
     data = tar_bytes(MEMBERS)
     assert contents(data) == dict(MEMBERS)
     with pytest.raises(ArchiveError):
