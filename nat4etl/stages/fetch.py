@@ -302,12 +302,33 @@ def _listing_from_source(
     )
     absent = [n for n in names if not (source_dir / n).is_file()]
     if absent:
-        raise InputMismatch(
-            f"source {source_dir} lacks {', '.join(absent)}", path=source_dir / absent[0]
-        )
+        raise _source_lacks(source_dir, absent)
     remote = [_describe_local(source_dir / n) for n in names]
     record = _synthesized_record(remote, record_id, source_dir)
     return Listing(remote, record, str(source_dir), published_checksums=False)
+
+
+def _source_lacks(source_dir: Path, absent: list[str]) -> InputMismatch:
+    """The error for Zenodo files a mirror does not hold, with what to do about each.
+
+    deepSTRF's ``download_nat4`` unzips what it fetched into folders of the same stem
+    (``A1_single_sites/``, ``wav/``), and its loader also took the population tgz
+    extracted: a user may point --source at that directory with the archives gone.
+    """
+    hints = []
+    for name in absent:
+        folder = source_dir / name.removesuffix(".zip").removesuffix(".tgz")
+        if folder.is_dir():
+            hints.append(
+                f"{folder.name}/ is {name} unpacked, which nat4etl does not read: put {name} "
+                "beside it, as Zenodo publishes it"
+            )
+    if WAV_FILE in absent:
+        hints.append("--no-wav builds without the waveforms")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return InputMismatch(
+        f"source {source_dir} lacks {', '.join(absent)}{hint}", path=source_dir / absent[0]
+    )
 
 
 def _record_id(record_json: bytes) -> int | None:
@@ -464,6 +485,13 @@ def fetch(
             source_dir=source_dir,
             cache_writable=cache_writable,
         )
+        absent = [
+            step.remote.name
+            for step in steps
+            if step.action == "copy-from-source" and not step.source.is_file()
+        ]
+        if absent:  # all at once, before anything changes
+            raise _source_lacks(Path(source_dir), absent)
         if any(step.action != "up-to-date" for step in steps):
             _forget_manifests(dest_dir)  # until the end, they would vouch for changing files
         executor = _Executor(http, policy, timeout_s, progress, cancel)
@@ -642,7 +670,7 @@ class _Executor:
     def _copy_from_source(self, step: FetchStep) -> None:
         assert step.source is not None
         if not step.source.is_file():
-            raise InputMismatch(f"not in source directory {step.source.parent}", path=step.source)
+            raise _source_lacks(step.source.parent, [step.remote.name])
         # copied, never hardlinked: the user may rewrite their mirror in place later
         why = self._install(step.source, step.target, step.remote, link=False)
         if why is not None:

@@ -630,6 +630,34 @@ def test_source_missing_file(server: FakeZenodo, tmp_path: Path) -> None:
         fetch(tmp_path / "raw", areas=["A1"], wav=False, source_dir=src)
 
 
+@pytest.mark.parametrize("record", [False, True])
+def test_source_in_deepstrf_layout_says_what_to_do(
+    server: FakeZenodo, tmp_path: Path, record: bool
+) -> None:
+    """deepSTRF's data directory: the zips unpacked into folders of their stem, and the
+    zips deleted. The error names each absent file, its folder, and --no-wav for wav.zip,
+    whether a record.json lists the files or not."""
+    src = _mirror(server, tmp_path / "deepstrf", record=record)
+    for name in ("A1_single_sites.zip", "wav.zip"):
+        (src / name).unlink()
+        (src / name.removesuffix(".zip")).mkdir()
+    with pytest.raises(InputMismatch) as info:
+        fetch(tmp_path / "raw", areas=["A1"], wav=True, source_dir=src, jobs=1)
+    msg = str(info.value)
+    assert "A1_single_sites/ is A1_single_sites.zip unpacked" in msg
+    assert "--no-wav builds without the waveforms" in msg
+    assert "lacks A1_single_sites.zip, wav.zip (" in msg  # every one, before any copy
+    assert "wav/ is wav.zip unpacked" in msg
+    assert not (tmp_path / "raw" / "A1_single_sites.zip").exists()
+    (src / "A1_single_sites").rmdir()
+    (src / "A1_single_sites.zip").write_bytes(server.files["A1_single_sites.zip"])
+    with pytest.raises(InputMismatch) as info:
+        fetch(tmp_path / "raw", areas=["A1"], wav=True, source_dir=src)
+    assert "lacks wav.zip (wav/ is wav.zip unpacked" in str(info.value)
+    fetch(tmp_path / "raw", areas=["A1"], wav=False, source_dir=src)  # the hint works
+    assert_has(tmp_path / "raw", server, AREA_FILES["A1"])
+
+
 def test_source_same_as_dest_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="same directory"):
         fetch(tmp_path, areas=["A1"], source_dir=tmp_path)
