@@ -10,6 +10,7 @@
       InputMismatch              inputs disagree (missing wavs, ...)         exit 3
       FetchError                 network / download failure                  exit 4
         RemoteUnavailable        retries exhausted, HTTP error
+        RemoteRefused            a status retrying cannot change (404, 403, ...)
       VerificationError          a digest or size does not match             exit 6
         ChecksumMismatch
       StoreError                 the output store is unusable                exit 7
@@ -77,6 +78,14 @@ class FetchError(Nat4EtlError):
 
 class RemoteUnavailable(FetchError):
     pass
+
+
+class RemoteRefused(FetchError):
+    """The server answered with a status that retrying cannot change (``status_code``)."""
+
+    def __init__(self, msg: str, *, status_code: int | None = None, **where):
+        super().__init__(msg, **where)
+        self.status_code = status_code
 
 
 class VerificationError(Nat4EtlError):

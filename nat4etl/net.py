@@ -10,7 +10,7 @@ What is retried, and how:
 - At most ``max_attempts`` consecutive failures. A download that failed *after* bringing
   new bytes resets that count (a long transfer on a flaky link keeps moving); a hard cap
   of ``10 * max_attempts`` requests per download bounds it anyway.
-- Other 4xx are not retried: :class:`~nat4etl.errors.FetchError` naming the URL.
+- Other 4xx are not retried: :class:`~nat4etl.errors.RemoteRefused` naming the URL and status.
   Exhausted retries: :class:`~nat4etl.errors.RemoteUnavailable` naming the URL and the
   last failure.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from nat4etl import __version__
-from nat4etl.errors import FetchError, RemoteUnavailable, VerificationError
+from nat4etl.errors import FetchError, RemoteRefused, RemoteUnavailable, VerificationError
 
 if TYPE_CHECKING:  # imported where a request is made: a build from a local mirror
     import httpx  # never makes one, and importing httpx costs ~40 ms
@@ -330,7 +330,8 @@ def _wait(
 
 def _raise_if_not_retryable(response: httpx.Response, url: str) -> None:
     if not is_retryable_status(response.status_code):
-        raise FetchError(f"GET {url}: {status_text(response)}; not retried")
+        msg = f"GET {url}: {status_text(response)}; not retried"
+        raise RemoteRefused(msg, status_code=response.status_code)
 
 
 def status_text(response: httpx.Response) -> str:

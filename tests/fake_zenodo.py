@@ -5,6 +5,7 @@ Serves a set of files as one record::
     GET /api/records/<id>                          the record JSON (legacy, new or export shape)
     GET /api/records/<id>/files/<key>/content      a file (Range supported)
     GET /api/files/<bucket>/<key>                  the same file (legacy ``links.self``)
+    GET /records/<id>/files/<key>?download=1      the same file (the web page's link)
 
 Every request is logged (method, path, headers, status, fault). Faults are queued per
 file name (or :data:`RECORD` for the record endpoint) and consumed one per request::
@@ -244,6 +245,7 @@ def content_name(path: str) -> str | None:
         re.fullmatch(r"/api/records/\d+/files/([^/]+)/content", path)
         or re.fullmatch(r"/api/files/[^/]+/([^/]+)", path)
         or re.fullmatch(r"/storage/[^/]+/([^/]+)", path)
+        or re.fullmatch(r"/records/\d+/files/([^/]+)", path)
     )
     return unquote(match.group(1)) if match else None
 

@@ -9,8 +9,11 @@ Three shapes are accepted (``docs/nat4-dataset.md``, "Zenodo API"):
 
 The content URL is ``links.content``, else ``{base_url}/api/records/{id}/files/{key}/content``
 (the dataset notes' order), and ``links.self`` only when the record has no id to build that
-from: on today's Zenodo a file's ``self`` may name its metadata, not its bytes. This
-module knows HTTP shapes only, nothing of NAT4 or of which files a caller needs.
+from: on today's Zenodo a file's ``self`` may name its metadata, not its bytes. Where the
+record id is known, the API's content URL and the web page's download link,
+``{base_url}/records/{id}/files/{key}?download=1``, are kept as fallbacks for a primary URL
+the server refuses. This module knows HTTP shapes only, nothing of NAT4 or of which files a
+caller needs.
 """
 
 from __future__ import annotations
@@ -28,12 +31,17 @@ _HEX = set("0123456789abcdef")
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One file a record offers: its name, size, md5 (lower-case hex) and content URL."""
+    """One file a record offers: its name, size, md5 (lower-case hex) and content URL.
+
+    ``fallback_urls``: the same bytes elsewhere, in the order to try them when the server
+    refuses ``url`` (404, 403, 410): Zenodo has moved its download routes before.
+    """
 
     name: str
     size_bytes: int
     md5: str
     url: str
+    fallback_urls: tuple[str, ...] = ()
 
 
 def record_url(base_url: str, record_id: int | str) -> str:
@@ -42,8 +50,13 @@ def record_url(base_url: str, record_id: int | str) -> str:
 
 
 def content_url(base_url: str, record_id: int | str, name: str) -> str:
-    """The fallback content URL when an entry carries no link."""
+    """The API's content URL, used when an entry carries no link."""
     return f"{record_url(base_url, record_id)}/files/{quote(name)}/content"
+
+
+def download_url(base_url: str, record_id: int | str, name: str) -> str:
+    """The record web page's download link (the dataset notes' last resort)."""
+    return f"{base_url.rstrip('/')}/records/{record_id}/files/{quote(name)}?download=1"
 
 
 def parse_record_bytes(
@@ -122,17 +135,22 @@ def _remote_file(
     size = entry.get("size", entry.get("filesize"))
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise FormatError(f"size {size!r} is not a byte count", path=source, member=name)
+    url = _url(
+        entry.get("links") or {}, base_url=base_url, record_id=record_id, name=name, source=source
+    )
+    fallbacks = ()
+    if record_id is not None:
+        alternatives = (
+            content_url(base_url, record_id, name),
+            download_url(base_url, record_id, name),
+        )
+        fallbacks = tuple(u for u in dict.fromkeys(alternatives) if u != url)
     return RemoteFile(
         name=name,
         size_bytes=size,
         md5=_md5(entry.get("checksum"), name=name, source=source),
-        url=_url(
-            entry.get("links") or {},
-            base_url=base_url,
-            record_id=record_id,
-            name=name,
-            source=source,
-        ),
+        url=url,
+        fallback_urls=fallbacks,
     )
 
 

@@ -51,6 +51,7 @@ from nat4etl.errors import (
     ConfigError,
     FetchError,
     InputMismatch,
+    RemoteRefused,
     StoreError,
     VerificationError,
 )
@@ -284,7 +285,9 @@ def _listing_from_source(
             data, base_url=DEFAULT_ZENODO_URL, record_id=record_id, source=str(record_path)
         )
         # the bytes come from the directory; the record only vouches for them
-        remote = [replace(rf, url=_file_uri(source_dir / rf.name)) for rf in listed]
+        remote = [
+            replace(rf, url=_file_uri(source_dir / rf.name), fallback_urls=()) for rf in listed
+        ]
         listed_id = _record_id(data)
         if listed_id is not None and listed_id != record_id:
             progress.log(
@@ -585,6 +588,7 @@ class _Executor:
         self.progress = progress
         self.cancel = cancel
         self.downloaded_bytes = 0
+        self.used_urls: dict[str, str] = {}  # file name -> the URL its bytes came from
         self._lock = threading.Lock()
 
     def run(self, steps: list[FetchStep], *, jobs: int) -> list[FetchEntry]:
@@ -756,17 +760,7 @@ class _Executor:
         self.progress.start(rf.name, total=rf.size_bytes)
         try:
             try:
-                net.download(
-                    self._http(),
-                    rf.url,
-                    part,
-                    size_bytes=rf.size_bytes,
-                    policy=self.policy,
-                    timeout_s=self.timeout_s,
-                    on_bytes=lambda n: self._advance(rf.name, n, network=True),
-                    on_restart=lambda: self.progress.reset(rf.name),
-                    on_retry=_warn(self.progress, rf.name),
-                )
+                self._download_from_any(rf, part)
             except (FetchError, VerificationError) as err:  # same class, naming the file
                 msg = f"{err.msg}; nothing written under the final name"
                 raise type(err)(msg, path=target) from err
@@ -780,6 +774,41 @@ class _Executor:
             with contextlib.suppress(OSError):  # a cache turned read-only: not the error
                 part.unlink(missing_ok=True)
             self.progress.done(rf.name)
+
+    def _download_from_any(self, rf: RemoteFile, part: Path) -> None:
+        """``rf.url`` into ``part``, else the first of its fallbacks the server serves: a
+        refusal (404, 403, 410) moves on, any other failure ends the download."""
+        urls = (rf.url, *rf.fallback_urls)
+        refusals: list[str] = []
+        for i, url in enumerate(urls):
+            try:
+                net.download(
+                    self._http(),
+                    url,
+                    part,
+                    size_bytes=rf.size_bytes,
+                    policy=self.policy,
+                    timeout_s=self.timeout_s,
+                    on_bytes=lambda n: self._advance(rf.name, n, network=True),
+                    on_restart=lambda: self.progress.reset(rf.name),
+                    on_retry=_warn(self.progress, rf.name),
+                )
+            except RemoteRefused as err:
+                if err.status_code not in _REFUSALS_WITH_FALLBACK:
+                    raise
+                refusals.append(err.msg.removesuffix("; not retried"))
+                if i + 1 < len(urls):
+                    self.progress.log(
+                        f"{rf.name}: {refusals[-1]}; trying {urls[i + 1]}", level="warning"
+                    )
+                    continue
+                if len(refusals) == 1:
+                    raise
+                raise RemoteRefused(
+                    f"{'; '.join(refusals)}; every URL refused", status_code=err.status_code
+                ) from err
+            self.used_urls[rf.name] = url
+            return
 
     def _install(
         self, source: Path, target: Path, rf: RemoteFile, *, link: bool, count_progress: bool = True
@@ -832,8 +861,12 @@ class _Executor:
         return self.client
 
     def _entry(self, rf: RemoteFile, via: str) -> FetchEntry:
-        return FetchEntry(rf.name, rf.size_bytes, rf.md5, rf.url, _now_iso(), via)
+        url = self.used_urls.get(rf.name, rf.url)
+        return FetchEntry(rf.name, rf.size_bytes, rf.md5, url, _now_iso(), via)
 
+
+#: statuses after which a file's fallback URLs are tried (not found, forbidden, gone)
+_REFUSALS_WITH_FALLBACK = frozenset({403, 404, 410})
 
 #: a cache entry that fails to write with one of these is skipped, not fatal
 _CACHE_UNWRITABLE_ERRNOS = frozenset(

@@ -35,6 +35,7 @@ from nat4etl.errors import (
     FetchError,
     FormatError,
     InputMismatch,
+    RemoteRefused,
     RemoteUnavailable,
     StoreError,
 )
@@ -353,6 +354,47 @@ def test_fault_fails_cleanly(
     assert_cache_clean(cache)
     # the other files were not held hostage by the bad one
     assert_has(dest, server, [n for n in AREA_FILES["A1"] if n != TARGET])
+
+
+def test_a_refused_url_falls_back_to_the_record_pages_download_link(
+    server: FakeZenodo, tmp_path: Path, cache: Path
+) -> None:
+    """The dataset notes' fallback: ``/records/<id>/files/<key>?download=1`` when the API's
+    content URL is refused (Zenodo has moved its routes before); fetch.json says which
+    URL the bytes came from."""
+    server.inject(TARGET, Fault("status", status=404))
+    progress = Recorder()
+    run(server, tmp_path / "raw", cache, areas=["A1"], wav=False, progress=progress)
+    assert_has(tmp_path / "raw", server, AREA_FILES["A1"])
+    web = f"/records/{server.record_id}/files/{TARGET}?download=1"
+    assert [r.path for r in server.content_gets(TARGET)] == [
+        f"/api/records/{server.record_id}/files/{TARGET}/content",
+        web,
+    ]
+    (warning,) = [w for w in progress.warnings() if w.startswith(TARGET)]
+    assert "HTTP 404" in warning and f"trying {server.url}{web}" in warning
+    entries = json.loads((tmp_path / "raw" / "fetch.json").read_text())["files"]
+    urls = {e["name"]: e["source_url"] for e in entries}
+    assert urls[TARGET] == f"{server.url}{web}"
+    assert urls["A1_pred_correlation.csv"].endswith("/content")
+
+
+def test_every_url_refused_names_each_and_other_statuses_do_not_fall_back(
+    server: FakeZenodo, tmp_path: Path, cache: Path
+) -> None:
+    server.inject(TARGET, Fault("status", status=410, times=None))
+    with pytest.raises(RemoteRefused) as info:
+        run(server, tmp_path / "raw", cache, areas=["A1"], wav=False)
+    message = str(info.value)
+    assert message.count("HTTP 410") == 2 and "every URL refused" in message
+    assert "?download=1" in message and "\n" not in message
+    assert len(server.content_gets(TARGET)) == 2
+    server.clear_faults()
+    server.clear_log()
+    server.inject(TARGET, Fault("status", status=401, times=None))  # not a moved route
+    with pytest.raises(RemoteRefused, match="HTTP 401"):
+        run(server, tmp_path / "raw2", cache, areas=["A1"], wav=False)
+    assert len(server.content_gets(TARGET)) == 1
 
 
 def test_checksum_mismatch_names_expected_and_actual(
@@ -791,18 +833,21 @@ def test_parse_legacy_shape() -> None:
             }
         ],
     }
+    web = (f"{BASE}/records/7/files/a.zip?download=1",)
     assert parse_record(record, base_url=BASE) == [
-        RemoteFile("a.zip", 3, MD5, f"{BASE}/api/records/7/files/a.zip/content")
+        RemoteFile("a.zip", 3, MD5, f"{BASE}/api/records/7/files/a.zip/content", web)
     ]
-    # links.self only where no record id gives the content URL
+    # links.self only where no record id gives the content URL; no id, no fallback
     del record["id"]
-    assert parse_record(record, base_url=BASE)[0].url == "https://x/api/files/b/a.zip"
+    (listed,) = parse_record(record, base_url=BASE)
+    assert (listed.url, listed.fallback_urls) == ("https://x/api/files/b/a.zip", ())
 
 
 def test_parse_new_shape_builds_content_url() -> None:
     record = {"id": 7, "files": [{"filename": "a b.zip", "filesize": 3, "checksum": MD5}]}
+    web = (f"{BASE}/records/7/files/a%20b.zip?download=1",)
     assert parse_record(record, base_url=BASE + "/") == [
-        RemoteFile("a b.zip", 3, MD5, f"{BASE}/api/records/7/files/a%20b.zip/content")
+        RemoteFile("a b.zip", 3, MD5, f"{BASE}/api/records/7/files/a%20b.zip/content", web)
     ]
 
 
@@ -810,11 +855,19 @@ def test_parse_export_shape_prefers_links_content() -> None:
     entry = {
         "size": 3,
         "checksum": f"md5:{MD5}",
-        "links": {"self": "https://x/meta", "content": "/api/records/7/files/a.zip/content"},
+        "links": {"self": "https://x/meta", "content": "https://files.x/a.zip"},
     }
     record = {"files": {"enabled": True, "entries": {"a.zip": entry}}}
+    api, web = (
+        f"{BASE}/api/records/7/files/a.zip/content",
+        f"{BASE}/records/7/files/a.zip?download=1",
+    )
     assert parse_record(record, base_url=BASE, record_id=7) == [
-        RemoteFile("a.zip", 3, MD5, f"{BASE}/api/records/7/files/a.zip/content")
+        RemoteFile("a.zip", 3, MD5, "https://files.x/a.zip", (api, web))
+    ]
+    entry["links"]["content"] = "/api/records/7/files/a.zip/content"  # relative: resolved
+    assert parse_record(record, base_url=BASE, record_id=7) == [
+        RemoteFile("a.zip", 3, MD5, api, (web,))
     ]
 
 
