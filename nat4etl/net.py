@@ -150,7 +150,7 @@ def get_bytes(
             retry_after = response.headers.get("Retry-After")
         failures += 1
         if failures >= policy.max_attempts:
-            msg = f"GET {url}: {reason}; gave up after {failures} attempts"
+            msg = f"GET {url}: {reason}; gave up after {_counted(failures, 'attempt')}"
             raise RemoteUnavailable(msg)
         _wait(policy, failures, retry_after, f"GET {url}: {reason}", on_retry)
 
@@ -203,7 +203,7 @@ def download(
                 got = f"{have_bytes}{of} bytes kept"
                 if most_bytes > have_bytes:
                     got += f", {most_bytes} received before a restart"
-                msg = f"GET {url}: {failure.reason}; gave up after {requests} requests ({got})"
+                msg = f"GET {url}: {failure.reason}; gave up after {_counted(requests, 'request')} ({got})"
                 if failure.too_long:  # the last of the tries without progress went past the size
                     raise VerificationError(
                         f"{msg}; the file on the server is longer than the record says"
@@ -332,6 +332,10 @@ def _raise_if_not_retryable(response: httpx.Response, url: str) -> None:
     if not is_retryable_status(response.status_code):
         msg = f"GET {url}: {status_text(response)}; not retried"
         raise RemoteRefused(msg, status_code=response.status_code)
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def status_text(response: httpx.Response) -> str:

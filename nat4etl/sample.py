@@ -444,7 +444,7 @@ def _parse_scale(scale: str | float) -> tuple[str, float]:
     except (TypeError, ValueError):
         factor = float("nan")
     if not np.isfinite(factor) or factor <= 0:
-        msg = f"`scale` must be 'mini', 'full' or a positive number; got {scale!r}."
+        msg = f"--scale must be 'mini', 'full' or a positive number; got {scale!r}."
         raise ConfigError(msg + " Hint: use --scale full for the real dimensions.")
     return ("full" if factor == 1.0 else repr(factor)), factor
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from nat4etl import __version__
-from nat4etl.errors import FetchError, RemoteUnavailable, VerificationError
+from nat4etl.errors import FetchError, RemoteRefused, RemoteUnavailable, VerificationError
 from nat4etl.net import (
     USER_AGENT,
     RetryPolicy,
@@ -166,6 +166,8 @@ def test_get_gives_up_after_max_attempts() -> None:
         get_bytes(client, URL, policy=p)
     assert URL in str(info.value)
     assert len(seen) == 4 and len(sleeps) == 3
+    with pytest.raises(RemoteUnavailable, match=r"gave up after 1 attempt$"):
+        get_bytes(client, URL, policy=policy(max_attempts=1)[0])
 
 
 def test_get_404_is_not_retried() -> None:
@@ -173,6 +175,7 @@ def test_get_404_is_not_retried() -> None:
     with pytest.raises(FetchError, match="HTTP 404") as info:
         get_bytes(client, URL, policy=policy()[0])
     assert not isinstance(info.value, RemoteUnavailable)
+    assert isinstance(info.value, RemoteRefused) and info.value.status_code == 404
     assert URL in str(info.value) and len(seen) == 1
 
 
