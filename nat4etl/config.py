@@ -103,7 +103,12 @@ def load_settings(config_file: str | os.PathLike | None = None) -> Settings:
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"bad or missing setting: {err}", path=config_file) from err
     check_url(str(z["url"]), "zenodo.url", path=config_file)  # as written, not rstripped
-    return _checked(s)
+    try:
+        return _checked(s)
+    except ConfigError as err:  # the defaults pass: the value is the file's, so name it
+        if config_file is None or err.path is not None:
+            raise
+        raise ConfigError(err.msg, path=config_file) from None
 
 
 def check_url(url: str, name: str = "zenodo_url", *, path=None) -> None:

@@ -42,6 +42,19 @@ def test_bad_config_is_a_config_error(tmp_path):
         load_settings(cfg)
 
 
+@pytest.mark.parametrize(
+    "body",
+    ['[build]\nnorm = "zscore"\n', '[build]\nareas = ["V1"]\n', "[build]\ndt_ms = 0\n"],
+)
+def test_a_bad_value_in_a_config_file_names_the_file(tmp_path, body):
+    """A value of the right type that is still wrong names its file, as every error does."""
+    cfg = tmp_path / "mine.toml"
+    cfg.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    assert str(info.value).startswith("mine.toml: ") and info.value.exit_code == 2
+
+
 def test_parse_areas():
     s = load_settings()
     assert parse_areas("all", s) == ("A1", "PEG")
