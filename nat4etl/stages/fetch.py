@@ -497,7 +497,7 @@ def fetch(
             raise _source_lacks(Path(source_dir), absent)
         if any(step.action != "up-to-date" for step in steps):
             _forget_manifests(dest_dir)  # until the end, they would vouch for changing files
-        executor = _Executor(http, policy, timeout_s, progress, cancel)
+        executor = _Executor(http, policy, timeout_s, progress, cancel, dest_dir, shown)
         entries = executor.run(steps, jobs=jobs)
     finally:
         if own_client and http is not None:
@@ -581,12 +581,17 @@ class _Executor:
         timeout_s: float,
         progress: Progress,
         cancel: threading.Event,
+        dest_dir: Path | None = None,
+        shown_dir: Path | None = None,
     ) -> None:
         self.client = client
         self.policy = policy
         self.timeout_s = timeout_s
         self.progress = progress
         self.cancel = cancel
+        self.dest_dir = dest_dir
+        #: what the log calls ``dest_dir``: a build's is raw/ of a staging copy of OUT
+        self.shown_dir = shown_dir
         self.downloaded_bytes = 0
         self.used_urls: dict[str, str] = {}  # file name -> the URL its bytes came from
         self._lock = threading.Lock()
@@ -657,7 +662,9 @@ class _Executor:
     def _run_step_io(self, step: FetchStep) -> FetchEntry:
         name = step.remote.name
         for path in step.stale:
-            self.progress.log(f"{name}: {path} failed verification; deleted", level="warning")
+            self.progress.log(
+                f"{name}: {self._shown(path)} failed verification; deleted", level="warning"
+            )
             path.unlink(missing_ok=True)
         if step.action == "up-to-date":
             self.progress.log(f"{name}: up to date")
@@ -670,6 +677,14 @@ class _Executor:
             return self._entry(step.remote, "cache")
         self._download(step)
         return self._entry(step.remote, "download")
+
+    def _shown(self, path: Path) -> Path:
+        """``path`` as the user knows it: in the published store, not its staging copy."""
+        if self.shown_dir is None or self.dest_dir is None:
+            return path
+        if path == self.dest_dir:
+            return self.shown_dir
+        return self.shown_dir / path.name if path.parent == self.dest_dir else path
 
     def _copy_from_source(self, step: FetchStep) -> None:
         assert step.source is not None
@@ -715,7 +730,7 @@ class _Executor:
                 reason = (err.os_error.strerror or str(err.os_error)).replace("\n", " ")
                 self.progress.log(
                     f"{rf.name}: cannot write the cache entry {step.cache_entry.parent} "
-                    f"({reason}); downloading straight into {step.target.parent}",
+                    f"({reason}); downloading straight into {self._shown(step.target.parent)}",
                     level="warning",
                 )
                 step = replace(step, cache_entry=None)

@@ -1113,6 +1113,35 @@ def test_a_full_cache_is_left_out_and_files_download_straight_to_dest(
     assert list(cache.rglob("*.*")) == [] and parts_under(dest) == []
 
 
+def test_warnings_name_the_raw_dir_the_user_knows_not_the_staging_copy(
+    server: FakeZenodo, tmp_path: Path, cache: Path, monkeypatch
+) -> None:
+    """A build fetches into raw/ of a staging copy of OUT, which is gone once it has
+    published: a file it replaces and a download the cache cannot take are said to be
+    in OUT/raw (``shown_dir``)."""
+    real_download = fetch_stage.net.download
+
+    def cache_disk_full(client, url, part_path, **kw):
+        if Path(part_path).is_relative_to(cache):
+            raise OSError(errno.ENOSPC, "No space left on device", str(part_path))
+        return real_download(client, url, part_path, **kw)
+
+    monkeypatch.setattr(fetch_stage.net, "download", cache_disk_full)
+    staging = tmp_path / ".nat4.staging-1-2" / "raw"
+    staging.mkdir(parents=True)
+    name = AREA_FILES["A1"][0]
+    (staging / name).write_bytes(b"not the file")
+    shown = tmp_path / "nat4" / "raw"
+    progress = Recorder()
+    run(server, staging, cache, areas=["A1"], wav=False, progress=progress, shown_dir=shown)
+    warned = progress.warnings()
+    assert f"{name}: {shown / name} failed verification; deleted" in warned
+    straight = [w for w in warned if "downloading straight into" in w]
+    assert len(straight) == len(AREA_FILES["A1"])
+    assert all(w.endswith(f"downloading straight into {shown}") for w in straight)
+    assert not any(str(staging) in w for w in warned)
+
+
 def test_disk_full_copying_from_source_names_the_file(
     server: FakeZenodo, tmp_path: Path, file_size_limit
 ) -> None:
