@@ -167,6 +167,14 @@ area_option = click.option(
 )
 
 
+#: `--cache`: the order `nat4etl.config` settles it in
+CACHE_HELP = (
+    "Download cache [default: $NAT4ETL_CACHE, else config cache_dir, else the platform cache dir]."
+)
+#: `--dt-ms`: a --config file's dt_ms, not the store's (a stage command too)
+DT_MS_HELP = "Bin width in ms [default: config dt_ms, 10 unless set]."
+
+
 def _check_zenodo_url(_ctx, _param, value: str | None) -> str | None:
     """A malformed --zenodo-url is a usage error (exit 2) before anything runs."""
     if value is not None:
@@ -266,7 +274,7 @@ def _run_stage_command(
     "cache_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Download cache [default: $NAT4ETL_CACHE or platform cache].",
+    help=CACHE_HELP,
 )
 @click.option("--jobs", type=int, default=None, help="Parallel downloads.")
 @common_options
@@ -334,7 +342,7 @@ def parse_epochs_cmd(out, wait_s, config_file, json_mode, quiet):
 
 @cli.command("rebin-sites")
 @out_options
-@click.option("--dt-ms", type=float, default=None, help="Bin width in ms [default: 10].")
+@click.option("--dt-ms", type=float, default=None, help=DT_MS_HELP)
 @common_options
 @handle_errors
 def rebin_sites_cmd(out, wait_s, dt_ms, config_file, json_mode, quiet):
@@ -349,7 +357,7 @@ def rebin_sites_cmd(out, wait_s, dt_ms, config_file, json_mode, quiet):
     "audio_fs_hz",
     type=int,
     default=None,
-    help="Waveform sample rate in Hz [default: 44100].",
+    help="Waveform sample rate in Hz [default: config audio_fs_hz, 44100 unless set].",
 )
 @common_options
 @handle_errors
@@ -395,14 +403,12 @@ def build_settings_options(fn):
                 "cache_dir",
                 type=click.Path(file_okay=False, path_type=Path),
                 default=None,
-                help="Download cache.",
+                help=CACHE_HELP,
             ),
             click.option(
                 "--wav/--no-wav", default=None, help="Include waveforms [default: from config]."
             ),
-            click.option(
-                "--dt-ms", type=float, default=None, help="Bin width in ms [default: 10]."
-            ),
+            click.option("--dt-ms", type=float, default=None, help=DT_MS_HELP),
             click.option(
                 "--audio-fs", "audio_fs_hz", type=int, default=None, help="Waveform rate, Hz."
             ),
