@@ -174,7 +174,8 @@ PRED_CORRELATION = _table(
         (_f("cellid", pa.string()),),
         key=("cellid",),
         doc="<area>_pred_correlation.csv as read: cellid and every other column, in file "
-        "types, so parse-epochs reads tables only.",
+        "types (its area column as pred_area: area is the partition column), so "
+        "parse-epochs reads tables only.",
         open_columns=True,
     )
 )
@@ -237,7 +238,8 @@ CELLS = _table(
         ),
         key=("cell",),
         doc="Units in population channel order, joined with <area>_pred_correlation.csv "
-        "(its other columns follow) and with the per-site unit ids. site: the site whose file "
+        "(its other columns follow, area as pred_area) and with the per-site unit ids. site: "
+        "the site whose file "
         "holds the unit's spikes, else the one its id names.",
         open_columns=True,
     )
@@ -275,15 +277,17 @@ REPORT = _table(
             _f("detail", pa.string()),
         ),
         key=("kind", "subject"),
-        doc="Mismatches found while interpreting the data: unmatched units and sites, unit "
-        "ids in more than one site file, odd repetition counts (0 for a val sound a site "
+        doc="Mismatches found while interpreting the data: unmatched units, sites and sounds, "
+        "unit ids not of the form <site>-<electrode>-<unit> or in more than one site file, "
+        "odd repetition counts (0 for a val sound a site "
         "never played), site presentations of another length than the sound's population "
         "epoch, site presentations whose Pre/PostStimSilence differs from the population's "
         "(per site), sounds without their Pre/PostStimSilence, sounds whose population epoch "
         "mask_est (row 0) puts in the other subset than their name, sounds whose population "
-        "epoch runs past the population's data (NaN-padded), case-only wav matches, "
-        "unclassified STIM_ epochs, STIM_ epochs with a time that is not finite, site "
-        "presentations left out as extract_epoch leaves them out.",
+        "epoch runs past the population's data (NaN-padded), missing and case-only wav "
+        "matches, unclassified STIM_ epochs, STIM_ epochs with a time that is not finite, "
+        "site presentations left out as extract_epoch leaves them out, JSON segments "
+        "(applied or not), archive members not read.",
     )
 )
 
@@ -300,7 +304,8 @@ RESPONSES = _table(
         ),
         key=("stim", "cell", "trial"),
         doc="Spike counts per bin for each (stim, cell, trial); est from the population file "
-        "(trial 0) at 10 ms, val single trials from the site files.",
+        "(trial 0) at 10 ms, else from the site files (source says which), val single "
+        "trials from the site files.",
         units={"counts": "spikes per bin (dt_ms in metadata)"},
         vectors=("counts",),
     )
@@ -315,7 +320,9 @@ VAL_MEANS = _table(
             _f("mean_counts", _VEC),
         ),
         key=("stim", "cell"),
-        doc="The population file's val responses (already averaged over repetitions).",
+        doc="The population file's val responses (already averaged over repetitions), "
+        "summed to the bin width, or at the file's own 10 ms where the bin width is not a "
+        "whole number of them (dt_ms in metadata).",
         units={"mean_counts": "spikes per bin"},
         vectors=("mean_counts",),
     )
@@ -346,7 +353,9 @@ SPECTROGRAMS = _table(
             _f("values", _VEC),
         ),
         key=("stim",),
-        doc="Raw population-file spectrogram of each sound, flattened (F, T) row-major.",
+        doc="Raw population-file spectrogram of each sound, frames averaged to the bin width, "
+        "flattened (F, T) row-major; empty, its metadata saying why, at a bin width that is "
+        "not a whole number of its 10 ms frames.",
         units={"values": "ozgf spectrogram units"},
         vectors=("values",),
     )
