@@ -74,6 +74,27 @@ def test_a_single_stage_rerun_names_the_later_stages_it_left_out_of_date(tmp_pat
     assert ".staging-" not in first.output
 
 
+def test_the_store_keeps_the_parameters_its_latest_stage_commands_set(tmp_path, mini_sample):
+    """`rebin-sites --dt-ms 5` makes the store's bin width 5 ms, though normalize (now out
+    of date) was built at 10: the manifest says 5, and the build that a later stage
+    command's warning suggests keeps 5 rather than rebinning at 10."""
+    out = tmp_path / "store"
+    src = str(mini_sample.dir)
+    args = ["build", "--area", "A1", "--no-wav", "--source", src, "--out", str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    rebinned = CliRunner().invoke(cli, ["rebin-sites", "--out", str(out), "--dt-ms", "5"])
+    assert rebinned.exit_code == 0, rebinned.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["dt_ms"] == 5.0
+    assert manifest["stages"]["normalize"]["params"]["dt_ms"] == 10.0  # out of date
+    unpacked = CliRunner().invoke(cli, ["unpack", "--out", str(out), "--source", src, "--force"])
+    assert unpacked.exit_code == 0, unpacked.output
+    (warned,) = [line for line in unpacked.output.splitlines() if "now out of date" in line]
+    hint = warned.split("`")[1].split()
+    assert hint[hint.index("--dt-ms") + 1] == "5"
+    assert json.loads((out / "manifest.json").read_text())["parameters"]["dt_ms"] == 5.0
+
+
 def test_fetching_wav_zip_for_a_no_wav_store_leaves_only_parse_epochs_out_of_date(
     tmp_path, mini_sample
 ):

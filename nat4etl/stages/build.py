@@ -559,15 +559,30 @@ def table_provenance(root: Path, spec: StageSpec, fp: Fingerprint, ctx: Context)
     }
 
 
+def _latest_parameters(records: dict[str, dict]) -> dict[str, Any]:
+    """Each parameter as the stage that ran last set it: after `rebin-sites --dt-ms 5`,
+    the store's bin width is 5 ms, though normalize (now out of date) ran at 10. Stages
+    that ran in the same second: the earlier stage in the pipeline wins, as the later
+    ones are made from its tables."""
+    position = {name: i for i, name in enumerate(STAGES)}
+
+    def recency(item: tuple[str, dict]) -> tuple[str, int]:
+        name, record = item
+        return str(record.get("ran_at") or ""), -position.get(name, len(STAGES))
+
+    parameters: dict[str, Any] = {}
+    for _, record in sorted(records.items(), key=recency):
+        parameters.update(record.get("params") or {})
+    return parameters
+
+
 def _write_build_manifest(store: Store, ctx: Context, result: BuildResult, started: str) -> dict:
     root = store.root
-    parameters: dict[str, Any] = {}
-    stages = {}
-    for name, record in ctx.records.items():
-        parameters.update(record.get("params") or {})
-        stages[name] = {
-            k: record.get(k) for k in ("fingerprint", "ran_at", "seconds", "params", "inputs")
-        }
+    stages = {
+        name: {k: record.get(k) for k in ("fingerprint", "ran_at", "seconds", "params", "inputs")}
+        for name, record in ctx.records.items()
+    }
+    parameters = _latest_parameters(ctx.records)
     extra = {
         "record": record_info(root / RAW),
         "sources": sources(root, ctx.cache),
