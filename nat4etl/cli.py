@@ -108,14 +108,19 @@ def handle_errors(fn):
     return wrapper
 
 
-def common_options(fn):
-    """Options every store command shares."""
+def log_options(fn):
+    """How a command logs: every command has these."""
     fn = click.option(
         "--quiet", is_flag=True, help="Only warnings and errors; no progress, no summary."
     )(fn)
-    fn = click.option(
+    return click.option(
         "--json", "json_mode", is_flag=True, help="One JSON object per log line (for cron/CI)."
     )(fn)
+
+
+def common_options(fn):
+    """Options every store command shares."""
+    fn = log_options(fn)
     fn = click.option(
         "--config",
         "config_file",
@@ -654,9 +659,9 @@ def report_cmd(out, area, kinds, json_mode):
 )
 @click.option("--quirks", is_flag=True, help="Add the real dataset's known faults.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@common_options
+@log_options  # no --config: a sample's content depends on --scale, --quirks, --seed only
 @handle_errors
-def sample_cmd(out, scale, quirks, seed, config_file, json_mode, quiet):
+def sample_cmd(out, scale, quirks, seed, json_mode, quiet):
     """Write a synthetic NAT4 mirror in the exact real file format (offline tests, demos)."""
     from nat4etl.sample import write_sample
 

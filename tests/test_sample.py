@@ -477,6 +477,13 @@ def test_refuses_a_non_empty_directory_that_is_not_a_sample(tmp_path):
     assert result.exit_code == 0, result.output
     assert SampleInfo.from_json((again / "sample_info.json").read_text()) == first
     assert (again / "wav.zip").read_bytes() != b"damaged"
+    # no --config: it would change nothing a sample holds, so it is not offered
+    config = tmp_path / "mine.toml"
+    config.write_text("dt_ms = 20\n")
+    refused = CliRunner().invoke(
+        cli, ["sample", "--out", str(tmp_path / "s"), "--config", str(config)]
+    )
+    assert refused.exit_code == 2 and "--config" in refused.output
 
 
 @pytest.mark.parametrize("scale", ["huge", 0, -1.0, float("nan")])
