@@ -1089,11 +1089,8 @@ def test_disk_full_mid_download_is_one_line_naming_the_file(
     assert_cache_clean(cache)
 
 
-def test_a_full_cache_is_left_out_and_files_download_straight_to_dest(
-    server: FakeZenodo, tmp_path: Path, cache: Path, monkeypatch
-) -> None:
-    """A cache on a full disk (a small home, the store on scratch): each file it cannot
-    take is downloaded into dest instead, with a warning naming the cache."""
+def _make_cache_disk_full(monkeypatch, cache: Path) -> None:
+    """Downloads into ``cache`` fail with ENOSPC; others go through."""
     real_download = fetch_stage.net.download
 
     def cache_disk_full(client, url, part_path, **kw):
@@ -1102,6 +1099,14 @@ def test_a_full_cache_is_left_out_and_files_download_straight_to_dest(
         return real_download(client, url, part_path, **kw)
 
     monkeypatch.setattr(fetch_stage.net, "download", cache_disk_full)
+
+
+def test_a_full_cache_is_left_out_and_files_download_straight_to_dest(
+    server: FakeZenodo, tmp_path: Path, cache: Path, monkeypatch
+) -> None:
+    """A cache on a full disk (a small home, the store on scratch): each file it cannot
+    take is downloaded into dest instead, with a warning naming the cache."""
+    _make_cache_disk_full(monkeypatch, cache)
     progress = Recorder()
     dest = tmp_path / "raw"
     result = run(server, dest, cache, areas=["A1"], wav=False, progress=progress)
@@ -1119,14 +1124,7 @@ def test_warnings_name_the_raw_dir_the_user_knows_not_the_staging_copy(
     """A build fetches into raw/ of a staging copy of OUT, which is gone once it has
     published: a file it replaces and a download the cache cannot take are said to be
     in OUT/raw (``shown_dir``)."""
-    real_download = fetch_stage.net.download
-
-    def cache_disk_full(client, url, part_path, **kw):
-        if Path(part_path).is_relative_to(cache):
-            raise OSError(errno.ENOSPC, "No space left on device", str(part_path))
-        return real_download(client, url, part_path, **kw)
-
-    monkeypatch.setattr(fetch_stage.net, "download", cache_disk_full)
+    _make_cache_disk_full(monkeypatch, cache)
     staging = tmp_path / ".nat4.staging-1-2" / "raw"
     staging.mkdir(parents=True)
     name = AREA_FILES["A1"][0]
