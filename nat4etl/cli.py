@@ -164,9 +164,29 @@ def out_options(fn):
     return fn
 
 
+class AreaChoice(click.Choice):
+    """A1, PEG or all, in any case, shown as Zenodo and the README write them: click shows a
+    case-insensitive choice casefolded (``[a1|peg|all]``, "not one of 'a1', ...")."""
+
+    def __init__(self):
+        super().__init__(["A1", "PEG", "all"], case_sensitive=False)
+
+    def get_metavar(self, param, ctx) -> str:
+        return "[" + "|".join(self.choices) + "]"
+
+    def get_invalid_choice_message(self, value, ctx) -> str:
+        return f"{value!r} is not one of " + ", ".join(map(repr, self.choices)) + "."
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        typed = incomplete.casefold()
+        return [CompletionItem(c) for c in self.choices if c.casefold().startswith(typed)]
+
+
 area_option = click.option(
     "--area",
-    type=click.Choice(["A1", "PEG", "all"], case_sensitive=False),
+    type=AreaChoice(),
     default=None,
     help="Area(s) to process [default: all; for a stage command on a built store, its areas].",
 )
@@ -607,7 +627,7 @@ def verify_cmd(out, json_mode, quiet):
 )
 @click.option(
     "--area",
-    type=click.Choice(["A1", "PEG", "all"], case_sensitive=False),
+    type=AreaChoice(),
     default="all",
     help="Area(s) to list [default: all].",
 )

@@ -198,6 +198,16 @@ def test_shell_completion_as_the_readme_says():
 
     assert complete("nat4etl re", 1) == ["rebin-sites", "report"]
     assert "--area" in complete("nat4etl build --ar", 2)
+    assert complete("nat4etl build --area p", 3) == ["PEG"]
+
+
+def test_area_choices_are_shown_as_the_dataset_writes_them():
+    """--area takes any case, but help and errors say A1 and PEG (click alone casefolds them)."""
+    for command in ("build", "report"):
+        assert "--area [A1|PEG|all]" in invoke(command, "--help").output
+    result = invoke("status", "--out", "nowhere", "--area", "V1")
+    assert result.exit_code == 2
+    assert "'V1' is not one of 'A1', 'PEG', 'all'." in result.output
 
 
 # ----------------------------------------------------------------------- help
