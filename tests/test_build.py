@@ -518,3 +518,21 @@ def test_input_changes_say_read_or_no_longer_read_not_gone():
         "input raw/wav.zip is read now (was not)",
         "input raw/PEG.tgz is no longer read",
     ]
+
+
+def test_a_mirror_file_rewritten_with_the_same_bytes_reruns_fetch_alone_and_says_why(built):
+    """Fetch judges a mirror by size and mtime (it checks md5s when it runs): a rewrite of
+    the same bytes is "a new modification time", not "changed", and nothing after fetch runs."""
+    out, mirror = built
+    stat = (mirror / "A1.txt").stat()
+    os.utime(mirror / "A1.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    result = run(out, mirror)
+    assert CALLS == ["fetch"]
+    reasons = {d.stage: d.reasons for d in result.decisions}
+    assert reasons["fetch"] == ("input source/A1.txt has a new modification time (same size)",)
+    (mirror / "A1.txt").write_text("r1 r2 r3 r4")
+    result = run(out, mirror)
+    assert CALLS[:2] == ["fetch", "unpack"]
+    assert {d.stage: d.reasons for d in result.decisions}["fetch"] == (
+        "input source/A1.txt changed",
+    )
