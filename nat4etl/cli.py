@@ -621,6 +621,23 @@ def verify_cmd(out, json_mode, quiet):
         click.echo(msg, err=True)
 
 
+def _known_report_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """A misspelt kind would list nothing and exit 0; name it and the nearest kinds."""
+    import difflib
+
+    from nat4etl.schema import REPORT_KINDS
+
+    for kind in kinds:
+        if kind not in REPORT_KINDS:
+            near = difflib.get_close_matches(kind, REPORT_KINDS, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            raise click.BadParameter(
+                f"no report kind {kind!r}{hint} (the README's `report` table lists them)",
+                param_hint="'--kind'",
+            )
+    return kinds
+
+
 @cli.command("report")
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Store."
@@ -635,7 +652,9 @@ def verify_cmd(out, json_mode, quiet):
     "--kind",
     "kinds",
     multiple=True,
-    help="Only rows of this kind (repeatable), e.g. repetition_count or spikes_before_0.",
+    callback=lambda ctx, param, kinds: _known_report_kinds(kinds),
+    help="Only rows of this kind (repeatable), e.g. repetition_count or spikes_before_0; "
+    "the README's `report` table lists every kind.",
 )
 @click.option("--json", "json_mode", is_flag=True, help="One JSON object per row.")
 @handle_errors

@@ -38,6 +38,8 @@ class TableSpec:
     #: Parquet codec of the columns where zstd (every other column's) costs more CPU than
     #: the bytes it saves are worth; measured per column, see each table
     codecs: dict[str, str] = field(default_factory=dict)
+    #: column -> {value: what it means}, for a column whose values are a fixed vocabulary
+    values: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def schema(self) -> pa.Schema:
@@ -268,6 +270,60 @@ TRIALS = _table(
     )
 )
 
+#: Every kind of ``report`` row: "subject: meaning". parse-epochs writes all but
+#: spikes_before_0, which `nat4etl report` lists from the responses metadata (parse-epochs
+#: reads no spike times). `report --kind` takes these names.
+REPORT_KINDS: dict[str, str] = {
+    # units
+    "unit_without_site_data": "cell_id: a population unit no site file has (no val trials)",
+    "unit_id_unparsed": "cell_id: a population unit id not of the form `<site>-<electrode>-<unit>`",
+    "unit_without_pred_correlation": "cell_id: a population unit without a pred_correlation "
+    "row (`auditory` null)",
+    "pred_correlation_unit_not_in_population": "cellid: a pred_correlation row without a "
+    "population unit",
+    "site_unit_not_in_population": "unit id: a site file's unit without a population unit",
+    "site_unit_duplicate_id": "site/unit id: a second site file's copy of a matched unit id; "
+    "not used",
+    "site_without_population_units": "site: a site file none of whose units are in the population",
+    "spikes_before_0": "site/unit id: spike times before 0, counted where NEMS0 counts them "
+    "(from the responses metadata)",
+    # sounds
+    "stim_unclassified": "sound: a STIM_ epoch neither ^STIM_cat (est) nor ^STIM_00cat (val)",
+    "stim_outside_segments": "sound: no population occurrence within the JSON segments; left out",
+    "stim_epoch_time_not_finite": "population/sound or site/sound: a STIM_ epoch whose time is not "
+    "finite; left out",
+    "silence_missing": "sound: no PreStimSilence or PostStimSilence in its population epoch; "
+    "taken as 0 s",
+    "mask_est_disagrees": "sound (or mask_est): mask_est puts the sound in the other subset "
+    "than its name; kept by name",
+    "population_epoch_past_data": "sound: its population epoch runs past the data; NaN-padded",
+    "wav_missing": "sound: no wav of its name in wav.zip",
+    "wav_case_only_match": "sound: its wav matched only ignoring letter case",
+    # site presentations
+    "site_stim_not_in_population": "site/sound: a STIM_ epoch of a site file that the "
+    "population recording lacks",
+    "repetition_count": "site/sound: another number of repetitions than its subset has at "
+    "most sites (0: a val sound the site never played)",
+    "presentation_length": "site/sound@start_s: a presentation of another length than the "
+    "sound's population epoch; cut or NaN-padded",
+    "site_silence_length": "site/sound: presentations whose Pre/PostStimSilence differs from "
+    "the population's",
+    "presentation_outside_segments": "site/sound@start_s: outside the JSON segments; left out "
+    "(extract_epoch's boundary_mode='exclude')",
+    "presentation_before_recording": "site/sound@start_s: starts before the recording; left "
+    "out (boundary_mode='exclude')",
+    "overlapping_presentation": "site/sound@start_s: starts before the previous presentation "
+    "ends; left out (fix_overlap='first')",
+    "presentation_not_placed": "site/sound@start_s: extract_epoch's loop over the JSON "
+    "segments ended before it; left out",
+    # files
+    "segments_applied": "recording/signal: JSON segments that restrict the data; applied",
+    "segments_not_applied": "recording/signal: JSON segments NEMS0 does not load (not a "
+    "rasterized signal) or that differ from the resp signal's",
+    "skipped_member": "file:member: an archive member not read (OS litter, not view 0 of a "
+    "recording, not a .wav)",
+}
+
 REPORT = _table(
     TableSpec(
         "report",
@@ -288,6 +344,7 @@ REPORT = _table(
         "matches, unclassified STIM_ epochs, STIM_ epochs with a time that is not finite, "
         "site presentations left out as extract_epoch leaves them out, JSON segments "
         "(applied or not), archive members not read.",
+        values={"kind": REPORT_KINDS},
     )
 )
 
@@ -439,6 +496,12 @@ def markdown() -> str:
         if s.open_columns:
             lines.append("| *(more)* | carried through from the source CSV | |")
         lines.append("")
+        for column, meanings in s.values.items():
+            lines += [f"| `{column}` | subject | meaning |", "|---|---|---|"]
+            for value, text in meanings.items():
+                subject, _, meaning = text.partition(": ")
+                lines.append(f"| `{value}` | {subject} | {meaning} |")
+            lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import nat4etl
 from nat4etl.cli import cli
 from nat4etl.errors import MissingTableError
+from nat4etl.schema import REPORT_KINDS
 from nat4etl.stages import STAGES
 from nat4etl.store import Store
 
@@ -281,8 +282,13 @@ def test_report_lists_the_report_table(tmp_path, mini_quirks_sample):
     kind = table[0]["kind"]
     only = CliRunner().invoke(cli, ["report", "--out", str(out), "--kind", kind, "--json"])
     assert {json.loads(line)["kind"] for line in only.stdout.splitlines()} == {kind}
-    none = CliRunner().invoke(cli, ["report", "--out", str(out), "--kind", "no_such_kind"])
-    assert none.exit_code == 0 and none.stdout.strip() == "no report rows of kind no_such_kind"
+    absent = next(k for k in REPORT_KINDS if k not in {r["kind"] for r in table})
+    none = CliRunner().invoke(cli, ["report", "--out", str(out), "--kind", absent])
+    assert none.exit_code == 0 and none.stdout.strip() == f"no report rows of kind {absent}"
+    # a misspelt kind is not "no rows": it is named, with the kinds it is near
+    typo = CliRunner().invoke(cli, ["report", "--out", str(out), "--kind", "repetition"])
+    assert typo.exit_code == 2
+    assert "no report kind 'repetition'; did you mean repetition_count" in typo.output
     missing = CliRunner().invoke(cli, ["report", "--out", str(tmp_path / "nowhere")])
     assert missing.exit_code == 7
 
@@ -422,7 +428,7 @@ def test_report_lists_spike_times_before_0_from_the_responses_metadata(tmp_path,
         "no report rows of kind spikes_before_0",
         f"A1  spikes_before_0: not known: {why}",
     ]
-    other = CliRunner().invoke(cli, ["report", "--out", str(part), "--kind", "x", "--json"])
+    other = CliRunner().invoke(cli, ["report", "--out", str(part), "--kind", "wav_missing", "--json"])
     assert other.exit_code == 0 and other.stdout == ""  # that kind alone: nothing missing
 
 

@@ -121,6 +121,8 @@ class Report:
     rows: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def add(self, kind: str, subject: str, detail: str) -> None:
+        if kind not in schema.REPORT_KINDS:  # the README's list and `report --kind` come from it
+            raise ValueError(f"report kind {kind!r} is not in schema.REPORT_KINDS")
         self.rows.setdefault((kind, subject), detail)
 
     def kinds(self) -> Counter:

@@ -945,3 +945,17 @@ def test_a_presentation_one_sample_short_on_the_site_grid_is_reported():
     lengths = {s: d for (k, s), d in report.items() if k == "presentation_length"}
     assert list(lengths) == [f"TNC015a/{VAL_A}@1.0006"]
     assert lengths[f"TNC015a/{VAL_A}@1.0006"].startswith("1499 samples at 1000 Hz")
+
+
+def test_every_report_kind_written_is_documented_and_every_documented_kind_is_written():
+    """The README's list of report kinds (and `report --kind`) is schema.REPORT_KINDS: it
+    must name exactly the kinds parse-epochs writes, plus spikes_before_0 from rebin-sites."""
+    from pathlib import Path
+
+    from nat4etl.summary import SPIKES_BEFORE_0
+
+    source = Path(pe.__file__).read_text()
+    written = set(re.findall(r'report\.add\(\s*"([a-z_0-9]+)"', source))
+    assert written and written | {SPIKES_BEFORE_0} == set(schema.REPORT_KINDS)
+    with pytest.raises(ValueError, match="not in schema.REPORT_KINDS"):
+        pe.Report().add("no_such_kind", "x", "y")
