@@ -12,6 +12,9 @@ After a stage runs, `build` writes ``OUT/_stages/<stage>.json``::
                              the stage owns (its tables and their Arrow sidecars; raw/ for
                              fetch)
     ran_at, seconds, summary
+    source_dir               only for a stage command given a ``--source`` mirror whose files
+                             are not raw/'s: where it read them (not part of the fingerprint:
+                             the files' md5s are its inputs, the mirror's path is not)
 
 A stage is up to date when its fingerprint, computed from the files now present, equals the
 recorded one and every recorded output is still there with its digest. Raw files are named
@@ -307,6 +310,15 @@ def source_files_dir(settings: Any) -> Path | None:
     return Path(source) if source is not None and Path(source).is_dir() else None
 
 
+def mirror_read(spec: StageSpec, settings: Any, inputs: Mapping[str, str]) -> str | None:
+    """The ``--source`` mirror a stage other than fetch read in place of raw/, when its
+    files are not raw/'s (:func:`raw_inputs` names them ``source/<file>``); else None."""
+    src = source_files_dir(settings)
+    if spec.name == FETCH or src is None or not any(k.startswith("source/") for k in inputs):
+        return None
+    return str(src.resolve())
+
+
 def source_file_names(src: Path) -> list[str]:
     """The Zenodo files of a mirror directory (not its record.json and checksums)."""
     return [p.name for p in sorted(src.iterdir()) if _is_plain_file(p) and p.name not in RAW_META]
@@ -400,18 +412,20 @@ def new_record(
     summary: Mapping[str, Any] | None = None,
     seconds: float | None = None,
     trusted: Mapping[str, str] | None = None,
+    source_dir: str | None = None,
 ) -> dict[str, Any]:
     """The stage record to write after ``spec`` ran into ``root``.
 
     ``trusted`` digests (by path) were computed by the writer in this staging copy and are
-    taken without re-reading the file.
+    taken without re-reading the file. ``source_dir``: the mirror the stage read instead
+    of raw/ (:func:`mirror_read`).
     """
     rels = output_files(root, spec)
     for rel, digest in (trusted or {}).items():
         if rel in rels and digest.startswith(f"{algo_for(rel)}:"):
             cache.trust(root, rel, digest)
     outputs = {rel: asdict(cache.state(root, rel)) for rel in rels}
-    return {
+    record = {
         "stage": spec.name,
         "fingerprint": fp.digest,
         "inputs": fp.inputs,
@@ -423,6 +437,9 @@ def new_record(
         "seconds": None if seconds is None else round(seconds, 3),
         "summary": jsonable(dict(summary or {})),
     }
+    if source_dir is not None:
+        record["source_dir"] = source_dir
+    return record
 
 
 def settle(root: Path, rels: Iterable[str]) -> None:

@@ -96,6 +96,62 @@ def test_the_store_keeps_the_parameters_its_latest_stage_commands_set(tmp_path, 
     assert json.loads((out / "manifest.json").read_text())["parameters"]["dt_ms"] == 5.0
 
 
+@pytest.fixture(scope="module")
+def built_both(tmp_path_factory, mini_sample):
+    """A store of both areas, waveforms included, built from the mini mirror."""
+    out = tmp_path_factory.mktemp("both") / "store"
+    args = ["build", "--area", "all", "--source", str(mini_sample.dir), "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_unpack_given_the_mirror_the_store_was_built_from_is_up_to_date(
+    tmp_path, mini_sample, built_both
+):
+    """The mirror's files are raw/'s byte for byte: the same input. Its path is not one
+    (it was: unpack reran, and its tables, recorded with the path, put every later stage
+    out of date)."""
+    import shutil
+
+    out = shutil.copytree(built_both, tmp_path / "store")  # copy2: mtimes kept
+    src = ["--source", str(mini_sample.dir), "--out", str(out)]
+    unpacked = CliRunner().invoke(cli, ["unpack", *src, "--json"])
+    assert unpacked.exit_code == 0, unpacked.output
+    assert json.loads(unpacked.stderr.splitlines()[-1])["up_to_date"], unpacked.output
+    status = CliRunner().invoke(cli, ["status", *src, "--json"])
+    assert {row["state"] for row in json.loads(status.stdout)["stages"]} == {"up to date"}
+    # run anyway, it rewrites its tables byte for byte: nothing after it is out of date
+    forced = CliRunner().invoke(cli, ["unpack", *src, "--force"])
+    assert forced.exit_code == 0 and "now out of date" not in forced.output, forced.output
+    status = CliRunner().invoke(cli, ["status", *src, "--json"])
+    assert {row["state"] for row in json.loads(status.stdout)["stages"]} == {"up to date"}
+    assert "source_dir" not in json.loads((out / "_stages/unpack.json").read_text())
+
+
+def test_unpack_from_another_mirror_suggests_the_build_that_keeps_its_files(
+    tmp_path, mini_sample, mini_quirks_sample
+):
+    """A mirror whose files are not raw/'s reruns unpack, and the build that brings the
+    later stages up to date fetches from it (not from the mirror raw/ came from, which
+    would unpack raw/'s files again); after that build, the mirror is up to date."""
+    out = tmp_path / "store"
+    args = ["build", "--area", "A1", "--no-wav", "--source", str(mini_sample.dir)]
+    assert CliRunner().invoke(cli, [*args, "--out", str(out)]).exit_code == 0
+    other = ["unpack", "--source", str(mini_quirks_sample.dir), "--out", str(out)]
+    unpacked = CliRunner().invoke(cli, other)
+    assert unpacked.exit_code == 0, unpacked.output
+    assert "stage unpack: running" in unpacked.output
+    record = json.loads((out / "_stages/unpack.json").read_text())
+    assert record["source_dir"] == str(mini_quirks_sample.dir.resolve())
+    (warned,) = [line for line in unpacked.output.splitlines() if "now out of date" in line]
+    hint = shlex.split(warned.split("`")[1])
+    assert hint[hint.index("--source") + 1] == str(mini_quirks_sample.dir.resolve())
+    assert CliRunner().invoke(cli, hint[1:]).exit_code == 0
+    again = CliRunner().invoke(cli, [*other, "--json"])
+    assert json.loads(again.stderr.splitlines()[-1])["up_to_date"], again.output
+
+
 def test_fetching_wav_zip_for_a_no_wav_store_leaves_only_parse_epochs_out_of_date(
     tmp_path, mini_sample
 ):

@@ -51,7 +51,7 @@ CONTRACTS: dict[str, StageSpec] = {
                 "pred_correlation",
                 "source_members",
             ),
-            params=("areas", "source_dir"),
+            params=("areas",),  # a --source mirror: its files' md5s are inputs, not its path
         ),
         StageSpec(
             "parse-epochs",

@@ -41,6 +41,7 @@ from nat4etl.fingerprint import (
     check_outputs,
     fingerprint,
     is_raw,
+    mirror_read,
     new_record,
     raw_data_files,
     raw_selected,
@@ -442,7 +443,14 @@ def _run_one(store: Store, stage: Stage, fp: Fingerprint, ctx: Context, progress
     if stage.spec.writes_raw:
         trusted.update(_fetch_json_md5s(store.root))
     record = new_record(
-        store.root, stage.spec, fp, ctx.cache, summary=summary, seconds=seconds, trusted=trusted
+        store.root,
+        stage.spec,
+        fp,
+        ctx.cache,
+        summary=summary,
+        seconds=seconds,
+        trusted=trusted,
+        source_dir=mirror_read(stage.spec, ctx.settings_for(stage.name), fp.inputs),
     )
     store.write_json(store.stage_record_path(stage.name), record)
     ctx.records[stage.name] = record
@@ -543,16 +551,11 @@ def table_provenance(root: Path, spec: StageSpec, fp: Fingerprint, ctx: Context)
     tables are made from (:func:`~nat4etl.fingerprint.source_reads`), not every file in
     raw/, so a file that arrives later (wav.zip) changes only the tables made from it."""
     settings = ctx.settings_for(spec.name)
-    params = {
-        k: v
-        for k, v in fp.params.items()
-        if not isinstance(getattr(settings, k, None), os.PathLike)
-    }
     reads = source_reads(spec, ctx.specs)
     mirror = source_files_dir(settings)  # a stage command's --source: what it read
     return {
         "stage": spec.name,
-        "params": params,
+        "params": fp.params,  # no paths: a --source mirror is not a parameter
         "record": record_info(mirror or root / RAW),
         "sources": sources(root, ctx.cache, reads, settings.areas, mirror),
         "libraries": library_versions(),
@@ -576,12 +579,18 @@ def _latest_parameters(records: dict[str, dict]) -> dict[str, Any]:
     return parameters
 
 
+def _manifest_stage(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What the manifest repeats of a stage record: ``source_dir`` only where a stage
+    command read a mirror's files in place of raw/'s (a later build's hint needs it)."""
+    entry = {k: record.get(k) for k in ("fingerprint", "ran_at", "seconds", "params", "inputs")}
+    if record.get("source_dir"):
+        entry["source_dir"] = record["source_dir"]
+    return entry
+
+
 def _write_build_manifest(store: Store, ctx: Context, result: BuildResult, started: str) -> dict:
     root = store.root
-    stages = {
-        name: {k: record.get(k) for k in ("fingerprint", "ran_at", "seconds", "params", "inputs")}
-        for name, record in ctx.records.items()
-    }
+    stages = {name: _manifest_stage(record) for name, record in ctx.records.items()}
     parameters = _latest_parameters(ctx.records)
     extra = {
         "record": record_info(root / RAW),
@@ -710,14 +719,18 @@ def recorded_parameters(out: str | os.PathLike, *, after: str | None = None) -> 
 def store_parameters(store: Store, *, after: str | None = None) -> dict[str, Any]:
     """The build parameters ``store``'s manifest records, with the local mirror fetch
     copied from, which the manifest leaves out (see :func:`_fetched_from_dir`).
-    ``after``: the parameters stage ``after`` last ran with win over the other stages'.
-    OSError / ValueError: an unreadable manifest."""
+    ``after``: the parameters stage ``after`` last ran with win over the other stages',
+    and so does the mirror it read in place of raw/, if it did. OSError / ValueError: an
+    unreadable manifest."""
     manifest = store.read_manifest() or {}
     params = manifest.get("parameters") or {}
     if after is not None:  # not its areas: a stage command's default is "all", and it
         # ran on the areas the store holds
-        stage_params = ((manifest.get("stages") or {}).get(after) or {}).get("params")
-        params = {**params, **{k: v for k, v in (stage_params or {}).items() if k != "areas"}}
+        stage = (manifest.get("stages") or {}).get(after) or {}
+        stage_params = stage.get("params") or {}
+        params = {**params, **{k: v for k, v in stage_params.items() if k != "areas"}}
+        if stage.get("source_dir"):  # the mirror it read, not raw/'s files: build from it
+            params["source_dir"] = stage["source_dir"]
     if not params.get("source_dir"):
         params = {**params, "source_dir": _fetched_from_dir(store.root)}
     return params
