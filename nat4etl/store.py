@@ -113,14 +113,17 @@ class Store:
     """Paths and table I/O for one store directory (a published store or a staging copy).
 
     ``provenance`` is merged into every table's Parquet metadata: `build` sets it per stage
-    (record, source files, parameters, library versions; never a timestamp, so two builds
-    from the same inputs write the same bytes).
+    (record, parameters, library versions; never a timestamp, so two builds from the same
+    inputs write the same bytes), and ``area_sources``, each area's source files: a
+    table's ``sources`` are those of the areas it is made from.
     """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.published_at = self.root
         self.provenance: dict = {}
+        #: the Zenodo files each area's tables are made from (name, size, md5), by area
+        self.area_sources: dict[str, list[dict]] = {}
         #: digest ("blake3:<hex>") of every table file written through this Store, by path
         #: relative to the root
         self.written: dict[str, str] = {}
@@ -184,9 +187,18 @@ class Store:
         return bool(self.areas(name)) if area is None else self.table_file(name, area).is_file()
 
     def write_table(
-        self, name: str, table: pa.Table, *, area: str, metadata: dict | None = None
+        self,
+        name: str,
+        table: pa.Table,
+        *,
+        area: str,
+        metadata: dict | None = None,
+        sources_of: Iterable[str] = (),
     ) -> TableInfo:
         """Validate, sort by key, refuse duplicate keys, then write via temp file + rename.
+
+        ``sources_of``: the areas whose files the table is made from, when not ``area``
+        alone (a file several areas share: :meth:`link_table`).
 
         A table with vector columns also gets its Arrow IPC sidecar (:data:`SIDECAR`),
         written on a second thread (around the page cache: :mod:`nat4etl.direct_io`) while
@@ -204,12 +216,21 @@ class Store:
             "schema_version": schema.SCHEMA_VERSION,
             "nat4etl_version": __version__,
             **self.provenance,
+            **self._sources(sources_of or (area,)),
             **(metadata or {}),
         }
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)})
         target = self.table_file(name, area)
         with self._writing(target):
             return self._write_table_files(name, area, table, target, s)
+
+    def _sources(self, areas: Iterable[str]) -> dict:
+        """``sources`` of a table made from ``areas``' files: every file of theirs, by name
+        (none when no build set :attr:`area_sources`)."""
+        if not self.area_sources:
+            return {}
+        files = {s["name"]: s for a in areas for s in self.area_sources[a]}
+        return {"sources": [files[n] for n in sorted(files)]}
 
     def _write_table_files(
         self, name: str, area: str, table: pa.Table, target: Path, s

@@ -129,6 +129,22 @@ def test_unpack_given_the_mirror_the_store_was_built_from_is_up_to_date(
     assert "source_dir" not in json.loads((out / "_stages/unpack.json").read_text())
 
 
+def test_a_table_of_a_build_of_both_areas_lists_its_own_areas_files(built_both):
+    """A1's tables are made from A1's files, not PEG's (every table listed both areas'
+    files); the areas' identical waveforms are one file, made from both areas' stims."""
+    store = Store(built_both)
+    kinds = ("NAT4_ozgf.fs100.ch18.tgz", "single_sites.zip", "pred_correlation.csv")
+    files = {area: {f"{area}_{kind}" for kind in kinds} for area in ("A1", "PEG")}
+    tables = [p.name for p in sorted(built_both.iterdir()) if (p / "area=A1").is_dir()]
+    assert len(tables) == 17
+    for area in ("A1", "PEG"):
+        listed = {t: {s["name"] for s in store.table_metadata(t, area)["sources"]} for t in tables}
+        assert listed.pop("waveforms") == files["A1"] | files["PEG"] | {"wav.zip"}
+        assert all(names == files[area] for names in listed.values()), (area, listed)
+    shared = [built_both / "waveforms" / f"area={a}" / "part-0.parquet" for a in ("A1", "PEG")]
+    assert shared[0].read_bytes() == shared[1].read_bytes()
+
+
 def test_unpack_from_another_mirror_suggests_the_build_that_keeps_its_files(
     tmp_path, mini_sample, mini_quirks_sample
 ):

@@ -12,10 +12,11 @@ Each stage names the Zenodo files it reads, not all of raw/: unpack an area's th
 align-wav ``wav.zip``, and parse-epochs, which checks the sounds' names against the wav
 files', only ``wav.zip``'s member list (``lists``). So adding waveforms to a ``--no-wav``
 store (``build --wav``) reruns fetch, parse-epochs and align-wav, not unpack and what it
-feeds. A table's provenance names the files it is made from: its stage's reads and those
-of the stages whose tables it reads, not ``lists`` (``fingerprint.source_reads``). So
-parse-epochs rewrites ``stims``, ``cells`` and ``trials`` byte for byte, rebin-sites stays
-up to date, and the store is the one a fresh ``build --wav`` writes.
+feeds. A table's provenance names the files it is made from: of its area (of each area
+sharing it), its stage's reads and those of the stages whose tables it reads, not
+``lists`` (``fingerprint.source_reads``). So parse-epochs rewrites ``stims``, ``cells``
+and ``trials`` byte for byte, rebin-sites stays up to date, and the store is the one a
+fresh ``build --wav`` writes.
 """
 
 from __future__ import annotations

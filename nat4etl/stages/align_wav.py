@@ -14,7 +14,6 @@ fails the stage, listing every missing name at once.
 from __future__ import annotations
 
 import collections
-import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -266,30 +265,27 @@ def run(store, settings, progress) -> dict:
     for a in areas:
         for name, member in matches[a].case_only:
             progress.log(f"{a}: {name} matched {member} ignoring letter case")
+    recipes = {a: table_recipe(stims[a], matches[a], grids[a]) for a in areas}
+    # The same sounds placed the same way, with the same case-only matches, give the same
+    # bytes (metadata too: a wav decodes the same for every area): one file, written for
+    # the first area of such a group and linked for the others, lists all their sources.
+    groups: dict[tuple, list[str]] = {}
+    for a in areas:
+        groups.setdefault((recipes[a], tuple(matches[a].case_only)), []).append(a)
+    group_of = {a: group for group in groups.values() for a in group}
     summary = {}
-    decoded: dict[str, Decoded] = {}  # wav member -> its rate and cut, as decoded
-    made: dict[tuple, str] = {}  # (recipe, metadata) -> area whose table was made from it
     # Each area's table is encoded to Parquet on a second core while the next is placed.
     with WriteBehind(store, max_pending=1) as writer:
         for area in areas:
-            match, grid = matches[area], grids[area]
-            recipe = table_recipe(stims[area], match, grid)
-            members = set(match.member_of.values())
-            table = None
-            if not members <= decoded.keys():  # sounds not decoded yet: decode them now
-                table, more = waveforms(recipe, path, progress)
-                decoded.update(more)
-            metadata = _metadata(grid, {m: decoded[m] for m in members}, match)
-            key = (recipe, json.dumps(metadata, sort_keys=True))
-            if key in made:  # the same sounds placed the same way: the same bytes
-                writer.link("waveforms", from_area=made[key], area=area)
-                progress.log(f"{area}: waveforms identical to {made[key]}'s, files shared")
+            match, grid, recipe, group = matches[area], grids[area], recipes[area], group_of[area]
+            if area != group[0]:
+                writer.link("waveforms", from_area=group[0], area=area)
+                progress.log(f"{area}: waveforms identical to {group[0]}'s, files shared")
             else:
-                if table is None:
-                    table, _ = waveforms(recipe, path, progress)
-                writer.submit("waveforms", table, area=area, metadata=metadata)
-                made[key] = area
-            del table
+                table, decoded = waveforms(recipe, path, progress)
+                metadata = _metadata(grid, decoded, match)
+                writer.submit("waveforms", table, area=area, metadata=metadata, sources_of=group)
+                del table
             summary[area] = {
                 "waveforms": len(recipe.rows),
                 "case_only_matches": len(match.case_only),

@@ -432,13 +432,14 @@ def _run_one(store: Store, stage: Stage, fp: Fingerprint, ctx: Context, progress
     """Run one stage in staging and record what it ran on and what it wrote."""
     run = stage.load()
     store.provenance = table_provenance(store.root, stage.spec, fp, ctx)
+    store.area_sources = area_sources(store.root, stage.spec, ctx)
     store.written = {}
     kill_point(f"stage:{stage.name}")
     t0 = time.monotonic()
     summary = run(store, ctx.settings_for(stage.name), progress) or {}
     memory.release_free_memory()  # the next stage's peak starts from what is live
     seconds = time.monotonic() - t0
-    store.provenance = {}
+    store.provenance, store.area_sources = {}, {}
     trusted = dict(store.written)
     if stage.spec.writes_raw:
         trusted.update(_fetch_json_md5s(store.root))
@@ -546,20 +547,27 @@ def sources(
 
 
 def table_provenance(root: Path, spec: StageSpec, fp: Fingerprint, ctx: Context) -> dict:
-    """What goes into every table the stage writes. No timestamps and no paths, so the same
-    inputs give the same bytes wherever the mirror lives. ``sources``: the Zenodo files the
-    tables are made from (:func:`~nat4etl.fingerprint.source_reads`), not every file in
-    raw/, so a file that arrives later (wav.zip) changes only the tables made from it."""
-    settings = ctx.settings_for(spec.name)
-    reads = source_reads(spec, ctx.specs)
-    mirror = source_files_dir(settings)  # a stage command's --source: what it read
+    """What goes into every table the stage writes, but its ``sources``
+    (:func:`area_sources`). No timestamps and no paths, so the same inputs give the same
+    bytes wherever the mirror lives."""
+    mirror = source_files_dir(ctx.settings_for(spec.name))  # a stage command's --source
     return {
         "stage": spec.name,
         "params": fp.params,  # no paths: a --source mirror is not a parameter
         "record": record_info(mirror or root / RAW),
-        "sources": sources(root, ctx.cache, reads, settings.areas, mirror),
         "libraries": library_versions(),
     }
+
+
+def area_sources(root: Path, spec: StageSpec, ctx: Context) -> dict[str, list[dict[str, Any]]]:
+    """Per area, the Zenodo files its tables are made from
+    (:func:`~nat4etl.fingerprint.source_reads`): not every file in raw/, so a file that
+    arrives later (wav.zip) changes only the tables made from it, and another area's
+    files (PEG's) none of A1's."""
+    settings = ctx.settings_for(spec.name)
+    reads = source_reads(spec, ctx.specs)
+    mirror = source_files_dir(settings)  # a stage command's --source: what it read
+    return {a: sources(root, ctx.cache, reads, (a,), mirror) for a in settings.areas}
 
 
 def _latest_parameters(records: dict[str, dict]) -> dict[str, Any]:
