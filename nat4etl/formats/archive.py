@@ -12,6 +12,10 @@ Knows nothing about NEMS0 or NAT4. What it guarantees to the layers above:
 - a truncated or corrupt archive raises `ArchiveError` naming the file (and member), never
   a raw ``EOFError``/``zlib.error``/``tarfile.ReadError``/``BadZipFile``; so does a zip
   that lists one file name twice (which of the two is meant?);
+- bytes after a gzip tar's last gzip member that are not gzip (zero padding is read, as
+  gzip reads it) are an `ArchiveError` naming the file and where they start, not a cut in
+  the member being read, as the gzip reader's own error suggests (a seekable source is
+  read again to tell, on that error only);
 - gzip and deflated zip members are inflated with ``isal`` when installed (2-3x faster
   than zlib here), else ``gzip`` and ``zipfile``.
 
@@ -36,6 +40,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from gzip import BadGzipFile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -73,6 +78,7 @@ _PIECE_BYTES = 4 << 20  # inflate into the caller's buffer this much at a time
 _DRAIN_LIMIT_BYTES = 64 << 20  # bytes after the tar end marker we inflate to check the gzip CRC
 _GZIP_READ_BYTES = 512 << 10  # compressed bytes read at a time from a gzip stream
 _ZIP_READ_BYTES = 1 << 20  # compressed bytes read at a time from a zip member
+_SCAN_READ_BYTES = 64 << 10  # compressed bytes per step when diagnosing (<= ~66 MB out)
 
 # Everything a damaged archive can raise from the standard library or isal.
 _DAMAGE = (
@@ -88,6 +94,8 @@ _DAMAGE = (
     NotImplementedError,  # zipfile: unsupported compression method
     RuntimeError,  # zipfile: encrypted member
 )
+# What the gzip layer raises for bad compressed bytes (isal's reader or gzip.GzipFile).
+_GZIP_DAMAGE = (EOFError, BadGzipFile, zlib.error, _IsalError)
 
 
 @dataclass(frozen=True)
@@ -504,17 +512,27 @@ class _Inflated(io.RawIOBase):
     def readinto(self, b) -> int:
         # At most _PIECE_BYTES a call, so the ratio and total bounds are checked as we go.
         view = memoryview(b).cast("B")[:_PIECE_BYTES]
-        got = self._inner.readinto(view)
-        self._advance(got)
-        return got
+        try:  # a NOP in 3.11 when nothing is raised (and the else: no jump)
+            got = self._inner.readinto(view)
+        except _GZIP_DAMAGE as err:
+            self._refuse_appended(err)
+            raise
+        else:
+            self._advance(got)
+            return got
 
     def read(self, size: int = -1) -> bytes:
         at = self._pos
-        data = self._inner.read(size)
-        self._advance(len(data))
-        if size == tarfile.BLOCKSIZE:  # a header read: kept so the end check needs no rewind
-            self.last_block = (at, data)
-        return data
+        try:
+            data = self._inner.read(size)
+        except _GZIP_DAMAGE as err:
+            self._refuse_appended(err)
+            raise
+        else:
+            self._advance(len(data))
+            if size == tarfile.BLOCKSIZE:  # a header read: kept so the end check needs no rewind
+                self.last_block = (at, data)
+            return data
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_CUR:
@@ -522,7 +540,11 @@ class _Inflated(io.RawIOBase):
         elif whence != io.SEEK_SET:
             raise io.UnsupportedOperation("only absolute seeks")
         if offset < self._pos:
-            self._inner.seek(offset)  # gzip rewinds and re-inflates
+            try:
+                self._inner.seek(offset)  # gzip rewinds and re-inflates
+            except _GZIP_DAMAGE as err:
+                self._refuse_appended(err)
+                raise
             self._pos = offset
         scratch = None
         while self._pos < offset:
@@ -553,6 +575,33 @@ class _Inflated(io.RawIOBase):
             return
         self.seek(self._pos + _DRAIN_LIMIT_BYTES)
 
+    def _refuse_appended(self, err: BaseException) -> None:
+        """Raise an error saying so when the gzip reader failed on bytes after its data.
+
+        The reader takes them for a further gzip member and says "ended before the
+        end-of-stream marker" or "not a gzipped file", which reads as a cut inside the tar
+        member being read. Only on this error path is the file scanned again to tell.
+        """
+        if not self._gzipped or not self._counter.seekable():
+            return
+        try:
+            back = self._counter.tell()
+            self._counter.seek(0)
+            found = _bytes_after_gzip(self._counter, self._limits.max_total_bytes)
+            self._counter.seek(back)
+        except (*_GZIP_DAMAGE, OSError, ValueError):
+            return  # cannot tell: the reader's own error stands
+        if found is None:
+            return
+        end, size = found
+        extra = size - end
+        what = "1 byte" if extra == 1 else f"{extra} bytes"
+        msg = (
+            f"{what} after the end of its gzip data (at byte {end} of {size})"
+            f" {'is' if extra == 1 else 'are'} not gzip: something was appended to the file"
+        )
+        raise self._where.error(ArchiveError, msg) from err
+
 
 def _gunzipped(raw: BinaryIO) -> BinaryIO:
     """A gzip stream's inflated bytes, read into the caller's buffer where the inflate can.
@@ -564,6 +613,43 @@ def _gunzipped(raw: BinaryIO) -> BinaryIO:
     if reader is not None:
         return io.BufferedReader(reader(raw, _GZIP_READ_BYTES))
     return _gzip.GzipFile(fileobj=raw, mode="rb")
+
+
+def _bytes_after_gzip(stream: BinaryIO, max_bytes: int) -> tuple[int, int] | None:
+    """(end of the last whole gzip member, size) when the bytes after it are not gzip.
+
+    Reads ``stream`` from its current position to the first problem. Zero padding after
+    a member is skipped, as gzip does. None when nothing follows the members, or the
+    damage is inside one (a cut, a bad CRC), or more than ``max_bytes`` inflate first.
+    """
+    inflate = _isal_zlib or zlib
+    offset = 0  # compressed bytes read so far
+    end = 0  # just past the last whole member
+    pending = b""  # read, not yet inflated
+    inflated = 0
+    while True:
+        while len(pending := pending.lstrip(b"\0")) < 2:  # the 2-byte magic
+            piece = stream.read(_SCAN_READ_BYTES)
+            if not piece:
+                break
+            offset += len(piece)
+            pending += piece
+        if not pending:
+            return None
+        if not pending.startswith(GZIP_MAGIC):
+            return end, stream.seek(0, io.SEEK_END)
+        member = inflate.decompressobj(wbits=31)
+        while not member.eof:
+            if not pending:
+                pending = stream.read(_SCAN_READ_BYTES)
+                if not pending:
+                    return None  # cut inside this member
+                offset += len(pending)
+            inflated += len(member.decompress(pending))
+            if inflated > max_bytes:
+                return None
+            pending = member.unused_data
+        end = offset - len(pending)
 
 
 class _CountingReader(io.RawIOBase):

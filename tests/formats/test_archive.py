@@ -317,6 +317,7 @@ def test_truncated_tar_is_an_archive_error(gz):
             contents(data[:cut], path="/d/cut.tgz")
         assert str(err.value).startswith("cut.tgz")
         assert "\n" not in str(err.value)
+        assert "truncated or corrupt archive" in str(err.value) or not gz
 
 
 def test_truncated_at_member_boundary_in_plain_tar():
@@ -345,6 +346,63 @@ def test_garbled_tar_header_after_the_first():
 def test_garbage_is_an_archive_error(data):
     with pytest.raises(ArchiveError):
         contents(data, path="junk.bin")
+
+
+# Bytes after a complete gzip stream: gzip's reader takes them for a further member and
+# fails while the tar's last member is being read, which is not where the damage is.
+APPENDED = {
+    "1 byte": b"x",
+    "8 bytes": b"garbage!",  # under a gzip header's 10 bytes: isal says "ended before..."
+    "long": bytes(range(256)) * 40,  # gzip says "Not a gzipped file"
+    "a lone 1f": b"\x1f",  # Python's gzip: not gzip either
+    "after zero padding": bytes(512) + b"junk",
+}
+
+
+@pytest.mark.parametrize("tail", APPENDED.values(), ids=APPENDED.keys())
+def test_bytes_appended_after_the_gzip_stream_are_named_as_such(tail):
+    data = tar_bytes(MEMBERS + [("R/R.stim.csv", b"3,4\n" * 5000)])
+    with pytest.raises(ArchiveError) as err:
+        contents(data + tail, path="/d/x.tgz")
+    n = len(tail)
+    assert str(err.value) == (
+        f"x.tgz: {n} byte{'s' * (n > 1)} after the end of its gzip data (at byte {len(data)}"
+        f" of {len(data) + n}) {'are' if n > 1 else 'is'} not gzip:"
+        " something was appended to the file"
+    )
+    assert err.value.member is None  # no member is damaged
+
+
+def test_bytes_appended_after_two_gzip_members_or_in_a_nested_tgz():
+    two = _gzip_members(tar_bytes(MEMBERS, gz=False))
+    with pytest.raises(ArchiveError, match=rf"^x\.tgz: 8 bytes .*at byte {len(two)} of "):
+        contents(two + b"garbage!", path="x.tgz")
+    outer = zip_bytes([("sites/A1_R_abc.tgz", tar_bytes(MEMBERS) + b"garbage!")])
+    (member,) = iter_members(outer, path="/data/A1_single_sites.zip")
+    with pytest.raises(ArchiveError, match="something was appended") as err:
+        list(member.iter_archive())
+    assert str(err.value).startswith("A1_single_sites.zip:sites/A1_R_abc.tgz: 8 bytes after")
+
+
+def test_bytes_appended_read_with_the_standard_gzip_module(monkeypatch):
+    monkeypatch.setattr(archive, "_gzip", gzip)
+    monkeypatch.setattr(archive, "_isal_zlib", None)
+    data = tar_bytes(MEMBERS)
+    with pytest.raises(ArchiveError, match=rf"^x\.tgz: 8 bytes .*at byte {len(data)} of "):
+        contents(data + b"garbage!", path="x.tgz")
+
+
+def test_damage_inside_the_gzip_stream_is_still_named_so_with_bytes_appended():
+    data = tar_bytes(MEMBERS + [("R/R.stim.csv", b"3,4\n" * 5000)])
+    for cut in (len(data) // 2, len(data) - 5):  # in the deflate data, in the trailer
+        with pytest.raises(ArchiveError, match=r"^x\.tgz") as err:
+            contents(data[:cut] + b"garbage!", path="x.tgz")
+        assert "appended" not in str(err.value)
+    bad_crc = bytearray(data + b"garbage!")
+    bad_crc[len(data) - 8] ^= 0xFF
+    with pytest.raises(ArchiveError, match=r"^x\.tgz.*(checksum|CRC|check)") as err:
+        contents(bytes(bad_crc), path="x.tgz")
+    assert "appended" not in str(err.value)
 
 
 def test_truncated_zip():
