@@ -218,14 +218,16 @@ class RichProgress(_Base):
     def __init__(self, stream: TextIO | None = None, *, console: Console | None = None) -> None:
         self.console = console or Console(file=stream if stream is not None else sys.stderr)
         self._bars = RichBars(
-            # a long member name is cut with an ellipsis rather than wrapping every bar
+            # a label is at most _LABEL_CHARS (_short_label), cut further on a narrow
+            # terminal rather than wrapping every bar
             TextColumn(
                 "[bold]{task.description}",
-                table_column=Column(no_wrap=True, overflow="ellipsis", max_width=48),
+                table_column=Column(no_wrap=True, overflow="ellipsis", max_width=_LABEL_CHARS),
             ),
             BarColumn(),
-            _AmountColumn(),
-            TimeRemainingColumn(),
+            # on a narrow terminal the bar shrinks, not "855.6 MB / 1.9 GB" onto two lines
+            _AmountColumn(table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7)),
             console=self.console,
         )
         self._ids: dict[str, Any] = {}
@@ -249,7 +251,8 @@ class RichProgress(_Base):
             if task in self._ids:
                 self._bars.reset(self._ids[task], total=total, unit=unit)
             else:
-                self._ids[task] = self._bars.add_task(task, total=total, unit=unit)
+                label = escape(_short_label(task))  # a name with [brackets] is not markup
+                self._ids[task] = self._bars.add_task(label, total=total, unit=unit)
 
     def advance(self, task: str, n: int) -> None:
         task_id = self._ids.get(task)
@@ -277,6 +280,19 @@ class RichProgress(_Base):
         style = {"warning": "yellow", "error": "bold red", "debug": "dim"}.get(level, "")
         text = escape(msg if level == "info" else f"{level}: {msg}")
         self.console.print(f"[{style}]{text}[/]" if style else text)
+
+
+_LABEL_CHARS = 40
+
+
+def _short_label(task: str, width: int = _LABEL_CHARS) -> str:
+    """``task`` in at most ``width`` characters, keeping both ends: the file and the
+    member's own name (cut at the end, every member of a population tgz read
+    "A1_NAT4_ozgf.fs100.ch18.tgz:A1_NAT4_ozgf_fs100_…")."""
+    if len(task) <= width:
+        return task
+    head = (width - 1) * 2 // 5
+    return f"{task[:head]}…{task[len(task) - (width - 1 - head) :]}"
 
 
 class _AmountColumn(ProgressColumn):

@@ -273,3 +273,26 @@ def test_status_text_ends_with_what_to_run():
     assert "nat4etl build --out /data/nat4" in _render_status(stale).splitlines()[-1]
     fresh = {**stale, "stages": stale["stages"][:1], "up_to_date": True}
     assert "nat4etl build" not in _render_status(fresh)
+
+
+def test_a_bar_on_an_80_column_terminal_names_the_member_and_keeps_to_one_line():
+    """A population member's label keeps its own name (a cut at the end left only the tgz
+    and the recording's name), a name with [brackets] is not rich markup, and the amount
+    stays on the bar's line."""
+    from rich.console import Console
+
+    from nat4etl.progress import RichProgress
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=80, color_system=None)
+    member = "A1_NAT4_ozgf.fs100.ch18.tgz:A1_NAT4_ozgf_fs100_ch18/A1_NAT4_ozgf_fs100_ch18.resp.csv"
+    with RichProgress(console=console) as progress:
+        progress.start(member, total=1_900_000_000)
+        progress.advance(member, 855_600_000)
+        progress.start("wav.zip:[odd].wav", total=10)
+        progress._bars.refresh()
+        lines = buf.getvalue().replace("\r", "\n").splitlines()
+    bars = [line for line in lines if "resp.csv" in line]
+    assert bars and all("…ozgf_fs100_ch18.resp.csv" in bar for bar in bars)
+    assert any("855.6 MB / 1.9 GB" in bar for bar in bars)
+    assert any("wav.zip:[odd].wav" in line for line in lines)
