@@ -22,7 +22,6 @@ Choices, each stated once:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -1101,8 +1100,24 @@ def _queue_writes(writer: WriteBehind, area: str, out: AreaOutputs, settings, pr
             f"{area}: no spectrograms: {out.metadata['spectrograms']['unavailable']}",
             level="warning",
         )
-    progress.log(f"{area}: rebin-sites at {settings.dt_ms:g} ms: {json.dumps(out.counts)}")
+    progress.log(_counts_line(area, settings.dt_ms, out.counts), **out.counts)
     return out.counts
+
+
+def _counts_line(area: str, dt_ms: float, c: dict) -> str:
+    """The counts in words, as parse-epochs logs its own (``--json`` keeps them as keys)."""
+    diff = c["qc_max_abs_diff"]
+    qc = (
+        "no val trials to check against the population"
+        if diff is None
+        else f"site val trials average within {diff:.2g} spikes per bin of the population's"
+    )
+    return (
+        f"{area}: rebin-sites at {dt_ms:g} ms: {c['responses']} responses rows "
+        f"({c['est_rows_from_population']} est rows from the population), {c['sites']} sites, "
+        f"{c['val_means']} val_means rows, {c['spectrograms']} spectrograms; {qc} (qc_val); "
+        f"{c['spikes_before_0']} spike times before 0"
+    )
 
 
 def _file_size(path) -> int:

@@ -552,3 +552,23 @@ def test_a_site_whose_rate_does_not_fit_the_bins_is_named():
     site = rs.Site("ODD001a", 7.0, spikes=empty, trials=empty, cells=empty)
     with pytest.raises(ConfigError, match=r"^site ODD001a: dt_ms=10 is not a whole number"):
         rs.SiteJob(site, np.array([0]), dt_ms=10.0, n_bins=150)
+
+
+def test_the_counts_are_logged_in_words_with_the_qc_check_named():
+    counts = {
+        "responses": 1219,
+        "sites": 3,
+        "val_means": 54,
+        "spectrograms": 11,
+        "est_rows_from_population": 139,
+        "qc_max_abs_diff": 4.768371586472142e-08,
+        "spikes_before_0": 2,
+    }
+    line = rs._counts_line("A1", 10.0, counts)
+    assert line == (
+        "A1: rebin-sites at 10 ms: 1219 responses rows (139 est rows from the population), "
+        "3 sites, 54 val_means rows, 11 spectrograms; site val trials average within 4.8e-08 "
+        "spikes per bin of the population's (qc_val); 2 spike times before 0"
+    )
+    unchecked = rs._counts_line("PEG", 20.0, {**counts, "qc_max_abs_diff": None})
+    assert "no val trials to check against the population (qc_val)" in unchecked
