@@ -500,7 +500,9 @@ def test_report_lists_spike_times_before_0_from_the_responses_metadata(tmp_path,
         "no report rows of kind spikes_before_0",
         f"A1  spikes_before_0: not known: {why}",
     ]
-    other = CliRunner().invoke(cli, ["report", "--out", str(part), "--kind", "wav_missing", "--json"])
+    other = CliRunner().invoke(
+        cli, ["report", "--out", str(part), "--kind", "wav_missing", "--json"]
+    )
     assert other.exit_code == 0 and other.stdout == ""  # that kind alone: nothing missing
 
 
