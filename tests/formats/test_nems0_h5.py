@@ -123,14 +123,43 @@ def test_deflated_vectors_inflated_directly_equal_libhdf5(layout):
     got = read_h5_datasets(data)["u1"]
     with h5py.File(io.BytesIO(data), "r") as h5:
         want = np.asarray(h5["u1"][()], np.float64)
-        out = np.full(len(want) + 2 + nems0_h5._chunk_tail(h5["u1"]), np.nan)
-        routed = nems0_h5._inflate_deflated_vector(h5["u1"], memoryview(data), out, 2)
+        out = np.full(len(want) + 4, np.nan)
+        plan = nems0_h5._plan_deflated_vector(h5["u1"], memoryview(data), out[2:-2])
+        done = nems0_h5._inflate_plans({0: plan} if plan else {})
     np.testing.assert_array_equal(got, want)
     assert got.dtype == np.float64
-    assert routed == direct
-    if direct:  # at its place: nothing before it touched
-        np.testing.assert_array_equal(out[2 : 2 + len(want)], want)
-        assert np.isnan(out[:2]).all()
+    assert (plan is not None) == direct
+    if direct:  # at its place: nothing before or after it touched (a partial last chunk)
+        assert done == {0}
+        np.testing.assert_array_equal(out[2:-2], want)
+        assert np.isnan(out[:2]).all() and np.isnan(out[-2:]).all()
+
+
+def test_many_chunks_inflate_on_two_threads_and_a_bad_one_goes_to_libhdf5():
+    """Past _SPLIT_CHUNKS the chunks are inflated half on a second thread; a dataset with a
+    chunk the direct route refuses is read through libhdf5, which names the damage."""
+    from nat4etl.formats import nems0_h5
+
+    rng = np.random.default_rng(7)
+    units = {f"u{i:02d}": np.sort(rng.uniform(0, 100, 900)) for i in range(20)}
+
+    def build(h5):
+        for key, times in units.items():
+            h5.create_dataset(key, data=times, compression="gzip", chunks=(64,))
+
+    data = bytearray(h5_with(build))
+    with h5py.File(io.BytesIO(bytes(data)), "r") as h5:
+        n_chunks = sum(len(range(0, 900, 64)) for _ in units)
+        assert n_chunks >= 2 * nems0_h5._SPLIT_CHUNKS
+        chunks = []
+        h5["u17"].id.chunk_iter(lambda info: chunks.append((info.byte_offset, info.size)))
+    got = read_h5_datasets(bytes(data))
+    for key, want in units.items():
+        np.testing.assert_array_equal(got[key], want)
+    offset, size = chunks[3]  # in the second thread's half
+    data[offset + 2 : offset + size] = bytes(size - 2)
+    with pytest.raises(FormatError, match="unreadable HDF5"):
+        read_point_process(bytes(data), member="R/R.resp.h5")
 
 
 def test_unwritten_chunks_read_as_the_fill_value():
@@ -164,8 +193,8 @@ def test_damaged_deflate_chunk_is_a_format_error():
 
 def test_datasets_are_views_back_to_back_in_one_buffer_whatever_their_route():
     """unpack takes a file's spike times as one list column without a copy: the datasets
-    lie back to back in key order, and a partial last chunk's tail, written past a
-    dataset's end, never shows in the next one (here read through libhdf5)."""
+    lie back to back in key order, and a partial last chunk's tail never shows in the next
+    one (here read through libhdf5)."""
     rng = np.random.default_rng(3)
     a = np.sort(rng.uniform(0, 100, 1000))  # 333-value chunks: a tail of 332 past the end
     b = np.arange(5.0)  # contiguous: libhdf5's route, written after a's tail
