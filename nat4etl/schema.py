@@ -320,8 +320,8 @@ REPORT_KINDS: dict[str, str] = {
     "segments_applied": "recording/signal: JSON segments that restrict the data; applied",
     "segments_not_applied": "recording/signal: JSON segments NEMS0 does not load (not a "
     "rasterized signal) or that differ from the resp signal's",
-    "skipped_member": "file:member: an archive member not read (OS litter, not view 0 of a "
-    "recording, not a .wav)",
+    "skipped_member": "file:member (file:site tgz:member inside a site recording): an "
+    "archive member not read, and why (OS litter, not view 0 of a recording, not a .wav)",
 }
 
 REPORT = _table(

@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 
 from nat4etl import binning, nat4, schema
 from nat4etl.errors import InputMismatch
+from nat4etl.formats import nems0
 from nat4etl.stages import CONTRACTS
 
 #: cells columns that a carried-through pred_correlation column must not overwrite
@@ -95,8 +96,8 @@ class AreaInputs:
     pred_correlation: pa.Table | None = None
     #: base names in wav.zip; None when wav.zip was not in the source
     wav_names: list[str] | None = None
-    #: ``file:member`` strings unpack skipped
-    skipped_members: list[str] = field(default_factory=list)
+    #: (``file:member``, why it was not read) of the members unpack skipped, and wav.zip's
+    skipped_members: list[tuple[str, str]] = field(default_factory=list)
     #: (recording, name, start_s, end_s) of the STIM_ epochs with a time that is missing
     #: or not finite: left out as extract_epoch leaves them out, and reported
     unusable_stim_epochs: list[tuple] = field(default_factory=list)
@@ -901,14 +902,8 @@ class Parsed:
 def parse_area(inputs: AreaInputs) -> Parsed:
     """The four tables of one area from its raw inputs."""
     report = Report()
-    for skipped in inputs.skipped_members:
-        report.add(
-            "skipped_member",
-            skipped,
-            f"not read: not a sound of {nat4.WAV_ZIP} (OS litter, or not a .wav)"
-            if skipped.startswith(f"{nat4.WAV_ZIP}:")  # listed here, not by unpack
-            else "not read: not a file of view 0 of a recording (unpack's log says why)",
-        )
+    for skipped, why in inputs.skipped_members:
+        report.add("skipped_member", skipped, f"not read: {why}")
     site_of = {rec: site for site, rec in inputs.site_recordings.items()}
     for recording, name, start_s, end_s in inputs.unusable_stim_epochs:
         where = _POPULATION if recording == inputs.pop_recording else site_of.get(recording)
@@ -1058,12 +1053,16 @@ def area_inputs(
         for r in recs
         if r["kind"] == _SITE
     }
-    skipped = [f"{r['file']}:{m}" for r in recs for m in (r["skipped_members"] or [])]
+    skipped = [
+        (":".join(filter(None, (r["file"], r["member"], m))), _why_skipped_in_recording(m))
+        for r in recs
+        for m in (r["skipped_members"] or [])
+    ]
     wav_names = None
     if source_members is not None:
         for m in source_members.to_pylist():
             if m["kind"] == "skipped":
-                skipped.append(f"{m['file']}:{m['member']}")
+                skipped.append((f"{m['file']}:{m['member']}", _why_skipped_in_zip(m)))
         if any(m == nat4.WAV_ZIP for m in source_members.column("file").to_pylist()):
             wav_names = [  # by file name; folders split on / or \ (as align-wav)
                 m["member"].replace("\\", "/").rsplit("/", 1)[-1]
@@ -1289,6 +1288,28 @@ def wav_members(store, settings) -> pa.Table | None:
             }
         )
     return pa.Table.from_pylist(rows, schema=schema.SOURCE_MEMBERS.schema)
+
+
+def _why_skipped_in_recording(member: str) -> str:
+    """Why unpack left a member of a recording out, from its name, as its reader decided
+    (``nems0.classify_member``): the report says so long after unpack's log is gone."""
+    role = nems0.classify_member(member)
+    if isinstance(role, str):
+        return role
+    if role.view > 0:
+        return f"jackknife view {role.view}; only view 0 is stored"
+    return "empty (0 bytes), as NEMS0 skips it"
+
+
+def _why_skipped_in_zip(row: dict) -> str:
+    """Why a member of a site or wav zip was not read (``unpack.is_stray`` and the
+    extensions decide which are)."""
+    from nat4etl.stages.unpack import is_stray
+
+    if is_stray(row["member"]):
+        return "operating-system litter (__MACOSX/, ._*, .DS_Store) or a hidden file"
+    wanted = ".wav" if row["file"] == nat4.WAV_ZIP else ".tgz (a site recording)"
+    return f"not a {wanted}"
 
 
 def _with_rows(table: pa.Table | None, more: pa.Table | None) -> pa.Table | None:

@@ -200,12 +200,15 @@ def test_report_names_every_mismatch(parsed):
         ("wav_case_only_match", VAL_B),
         ("wav_missing", EST_Y),
         ("skipped_member", "A1_single_sites.zip:__MACOSX/._a"),
-        ("skipped_member", "A1_single_sites.zip:._x.h5"),
+        ("skipped_member", "A1_single_sites.zip:A1_single_sites/A1_XYZ001a_ab.tgz:._x.h5"),
     }
     assert report[("repetition_count", f"TNC015a/{VAL_B}")].startswith("2 repetitions")
-    # true of OS litter and of a jackknife view's files alike (these are NEMS0's own)
-    assert report[("skipped_member", "A1_single_sites.zip:._x.h5")] == (
-        "not read: not a file of view 0 of a recording (unpack's log says why)"
+    # why, from the name, as unpack's readers decided (the report outlives unpack's log)
+    assert report[
+        ("skipped_member", "A1_single_sites.zip:A1_single_sites/A1_XYZ001a_ab.tgz:._x.h5")
+    ] == ("not read: operating-system metadata file")
+    assert report[("skipped_member", "A1_single_sites.zip:__MACOSX/._a")] == (
+        "not read: operating-system litter (__MACOSX/, ._*, .DS_Store) or a hidden file"
     )
     schema.validate("report", parsed.report)
 
@@ -244,7 +247,34 @@ def test_a_stray_member_of_wav_zip_is_reported_as_not_a_wav_not_as_unpack_s():
     rows = [*raw["source_members"].to_pylist(), litter]
     raw["source_members"] = pa.Table.from_pylist(rows, schema=schema.SOURCE_MEMBERS.schema)
     detail = _report(_parse(raw))[("skipped_member", "wav.zip:__MACOSX/wav/._catX.wav")]
-    assert detail == "not read: not a sound of wav.zip (OS litter, or not a .wav)"
+    assert (
+        detail == "not read: operating-system litter (__MACOSX/, ._*, .DS_Store) or a hidden file"
+    )
+
+
+@pytest.mark.parametrize(
+    ("file", "member", "in_recording", "why"),
+    [
+        ("wav.zip", "wav/readme.txt", False, "not a .wav"),
+        ("A1_single_sites.zip", "A1_single_sites/notes.pdf", False, "not a .tgz (a site recording)"),
+        ("A1_NAT4.tgz", "R/01.R.resp.csv", True, "jackknife view 1; only view 0 is stored"),
+        ("A1_NAT4.tgz", "R/R.resp.epoch.csv", True, "empty (0 bytes), as NEMS0 skips it"),
+        ("A1_NAT4.tgz", "R/R.resp.epochs.csv", True,
+         "name is not R.S.csv or NN.R.S.csv ('.epochs.csv' is not the NEMS0 spelling)"),
+        ("A1_NAT4.tgz", "R/notes.txt", True, "unexpected extension 'txt'"),
+    ],
+)  # fmt: skip
+def test_a_skipped_member_s_report_row_says_why(file, member, in_recording, why):
+    raw = _raw()
+    if in_recording:
+        recs = raw["recordings"].to_pylist()
+        recs[0]["skipped_members"] = [member]
+        raw["recordings"] = pa.Table.from_pylist(recs, schema=raw["recordings"].schema)
+    else:
+        row = {"file": file, "member": member, "kind": "skipped", "size_bytes": 1}
+        rows = [*raw["source_members"].to_pylist(), row]
+        raw["source_members"] = pa.Table.from_pylist(rows, schema=schema.SOURCE_MEMBERS.schema)
+    assert _report(_parse(raw))[("skipped_member", f"{file}:{member}")] == f"not read: {why}"
 
 
 def test_wav_names_in_backslash_folders_are_checked_by_their_file_name():
