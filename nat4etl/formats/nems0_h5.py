@@ -297,6 +297,16 @@ def _inflate_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _forget_pool() -> None:
+    """A forked child has no copy of the pool's thread: it makes its own (a job sent to
+    the parent's pool object would wait forever)."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 _H5Z_FILTER_DEFLATE = 1
 try:  # isal: the same zlib streams, inflated ~1.7x faster
     from isal.isal_zlib import decompress as _zlib_decompress

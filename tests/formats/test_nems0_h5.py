@@ -263,3 +263,24 @@ def test_storage_layouts_and_link_orders_other_writers_use(file_options):
         for key in units:
             np.testing.assert_array_equal(got[key], np.asarray(h5[key][()], np.float64))
             assert got[key].dtype == np.float64
+
+
+def test_a_forked_child_inflates_on_a_pool_of_its_own():
+    """The second inflate thread is a module-level pool: a child forked after the parent
+    used it must not send its chunks to a thread it does not have (it would wait forever)."""
+    import multiprocessing
+
+    from nat4etl.formats import nems0_h5
+
+    times = np.sort(np.random.default_rng(9).uniform(0, 100, 64 * 2 * nems0_h5._SPLIT_CHUNKS))
+    data = h5_with(lambda h5: h5.create_dataset("u1", data=times, compression="gzip", chunks=(64,)))
+    np.testing.assert_array_equal(read_h5_datasets(data)["u1"], times)  # the parent's pool
+    assert nems0_h5._POOL is not None
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        sums = pool.apply_async(_sum_of_u1, (data,)).get(timeout=60)
+    assert sums == times.sum()
+
+
+def _sum_of_u1(data: bytes) -> float:
+    return float(read_h5_datasets(data)["u1"].sum())
