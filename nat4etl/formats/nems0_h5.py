@@ -237,9 +237,11 @@ def _plan_deflated_vector(ds, image: memoryview, slot: np.ndarray) -> _Plan | No
         return None
     chunks, starts = [], set()
     for info in infos:
-        start = info.chunk_offset[0] * itemsize
+        offset = info.chunk_offset[0]
+        start = offset * itemsize
         stored = image[info.byte_offset : info.byte_offset + info.size]
-        if info.chunk_offset[0] % chunk_len or start in starts or len(stored) != info.size:
+        # a chunk past the end (a damaged dataspace) would be counted for one never written
+        if offset % chunk_len or offset >= n or start in starts or len(stored) != info.size:
             return None
         starts.add(start)
         chunks.append(

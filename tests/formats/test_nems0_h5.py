@@ -174,6 +174,30 @@ def test_unwritten_chunks_read_as_the_fill_value():
     assert np.all(got[700:] == -1.0)
 
 
+def test_a_chunk_past_the_dataset_end_does_not_stand_in_for_an_unwritten_one():
+    """A damaged file whose dataspace is shorter than its chunk index: a chunk past the end
+    must not count as one of the dataset's, or the unwritten chunk it stands in for would
+    be left as whatever the buffer held, where libhdf5 reads the fill value."""
+
+    def build(h5):
+        ds = h5.create_dataset(
+            "u1", shape=(10_000,), dtype="f8", chunks=(1024,), compression="gzip"
+        )
+        ds[:4096] = np.arange(1.0, 4097.0)  # chunks 0-3
+        ds[5120:6144] = 1.0  # chunk 5; chunk 4 never written
+
+    data = bytearray(h5_with(build))
+    dims = np.int64(10_000).tobytes()
+    at = data.find(dims)  # the dataspace message's size, first in the object header
+    data[at : at + 8] = np.int64(4500).tobytes()  # 5 chunks: 0-4; chunk 5 is past the end
+    with h5py.File(io.BytesIO(bytes(data)), "r") as h5:
+        want = np.asarray(h5["u1"][()], np.float64)
+        offsets = []
+        h5["u1"].id.chunk_iter(lambda info: offsets.append(info.chunk_offset[0]))
+    assert want.shape == (4500,) and offsets == [0, 1024, 2048, 3072, 5120]
+    np.testing.assert_array_equal(read_h5_datasets(bytes(data))["u1"], want)
+
+
 def test_damaged_deflate_chunk_is_a_format_error():
     data = bytearray(
         h5_with(
