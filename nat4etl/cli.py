@@ -171,7 +171,7 @@ class AreaChoice(click.Choice):
     def __init__(self):
         super().__init__(["A1", "PEG", "all"], case_sensitive=False)
 
-    def get_metavar(self, param, ctx) -> str:
+    def get_metavar(self, param, ctx=None) -> str:  # click 8.1 passes no ctx
         return "[" + "|".join(self.choices) + "]"
 
     def get_invalid_choice_message(self, value, ctx) -> str:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -208,6 +209,15 @@ def test_area_choices_are_shown_as_the_dataset_writes_them():
     result = invoke("status", "--out", "nowhere", "--area", "V1")
     assert result.exit_code == 2
     assert "'V1' is not one of 'A1', 'PEG', 'all'." in result.output
+
+
+def test_area_metavar_as_click_8_1_asks_for_it():
+    """pyproject allows click 8.1, whose Parameter.make_metavar calls
+    ``type.get_metavar(param)`` without a context: every --help with --area must work there."""
+    from nat4etl.cli import AreaChoice
+
+    param = click.Option(["--area"], type=AreaChoice())
+    assert AreaChoice().get_metavar(param) == "[A1|PEG|all]"
 
 
 # ----------------------------------------------------------------------- help
