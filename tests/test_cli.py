@@ -168,6 +168,28 @@ def test_unpack_from_another_mirror_suggests_the_build_that_keeps_its_files(
     assert json.loads(again.stderr.splitlines()[-1])["up_to_date"], again.output
 
 
+def test_stage_commands_after_unpack_from_another_mirror_suggest_that_mirror(
+    tmp_path, mini_sample, mini_quirks_sample
+):
+    """After `unpack --source OTHER`, the later stage commands' hints build from OTHER too:
+    the store's tables are made from its files, and a build from the mirror raw/ came from
+    would unpack those again, undoing it (only unpack's own hint named OTHER)."""
+    out = tmp_path / "store"
+    args = ["build", "--area", "A1", "--no-wav", "--source", str(mini_sample.dir)]
+    assert CliRunner().invoke(cli, [*args, "--out", str(out)]).exit_code == 0
+    other = ["unpack", "--source", str(mini_quirks_sample.dir), "--out", str(out)]
+    assert CliRunner().invoke(cli, other).exit_code == 0
+    parsed = CliRunner().invoke(cli, ["parse-epochs", "--out", str(out)])
+    assert parsed.exit_code == 0, parsed.output
+    (warned,) = [line for line in parsed.output.splitlines() if "now out of date" in line]
+    assert warned.split(" now out of date")[0].endswith("rebin-sites, normalize")
+    hint = shlex.split(warned.split("`")[1])
+    assert hint[hint.index("--source") + 1] == str(mini_quirks_sample.dir.resolve())
+    assert CliRunner().invoke(cli, hint[1:]).exit_code == 0
+    again = CliRunner().invoke(cli, [*other, "--json"])  # the store is the other mirror's
+    assert json.loads(again.stderr.splitlines()[-1])["up_to_date"], again.output
+
+
 def test_fetching_wav_zip_for_a_no_wav_store_leaves_only_parse_epochs_out_of_date(
     tmp_path, mini_sample
 ):

@@ -727,21 +727,39 @@ def recorded_parameters(out: str | os.PathLike, *, after: str | None = None) -> 
 def store_parameters(store: Store, *, after: str | None = None) -> dict[str, Any]:
     """The build parameters ``store``'s manifest records, with the local mirror fetch
     copied from, which the manifest leaves out (see :func:`_fetched_from_dir`).
-    ``after``: the parameters stage ``after`` last ran with win over the other stages',
-    and so does the mirror it read in place of raw/, if it did. OSError / ValueError: an
+    ``after``: the parameters stage ``after`` last ran with win over the other stages'.
+    The mirror is the one a stage up to ``after`` read in place of raw/ since the last
+    fetch (:func:`_mirror_read_since_fetch`), if one did. OSError / ValueError: an
     unreadable manifest."""
     manifest = store.read_manifest() or {}
     params = manifest.get("parameters") or {}
+    stages = manifest.get("stages") or {}
     if after is not None:  # not its areas: a stage command's default is "all", and it
         # ran on the areas the store holds
-        stage = (manifest.get("stages") or {}).get(after) or {}
-        stage_params = stage.get("params") or {}
+        stage_params = (stages.get(after) or {}).get("params") or {}
         params = {**params, **{k: v for k, v in stage_params.items() if k != "areas"}}
-        if stage.get("source_dir"):  # the mirror it read, not raw/'s files: build from it
-            params["source_dir"] = stage["source_dir"]
+    mirror = _mirror_read_since_fetch(stages, after)
+    if mirror:  # the mirror the tables were made from, not raw/'s files: build from it
+        params = {**params, "source_dir": mirror}
     if not params.get("source_dir"):
         params = {**params, "source_dir": _fetched_from_dir(store.root)}
     return params
+
+
+def _mirror_read_since_fetch(stages: Mapping[str, Any], after: str | None) -> str | None:
+    """The mirror the latest stage up to ``after`` (all: None) that read one in place of
+    raw/ read (``source_dir``: `unpack --source`), unless fetch ran later: the tables after
+    it are made from that mirror's files, so a build from raw/'s mirror would redo them
+    (after `unpack --source OTHER`, the hint of a later stage command too names OTHER)."""
+    names = STAGES if after not in STAGES else STAGES[: STAGES.index(after) + 1]
+    since = str((stages.get(FETCH) or {}).get("ran_at") or "")
+    mirror, ran_at = None, since
+    for name in names:
+        entry = stages.get(name) or {}
+        at = str(entry.get("ran_at") or "")
+        if entry.get("source_dir") and at >= ran_at:  # ran_at is to the second
+            mirror, ran_at = entry["source_dir"], at
+    return mirror
 
 
 def recorded_settings(
