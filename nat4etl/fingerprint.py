@@ -500,8 +500,8 @@ def _how_changed(old: str, new: str) -> str:
     if old_algo != new_algo and ":" in str(old) and ":" in str(new):
         return f"was recorded with {old_algo}, now {new_algo}"
     if old_algo == new_algo == "stat" and old.split(":")[1] == new.split(":")[1]:
-        # a mirror file rewritten with the same bytes (a copy, `nat4etl sample` again):
-        # fetch reruns and checks them, and the stages after it see no change
+        # maybe the same bytes (a copy, `nat4etl sample` again), maybe not: fetch reruns
+        # and hashes them, and the stages after it run only if the bytes differ
         return "has a new modification time (same size)"
     return "changed"
 

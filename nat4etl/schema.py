@@ -321,7 +321,8 @@ REPORT_KINDS: dict[str, str] = {
     "segments_not_applied": "recording/signal: JSON segments NEMS0 does not load (not a "
     "rasterized signal) or that differ from the resp signal's",
     "skipped_member": "file:member (file:site tgz:member inside a site recording): an "
-    "archive member not read, and why (OS litter, not view 0 of a recording, not a .wav)",
+    "archive member not read, and why (OS litter, not a .tgz or .wav, a jackknife view, an "
+    "empty file, a name NEMS0 does not read)",
 }
 
 REPORT = _table(
