@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -184,7 +184,12 @@ def _read_root(h5, image, *, path, member, max_bytes: int) -> dict[str, np.ndarr
             plans[i] = plan
         out[key] = slot.reshape(obj.shape)
         at += n
-    inflated = _inflate_plans(plans)
+    try:
+        inflated = _inflate_plans(plans)
+    except _ChunkTooLong as err:
+        key, size = datasets[err.plan][0], plans[err.plan].chunk_bytes
+        msg = f"dataset {key!r}: a chunk inflates past its {size} bytes (a decompression bomb?)"
+        raise FormatError(msg, path=path, member=member) from None
     for i, (_, obj) in enumerate(datasets):
         if i not in inflated:  # another layout, or a chunk the direct route refused
             slots[i][...] = np.asarray(obj[()], dtype=np.float64).reshape(-1)
@@ -261,7 +266,10 @@ def _inflate_plans(plans: dict[int, _Plan]) -> set[int]:
     failed: set[int] = set()
     if half:
         second = _inflate_pool().submit(_inflate_chunks, jobs[half:], plans)
-        failed |= _inflate_chunks(jobs[:half], plans)
+        try:
+            failed |= _inflate_chunks(jobs[:half], plans)
+        finally:
+            wait([second])  # its chunks land before the buffer is read or given up
         failed |= second.result()
     else:
         failed = _inflate_chunks(jobs, plans)
@@ -272,20 +280,37 @@ def _inflate_plans(plans: dict[int, _Plan]) -> set[int]:
 
 
 def _inflate_chunks(jobs, plans: dict[int, _Plan]) -> set[int]:
+    """The plans of ``jobs`` with a chunk that is cut or damaged. A chunk inflated past its
+    size raises :class:`_ChunkTooLong` (inflating it whole could take gigabytes)."""
     failed = set()
     for i, (stored, deflated, place) in jobs:
         if i in failed:
             continue
-        try:
-            data = _zlib_decompress(stored) if deflated else stored
-        except _ZlibError:
-            failed.add(i)
-            continue
-        if len(data) != plans[i].chunk_bytes:
+        chunk_bytes, data, whole = plans[i].chunk_bytes, stored, True
+        if deflated:
+            inflate = _zlib_decompressobj()
+            try:
+                data = inflate.decompress(stored, chunk_bytes + 1)
+            except _ZlibError:
+                failed.add(i)
+                continue
+            if len(data) > chunk_bytes:
+                raise _ChunkTooLong(i)
+            whole = inflate.eof
+        if len(data) != chunk_bytes or not whole:
             failed.add(i)
             continue
         place[:] = memoryview(data)[: len(place)]
     return failed
+
+
+class _ChunkTooLong(Exception):
+    """A deflated chunk inflates past its chunk's size: a decompression bomb, or damage
+    libhdf5 would inflate whole too."""
+
+    def __init__(self, plan: int):
+        super().__init__(plan)
+        self.plan = plan
 
 
 _SPLIT_CHUNKS = 64  # fewer chunks are inflated on the calling thread alone
@@ -311,8 +336,8 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 _H5Z_FILTER_DEFLATE = 1
 try:  # isal: the same zlib streams, inflated ~1.7x faster
-    from isal.isal_zlib import decompress as _zlib_decompress
+    from isal.isal_zlib import decompressobj as _zlib_decompressobj
     from isal.isal_zlib import error as _ZlibError
 except ImportError:  # pragma: no cover - isal is a dependency; zlib still beats the detour
-    from zlib import decompress as _zlib_decompress
+    from zlib import decompressobj as _zlib_decompressobj
     from zlib import error as _ZlibError

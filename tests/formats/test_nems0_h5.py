@@ -308,3 +308,30 @@ def test_a_forked_child_inflates_on_a_pool_of_its_own():
 
 def _sum_of_u1(data: bytes) -> float:
     return float(read_h5_datasets(data)["u1"].sum())
+
+
+@pytest.mark.parametrize("n_units", [1, 20], ids=["one thread", "two threads"])
+def test_a_chunk_that_inflates_past_its_size_is_refused_before_it_is_inflated_whole(n_units):
+    """A crafted chunk can inflate to ~1000x its stored size (libhdf5 would inflate it
+    whole too): the direct route stops one byte past the chunk and names the dataset."""
+    import zlib
+
+    rng = np.random.default_rng(11)
+
+    def build(h5):
+        for i in range(n_units):
+            h5.create_dataset(
+                f"u{i:02d}", data=rng.uniform(0, 100, 4096), compression="gzip", chunks=(1024,)
+            )
+
+    data = bytearray(h5_with(build))
+    last = f"u{n_units - 1:02d}"
+    with h5py.File(io.BytesIO(bytes(data)), "r") as h5:
+        chunks = []
+        h5[last].id.chunk_iter(lambda info: chunks.append((info.byte_offset, info.size)))
+    offset, size = chunks[1]
+    bomb = zlib.compress(bytes(4 << 20), 9)  # 4 MiB in ~4 kB
+    assert len(bomb) <= size
+    data[offset : offset + len(bomb)] = bomb
+    with pytest.raises(FormatError, match=rf"dataset '{last}': a chunk inflates past its 8192"):
+        read_point_process(bytes(data), member="R/R.resp.h5")
