@@ -115,6 +115,14 @@ class Nat4Store:
         self._facts.clear()
         self._store.close()
 
+    def _area(self, area: str) -> str:
+        """``area`` as the store spells it, in any case, as the CLI's ``--area`` takes it
+        (an area the store does not hold is named by the table lookup)."""
+        for held in self._store.areas("stims"):
+            if held.casefold() == str(area).casefold():
+                return held
+        return area
+
     def _check_open(self) -> None:
         """ValueError once closed, as Python's closed files: the pinned generation is
         released (its ``/proc/self/fd`` path may even name another directory by now)."""
@@ -150,6 +158,7 @@ class Nat4Store:
         ``duration_s``, ``prestim_s``, ``poststim_s``, ``n_frames``, ``pop_start_s``.
         """
         self._check_open()
+        area = self._area(area)
         return self._frame("stims", area, "stim")
 
     def cells(self, area: str) -> pl.DataFrame:
@@ -159,11 +168,13 @@ class Nat4Store:
         ``match``, ...), then the carried-through ``pred_correlation`` columns.
         """
         self._check_open()
+        area = self._area(area)
         return self._frame("cells", area, "cell")
 
     def metadata(self, table: str, area: str) -> dict:
         """A table's metadata: units, ``dt_ms``, shapes, provenance."""
         self._check_open()
+        area = self._area(area)
         return copy.deepcopy(self._metadata(table, area))
 
     @property
@@ -177,6 +188,7 @@ class Nat4Store:
     def default_norm(self, area: str) -> str:
         """The preset ``norm="default"`` means (the ``--norm`` given to `normalize`)."""
         self._check_open()
+        area = self._area(area)
         return self._metadata("norm_constants", area)["default_norm"]
 
     # ------------------------------------------------------------------ arrays
@@ -186,7 +198,7 @@ class Nat4Store:
         Parameters
         ----------
         area
-            ``"A1"`` or ``"PEG"``.
+            ``"A1"`` or ``"PEG"`` (any case, as the CLI takes it).
         subset
             ``"all"`` (default), ``"est"`` or ``"val"``: which sounds, in stim id order.
         norm
@@ -213,6 +225,7 @@ class Nat4Store:
             population's spectrogram frames (the message says why, and what to rebuild).
         """
         self._check_open()
+        area = self._area(area)
         md = self._metadata("spectrograms", area)
         if md.get("unavailable"):  # the table is there, empty: a store without spectrograms
             raise MissingTableError(
@@ -247,7 +260,7 @@ class Nat4Store:
         Parameters
         ----------
         area
-            ``"A1"`` or ``"PEG"``.
+            ``"A1"`` or ``"PEG"`` (any case, as the CLI takes it).
         subset
             ``"all"`` (default), ``"est"`` or ``"val"``. With ``stims=``, every given sound
             must belong to it.
@@ -290,6 +303,7 @@ class Nat4Store:
             or fewer sounds/units.
         """
         self._check_open()
+        area = self._area(area)
         if trials not in ("all", "mean"):
             raise ValueError(f"`trials` must be 'all' or 'mean', not {trials!r}")
         md = self._metadata("responses", area)
@@ -324,7 +338,7 @@ class Nat4Store:
         Parameters
         ----------
         area
-            ``"A1"`` or ``"PEG"``.
+            ``"A1"`` or ``"PEG"`` (any case, as the CLI takes it).
         subset
             ``"all"`` (default), ``"est"`` or ``"val"``.
 
@@ -337,6 +351,7 @@ class Nat4Store:
             spectrogram covers samples ``[t * hop, (t + 1) * hop)``.
         """
         self._check_open()
+        area = self._area(area)
         self._metadata("waveforms", area)
         ids = self._stim_ids(area, subset)
         return self._vectors("waveforms", area, "samples", ids)[0]
@@ -354,7 +369,7 @@ class Nat4Store:
         Parameters
         ----------
         area
-            ``"A1"`` or ``"PEG"``.
+            ``"A1"`` or ``"PEG"`` (any case, as the CLI takes it).
         cells
             Units, as in :meth:`responses`. Default: every unit.
         seed, n_splits
@@ -377,6 +392,7 @@ class Nat4Store:
         from nat4etl import reliability
 
         self._check_open()
+        area = self._area(area)
         if n_splits < 1:
             raise ValueError(f"`n_splits` must be at least 1, not {n_splits!r}")
         cell_ids = self._cell_ids(area, cells)

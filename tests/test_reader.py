@@ -127,6 +127,19 @@ def test_tables_in_id_order(store):
     assert store.areas == ["A1"]
 
 
+def test_an_area_is_taken_in_any_case_as_the_cli_takes_it(store):
+    """`--area a1` works on the command line; `responses("a1")` gives A1's arrays too."""
+    np.testing.assert_array_equal(store.responses("a1"), store.responses("A1"))
+    np.testing.assert_array_equal(store.spectrograms("a1"), store.spectrograms("A1"))
+    np.testing.assert_array_equal(store.waveforms("a1"), store.waveforms("A1"))
+    assert store.stims("a1").equals(store.stims("A1"))
+    assert store.cells("a1").equals(store.cells("A1"))
+    assert store.metadata("responses", "a1") == store.metadata("responses", "A1")
+    assert store.default_norm("a1") == store.default_norm("A1")
+    with pytest.raises(MissingTableError, match="no area 'peg'"):
+        store.responses("peg")
+
+
 def test_responses_dense_with_nan_padding(store):
     keys, counts = _rows()
     arr = store.responses("A1")
