@@ -472,8 +472,12 @@ def why_stale(record: Mapping[str, Any] | None, fp: Fingerprint) -> list[str]:
             out.append(f"{key.replace('_', ' ')} {record.get(key)} -> {getattr(fp, key)}")
     old_params = record.get("params") or {}
     for k in sorted(set(old_params) | set(fp.params)):
-        if old_params.get(k) != fp.params.get(k):
-            out.append(f"parameter {k}: {old_params.get(k)!r} -> {fp.params.get(k)!r}")
+        if k not in fp.params:  # an earlier nat4etl counted it (unpack's source_dir)
+            out.append(f"parameter {k} is no longer one (it was {old_params[k]!r})")
+        elif k not in old_params:
+            out.append(f"parameter {k} is new ({fp.params[k]!r})")
+        elif old_params[k] != fp.params[k]:
+            out.append(f"parameter {k}: {old_params[k]!r} -> {fp.params[k]!r}")
     out += _input_changes(record.get("inputs") or {}, fp.inputs)
     return out or ["fingerprint changed"]
 

@@ -536,3 +536,16 @@ def test_a_mirror_file_rewritten_with_the_same_bytes_reruns_fetch_alone_and_says
     assert {d.stage: d.reasons for d in result.decisions}["fetch"] == (
         "input source/A1.txt changed",
     )
+
+
+def test_a_parameter_an_earlier_nat4etl_recorded_is_named_when_it_is_no_longer_one():
+    """unpack once recorded `source_dir` (null in a build) among its parameters: an old
+    store's unpack reruns once, and says why rather than "fingerprint changed"."""
+    from nat4etl.fingerprint import why_stale
+
+    fp = Fingerprint("unpack", inputs={}, params={"areas": ["A1"]}, nat4etl_version="1")
+    old = {"fingerprint": "old", "nat4etl_version": "1", "schema_version": 0, "inputs": {}}
+    recorded = {**old, "params": {"areas": ["A1"], "source_dir": None}}
+    assert why_stale(recorded, fp) == ["parameter source_dir is no longer one (it was None)"]
+    fewer = {**old, "params": {}}
+    assert why_stale(fewer, fp) == ["parameter areas is new (['A1'])"]
