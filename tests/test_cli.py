@@ -179,6 +179,13 @@ def test_stage_commands_after_unpack_from_another_mirror_suggest_that_mirror(
     assert CliRunner().invoke(cli, [*args, "--out", str(out)]).exit_code == 0
     other = ["unpack", "--source", str(mini_quirks_sample.dir), "--out", str(out)]
     assert CliRunner().invoke(cli, other).exit_code == 0
+    # status names the same mirror as the one its tables are now made from
+    (note,) = [
+        line
+        for line in CliRunner().invoke(cli, ["status", "--out", str(out)]).output.splitlines()
+        if line.startswith("note")
+    ]
+    assert f"built from the mirror {mini_quirks_sample.dir.resolve()};" in note
     parsed = CliRunner().invoke(cli, ["parse-epochs", "--out", str(out)])
     assert parsed.exit_code == 0, parsed.output
     (warned,) = [line for line in parsed.output.splitlines() if "now out of date" in line]

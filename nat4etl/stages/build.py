@@ -678,7 +678,9 @@ def status(
         )
         report["stages"] = _stage_states(root, chosen, ctx, forced)
         report["manifest"] = manifest_problems(root, ctx) if ctx.records else []
-        mirror = _fetched_from_dir(root)
+        # the mirror its tables were made from: the one the build hint names
+        mirror = _mirror_read_since_fetch(manifest.get("stages") or {}, None)
+        mirror = mirror or _fetched_from_dir(root)
         if mirror and settings.source_dir is None:  # judged against Zenodo, built from it
             report["built_from_mirror"] = mirror
     finally:
