@@ -636,7 +636,17 @@ def _bytes_after_gzip(stream: BinaryIO, max_bytes: int) -> tuple[int, int] | Non
             pending += piece
         if not pending:
             return None
-        if not pending.startswith(GZIP_MAGIC):
+        while len(pending) < 4:  # magic, method, flags
+            piece = stream.read(_SCAN_READ_BYTES)
+            if not piece:
+                break
+            offset += len(piece)
+            pending += piece
+        # RFC 1952: a member's method is 8 (deflate) and its flags' top 3 bits are 0; the
+        # magic alone may start any bytes (a cut header is left to the reader's own error)
+        if not pending.startswith(GZIP_MAGIC) or (
+            len(pending) >= 4 and (pending[2] != 8 or pending[3] & 0xE0)
+        ):
             return end, stream.seek(0, io.SEEK_END)
         member = inflate.decompressobj(wbits=31)
         while not member.eof:

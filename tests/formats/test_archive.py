@@ -356,6 +356,8 @@ APPENDED = {
     "long": bytes(range(256)) * 40,  # gzip says "Not a gzipped file"
     "a lone 1f": b"\x1f",  # Python's gzip: not gzip either
     "after zero padding": bytes(512) + b"junk",
+    "gzip's magic, then not gzip": b"\x1f\x8bjunk after the magic",
+    "gzip's magic and method, reserved flags": b"\x1f\x8b\x08\xe0" + bytes(20),
 }
 
 
