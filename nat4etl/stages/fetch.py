@@ -319,13 +319,18 @@ def _source_lacks(source_dir: Path, absent: list[str]) -> InputMismatch:
     extracted: a user may point --source at that directory with the archives gone.
     """
     hints = []
+    listed = (source_dir / RECORD_JSON).is_file()  # its md5s are Zenodo's: a repack fails them
     for name in absent:
         folder = source_dir / name.removesuffix(".zip").removesuffix(".tgz")
         if folder.is_dir():
-            hints.append(
+            hint = (
                 f"{folder.name}/ is {name} unpacked, which nat4etl does not read: put {name} "
                 "beside it, as Zenodo publishes it"
             )
+            if not listed:  # members are found by their file names, so a repack reads the same
+                tool = "zipfile" if name.endswith(".zip") else "tarfile"
+                hint += f", or pack it: `python -m {tool} -c {source_dir / name} {folder}`"
+            hints.append(hint)
     if WAV_FILE in absent:
         hints.append("--no-wav builds without the waveforms")
     hint = f" ({'; '.join(hints)})" if hints else ""

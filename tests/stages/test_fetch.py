@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import socket
 import time
 from datetime import datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from fake_zenodo import (
     RECORD,
@@ -691,6 +693,9 @@ def test_source_in_deepstrf_layout_says_what_to_do(
     assert "lacks A1_single_sites.zip, wav.zip (" in msg  # every one, before any copy
     assert "wav/ is wav.zip unpacked" in msg
     assert not (tmp_path / "raw" / "A1_single_sites.zip").exists()
+    # without Zenodo's md5s to match, a repack of the folder is offered (and tested below)
+    pack = f"`python -m zipfile -c {src / 'wav.zip'} {src / 'wav'}`"
+    assert (pack in msg) is not record
     (src / "A1_single_sites").rmdir()
     (src / "A1_single_sites.zip").write_bytes(server.files["A1_single_sites.zip"])
     with pytest.raises(InputMismatch) as info:
@@ -698,6 +703,44 @@ def test_source_in_deepstrf_layout_says_what_to_do(
     assert "lacks wav.zip (wav/ is wav.zip unpacked" in str(info.value)
     fetch(tmp_path / "raw", areas=["A1"], wav=False, source_dir=src)  # the hint works
     assert_has(tmp_path / "raw", server, AREA_FILES["A1"])
+
+
+def test_the_repack_a_deepstrf_folder_is_offered_builds_the_same_tables(tmp_path, mini_sample):
+    """A mirror without record.json whose site zip and population tgz were unpacked and
+    deleted: the commands the error offers make archives that give the same tables (members
+    are found by file name, so the folder layout does not matter)."""
+    import shlex
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from nat4etl.cli import cli
+    from nat4etl.formats.archive import extract_all
+
+    src = shutil.copytree(
+        mini_sample.dir, tmp_path / "deepstrf", ignore=shutil.ignore_patterns("record.json")
+    )
+    for name in ("A1_single_sites.zip", "A1_NAT4_ozgf.fs100.ch18.tgz"):
+        extract_all(src / name, src / name.removesuffix(".zip").removesuffix(".tgz"))
+        (src / name).unlink()
+    args = ["build", "--area", "A1", "--no-wav", "--source", str(src)]
+    refused = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "store")])
+    assert refused.exit_code == 3
+    commands = [c for c in refused.output.split("`") if c.startswith("python -m ")]
+    assert len(commands) == 2, refused.output
+    for command in commands:
+        subprocess.run([sys.executable, *shlex.split(command)[1:]], check=True)
+    built = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "store")])
+    assert built.exit_code == 0, built.output
+    reference = ["build", "--area", "A1", "--no-wav", "--source", str(mini_sample.dir)]
+    assert CliRunner().invoke(cli, [*reference, "--out", str(tmp_path / "ref")]).exit_code == 0
+    for table in ("responses", "spectrograms", "cells", "stims", "trials", "report"):
+        got, want = (
+            pq.read_table(root / table / "area=A1" / "part-0.parquet").replace_schema_metadata(None)
+            for root in (tmp_path / "store", tmp_path / "ref")
+        )
+        assert got.equals(want), table
 
 
 def test_source_same_as_dest_is_refused(tmp_path: Path) -> None:
