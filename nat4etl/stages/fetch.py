@@ -33,6 +33,7 @@ import json
 import os
 import queue
 import secrets
+import shlex
 import tempfile
 import threading
 import time
@@ -329,7 +330,8 @@ def _source_lacks(source_dir: Path, absent: list[str]) -> InputMismatch:
             )
             if not listed:  # members are found by their file names, so a repack reads the same
                 tool = "zipfile" if name.endswith(".zip") else "tarfile"
-                hint += f", or pack it: `python -m {tool} -c {source_dir / name} {folder}`"
+                packed, unpacked = (shlex.quote(str(f)) for f in (source_dir / name, folder))
+                hint += f", or pack it: `python -m {tool} -c {packed} {unpacked}`"
             hints.append(hint)
     if WAV_FILE in absent:
         hints.append("--no-wav builds without the waveforms")
