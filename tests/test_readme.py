@@ -24,3 +24,13 @@ def test_readme_shows_the_two_commands():
     text = README.read_text()
     assert "make test" in text and "make run" in text
     assert "nat4etl build --area A1 --out ./nat4" in text
+
+
+def test_every_module_is_on_the_readme_code_map():
+    """A newcomer finds each module under "Where things are" (a new one must be added)."""
+    text = README.read_text()
+    section = text.split("### Where things are", 1)[1].split("### Commands", 1)[0]
+    package = README.parent / "nat4etl"
+    modules = {p.stem for p in package.rglob("*.py") if p.stem not in ("__init__", "__main__")}
+    missing = sorted(m for m in modules if f"`{m}`" not in section and f"`{m}.py`" not in section)
+    assert not missing, f"README's code map lacks {missing}"
