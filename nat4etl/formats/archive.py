@@ -628,7 +628,7 @@ def _bytes_after_gzip(stream: BinaryIO, max_bytes: int) -> tuple[int, int] | Non
     pending = b""  # read, not yet inflated
     inflated = 0
     while True:
-        while len(pending := pending.lstrip(b"\0")) < 2:  # the 2-byte magic
+        while len(pending := pending.lstrip(b"\0")) < 4:  # magic, method, flags
             piece = stream.read(_SCAN_READ_BYTES)
             if not piece:
                 break
@@ -636,12 +636,6 @@ def _bytes_after_gzip(stream: BinaryIO, max_bytes: int) -> tuple[int, int] | Non
             pending += piece
         if not pending:
             return None
-        while len(pending) < 4:  # magic, method, flags
-            piece = stream.read(_SCAN_READ_BYTES)
-            if not piece:
-                break
-            offset += len(piece)
-            pending += piece
         # RFC 1952: a member's method is 8 (deflate) and its flags' top 3 bits are 0; the
         # magic alone may start any bytes (a cut header is left to the reader's own error)
         if not pending.startswith(GZIP_MAGIC) or (
